@@ -1,0 +1,41 @@
+# The commands people type. CI (.ci/run) and the README call these same targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test lint format demo bench
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## Create .venv and install test-requirements.txt into it
+
+# The stamp is rewritten only after a successful install, so a failed pip run is retried
+# next time and an unchanged pair of requirements files costs nothing.
+$(STAMP): requirements.txt test-requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r test-requirements.txt
+	touch $@
+
+lint: venv ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint ## lint, then the pytest suite (PYTEST_ARGS=... to narrow it)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+format: venv ## Rewrite files with ruff format and ruff check --fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: venv ## Run demo/run_demo.py (ARGS=... passed through)
+	$(BIN)/python demo/run_demo.py $(ARGS)
+
+bench: venv ## Run demo/bench.py (ARGS=... passed through)
+	if [ -f bench-requirements.txt ]; then $(BIN)/python -m pip install --quiet -r bench-requirements.txt; fi
+	$(BIN)/python demo/bench.py $(ARGS)

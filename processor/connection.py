@@ -1,0 +1,94 @@
+"""Redis clients built from the settings, and the one back-off every reconnect uses."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from processor.config import RedisSettings
+
+log = logging.getLogger(__name__)
+
+# Short inner retries: they hide a blip (a dropped idle connection) from the caller. Longer
+# outages surface as ConnectionError to our own loops, which log them once and keep trying.
+_INNER_RETRIES = 2
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
+
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+def command_client(settings: RedisSettings, name: str = "processor") -> redis.Redis:
+    """A client for commands and scripts, with bytes replies (payloads are not always UTF-8)."""
+    return redis.Redis.from_url(
+        settings.url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), _INNER_RETRIES),
+        client_name=name,
+        protocol=2,
+    )
+
+
+class Backoff:
+    """Capped exponential back-off with full jitter, reset by the caller after a success."""
+
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self._base_s = base_s
+        self._cap_s = cap_s
+        self._failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self._cap_s, self._base_s * 2**self._failures)
+        self._failures += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+class Outage:
+    """Logs an outage once when it starts and once when it ends, with its length."""
+
+    def __init__(self, what: str, context: str) -> None:
+        self._what = what
+        self._context = context
+        self._started: float | None = None
+        self._attempts = 0
+
+    @property
+    def active(self) -> bool:
+        return self._started is not None
+
+    def failed(self, error: BaseException) -> None:
+        self._attempts += 1
+        if self._started is None:
+            self._started = time.monotonic()
+            log.warning("%s %s unavailable: %s; retrying", self._context, self._what, error)
+
+    def recovered(self) -> float:
+        """Ends the outage, if any; returns its length in seconds."""
+        if self._started is None:
+            return 0.0
+        length = time.monotonic() - self._started
+        log.warning(
+            "%s %s back after %.2f s (%d failed attempts)",
+            self._context,
+            self._what,
+            length,
+            self._attempts,
+        )
+        self._started = None
+        self._attempts = 0
+        return length

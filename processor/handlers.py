@@ -1,0 +1,180 @@
+"""Message handlers: the default one, loading a user's, and running them with a time limit.
+
+A handler takes the message (a dict) and returns the processed message (a dict). It may be a
+plain function or an ``async def``. Handlers should be idempotent: after a consumer dies, the
+consumer that takes over its share may run the handler once more for a message that was being
+processed; the output stream still gets the message exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import inspect
+import logging
+import random
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from processor.errors import HandlerLoadError, HandlerTimeout
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Any]
+
+_PROPERTIES = ("score", "rank", "weight", "priority", "confidence")
+
+
+def add_random_score(message: dict[str, Any]) -> dict[str, Any]:
+    """The default handler: adds a random property with a random value."""
+    message[random.choice(_PROPERTIES)] = round(random.random(), 4)
+    return message
+
+
+def load_handler(spec: str) -> Handler:
+    """The callable named by ``package.module:function``."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise HandlerLoadError(f"invalid HANDLER {spec!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise HandlerLoadError(f"invalid HANDLER {spec!r}: cannot import: {error}") from None
+    target: Any = module
+    for part in attribute.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise HandlerLoadError(f"invalid HANDLER {spec!r}: {module_name} has no {attribute}")
+    if not callable(target):
+        raise HandlerLoadError(f"invalid HANDLER {spec!r}: not callable")
+    return target  # type: ignore[no-any-return]
+
+
+class Failure:
+    """A handler call that did not produce a result: the reason goes to the dead-letter stream."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _describe(error: BaseException) -> str:
+    return f"handler raised {type(error).__name__}: {error}"
+
+
+class InlineRunner:
+    """Calls a plain handler in this thread; a timeout interrupts it with SIGALRM (main thread)."""
+
+    def __init__(self, handler: Handler, timeout_s: float) -> None:
+        self._handler = handler
+        self._timeout_s = timeout_s
+        self._armed = False
+        self._use_alarm = timeout_s > 0 and threading.current_thread() is threading.main_thread()
+        if self._use_alarm:
+            signal.signal(signal.SIGALRM, self._on_alarm)
+        elif timeout_s > 0:
+            log.warning("handler timeout not enforced: consumer not in the main thread")
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        # The alarm may fire just after the handler returned; only raise while it runs.
+        if self._armed:
+            raise HandlerTimeout
+
+    def run(self, messages: Sequence[dict[str, Any]]) -> list[object]:
+        results: list[object] = []
+        for message in messages:
+            try:
+                if self._use_alarm:
+                    self._armed = True
+                    signal.setitimer(signal.ITIMER_REAL, self._timeout_s)
+                    try:
+                        results.append(self._handler(message))
+                    finally:
+                        self._armed = False
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                else:
+                    results.append(self._handler(message))
+            except HandlerTimeout:
+                results.append(Failure(f"handler timed out after {self._timeout_s:g} s"))
+            except Exception as error:
+                results.append(Failure(_describe(error)))
+        return results
+
+    def close(self) -> None:
+        if self._use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class ThreadedRunner:
+    """Runs a plain handler on a thread pool, ``concurrency`` calls at once.
+
+    A call past the timeout is reported as a failure, but its thread cannot be stopped: it keeps
+    a pool slot until the handler returns.
+    """
+
+    def __init__(self, handler: Handler, timeout_s: float, concurrency: int) -> None:
+        self._handler = handler
+        self._timeout_s = timeout_s or None
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="handler"
+        )
+
+    def run(self, messages: Sequence[dict[str, Any]]) -> list[object]:
+        futures = [self._pool.submit(self._handler, message) for message in messages]
+        results: list[object] = []
+        for future in futures:
+            try:
+                results.append(future.result(timeout=self._timeout_s))
+            except concurrent.futures.TimeoutError:
+                results.append(Failure(f"handler timed out after {self._timeout_s:g} s"))
+            except Exception as error:
+                results.append(Failure(_describe(error)))
+        return results
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class AsyncRunner:
+    """Runs an ``async def`` handler on one event loop, ``concurrency`` calls at once."""
+
+    def __init__(self, handler: Handler, timeout_s: float, concurrency: int) -> None:
+        self._handler = handler
+        self._timeout_s = timeout_s or None
+        self._concurrency = concurrency
+        self._loop = asyncio.new_event_loop()
+
+    async def _one(self, message: dict[str, Any], gate: asyncio.Semaphore) -> object:
+        async with gate:
+            try:
+                return await asyncio.wait_for(self._handler(message), self._timeout_s)
+            except TimeoutError:
+                return Failure(f"handler timed out after {self._timeout_s:g} s")
+            except Exception as error:
+                return Failure(_describe(error))
+
+    async def _all(self, messages: Sequence[dict[str, Any]]) -> list[object]:
+        gate = asyncio.Semaphore(self._concurrency)
+        return list(await asyncio.gather(*(self._one(message, gate) for message in messages)))
+
+    def run(self, messages: Sequence[dict[str, Any]]) -> list[object]:
+        return self._loop.run_until_complete(self._all(messages))
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+Runner = InlineRunner | ThreadedRunner | AsyncRunner
+
+
+def make_runner(handler: Handler, timeout_s: float, concurrency: int) -> Runner:
+    if inspect.iscoroutinefunction(handler):
+        return AsyncRunner(handler, timeout_s, concurrency)
+    if concurrency > 1:
+        return ThreadedRunner(handler, timeout_s, concurrency)
+    return InlineRunner(handler, timeout_s)

@@ -1,0 +1,43 @@
+"""Names of every Redis key the daemon owns, built in one place.
+
+User-facing names (channel, streams, consumer list) come from the settings as they are; the
+daemon's own bookkeeping lives under ``key_prefix``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from processor.config import Settings
+
+
+@dataclass(frozen=True)
+class Keys:
+    channel: str
+    output: str
+    dead: str
+    consumers: str
+    lock_prefix: str
+    heartbeat_prefix: str
+    stats: str
+    gaps: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys:
+        prefix = settings.key_prefix
+        return cls(
+            channel=settings.input_channel,
+            output=settings.output_stream,
+            dead=settings.dead_letter_stream,
+            consumers=settings.consumers_list,
+            lock_prefix=f"{prefix}:lock:",
+            heartbeat_prefix=f"{prefix}:heartbeat:",
+            stats=f"{prefix}:stats",
+            gaps=f"{prefix}:gaps",
+        )
+
+    def heartbeat(self, consumer_id: str) -> str:
+        return self.heartbeat_prefix + consumer_id
+
+    def lock(self, lock_id: str) -> str:
+        return self.lock_prefix + lock_id

@@ -1,0 +1,34 @@
+-- Heartbeat and prune in one step: refresh this consumer's heartbeat, drop dead ids from the
+-- consumers list, and return the live members.
+--
+-- KEYS[1]  consumers list
+-- ARGV[1]  heartbeat key prefix
+-- ARGV[2]  this consumer's id, or "" to only prune and read (the supervisor's monitor)
+-- ARGV[3]  heartbeat TTL in ms
+--
+-- Returns {refreshed, id1, value1, id2, value2, ...}: refreshed is 1 when this consumer's
+-- heartbeat was still alive and has been extended, 0 when it had expired (the group declared it
+-- dead, so it must rejoin under a new id) or when ARGV[2] is "". The values are the heartbeat
+-- contents, "<token>:<registered at, ms>".
+--
+-- The heartbeat is extended with PEXPIRE, never recreated, so an expired consumer cannot quietly come back: the
+-- others may already have taken over its share. Ids are removed only when their heartbeat key is
+-- gone, so a daemon never removes a live consumer it does not own. Heartbeat keys are built
+-- from the ids here, which is fine on one Redis instance (not Redis Cluster).
+
+local prefix, me, ttl = ARGV[1], ARGV[2], ARGV[3]
+local refreshed = 0
+if me ~= '' then
+    refreshed = redis.call('PEXPIRE', prefix .. me, ttl)
+end
+local result = {refreshed}
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+    local value = redis.call('GET', prefix .. id)
+    if value then
+        result[#result + 1] = id
+        result[#result + 1] = value
+    else
+        redis.call('LREM', KEYS[1], 0, id)
+    end
+end
+return result

@@ -1,0 +1,100 @@
+"""Birth, heartbeat and death of one consumer, and the live view of the group.
+
+A consumer is live while its heartbeat key exists. ``CONSUMERS_LIST`` holds the ids; the
+membership script prunes every id whose heartbeat has expired (a crashed consumer runs no
+``finally``), so a dead id lingers at most ``heartbeat_ttl_ms`` plus one heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+import redis
+
+from processor.keys import Keys
+from processor.writer import load_script
+
+log = logging.getLogger(__name__)
+
+
+def new_consumer_id(slot: int) -> str:
+    """Unique across hosts and restarts: host, pid, the supervisor's slot and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{slot}-{secrets.token_hex(3)}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class View:
+    """What one heartbeat learned: whether we are still live, and who is."""
+
+    alive: bool
+    members: dict[str, int]  # id -> registered at (ms)
+
+
+def parse_view(reply: list[bytes]) -> View:
+    members: dict[str, int] = {}
+    for index in range(1, len(reply), 2):
+        value = reply[index + 1].decode()
+        members[reply[index].decode()] = int(value.rpartition(":")[2] or 0)
+    return View(alive=int(reply[0]) == 1, members=members)
+
+
+class Membership:
+    """Registers, refreshes and removes one consumer id; reads the group."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, heartbeat_ttl_ms: int) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl_ms = heartbeat_ttl_ms
+        self._script = client.register_script(load_script("membership.lua"))
+        self.consumer_id = ""
+        self.token = ""
+        self.last_beat_ms = 0
+
+    def register(self, consumer_id: str) -> None:
+        """Joins the group: heartbeat and list entry in one transaction."""
+        self.consumer_id = consumer_id
+        self.token = f"{secrets.token_hex(4)}:{now_ms()}"
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.heartbeat(consumer_id), self.token, px=self._ttl_ms)
+            pipe.rpush(self._keys.consumers, consumer_id)
+            pipe.execute()
+        self.last_beat_ms = now_ms()
+
+    def beat(self) -> View:
+        """Extends our heartbeat, prunes dead ids and returns the live members."""
+        reply = self._script(
+            keys=[self._keys.consumers],
+            args=[self._keys.heartbeat_prefix, self.consumer_id, self._ttl_ms],
+        )
+        view = parse_view(reply)
+        if view.alive:
+            self.last_beat_ms = now_ms()
+        return view
+
+    def read(self) -> View:
+        """The live members, without touching our own heartbeat."""
+        return parse_view(
+            self._script(keys=[self._keys.consumers], args=[self._keys.heartbeat_prefix, "", 1])
+        )
+
+    def deregister(self) -> None:
+        if not self.consumer_id:
+            return
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.lrem(self._keys.consumers, 0, self.consumer_id)
+            pipe.delete(self._keys.heartbeat(self.consumer_id))
+            pipe.execute()
+
+
+def read_view(client: redis.Redis, keys: Keys) -> View:
+    """The live members, pruning dead ids on the way (for the supervisor and the tools)."""
+    return Membership(client, keys, heartbeat_ttl_ms=1).read()

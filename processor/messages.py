@@ -1,0 +1,86 @@
+"""What a payload from the channel becomes: a valid message, or a dead letter with a reason.
+
+Pure functions, no Redis: the contract for input and output lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+OUTPUT = "o"
+DEAD = "d"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry for the lock-and-append script: an output message or a dead letter."""
+
+    kind: str
+    lock_id: str
+    a: str | bytes
+    b: str | bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A payload that passed validation: its id, the parsed object and the bytes received."""
+
+    message_id: str
+    body: dict[str, Any]
+    raw: bytes
+
+
+def payload_lock_id(raw: bytes) -> str:
+    """Lock id for a payload with no usable message_id: identical payloads share it."""
+    return "#sha1:" + hashlib.sha1(raw).hexdigest()
+
+
+def dead_letter(reason: str, raw: bytes, max_bytes: int, lock_id: str | None = None) -> Entry:
+    return Entry(DEAD, lock_id or payload_lock_id(raw), reason, raw[:max_bytes])
+
+
+def parse(raw: bytes, max_bytes: int) -> Message | Entry:
+    """The message in ``raw``, or the dead-letter entry that says why it is not one."""
+    if len(raw) > max_bytes:
+        return dead_letter(f"oversized: {len(raw)} bytes > limit {max_bytes}", raw, max_bytes)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return dead_letter(f"invalid UTF-8 at byte {error.start}", raw, max_bytes)
+    try:
+        body = json.loads(text)
+    except ValueError as error:
+        return dead_letter(f"invalid JSON: {error}", raw, max_bytes)
+    if not isinstance(body, dict):
+        return dead_letter(f"not a JSON object: {type(body).__name__}", raw, max_bytes)
+    message_id = body.get("message_id")
+    if message_id is None:
+        return dead_letter("missing message_id", raw, max_bytes)
+    if not isinstance(message_id, str):
+        return dead_letter(
+            f"message_id is not a string: {type(message_id).__name__}", raw, max_bytes
+        )
+    if not message_id:
+        return dead_letter("empty message_id", raw, max_bytes)
+    return Message(message_id, body, raw)
+
+
+def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
+    """The output entry for a handler's result, or a dead letter if it cannot be stored."""
+    if not isinstance(processed, dict):
+        return handler_failed(
+            message, f"handler returned {type(processed).__name__}, not a dict", max_bytes
+        )
+    try:
+        data = json.dumps(processed, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as error:
+        return handler_failed(message, f"handler result is not JSON: {error}", max_bytes)
+    return Entry(OUTPUT, message.message_id, data)
+
+
+def handler_failed(message: Message, reason: str, max_bytes: int) -> Entry:
+    """A dead letter for a valid message the handler could not process; locked by its id."""
+    return dead_letter(reason, message.raw, max_bytes, lock_id=message.message_id)

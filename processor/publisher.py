@@ -1,0 +1,160 @@
+"""The publisher: bursts of JSON messages for a set time, and an honest count of what arrived.
+
+``PUBLISH`` replies with the number of subscribers that received the message; a message that
+reached none is lost to Pub/Sub. We count those, and with ``retry_unreceived`` publish them
+again: safe, because the daemon writes each ``message_id`` once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import TextIO
+
+import redis
+
+from processor.config import PublisherSettings
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 0.5
+RETRY_TAIL_S = 10.0
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+@dataclass
+class PublishReport:
+    published: int = 0
+    unreceived: int = 0
+    republished: int = 0
+    still_unreceived: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.published / self.elapsed_s if self.elapsed_s else 0.0
+
+    def line(self) -> str:
+        return (
+            f"published {self.published:,} messages in {self.elapsed_s:.1f} s "
+            f"({self.rate:,.0f} msg/s); reached no subscriber: {self.unreceived:,}"
+            f" (re-published {self.republished:,}, still unreceived {self.still_unreceived:,})"
+        )
+
+
+def make_message(rng: random.Random) -> tuple[str, bytes]:
+    message_id = str(uuid.uuid4())
+    body = {
+        "message_id": message_id,
+        "published_at": round(time.time(), 6),
+        "source": "publish.py",
+        "text": " ".join(rng.choices(_WORDS, k=6)),
+    }
+    return message_id, json.dumps(body, separators=(",", ":")).encode()
+
+
+class Publisher:
+    def __init__(self, settings: PublisherSettings, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self._client: redis.Redis = command_client(settings, name="processor-publisher")
+        self._rng = random.Random()
+        self._retries: deque[tuple[float, str, bytes]] = deque()
+        self._backoff = Backoff(0.05, 2.0)
+        self._outage = Outage("Redis (publish)", "[publisher]")
+        self.report = PublishReport()
+
+    def run(self) -> PublishReport:
+        settings = self.settings
+        record = open(settings.record, "a", encoding="utf-8") if settings.record else None  # noqa: SIM115
+        started = time.monotonic()
+        ends_at = started + settings.target_duration_s
+        next_progress = started + settings.progress_interval_s
+        next_burst = started
+        try:
+            while not self.stop.is_set() and time.monotonic() < ends_at:
+                burst = [make_message(self._rng) for _ in range(settings.batch_size)]
+                self._publish(burst, record, first_time=True)
+                self._retry_due(record)
+                next_burst = self._next_burst(next_burst)
+                if time.monotonic() >= next_progress:
+                    next_progress += settings.progress_interval_s
+                    self.report.elapsed_s = time.monotonic() - started
+                    log.info("progress: %s", self.report.line())
+                self.stop.wait(max(0.0, next_burst - time.monotonic()))
+            self.report.elapsed_s = time.monotonic() - started
+            self._retry_tail(record)
+        finally:
+            if record is not None:
+                record.close()
+            self._client.close()
+        self.report.still_unreceived = len(self._retries) if settings.retry_unreceived else 0
+        return self.report
+
+    def _next_burst(self, previous: float) -> float:
+        settings = self.settings
+        if settings.rate:
+            # Steady rate: bursts on a fixed schedule, catching up if we fell behind.
+            return max(previous + settings.batch_size / settings.rate, time.monotonic() - 1.0)
+        pause_ms = self._rng.uniform(settings.pause_min_ms, settings.pause_max_ms)
+        return time.monotonic() + pause_ms / 1000
+
+    def _publish(
+        self, burst: list[tuple[str, bytes]], record: TextIO | None, first_time: bool
+    ) -> None:
+        channel = self.settings.input_channel
+        while True:
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for _, payload in burst:
+                        pipe.publish(channel, payload)
+                    receivers = pipe.execute()
+                break
+            except CONNECTION_ERRORS as error:
+                self._outage.failed(error)
+                if self.stop.wait(self._backoff.next_delay()):
+                    return
+        self._backoff.reset()
+        self._outage.recovered()
+        now = time.monotonic()
+        if record is not None:
+            record.write(
+                "".join(
+                    f"{message_id} {count}\n"
+                    for (message_id, _), count in zip(burst, receivers, strict=True)
+                )
+            )
+            record.flush()
+        for (message_id, payload), count in zip(burst, receivers, strict=True):
+            if count == 0:
+                if first_time:
+                    self.report.unreceived += 1
+                if self.settings.retry_unreceived:
+                    self._retries.append((now + RETRY_AFTER_S, message_id, payload))
+        if first_time:
+            self.report.published += len(burst)
+        else:
+            self.report.republished += len(burst)
+
+    def _retry_due(self, record: TextIO | None) -> None:
+        now = time.monotonic()
+        due: list[tuple[str, bytes]] = []
+        while self._retries and self._retries[0][0] <= now:
+            _, message_id, payload = self._retries.popleft()
+            due.append((message_id, payload))
+        if due:
+            self._publish(due, record, first_time=False)
+
+    def _retry_tail(self, record: TextIO | None) -> None:
+        """After the run, keeps re-publishing unreceived messages for a while."""
+        deadline = time.monotonic() + RETRY_TAIL_S
+        while self._retries and time.monotonic() < deadline and not self.stop.is_set():
+            self.stop.wait(max(0.0, self._retries[0][0] - time.monotonic()))
+            self._retry_due(record)

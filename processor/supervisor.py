@@ -1,0 +1,209 @@
+"""The parent process: keeps ``consumers_count`` consumers alive and reports throughput.
+
+Consumers are spawned (not forked), so no Redis connection or thread crosses the process
+boundary; they get the picklable settings and build their own clients. A consumer that dies is
+replaced under a new id after a back-off that grows while it keeps crashing. The first SIGINT or
+SIGTERM stops the group gracefully; a second one kills the consumers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from processor.config import Settings
+from processor.connection import Backoff
+from processor.monitor import Monitor
+from processor.stats import ConsumerStats
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CONSUMER_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_FORCED = 3
+
+# A consumer that ran this long before dying was healthy: its replacement starts at once.
+HEALTHY_RUN_S = 10.0
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> None:
+    """Entry point of a consumer process."""
+    from processor.consumer import Consumer
+    from processor.logs import configure_logging
+
+    configure_logging(settings.loglevel)
+    consumer = Consumer(settings, slot, stats)
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            os._exit(EXIT_FORCED)
+        consumer.stop.set()
+
+    for signum in _SIGNALS:
+        signal.signal(signum, on_signal)
+    # The supervisor blocked these before starting us; they are safe to receive now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    consumer.run()
+
+
+@dataclass
+class Slot:
+    """One place in the group: its counters survive the consumers that fill it."""
+
+    index: int
+    stats: ConsumerStats
+    backoff: Backoff
+    process: BaseProcess | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    restarts: int = field(default=0)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = threading.Event()
+        self._signals = 0
+        self._context = multiprocessing.get_context("spawn")
+        self._slots = [
+            Slot(i, ConsumerStats(self._context), Backoff(0.5, settings.restart_backoff_max_s))
+            for i in range(settings.consumers_count)
+        ]
+
+    def run(self) -> int:
+        for signum in _SIGNALS:
+            signal.signal(signum, self._on_signal)
+        log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
+        monitor = Monitor(self.settings, [slot.stats for slot in self._slots])
+        for slot in self._slots:
+            self._start(slot)
+        next_report = time.monotonic() + self.settings.monitor_interval_s
+        while not self.stop.is_set():
+            self._wait(min(next_report, self._next_restart()))
+            self._reap_and_restart()
+            if time.monotonic() >= next_report:
+                next_report += self.settings.monitor_interval_s
+                monitor.report()
+        code = self._shut_down()
+        monitor.report(final=True)
+        monitor.close()
+        return code
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            log.info("%s received: stopping consumers gracefully", name)
+            self.stop.set()
+        else:
+            log.warning("%s received again: killing consumers now", name)
+            for slot in self._slots:
+                if slot.process is not None and slot.process.pid:
+                    _kill(slot.process.pid, signal.SIGKILL)
+            os._exit(EXIT_FORCED)
+
+    def _start(self, slot: Slot) -> None:
+        process = self._context.Process(
+            target=consumer_process,
+            args=(self.settings, slot.index, slot.stats),
+            name=f"consumer-{slot.index}",
+        )
+        # Blocked across the start so a signal cannot reach the child before its handler is in.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        slot.process = process
+        slot.started_at = time.monotonic()
+        slot.restart_at = None
+        log.info("consumer slot %d started: pid=%s", slot.index, process.pid)
+
+    def _next_restart(self) -> float:
+        due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+        return min(due, default=float("inf"))
+
+    def _wait(self, until: float) -> None:
+        sentinels = [slot.process.sentinel for slot in self._slots if slot.process is not None]
+        timeout = max(0.0, min(until - time.monotonic(), 0.5))
+        if sentinels:
+            multiprocessing.connection.wait(sentinels, timeout)
+        else:
+            self.stop.wait(timeout)
+
+    def _reap_and_restart(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            process = slot.process
+            if process is not None and not process.is_alive():
+                process.join()
+                lived = now - slot.started_at
+                if lived >= HEALTHY_RUN_S:
+                    slot.backoff.reset()
+                delay = 0.0 if lived >= HEALTHY_RUN_S else slot.backoff.next_delay()
+                log.warning(
+                    "consumer slot %d (pid %s, %s) exited with code %s after %.1f s; "
+                    "replacing it in %.2f s",
+                    slot.index,
+                    process.pid,
+                    slot.stats.consumer_id,
+                    process.exitcode,
+                    lived,
+                    delay,
+                )
+                slot.process = None
+                slot.restarts += 1
+                slot.restart_at = now + delay
+            due = slot.restart_at is not None and now >= slot.restart_at
+            if slot.process is None and due and not self.stop.is_set():
+                self._start(slot)
+
+    def _shut_down(self) -> int:
+        """Forwards the stop to every consumer, waits for their flush, kills stragglers."""
+        running = [slot.process for slot in self._slots if slot.process is not None]
+        for process in running:
+            if process.pid:
+                _kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+        code = EXIT_OK
+        for process in running:
+            if process.is_alive():
+                log.error("consumer pid %s did not stop in time: killing it", process.pid)
+                if process.pid:
+                    _kill(process.pid, signal.SIGKILL)
+                process.join(5)
+                code = EXIT_CONSUMER_ERROR
+        log.info(
+            "daemon stopped: consumers=%d restarts=%d",
+            len(self._slots),
+            sum(slot.restarts for slot in self._slots),
+        )
+        return code
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def run(settings: Settings) -> int:
+    code = Supervisor(settings).run()
+    sys.stdout.flush()
+    return code

@@ -1,0 +1,80 @@
+"""The atomic lock-and-append: the one way messages reach the output and dead-letter streams."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import redis
+
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage
+from processor.keys import Keys
+from processor.messages import Entry
+
+log = logging.getLogger(__name__)
+
+
+def load_script(name: str) -> str:
+    return resources.files("processor").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    written: int
+    dead: int
+    skipped: int
+    fenced: bool = False
+
+
+class Writer:
+    """Writes batches through ``lock_and_append.lua``, retrying until Redis takes them.
+
+    A retry after a dropped connection or a timeout is safe: if the first call ran, its locks
+    are taken and the retry skips every entry it already wrote.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        lock_ttl_ms: int,
+        backoff_max_s: float,
+        context: str,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._lock_ttl_ms = lock_ttl_ms
+        self._script = client.register_script(load_script("lock_and_append.lua"))
+        self._backoff = Backoff(0.05, backoff_max_s)
+        self._outage = Outage("Redis (writes)", context)
+        self.give_up_at: float | None = None
+
+    def write(self, entries: Sequence[Entry], consumer_id: str, fence: str) -> WriteResult | None:
+        """Writes the batch; retries connection failures until it succeeds.
+
+        Returns None only when ``give_up_at`` (monotonic, set by a consumer that is shutting
+        down) has passed with Redis still unreachable: the caller reports the batch as lost.
+        """
+        keys = self._keys
+        args: list[str | bytes | int] = [keys.lock_prefix, self._lock_ttl_ms, consumer_id, fence]
+        for entry in entries:
+            args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
+        script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
+        while True:
+            try:
+                reply = self._script(keys=script_keys, args=args)
+            except CONNECTION_ERRORS as error:
+                self._outage.failed(error)
+                if self.give_up_at is not None and time.monotonic() >= self.give_up_at:
+                    return None
+                time.sleep(self._backoff.next_delay())
+                continue
+            self._backoff.reset()
+            self._outage.recovered()
+            written, dead, skipped = (int(value) for value in reply)
+            if written < 0:
+                return WriteResult(0, 0, 0, fenced=True)
+            return WriteResult(written, dead, skipped)

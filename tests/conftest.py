@@ -1,0 +1,141 @@
+"""Fixtures: a private redis-server per session (or per test), and a subprocess factory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from processor.redis_server import RedisServer, RedisServerNotFound
+from tests.helpers import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROCESS_STOP_TIMEOUT_S = 10.0
+_LOG_TAIL_CHARS = 4000
+
+
+def _started_server() -> RedisServer:
+    server = RedisServer()
+    try:
+        server.start()
+    except RedisServerNotFound as exc:
+        # Never skip: a suite that silently skips its Redis tests has not tested anything.
+        pytest.fail(str(exc), pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = _started_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A server of the test's own, for tests that restart or kill it."""
+    server = _started_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class LoggedProcess(subprocess.Popen[bytes]):
+    """A Popen whose stdout and stderr both go to log_path."""
+
+    log_path: Path
+
+
+class Processes:
+    """Starts Python subprocesses in their own process groups and ends them all at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self._started: list[LoggedProcess] = []
+
+    def start(
+        self, args: list[str], env: dict[str, str] | None = None, **popen_kwargs: Any
+    ) -> LoggedProcess:
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        log_path = self._log_dir / f"proc-{len(self._started)}.log"
+        with open(log_path, "wb") as log_file:
+            # A session of its own, so teardown can signal the process and every child it
+            # forked (a supervisor's consumers) with one killpg.
+            proc = LoggedProcess(
+                [sys.executable, *args],
+                cwd=REPO_ROOT,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **popen_kwargs,
+            )
+        proc.log_path = log_path
+        self._started.append(proc)
+        return proc
+
+    def output(self, proc: LoggedProcess) -> str:
+        return proc.log_path.read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self._started:
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        # Whatever is still running at the deadline gets the SIGKILL below.
+        with contextlib.suppress(AssertionError):
+            wait_until(
+                lambda: all(proc.poll() is not None for proc in self._started),
+                timeout=PROCESS_STOP_TIMEOUT_S,
+            )
+        for proc in self._started:
+            # Also reaps grandchildren left behind by a leader that has already exited.
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            # Shown by pytest under "Captured stdout teardown" when the test failed.
+            tail = self.output(proc)[-_LOG_TAIL_CHARS:]
+            print(f"--- {proc.args!r} exited {proc.returncode}; log tail:\n{tail}")
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()

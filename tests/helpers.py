@@ -1,0 +1,22 @@
+"""Small helpers shared by the test suites."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    interval: float = 0.05,
+    message: str = "",
+) -> None:
+    """Poll predicate until it is truthy; raise AssertionError once timeout seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(message or f"condition not met within {timeout:g} s")
+        time.sleep(interval)
