@@ -87,7 +87,13 @@ class Consumer:
         # The heartbeat has its own connection, so a slow script call never delays it.
         self._heartbeat_client = command_client(settings, name="processor-heartbeat")
         self._writer = Writer(
-            self._client, self.keys, settings.lock_ttl_ms, settings.reconnect_backoff_max_s, ""
+            self._client,
+            self.keys,
+            settings.lock_ttl_ms,
+            settings.reconnect_backoff_max_s,
+            self.context,
+            stop=self.stop,
+            grace_s=settings.shutdown_grace_s * 0.5,
         )
         self._membership = Membership(self._heartbeat_client, self.keys, settings.heartbeat_ttl_ms)
         self._strategy: RaceStrategy | PartitionedStrategy = make_strategy(
@@ -129,7 +135,7 @@ class Consumer:
                     self._membership.register(consumer_id)
                     self.consumer_id = consumer_id
                     self._publish_id()
-                self._beat()
+                    self._beat_locked()
                 return
             except CONNECTION_ERRORS as error:
                 self._heartbeat_outage.failed(error)
@@ -153,9 +159,13 @@ class Consumer:
 
     def _flush(self) -> None:
         """After a stop request: stop reading, write everything already received, leave."""
+        stopping_since = time.monotonic()
         self._subscriber.stop()
-        self._subscriber.join(timeout=2)
-        self._writer.give_up_at = time.monotonic() + self.settings.shutdown_grace_s * 0.8
+        self._subscriber.join(timeout=5)
+        margin_s = self.settings.heartbeat_ttl_ms / 1000
+        leftovers = self._strategy.leaving(stopping_since - margin_s)
+        if leftovers:
+            self._takeovers.append(leftovers)
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
         pending = self._inbox.drain()
@@ -350,8 +360,11 @@ class Consumer:
 
     def _beat(self) -> None:
         with self._membership_lock:
-            view = self._membership.beat()
-            me = self.consumer_id
+            self._beat_locked()
+
+    def _beat_locked(self) -> None:
+        view = self._membership.beat()
+        me = self.consumer_id
         if not view.alive:
             if not self._fenced.is_set():
                 log.warning("%s heartbeat had expired: the group declared us dead", self.context)

@@ -65,6 +65,8 @@ class Membership:
         self.token = f"{secrets.token_hex(4)}:{now_ms()}"
         with self._client.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.heartbeat(consumer_id), self.token, px=self._ttl_ms)
+            # LREM first: a retried registration must not list the id twice.
+            pipe.lrem(self._keys.consumers, 0, consumer_id)
             pipe.rpush(self._keys.consumers, consumer_id)
             pipe.execute()
         self.last_beat_ms = now_ms()

@@ -64,6 +64,9 @@ class TakeoverBuffer:
     def oldest_age_s(self, now: float) -> float:
         return now - self._chunks[0][0] if self._chunks else 0.0
 
+    def since(self, moment: float) -> list[bytes]:
+        return [payload for added, chunk in self._chunks if added >= moment for payload in chunk]
+
     def in_slots(self, slots: Collection[int]) -> list[bytes]:
         wanted = bytearray(SLOTS)
         for slot in slots:
@@ -88,6 +91,9 @@ class RaceStrategy:
         return []
 
     def gap_reported(self, member: str) -> list[bytes]:
+        return []
+
+    def leaving(self, since: float) -> list[bytes]:
         return []
 
 
@@ -162,6 +168,15 @@ class PartitionedStrategy:
                 if owner == member and max(others, key=lambda m: _weight(m, slot)) == self._me
             ]
             return self._buffer.in_slots(covered) if covered else []
+
+    def leaving(self, since: float) -> list[bytes]:
+        """Everything buffered since ``since``, for a consumer whose group is stopping.
+
+        When the whole group stops, a consumer that unsubscribes last has received messages
+        whose owners had already unsubscribed; nobody else will take those over.
+        """
+        with self._lock:
+            return self._buffer.since(since)
 
 
 def make_strategy(

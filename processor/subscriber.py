@@ -28,7 +28,20 @@ log = logging.getLogger(__name__)
 READ_SIZE = 16 * 1024
 # The read timeout only bounds how long a stop request or a health check waits.
 READ_TIMEOUT_S = 0.5
-_PING = b"*1\r\n$4\r\nPING\r\n"
+# On a graceful stop we unsubscribe and read on until Redis confirms: everything published to us
+# before the UNSUBSCRIBE arrives ahead of that reply, so nothing already sent is left unread.
+DRAIN_TIMEOUT_S = 3.0
+
+
+def pack_command(*args: str) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+_PING = pack_command("PING")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class Subscriber(threading.Thread):
         self._outage = Outage("Pub/Sub subscription", context)
 
     def stop(self) -> None:
+        """Unsubscribes, delivers what Redis sent before that, and ends the thread."""
         self._stop_requested.set()
 
     def reset(self) -> None:
@@ -131,7 +145,18 @@ class Subscriber(threading.Thread):
         self._last_alive = _now_ms()
         last_data = time.monotonic()
         ping_sent: float | None = None
-        while not self._stop_requested.is_set():
+        unsubscribe_sent: float | None = None
+        finished = False
+        while not finished:
+            if self._stop_requested.is_set():
+                if not self.subscribed.is_set():
+                    return
+                if unsubscribe_sent is None:
+                    sock.sendall(pack_command("UNSUBSCRIBE", self._settings.input_channel))
+                    unsubscribe_sent = time.monotonic()
+                elif time.monotonic() - unsubscribe_sent > DRAIN_TIMEOUT_S:
+                    log.warning("%s no UNSUBSCRIBE reply: stopping without it", self._context)
+                    return
             if self._reset_requested.is_set():
                 self._reset_requested.clear()
                 log.info("%s dropping the subscription and its unread backlog", self._context)
@@ -163,6 +188,8 @@ class Subscriber(threading.Thread):
                 elif kind == b"subscribe":
                     self._confirmed(down_since)
                     down_since = None
+                elif kind == b"unsubscribe":
+                    finished = True
                 reply = reader.gets()
             if payloads:
                 self.received += len(payloads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class Writer:
         lock_ttl_ms: int,
         backoff_max_s: float,
         context: str,
+        stop: threading.Event,
+        grace_s: float,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -50,26 +53,30 @@ class Writer:
         self._script = client.register_script(load_script("lock_and_append.lua"))
         self._backoff = Backoff(0.05, backoff_max_s)
         self._outage = Outage("Redis (writes)", context)
-        self.give_up_at: float | None = None
+        self._stop = stop
+        self._grace_s = grace_s
 
     def write(self, entries: Sequence[Entry], consumer_id: str, fence: str) -> WriteResult | None:
         """Writes the batch; retries connection failures until it succeeds.
 
-        Returns None only when ``give_up_at`` (monotonic, set by a consumer that is shutting
-        down) has passed with Redis still unreachable: the caller reports the batch as lost.
+        Returns None only when the consumer was asked to stop and Redis stayed unreachable for
+        the grace period after that: the caller reports the batch as lost.
         """
         keys = self._keys
         args: list[str | bytes | int] = [keys.lock_prefix, self._lock_ttl_ms, consumer_id, fence]
         for entry in entries:
             args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
         script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
+        give_up_at: float | None = None
         while True:
             try:
                 reply = self._script(keys=script_keys, args=args)
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
-                if self.give_up_at is not None and time.monotonic() >= self.give_up_at:
-                    return None
+                if self._stop.is_set():
+                    give_up_at = give_up_at or time.monotonic() + self._grace_s
+                    if time.monotonic() >= give_up_at:
+                        return None
                 time.sleep(self._backoff.next_delay())
                 continue
             self._backoff.reset()
