@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -61,7 +62,7 @@ class Backoff:
 class Outage:
     """Logs an outage once when it starts and once when it ends, with its length."""
 
-    def __init__(self, what: str, context: str) -> None:
+    def __init__(self, what: str, context: Callable[[], str] = lambda: "") -> None:
         self._what = what
         self._context = context
         self._started: float | None = None
@@ -75,7 +76,7 @@ class Outage:
         self._attempts += 1
         if self._started is None:
             self._started = time.monotonic()
-            log.warning("%s %s unavailable: %s; retrying", self._context, self._what, error)
+            log.warning("%s %s unavailable: %s; retrying", self._context(), self._what, error)
 
     def recovered(self) -> float:
         """Ends the outage, if any; returns its length in seconds."""
@@ -84,7 +85,7 @@ class Outage:
         length = time.monotonic() - self._started
         log.warning(
             "%s %s back after %.2f s (%d failed attempts)",
-            self._context,
+            self._context(),
             self._what,
             length,
             self._attempts,

@@ -1,21 +1,22 @@
 """What a payload from the channel becomes: a valid message, or a dead letter with a reason.
 
-Pure functions, no Redis: the contract for input and output lives here.
+Pure functions, no Redis: the contract for input and output lives here. JSON goes through
+orjson (strict RFC 8259: NaN, Infinity and integers beyond 64 bits are invalid).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import orjson
 
 OUTPUT = "o"
 DEAD = "d"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+# Tuples rather than dataclasses: these are built for every message on the hot path.
+class Entry(NamedTuple):
     """One entry for the lock-and-append script: an output message or a dead letter."""
 
     kind: str
@@ -24,8 +25,7 @@ class Entry:
     b: str | bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """A payload that passed validation: its id, the parsed object and the bytes received."""
 
     message_id: str
@@ -47,12 +47,12 @@ def parse(raw: bytes, max_bytes: int) -> Message | Entry:
     if len(raw) > max_bytes:
         return dead_letter(f"oversized: {len(raw)} bytes > limit {max_bytes}", raw, max_bytes)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return dead_letter(f"invalid UTF-8 at byte {error.start}", raw, max_bytes)
-    try:
-        body = json.loads(text)
-    except ValueError as error:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad_byte:
+            return dead_letter(f"invalid UTF-8 at byte {bad_byte.start}", raw, max_bytes)
         return dead_letter(f"invalid JSON: {error}", raw, max_bytes)
     if not isinstance(body, dict):
         return dead_letter(f"not a JSON object: {type(body).__name__}", raw, max_bytes)
@@ -75,8 +75,8 @@ def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
             message, f"handler returned {type(processed).__name__}, not a dict", max_bytes
         )
     try:
-        data = json.dumps(processed, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as error:
+        data = orjson.dumps(processed)
+    except TypeError as error:
         return handler_failed(message, f"handler result is not JSON: {error}", max_bytes)
     return Entry(OUTPUT, message.message_id, data)
 

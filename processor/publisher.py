@@ -68,7 +68,7 @@ class Publisher:
         self._rng = random.Random()
         self._retries: deque[tuple[float, str, bytes]] = deque()
         self._backoff = Backoff(0.05, 2.0)
-        self._outage = Outage("Redis (publish)", "[publisher]")
+        self._outage = Outage("Redis (publish)", lambda: "[publisher]")
         self.report = PublishReport()
 
     def run(self) -> PublishReport:

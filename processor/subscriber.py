@@ -68,7 +68,7 @@ class Subscriber(threading.Thread):
         settings: RedisSettings,
         deliver: Callable[[list[bytes]], None],
         on_gap: Callable[[Gap], None],
-        context: str,
+        context: Callable[[], str],
         backoff_max_s: float,
         health_check_s: float = 3.0,
     ) -> None:
@@ -155,11 +155,11 @@ class Subscriber(threading.Thread):
                     sock.sendall(pack_command("UNSUBSCRIBE", self._settings.input_channel))
                     unsubscribe_sent = time.monotonic()
                 elif time.monotonic() - unsubscribe_sent > DRAIN_TIMEOUT_S:
-                    log.warning("%s no UNSUBSCRIBE reply: stopping without it", self._context)
+                    log.warning("%s no UNSUBSCRIBE reply: stopping without it", self._context())
                     return
             if self._reset_requested.is_set():
                 self._reset_requested.clear()
-                log.info("%s dropping the subscription and its unread backlog", self._context)
+                log.info("%s dropping the subscription and its unread backlog", self._context())
                 return
             try:
                 size = sock.recv_into(view)
@@ -205,9 +205,9 @@ class Subscriber(threading.Thread):
             log.warning(
                 "%s subscribed again after a gap of %.3f s: messages published in it were "
                 "not received by this consumer",
-                self._context,
+                self._context(),
                 gap.length_s,
             )
             self._on_gap(gap)
         else:
-            log.debug("%s subscribed", self._context)
+            log.debug("%s subscribed", self._context())

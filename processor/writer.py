@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -43,7 +44,7 @@ class Writer:
         keys: Keys,
         lock_ttl_ms: int,
         backoff_max_s: float,
-        context: str,
+        context: Callable[[], str],
         stop: threading.Event,
         grace_s: float,
     ) -> None:
@@ -85,3 +86,54 @@ class Writer:
             if written < 0:
                 return WriteResult(0, 0, 0, fenced=True)
             return WriteResult(written, dead, skipped)
+
+
+class WriteThread(threading.Thread):
+    """Writes batches in order on its own thread.
+
+    The consumer processes the next batch while the script call for the previous one is in
+    flight; at most ``depth`` batches wait, so a slow Redis slows the consumer instead of
+    filling its memory (the subscriber keeps draining the socket regardless).
+    """
+
+    def __init__(
+        self,
+        writer: Writer,
+        identity: Callable[[], tuple[str, str]],
+        on_done: Callable[[list[Entry], WriteResult | None], None],
+        depth: int = 2,
+    ) -> None:
+        super().__init__(name="writer", daemon=True)
+        self._writer = writer
+        self._identity = identity
+        self._on_done = on_done
+        self._queue: queue.Queue[list[Entry] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+
+    def submit(self, entries: list[Entry]) -> None:
+        if self.error is not None:
+            raise RuntimeError("the write thread failed") from self.error
+        self._queue.put(entries)
+
+    def wait_idle(self) -> None:
+        """Returns once every submitted batch has been written (or failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            entries = self._queue.get()
+            try:
+                if entries is None:
+                    return
+                if self.error is None:
+                    consumer_id, fence = self._identity()
+                    self._on_done(entries, self._writer.write(entries, consumer_id, fence))
+            except Exception as error:
+                log.exception("write failed")
+                self.error = error
+            finally:
+                self._queue.task_done()

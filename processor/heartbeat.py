@@ -1,0 +1,165 @@
+"""The heartbeat thread: keeps one consumer in the group and follows the group's changes.
+
+Every interval it extends the heartbeat and reads the live members (one script call), adopts
+the new view in the ownership strategy, hands buffered messages it now has to try to the
+consumer (takeovers), publishes its own subscription gaps and reads the others', and checks how
+much the server holds unread for its subscription. It has its own connection, so a slow write
+never delays a heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from processor.connection import CONNECTION_ERRORS, Outage
+from processor.keys import Keys
+from processor.membership import Membership, now_ms
+from processor.ownership import PartitionedStrategy, RaceStrategy
+from processor.subscriber import Gap
+
+log = logging.getLogger(__name__)
+
+BACKLOG_CHECK_S = 1.0
+BACKLOG_WARN_REPEAT_S = 10.0
+GAPS_MAXLEN = 10_000
+
+
+def server_backlog_bytes(client: redis.Redis, client_id: int) -> int:
+    """What Redis holds unsent for one client (``omem`` in CLIENT LIST)."""
+    info = client.execute_command("CLIENT", "LIST", "ID", client_id)  # type: ignore[no-untyped-call]
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name == "omem":
+            return int(value)
+    return 0
+
+
+class Heartbeat(threading.Thread):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        membership: Membership,
+        strategy: RaceStrategy | PartitionedStrategy,
+        interval_s: float,
+        backlog_warn_bytes: int,
+        stop: threading.Event,
+        context: Callable[[], str],
+        subscriber_client_id: Callable[[], int | None],
+        on_takeover: Callable[[list[bytes]], None],
+    ) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self._client = client
+        self._keys = keys
+        self.membership = membership
+        self._strategy = strategy
+        self._interval_s = interval_s
+        self._backlog_warn_bytes = backlog_warn_bytes
+        self._stopping = stop
+        self._context = context
+        self._subscriber_client_id = subscriber_client_id
+        self._on_takeover = on_takeover
+        # Held across register + first beat, so a view never mixes two identities.
+        self.lock = threading.Lock()
+        self.fenced = threading.Event()
+        self.own_gaps: deque[Gap] = deque()
+        self._members: frozenset[str] = frozenset()
+        self._gaps_seen = f"{now_ms()}-0"
+        self._outage = Outage("Redis (heartbeat)", context)
+        self._backlog_warned = 0.0
+        self._parent_pid = os.getppid()
+
+    def run(self) -> None:
+        next_backlog_check = time.monotonic()
+        while not self._stopping.wait(self._interval_s):
+            if os.getppid() != self._parent_pid:
+                log.error("%s supervisor is gone: stopping", self._context())
+                self._stopping.set()
+                return
+            try:
+                with self.lock:
+                    self.beat()
+                self._publish_gaps()
+                if time.monotonic() >= next_backlog_check:
+                    next_backlog_check = time.monotonic() + BACKLOG_CHECK_S
+                    self._check_backlog()
+            except CONNECTION_ERRORS as error:
+                self._outage.failed(error)
+                continue
+            self._outage.recovered()
+
+    def beat(self) -> None:
+        """One heartbeat; the caller holds ``lock``."""
+        view = self.membership.beat()
+        me = self.membership.consumer_id
+        if not view.alive:
+            if not self.fenced.is_set():
+                log.warning("%s heartbeat had expired: the group declared us dead", self._context())
+            self.fenced.set()
+            return
+        members = frozenset(view.members)
+        if members != self._members:
+            self._members = members
+            taken = self._strategy.update(members, me)
+            log.info("%s group changed: %d live consumers", self._context(), len(members))
+            if taken:
+                self._on_takeover(taken)
+        self._take_over_gaps(me)
+
+    def _take_over_gaps(self, me: str) -> None:
+        reply: Any = self._client.xread({self._keys.gaps: self._gaps_seen}, count=1000)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._gaps_seen = entry_id.decode()
+                member = fields[b"consumer_id"].decode()
+                if member == me or member not in self._members:
+                    continue
+                taken = self._strategy.gap_reported(member)
+                if taken:
+                    log.info(
+                        "%s %s reported a subscription gap: trying %d of its buffered messages",
+                        self._context(),
+                        member,
+                        len(taken),
+                    )
+                    self._on_takeover(taken)
+
+    def _publish_gaps(self) -> None:
+        while self.own_gaps:
+            gap = self.own_gaps[0]
+            self._client.xadd(
+                self._keys.gaps,
+                {
+                    "consumer_id": self.membership.consumer_id,
+                    "start_ms": gap.start_ms,
+                    "end_ms": gap.end_ms,
+                },
+                maxlen=GAPS_MAXLEN,
+                approximate=True,
+            )
+            self.own_gaps.popleft()
+
+    def _check_backlog(self) -> None:
+        """Warns well before Redis cuts us off for reading slowly (client-output-buffer-limit)."""
+        client_id = self._subscriber_client_id()
+        if client_id is None:
+            return
+        omem = server_backlog_bytes(self._client, client_id)
+        now = time.monotonic()
+        if omem >= self._backlog_warn_bytes and now - self._backlog_warned >= BACKLOG_WARN_REPEAT_S:
+            self._backlog_warned = now
+            log.warning(
+                "%s falling behind: Redis holds %.1f MiB unread for our subscription "
+                "(it cuts subscribers off at client-output-buffer-limit pubsub, 32 MiB by default)",
+                self._context(),
+                omem / 2**20,
+            )
