@@ -356,7 +356,9 @@ def read_toml(path: str, options: Sequence[Option]) -> dict[str, object]:
     return values
 
 
-def build_parser(prog: str, description: str, options: Sequence[Option]) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str, description: str, options: Sequence[Option], defaults: Mapping[str, object]
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file of settings (keys as the flags, with _)"
@@ -368,7 +370,7 @@ def build_parser(prog: str, description: str, options: Sequence[Option]) -> argp
                 dest=option.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{option.help} [env {option.env}]",
+                help=f"{option.help} [env {option.env}; default {defaults[option.name]!r}]",
             )
         else:
             parser.add_argument(
@@ -376,7 +378,7 @@ def build_parser(prog: str, description: str, options: Sequence[Option]) -> argp
                 dest=option.name,
                 default=None,
                 metavar=option.env,
-                help=f"{option.help} [env {option.env}]",
+                help=f"{option.help} [env {option.env}; default {defaults[option.name]!r}]",
             )
     return parser
 
@@ -391,7 +393,8 @@ def load(
     extra_check: Callable[[SettingsT], None] | None = None,
 ) -> SettingsT:
     """Settings from defaults < file < environment < flags, validated; ConfigError otherwise."""
-    parser = build_parser(prog, description, options)
+    defaults = {item.name: item.default for item in dataclasses.fields(cls)}
+    parser = build_parser(prog, description, options, defaults)
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
