@@ -67,7 +67,11 @@ def _secret_free(url: str) -> str:
         if parts.port:
             host = f"{host}:{parts.port}"
         netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    masked = urlunsplit(parts._replace(netloc=netloc, query=query))
+    if not netloc and url.startswith(f"{parts.scheme}://"):
+        # urlunsplit drops the "//" of unix:///path: keep the URL as the user wrote it.
+        masked = f"{parts.scheme}://{masked.removeprefix(parts.scheme + ':')}"
+    return masked
 
 
 @dataclass(frozen=True)
