@@ -63,10 +63,7 @@ def _secret_free(url: str) -> str:
     )
     netloc = parts.netloc
     if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username or ''}:***@{host}"
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
     masked = urlunsplit(parts._replace(netloc=netloc, query=query))
     if not netloc and url.startswith(f"{parts.scheme}://"):
         # urlunsplit drops the "//" of unix:///path: keep the URL as the user wrote it.

@@ -16,6 +16,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
@@ -42,8 +43,10 @@ def load_handler(spec: str) -> Handler:
         raise HandlerLoadError(f"invalid HANDLER {spec!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise HandlerLoadError(f"invalid HANDLER {spec!r}: cannot import: {error}") from None
+    except Exception as error:  # a broken module raises anything at import time
+        raise HandlerLoadError(
+            f"invalid HANDLER {spec!r}: cannot import: {type(error).__name__}: {error}"
+        ) from None
     target: Any = module
     for part in attribute.split("."):
         target = getattr(target, part, None)
@@ -120,21 +123,54 @@ class ThreadedRunner:
     def __init__(self, handler: Handler, timeout_s: float, concurrency: int) -> None:
         self._handler = handler
         self._timeout_s = timeout_s or None
+        self._concurrency = concurrency
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="handler"
         )
 
     def run(self, messages: Sequence[dict[str, Any]]) -> list[object]:
-        futures = [self._pool.submit(self._handler, message) for message in messages]
+        started: dict[int, float] = {}
+
+        def call(index: int, message: dict[str, Any]) -> Any:
+            started[index] = time.monotonic()
+            return self._handler(message)
+
+        futures = [
+            self._pool.submit(call, index, message) for index, message in enumerate(messages)
+        ]
+        # Each call gets timeout_s from its own start, not from when we get round to waiting
+        # for it; one still queued behind hung calls fails when the batch's rounds are up.
+        batch_deadline = None
+        if self._timeout_s is not None:
+            rounds = -(-len(futures) // self._concurrency)
+            batch_deadline = time.monotonic() + rounds * self._timeout_s
         results: list[object] = []
-        for future in futures:
-            try:
-                results.append(future.result(timeout=self._timeout_s))
-            except concurrent.futures.TimeoutError:
-                results.append(Failure(f"handler timed out after {self._timeout_s:g} s"))
-            except Exception as error:
-                results.append(Failure(_describe(error)))
+        for index, future in enumerate(futures):
+            results.append(self._result(future, index, started, batch_deadline))
         return results
+
+    def _result(
+        self,
+        future: concurrent.futures.Future[Any],
+        index: int,
+        started: dict[int, float],
+        batch_deadline: float | None,
+    ) -> object:
+        while True:
+            begun = started.get(index)
+            timeout = None
+            if self._timeout_s is not None and batch_deadline is not None:
+                deadline = batch_deadline if begun is None else begun + self._timeout_s
+                timeout = max(0.0, deadline - time.monotonic())
+            try:
+                return future.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                if begun is None and started.get(index) is not None:
+                    continue  # it got a thread while we waited: give it its own timeout_s
+                future.cancel()
+                return Failure(f"handler timed out after {self._timeout_s:g} s")
+            except Exception as error:
+                return Failure(_describe(error))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

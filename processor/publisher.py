@@ -88,7 +88,7 @@ class Publisher:
                     next_progress += settings.progress_interval_s
                     self.report.elapsed_s = time.monotonic() - started
                     log.info("progress: %s", self.report.line())
-                self.stop.wait(max(0.0, next_burst - time.monotonic()))
+                self.stop.wait(max(0.0, min(next_burst, ends_at) - time.monotonic()))
             self.report.elapsed_s = time.monotonic() - started
             self._retry_tail(record)
         finally:

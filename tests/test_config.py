@@ -1,0 +1,368 @@
+"""Settings: defaults, precedence, validation, secrets; and the entry points' one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from processor.config import (
+    DAEMON_OPTIONS,
+    PUBLISHER_OPTIONS,
+    PublisherSettings,
+    Settings,
+    check_daemon,
+    load_daemon_settings,
+    load_publisher_settings,
+)
+from processor.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLI_TIMEOUT_S = 30.0
+SECRET_URL = "redis://user:secret@host:1/0"
+
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "settings.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# -- defaults -------------------------------------------------------------------------------
+
+
+def test_defaults_match_the_documented_table() -> None:
+    settings = load_daemon_settings([], {})
+    assert settings == Settings()
+    assert settings.url == "redis://localhost:6379/0"
+    assert settings.consumers_count == 2
+    assert settings.processing_batch_size == 100
+    assert settings.batch_window_ms == 50
+    assert settings.input_channel == "messages:published"
+    assert settings.output_stream == "messages:processed"
+    assert settings.dead_letter_stream == "messages:dead"
+    assert settings.consumers_list == "consumer:ids"
+    assert settings.monitor_interval_s == 3.0
+    assert settings.loglevel == "INFO"
+    assert settings.heartbeat_interval_ms == 500
+    assert settings.heartbeat_ttl_ms == 2000
+    assert settings.strategy == "partitioned"
+    assert settings.handler == "processor.handlers:add_random_score"
+    check_daemon(settings)
+
+
+def test_publisher_defaults() -> None:
+    settings = load_publisher_settings([], {})
+    assert settings == PublisherSettings()
+    assert settings.target_duration_s == 60.0
+    assert settings.batch_size == 100
+    assert (settings.pause_min_ms, settings.pause_max_ms) == (100, 500)
+    assert settings.retry_unreceived is False
+
+
+def test_every_option_names_a_settings_field() -> None:
+    daemon_fields = set(Settings.__dataclass_fields__)
+    publisher_fields = set(PublisherSettings.__dataclass_fields__)
+    assert {option.name for option in DAEMON_OPTIONS} <= daemon_fields
+    assert {option.name for option in PUBLISHER_OPTIONS} <= publisher_fields
+    assert len({option.env for option in DAEMON_OPTIONS}) == len(DAEMON_OPTIONS)
+
+
+# -- precedence: flag > env > file > default ------------------------------------------------
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        "consumers_count = 3\nprocessing_batch_size = 30\nbatch_window_ms = 30\n",
+    )
+    environ = {"CONSUMERS_COUNT": "4", "PROCESSING_BATCH_SIZE": "40"}
+    settings = load_daemon_settings(["--config", path, "--consumers-count", "5"], environ)
+    assert settings.consumers_count == 5  # flag beats env and file
+    assert settings.processing_batch_size == 40  # env beats file
+    assert settings.batch_window_ms == 30  # file beats default
+    assert settings.output_stream == "messages:processed"  # default
+
+    assert load_daemon_settings(["--config", path], environ).consumers_count == 4
+    assert load_daemon_settings(["--config", path], {}).consumers_count == 3
+    assert load_daemon_settings([], {}).consumers_count == 2
+
+
+def test_env_names_map_to_fields() -> None:
+    settings = load_daemon_settings(
+        [],
+        {
+            "MONITORING_INTERVAL": "0.5",
+            "HANDLER_TIMEOUT": "1.5",
+            "SHUTDOWN_GRACE": "2",
+            "STRATEGY": "race",
+            "LOGLEVEL": "debug",
+            "REDIS_HOST": "example",
+            "REDIS_PORT": "7000",
+        },
+    )
+    assert settings.monitor_interval_s == 0.5
+    assert settings.handler_timeout_s == 1.5
+    assert settings.shutdown_grace_s == 2.0
+    assert settings.strategy == "race"
+    assert settings.loglevel == "DEBUG"
+    assert settings.url == "redis://example:7000/0"
+
+
+def test_redis_url_overrides_host_and_port() -> None:
+    settings = load_daemon_settings(
+        ["--redis-url", "redis://other:1234/2"], {"REDIS_HOST": "example", "REDIS_PORT": "7000"}
+    )
+    assert settings.url == "redis://other:1234/2"
+
+
+def test_toml_accepts_env_names_as_keys(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'CONSUMERS_COUNT = 7\nstrategy = "race"\n')
+    settings = load_daemon_settings(["--config", path], {})
+    assert settings.consumers_count == 7
+    assert settings.strategy == "race"
+
+
+def test_settings_survive_pickling_to_a_consumer_process() -> None:
+    settings = load_daemon_settings(["--consumers-count", "3", "--redis-url", SECRET_URL], {})
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+# -- errors name the setting ----------------------------------------------------------------
+
+
+def test_non_integer_consumers_count_names_the_env_var() -> None:
+    with pytest.raises(ConfigError, match="CONSUMERS_COUNT") as caught:
+        load_daemon_settings([], {"CONSUMERS_COUNT": "abc"})
+    assert "'abc'" in str(caught.value)
+    assert "environment" in str(caught.value)
+
+
+def test_float_consumers_count_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="CONSUMERS_COUNT"):
+        load_daemon_settings(["--consumers-count", "2.5"], {})
+
+
+def test_negative_batch_size_names_the_env_var() -> None:
+    with pytest.raises(ConfigError, match="PROCESSING_BATCH_SIZE"):
+        load_daemon_settings(["--processing-batch-size", "-1"], {})
+    with pytest.raises(ConfigError, match="PROCESSING_BATCH_SIZE"):
+        load_daemon_settings([], {"PROCESSING_BATCH_SIZE": "0"})
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "consumers_count = 2\nconsumer_count = 3\n")
+    with pytest.raises(ConfigError, match="consumer_count") as caught:
+        load_daemon_settings(["--config", path], {})
+    assert path in str(caught.value)
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "consumers_count = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_daemon_settings(["--config", path], {})
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_daemon_settings(["--config", str(tmp_path / "absent.toml")], {})
+
+
+def test_wrong_type_in_file_names_the_setting(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "consumers_count = true\n")
+    with pytest.raises(ConfigError, match="CONSUMERS_COUNT"):
+        load_daemon_settings(["--config", path], {})
+    path = _toml(tmp_path, "output_stream = 5\n")
+    with pytest.raises(ConfigError, match="OUTPUT_STREAM"):
+        load_daemon_settings(["--config", path], {})
+
+
+def test_bad_strategy_names_the_env_var() -> None:
+    with pytest.raises(ConfigError, match="STRATEGY") as caught:
+        load_daemon_settings([], {"STRATEGY": "fastest"})
+    assert "partitioned" in str(caught.value)
+
+
+def test_bad_loglevel_names_the_env_var() -> None:
+    with pytest.raises(ConfigError, match="LOGLEVEL"):
+        load_daemon_settings(["--loglevel", "chatty"], {})
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "soon"])
+def test_non_finite_or_non_numeric_float_is_rejected(raw: str) -> None:
+    with pytest.raises(ConfigError, match="HANDLER_TIMEOUT"):
+        load_daemon_settings([], {"HANDLER_TIMEOUT": raw})
+
+
+def test_booleans() -> None:
+    assert load_publisher_settings([], {"RETRY_UNRECEIVED": "yes"}).retry_unreceived is True
+    assert load_publisher_settings([], {"RETRY_UNRECEIVED": "0"}).retry_unreceived is False
+    flagged = load_publisher_settings(["--no-retry-unreceived"], {"RETRY_UNRECEIVED": "true"})
+    assert flagged.retry_unreceived is False
+    assert load_publisher_settings(["--retry-unreceived"], {}).retry_unreceived is True
+
+
+def test_bad_boolean_names_the_env_var() -> None:
+    with pytest.raises(ConfigError, match="RETRY_UNRECEIVED") as caught:
+        load_publisher_settings([], {"RETRY_UNRECEIVED": "maybe"})
+    assert "boolean" in str(caught.value)
+
+
+def test_publisher_pause_range_is_checked() -> None:
+    with pytest.raises(ConfigError, match="PAUSE_MAX_MS"):
+        load_publisher_settings(["--pause-min-ms", "300", "--pause-max-ms", "200"], {})
+
+
+# -- cross-field checks ---------------------------------------------------------------------
+
+
+def test_heartbeat_ttl_must_exceed_interval() -> None:
+    with pytest.raises(ConfigError, match="HEARTBEAT_TTL_MS"):
+        load_daemon_settings([], {"HEARTBEAT_INTERVAL_MS": "500", "HEARTBEAT_TTL_MS": "500"})
+    load_daemon_settings([], {"HEARTBEAT_INTERVAL_MS": "500", "HEARTBEAT_TTL_MS": "501"})
+
+
+def test_takeover_buffer_must_outlive_dead_consumer_detection() -> None:
+    # Detection takes HEARTBEAT_TTL_MS + 2 x HEARTBEAT_INTERVAL_MS = 2000 + 1000 by default.
+    with pytest.raises(ConfigError, match="TAKEOVER_BUFFER_MS"):
+        load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "3000"})
+    load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "3001"})
+
+
+def test_lock_ttl_must_exceed_twice_the_takeover_buffer() -> None:
+    with pytest.raises(ConfigError, match="LOCK_TTL_MS"):
+        load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "LOCK_TTL_MS": "20000"})
+    load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "LOCK_TTL_MS": "20001"})
+
+
+def test_check_daemon_rejects_direct_construction() -> None:
+    with pytest.raises(ConfigError, match="HEARTBEAT_TTL_MS"):
+        check_daemon(Settings(heartbeat_interval_ms=1000, heartbeat_ttl_ms=900))
+
+
+# -- secrets --------------------------------------------------------------------------------
+
+
+def test_repr_and_describe_never_show_the_password() -> None:
+    settings = load_daemon_settings([], {"REDIS_URL": SECRET_URL})
+    assert settings.url == SECRET_URL  # the client still gets the real URL
+    for text in (repr(settings), str(settings), settings.describe(), settings.safe_url):
+        assert "secret" not in text
+    assert "redis_url=redis://user:***@host:1/0" in settings.describe()
+    assert "consumers_count=2" in settings.describe()
+    publisher = PublisherSettings(redis_url=SECRET_URL)
+    assert "secret" not in repr(publisher)
+    assert "secret" not in publisher.safe_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:secret@host:1/0",
+        "rediss://user:secret@host:6380/0",
+        "unix://user:secret@/tmp/redis.sock?db=0",
+    ],
+)
+def test_password_masked_in_every_url_form(url: str) -> None:
+    settings = Settings(redis_url=url)
+    assert "secret" not in settings.describe()
+    assert "secret" not in repr(settings)
+
+
+def test_password_in_query_string_is_masked() -> None:
+    # redis-py's from_url takes ?password=... as the password, so it is one too.
+    settings = Settings(redis_url="redis://host:1/0?password=secret")
+    assert "secret" not in settings.describe()
+    assert "secret" not in settings.safe_url
+
+
+# -- the entry points -----------------------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    names = {option.env for option in (*DAEMON_OPTIONS, *PUBLISHER_OPTIONS)}
+    env = {key: value for key, value in os.environ.items() if key not in names}
+    # Unreachable on purpose: a test that wrongly passes validation must not find a server.
+    env["REDIS_URL"] = "redis://127.0.0.1:1/0"
+    env.update(extra)
+    return env
+
+
+def _run(script: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        [sys.executable, script, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        # Its own session, so a process that wrongly started consumers takes them along.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "error" in lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        ([], {"CONSUMERS_COUNT": "abc"}, ("CONSUMERS_COUNT", "abc")),
+        (["--processing-batch-size", "-1"], {}, ("PROCESSING_BATCH_SIZE", "-1")),
+        (["--strategy", "fastest"], {}, ("STRATEGY",)),
+        (["--handler", "nosuch.module:fn"], {}, ("HANDLER", "nosuch.module:fn")),
+        (["--handler", "processor.handlers:nosuch"], {}, ("HANDLER",)),
+    ],
+    ids=["env-not-int", "flag-negative", "strategy", "handler-module", "handler-attribute"],
+)
+def test_consume_exits_2_with_one_line(
+    args: list[str], env: dict[str, str], words: tuple[str, ...]
+) -> None:
+    _assert_one_line_error(_run("demo/consume.py", args, _clean_env(**env)), *words)
+
+
+def test_consume_rejects_unknown_key_in_config_file(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "consumers_count = 2\nbogus_setting = 1\n")
+    result = _run("demo/consume.py", ["--config", path], _clean_env())
+    _assert_one_line_error(result, "bogus_setting")
+
+
+def test_consume_help_lists_every_flag() -> None:
+    result = _run("demo/consume.py", ["--help"], _clean_env(COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    for option in DAEMON_OPTIONS:
+        assert option.flag in result.stdout
+    assert "--config" in result.stdout
+
+
+def test_publish_exits_2_with_one_line() -> None:
+    result = _run("demo/publish.py", [], _clean_env(BATCH_SIZE="-5"))
+    _assert_one_line_error(result, "BATCH_SIZE", "-5")
+
+
+def test_publish_help_exits_0() -> None:
+    result = _run("demo/publish.py", ["--help"], _clean_env(COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    for option in PUBLISHER_OPTIONS:
+        assert option.flag in result.stdout

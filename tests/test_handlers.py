@@ -1,0 +1,271 @@
+"""Handlers: the default one, loading a user's, and the runners (errors, timeouts, overlap)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from processor.errors import ConfigError, HandlerLoadError
+from processor.handlers import (
+    AsyncRunner,
+    Failure,
+    InlineRunner,
+    ThreadedRunner,
+    add_random_score,
+    load_handler,
+    make_runner,
+)
+from tests import handlers_for_tests as th
+
+DEFAULT_PROPERTIES = {"score", "rank", "weight", "priority", "confidence"}
+
+
+def _messages(count: int) -> list[dict[str, object]]:
+    return [{"message_id": f"m-{index}", "index": index} for index in range(count)]
+
+
+@pytest.fixture(autouse=True)
+def _released_sleepers() -> Iterator[None]:
+    th.RELEASE.clear()
+    th.IN_FLIGHT.reset()
+    yield
+    # Frees pool threads still stuck in sleeps_forever, so none outlives the test.
+    th.RELEASE.set()
+
+
+@pytest.fixture
+def alarm_restored() -> Iterator[None]:
+    """InlineRunner takes over SIGALRM; give pytest-timeout its handler and timer back."""
+    handler = signal.getsignal(signal.SIGALRM)
+    delay, interval = signal.getitimer(signal.ITIMER_REAL)
+    yield
+    signal.signal(signal.SIGALRM, handler)
+    if delay:
+        signal.setitimer(signal.ITIMER_REAL, delay, interval)
+
+
+# -- the default handler --------------------------------------------------------------------
+
+
+def test_default_handler_adds_one_random_property() -> None:
+    for _ in range(50):
+        message = {"message_id": "m-1", "text": "keep me", "nested": {"a": [1]}}
+        result = add_random_score(dict(message))
+        added = set(result) - set(message)
+        assert len(added) == 1
+        (name,) = added
+        assert name in DEFAULT_PROPERTIES
+        assert isinstance(result[name], float)
+        assert 0.0 <= result[name] <= 1.0
+        assert {key: result[key] for key in message} == message
+
+
+# -- load_handler ---------------------------------------------------------------------------
+
+
+def test_load_handler_finds_functions() -> None:
+    assert load_handler("processor.handlers:add_random_score") is add_random_score
+    assert load_handler("tests.handlers_for_tests:async_echo") is th.async_echo
+    assert load_handler("tests.handlers_for_tests:IN_FLIGHT.reset") == th.IN_FLIGHT.reset
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("processor.handlers.add_random_score", "expected package.module:function"),
+        ("processor.handlers:", "expected package.module:function"),
+        (":add_random_score", "expected package.module:function"),
+        ("nosuch.module:fn", "cannot import"),
+        ("processor.handlers:nosuch", "has no nosuch"),
+        ("tests.handlers_for_tests:NOT_CALLABLE", "not callable"),
+    ],
+)
+def test_load_handler_errors_name_the_setting(spec: str, words: str) -> None:
+    with pytest.raises(HandlerLoadError) as caught:
+        load_handler(spec)
+    message = str(caught.value)
+    assert "HANDLER" in message
+    assert spec in message
+    assert words in message
+    assert isinstance(caught.value, ConfigError)  # so the entry point exits 2
+
+
+def test_make_runner_picks_the_runner() -> None:
+    runners = [
+        make_runner(th.async_echo, 1.0, 1),
+        make_runner(th.echo, 1.0, 4),
+        make_runner(th.echo, 0.0, 1),
+    ]
+    try:
+        assert [type(runner) for runner in runners] == [AsyncRunner, ThreadedRunner, InlineRunner]
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+# -- InlineRunner ---------------------------------------------------------------------------
+
+
+def test_inline_runner_returns_results_in_order(alarm_restored: None) -> None:
+    runner = InlineRunner(th.slow_10ms, timeout_s=1.0)
+    try:
+        messages = _messages(5)
+        assert runner.run(messages) == messages
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left armed
+    finally:
+        runner.close()
+
+
+def test_inline_runner_turns_exceptions_into_failures() -> None:
+    runner = InlineRunner(th.raises, timeout_s=0)
+    try:
+        (result,) = runner.run(_messages(1))
+        assert isinstance(result, Failure)
+        assert "ValueError" in result.reason
+        assert "boom for m-0" in result.reason
+    finally:
+        runner.close()
+
+
+def test_inline_runner_enforces_the_timeout(alarm_restored: None) -> None:
+    runner = InlineRunner(th.sleeps_forever, timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        results = runner.run(_messages(2))
+        elapsed = time.monotonic() - started
+    finally:
+        runner.close()
+    assert all(isinstance(result, Failure) for result in results)
+    assert all("timed out" in result.reason for result in results)  # type: ignore[union-attr]
+    assert elapsed < 3.0  # two calls of 0.2 s, not two of 10 s
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+# -- ThreadedRunner -------------------------------------------------------------------------
+
+
+def test_threaded_runner_calls_overlap() -> None:
+    runner = ThreadedRunner(th.slow_100ms, timeout_s=5.0, concurrency=16)
+    try:
+        messages = _messages(16)
+        started = time.monotonic()
+        results = runner.run(messages)
+        elapsed = time.monotonic() - started
+    finally:
+        runner.close()
+    assert results == messages  # in order
+    assert elapsed < 1.0  # 16 x 0.1 s in sequence would be 1.6 s
+    assert th.IN_FLIGHT.peak > 1
+
+
+def test_threaded_runner_respects_concurrency() -> None:
+    runner = ThreadedRunner(th.slow_100ms, timeout_s=5.0, concurrency=3)
+    try:
+        assert runner.run(_messages(9)) == _messages(9)
+    finally:
+        runner.close()
+    assert 1 < th.IN_FLIGHT.peak <= 3
+
+
+def test_threaded_runner_turns_exceptions_into_failures() -> None:
+    runner = ThreadedRunner(th.raises, timeout_s=1.0, concurrency=2)
+    try:
+        results = runner.run(_messages(3))
+    finally:
+        runner.close()
+    assert [isinstance(result, Failure) for result in results] == [True, True, True]
+    assert "boom for m-2" in results[2].reason  # type: ignore[union-attr]
+
+
+def test_threaded_runner_timeout_becomes_failure() -> None:
+    runner = ThreadedRunner(th.sleeps_forever, timeout_s=0.2, concurrency=2)
+    try:
+        started = time.monotonic()
+        (result,) = runner.run(_messages(1))
+        elapsed = time.monotonic() - started
+    finally:
+        runner.close()
+    assert isinstance(result, Failure)
+    assert "timed out" in result.reason
+    assert elapsed < 3.0
+
+
+def test_threaded_runner_times_out_concurrent_calls_together() -> None:
+    # Eight calls that started together and hang are all past their time after 0.3 s: the
+    # batch must not take 8 x 0.3 s.
+    runner = ThreadedRunner(th.sleeps_forever, timeout_s=0.3, concurrency=8)
+    try:
+        started = time.monotonic()
+        results = runner.run(_messages(8))
+        elapsed = time.monotonic() - started
+    finally:
+        runner.close()
+    assert all(isinstance(result, Failure) for result in results)
+    assert elapsed < 1.5
+
+
+# -- AsyncRunner ----------------------------------------------------------------------------
+
+
+def test_async_runner_calls_overlap() -> None:
+    runner = AsyncRunner(th.async_slow_100ms, timeout_s=5.0, concurrency=16)
+    try:
+        messages = _messages(16)
+        started = time.monotonic()
+        results = runner.run(messages)
+        elapsed = time.monotonic() - started
+    finally:
+        runner.close()
+    assert results == messages
+    assert elapsed < 1.0
+    assert th.IN_FLIGHT.peak == 16
+
+
+def test_async_runner_respects_concurrency() -> None:
+    runner = AsyncRunner(th.async_slow_100ms, timeout_s=5.0, concurrency=4)
+    try:
+        assert runner.run(_messages(12)) == _messages(12)
+    finally:
+        runner.close()
+    assert th.IN_FLIGHT.peak == 4
+
+
+def test_async_runner_turns_exceptions_and_timeouts_into_failures() -> None:
+    runner = AsyncRunner(th.async_raises, timeout_s=1.0, concurrency=4)
+    try:
+        (raised,) = runner.run(_messages(1))
+    finally:
+        runner.close()
+    assert isinstance(raised, Failure)
+    assert "async boom for m-0" in raised.reason
+
+    runner = AsyncRunner(th.async_sleeps_forever, timeout_s=0.2, concurrency=8)
+    try:
+        started = time.monotonic()
+        results = runner.run(_messages(8))
+        elapsed = time.monotonic() - started
+    finally:
+        runner.close()
+    assert all(isinstance(result, Failure) for result in results)
+    assert all("timed out" in result.reason for result in results)  # type: ignore[union-attr]
+    assert elapsed < 1.5
+
+
+def test_async_runner_is_reusable_across_batches() -> None:
+    runner = AsyncRunner(th.async_echo, timeout_s=1.0, concurrency=2)
+    try:
+        assert runner.run(_messages(3)) == _messages(3)
+        assert runner.run(_messages(2)) == _messages(2)
+    finally:
+        runner.close()
+
+
+def test_non_dict_result_is_passed_back_for_the_consumer_to_dead_letter() -> None:
+    runner = InlineRunner(th.returns_non_dict, timeout_s=0)
+    try:
+        assert runner.run(_messages(1)) == [["m-0"]]
+    finally:
+        runner.close()

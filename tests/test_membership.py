@@ -1,0 +1,157 @@
+"""Birth, heartbeat, pruning and death of consumers, against a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from processor.config import Settings
+from processor.connection import command_client
+from processor.keys import Keys
+from processor.membership import Membership, new_consumer_id, now_ms, read_view
+from tests.helpers import wait_until
+
+TTL_MS = 5_000
+
+
+@pytest.fixture
+def keys(redis_url: str) -> Keys:
+    return Keys.from_settings(Settings(redis_url=redis_url))
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    client = command_client(Settings(redis_url=redis_url), name="test-membership")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _member(client: redis.Redis, keys: Keys, consumer_id: str, ttl_ms: int = TTL_MS) -> Membership:
+    membership = Membership(client, keys, heartbeat_ttl_ms=ttl_ms)
+    membership.register(consumer_id)
+    return membership
+
+
+def test_register_lists_the_id_and_sets_a_heartbeat_with_ttl(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    before = now_ms()
+    member = _member(client, keys, "c-1")
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+    assert r.get(keys.heartbeat("c-1")) == member.token
+    assert TTL_MS - 1_000 < r.pttl(keys.heartbeat("c-1")) <= TTL_MS
+    registered = int(member.token.rpartition(":")[2])
+    assert before <= registered <= now_ms()
+
+
+def test_beat_reports_alive_and_every_member(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    first = _member(client, keys, "c-1")
+    second = _member(client, keys, "c-2")
+    view = first.beat()
+    assert view.alive
+    assert set(view.members) == {"c-1", "c-2"}
+    assert view.members["c-2"] == int(second.token.rpartition(":")[2])
+    assert second.beat().alive
+
+
+def test_beat_extends_the_heartbeat(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:
+    member = _member(client, keys, "c-1")
+    r.pexpire(keys.heartbeat("c-1"), 300)
+    assert member.beat().alive
+    assert r.pttl(keys.heartbeat("c-1")) > 1_000
+    assert r.get(keys.heartbeat("c-1")) == member.token  # extended, not rewritten
+
+
+def test_a_member_without_heartbeat_is_pruned_and_does_not_come_back(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    survivor = _member(client, keys, "c-1")
+    lost = _member(client, keys, "c-2")
+    r.delete(keys.heartbeat("c-2"))
+
+    view = survivor.beat()
+    assert view.alive
+    assert set(view.members) == {"c-1"}
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+
+    # The pruned member learns it was declared dead, and stays out.
+    assert lost.beat().alive is False
+    assert not r.exists(keys.heartbeat("c-2"))
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+    assert lost.beat().alive is False
+    assert set(survivor.beat().members) == {"c-1"}
+
+
+def test_an_expired_heartbeat_is_pruned(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:
+    survivor = _member(client, keys, "c-1")
+    _member(client, keys, "c-short", ttl_ms=200)
+    wait_until(lambda: not r.exists(keys.heartbeat("c-short")), timeout=5)
+    assert set(survivor.beat().members) == {"c-1"}
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+
+
+def test_pruning_removes_every_copy_of_a_dead_id(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    survivor = _member(client, keys, "c-1")
+    r.rpush(keys.consumers, "stale", "stale")  # left by a crashed run, no heartbeat
+    assert set(survivor.beat().members) == {"c-1"}
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+
+
+def test_deregister_removes_list_entry_and_heartbeat(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    staying = _member(client, keys, "c-1")
+    leaving = _member(client, keys, "c-2")
+    leaving.deregister()
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+    assert not r.exists(keys.heartbeat("c-2"))
+    assert set(staying.beat().members) == {"c-1"}
+    Membership(client, keys, TTL_MS).deregister()  # never registered: nothing to do
+
+
+def test_read_view_refreshes_nobody(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:
+    member = _member(client, keys, "c-1")
+    r.pexpire(keys.heartbeat("c-1"), 1_500)
+    view = read_view(client, keys)
+    assert view.alive is False  # it is nobody's heartbeat
+    assert set(view.members) == {"c-1"}
+    assert r.pttl(keys.heartbeat("c-1")) <= 1_500
+    member.read()
+    assert r.pttl(keys.heartbeat("c-1")) <= 1_500
+
+
+def test_read_view_prunes_dead_ids(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:
+    _member(client, keys, "c-1")
+    r.rpush(keys.consumers, "crashed-earlier")
+    assert set(read_view(client, keys).members) == {"c-1"}
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+
+
+def test_another_daemon_with_its_own_prefix_is_left_alone(
+    client: redis.Redis, redis_url: str, r: redis.Redis
+) -> None:
+    ours = Keys.from_settings(Settings(redis_url=redis_url))
+    theirs = Keys.from_settings(
+        Settings(redis_url=redis_url, consumers_list="other:ids", key_prefix="other")
+    )
+    mine = _member(client, ours, "c-1")
+    _member(client, theirs, "x-1")
+    assert set(mine.beat().members) == {"c-1"}
+    assert r.lrange(theirs.consumers, 0, -1) == ["x-1"]
+
+
+def test_consumer_ids_are_unique_and_say_where_they_run() -> None:
+    ids = {new_consumer_id(0) for _ in range(100)}
+    assert len(ids) == 100
+    one = next(iter(ids))
+    assert one.startswith(f"{socket.gethostname()}-{os.getpid()}-0-")

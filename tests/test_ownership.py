@@ -1,0 +1,240 @@
+"""Which consumer tries which message: slot assignment, takeover and gap coverage."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from processor.ownership import (
+    SLOTS,
+    PartitionedStrategy,
+    RaceStrategy,
+    TakeoverBuffer,
+    assign_slots,
+    make_strategy,
+    slot_of,
+)
+
+MEMBERS = ["host-1-0-aaaaaa", "host-1-1-bbbbbb", "host-2-0-cccccc", "host-2-1-dddddd"]
+
+
+def _one_payload_per_slot() -> list[bytes]:
+    """A payload for every slot, so a test sees every slot's routing."""
+    by_slot: dict[int, bytes] = {}
+    index = 0
+    while len(by_slot) < SLOTS:
+        payload = b'{"message_id":"m-%d"}' % index
+        by_slot.setdefault(slot_of(payload), payload)
+        index += 1
+    return [by_slot[slot] for slot in range(SLOTS)]
+
+
+PAYLOADS = _one_payload_per_slot()
+
+
+def _strategy(members: list[str], me: str) -> PartitionedStrategy:
+    strategy = PartitionedStrategy(buffer_age_s=60.0, buffer_max=100_000)
+    strategy.update(members, me)
+    return strategy
+
+
+# -- assign_slots ---------------------------------------------------------------------------
+
+
+def test_assignment_is_deterministic_and_independent_of_order() -> None:
+    owners = assign_slots(MEMBERS)
+    assert owners == assign_slots(list(reversed(MEMBERS)))
+    assert owners == assign_slots(set(MEMBERS))
+    assert len(owners) == SLOTS
+    assert set(owners) == set(MEMBERS)
+
+
+def test_assignment_is_balanced() -> None:
+    counts = Counter(assign_slots(MEMBERS))
+    for member in MEMBERS:
+        assert SLOTS / 4 * 0.8 <= counts[member] <= SLOTS / 4 * 1.2, counts
+
+
+def test_no_members_own_nothing() -> None:
+    assert assign_slots([]) == [None] * SLOTS
+
+
+def test_removing_a_member_moves_only_its_slots() -> None:
+    before = assign_slots(MEMBERS)
+    gone = MEMBERS[1]
+    after = assign_slots([member for member in MEMBERS if member != gone])
+    moved = [slot for slot in range(SLOTS) if before[slot] != after[slot]]
+    assert moved
+    assert all(before[slot] == gone for slot in moved)
+    assert gone not in after
+    assert len(moved) == before.count(gone)
+
+
+def test_adding_a_member_moves_slots_only_to_it() -> None:
+    before = assign_slots(MEMBERS)
+    newcomer = "host-3-0-eeeeee"
+    after = assign_slots([*MEMBERS, newcomer])
+    moved = [slot for slot in range(SLOTS) if before[slot] != after[slot]]
+    assert moved
+    assert all(after[slot] == newcomer for slot in moved)
+    assert after.count(newcomer) == len(moved)
+
+
+# -- split and update -----------------------------------------------------------------------
+
+
+def test_split_routes_owned_and_buffers_the_rest() -> None:
+    me = MEMBERS[2]
+    owners = assign_slots(MEMBERS)
+    strategy = _strategy(MEMBERS, me)
+    owned = strategy.split(PAYLOADS, now=0.0)
+    expected = [payload for payload in PAYLOADS if owners[slot_of(payload)] == me]
+    assert owned == expected  # in the order received
+    assert strategy.buffered == SLOTS - len(expected)
+
+
+def test_before_the_first_view_everything_is_buffered() -> None:
+    strategy = PartitionedStrategy(buffer_age_s=60.0, buffer_max=100_000)
+    assert strategy.split(PAYLOADS[:10], now=0.0) == []
+    assert strategy.buffered == 10
+
+
+def test_departed_owner_slots_that_become_mine_are_returned() -> None:
+    me, gone = MEMBERS[0], MEMBERS[1]
+    before = assign_slots(MEMBERS)
+    survivors = [member for member in MEMBERS if member != gone]
+    after = assign_slots(survivors)
+    strategy = _strategy(MEMBERS, me)
+    strategy.split(PAYLOADS, now=0.0)
+
+    taken = strategy.update(survivors, me)
+
+    expected = [p for p in PAYLOADS if before[slot_of(p)] == gone and after[slot_of(p)] == me]
+    assert taken
+    assert sorted(taken) == sorted(expected)
+    # From now on those slots are routed to me.
+    assert set(strategy.split(expected, now=1.0)) == set(expected)
+
+
+def test_departed_owner_slots_going_to_someone_else_are_not_returned() -> None:
+    me, gone = MEMBERS[0], MEMBERS[1]
+    before = assign_slots(MEMBERS)
+    survivors = [member for member in MEMBERS if member != gone]
+    after = assign_slots(survivors)
+    elsewhere = [p for p in PAYLOADS if before[slot_of(p)] == gone and after[slot_of(p)] != me]
+    assert elsewhere
+    strategy = _strategy(MEMBERS, me)
+    strategy.split(elsewhere, now=0.0)
+    assert strategy.buffered == len(elsewhere)
+
+    assert strategy.update(survivors, me) == []
+
+
+def test_a_newcomer_takes_nothing_over_from_existing_members() -> None:
+    me = MEMBERS[0]
+    strategy = _strategy(MEMBERS, me)
+    strategy.split(PAYLOADS, now=0.0)
+    # Slots move from live members to the newcomer: nobody died, nothing to take over.
+    assert strategy.update([*MEMBERS, "host-3-0-eeeeee"], me) == []
+
+
+def test_takeover_after_a_death_covers_every_slot_of_the_dead_exactly_once() -> None:
+    gone = MEMBERS[3]
+    survivors = MEMBERS[:3]
+    before = assign_slots(MEMBERS)
+    strategies = {member: _strategy(MEMBERS, member) for member in survivors}
+    for strategy in strategies.values():
+        strategy.split(PAYLOADS, now=0.0)
+    taken = [p for member in survivors for p in strategies[member].update(survivors, member)]
+    expected = [p for p in PAYLOADS if before[slot_of(p)] == gone]
+    assert sorted(taken) == sorted(expected)
+    assert len(set(taken)) == len(taken)
+
+
+# -- gap_reported ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reporter", MEMBERS)
+def test_gap_reported_covers_every_slot_of_the_reporter_exactly_once(reporter: str) -> None:
+    owners = assign_slots(MEMBERS)
+    strategies = {member: _strategy(MEMBERS, member) for member in MEMBERS}
+    for strategy in strategies.values():
+        strategy.split(PAYLOADS, now=0.0)
+
+    covered = {
+        member: strategies[member].gap_reported(reporter)
+        for member in MEMBERS
+        if member != reporter
+    }
+
+    union = [payload for payloads in covered.values() for payload in payloads]
+    expected = [payload for payload in PAYLOADS if owners[slot_of(payload)] == reporter]
+    assert sorted(union) == sorted(expected)
+    assert len(set(union)) == len(union)  # no overlap between members
+    assert sum(1 for payloads in covered.values() if payloads) >= 2  # shared out, not dumped
+    assert strategies[reporter].gap_reported(reporter) == []
+    # A gap changes no ownership.
+    assert strategies[reporter].split(expected, now=1.0) == expected
+
+
+def test_gap_reported_by_a_stranger_covers_nothing() -> None:
+    strategy = _strategy(MEMBERS, MEMBERS[0])
+    strategy.split(PAYLOADS, now=0.0)
+    assert strategy.gap_reported("not-a-member") == []
+
+
+# -- TakeoverBuffer -------------------------------------------------------------------------
+
+
+def test_buffer_evicts_by_age() -> None:
+    buffer = TakeoverBuffer(max_age_s=1.0, max_count=1000)
+    buffer.add(PAYLOADS[0:3], now=0.0)
+    buffer.add(PAYLOADS[3:5], now=0.5)
+    assert len(buffer) == 5
+    assert buffer.oldest_age_s(now=0.9) == pytest.approx(0.9)
+    buffer.add(PAYLOADS[5:6], now=1.2)  # the first chunk is now 1.2 s old
+    assert len(buffer) == 3
+    assert buffer.in_slots(range(SLOTS)) == PAYLOADS[3:6]
+    buffer.add(PAYLOADS[6:7], now=5.0)
+    assert buffer.in_slots(range(SLOTS)) == PAYLOADS[6:7]
+
+
+def test_buffer_evicts_the_oldest_by_count() -> None:
+    buffer = TakeoverBuffer(max_age_s=60.0, max_count=10)
+    for index in range(100):
+        buffer.add([PAYLOADS[index]], now=index * 0.01)
+    assert len(buffer) == 10
+    assert buffer.in_slots(range(SLOTS)) == PAYLOADS[90:100]
+
+
+def test_buffer_count_bound_with_large_chunks() -> None:
+    buffer = TakeoverBuffer(max_age_s=60.0, max_count=100)
+    for start in range(0, 990, 30):
+        buffer.add(PAYLOADS[start : start + 30], now=start * 0.001)
+        # Eviction is per chunk: it keeps at least the newest max_count, and less than one
+        # chunk more.
+        assert len(buffer) < 100 + 30
+    kept = buffer.in_slots(range(SLOTS))
+    assert len(kept) == len(buffer)
+    assert kept == PAYLOADS[990 - len(kept) : 990]
+
+
+def test_buffer_in_slots_filters_by_slot() -> None:
+    buffer = TakeoverBuffer(max_age_s=60.0, max_count=10_000)
+    buffer.add(PAYLOADS, now=0.0)
+    wanted = {3, 500, 1023}
+    assert buffer.in_slots(wanted) == [PAYLOADS[slot] for slot in sorted(wanted)]
+    assert buffer.in_slots([]) == []
+
+
+# -- race -----------------------------------------------------------------------------------
+
+
+def test_race_strategy_tries_everything_and_takes_nothing_over() -> None:
+    strategy = make_strategy("race", 1.0, 10)
+    assert isinstance(strategy, RaceStrategy)
+    assert strategy.split(PAYLOADS[:5], now=0.0) == PAYLOADS[:5]
+    assert strategy.update(MEMBERS[1:], MEMBERS[1]) == []
+    assert strategy.gap_reported(MEMBERS[0]) == []
+    assert isinstance(make_strategy("partitioned", 1.0, 10), PartitionedStrategy)

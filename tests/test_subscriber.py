@@ -1,0 +1,187 @@
+"""The Pub/Sub reader against a real redis-server: order, reconnects with gaps, stop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from processor.config import Settings
+from processor.redis_server import RedisServer
+from processor.subscriber import Gap, Subscriber
+from tests.helpers import wait_until
+
+CHANNEL = "messages:published"
+
+
+class Received:
+    """What a subscriber delivered, and the gaps it reported (called from its thread)."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.chunks = 0
+        self.gaps: list[Gap] = []
+        self._lock = threading.Lock()
+
+    def deliver(self, chunk: list[bytes]) -> None:
+        with self._lock:
+            self.payloads.extend(chunk)
+            self.chunks += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.payloads)
+
+
+StartSubscriber = Callable[[str], tuple[Subscriber, Received]]
+
+
+@pytest.fixture
+def start_subscriber() -> Iterator[StartSubscriber]:
+    started: list[Subscriber] = []
+
+    def start(url: str) -> tuple[Subscriber, Received]:
+        received = Received()
+        subscriber = Subscriber(
+            Settings(redis_url=url),
+            deliver=received.deliver,
+            on_gap=received.gaps.append,
+            context=lambda: "[t]",
+            backoff_max_s=0.2,
+        )
+        started.append(subscriber)
+        subscriber.start()
+        return subscriber, received
+
+    yield start
+    for subscriber in started:
+        subscriber.stop()
+    for subscriber in started:
+        subscriber.join(timeout=10)
+
+
+def _publish(client: redis.Redis, payloads: list[bytes]) -> list[int]:
+    receivers: list[int] = []
+    for start in range(0, len(payloads), 1000):
+        with client.pipeline(transaction=False) as pipe:
+            for payload in payloads[start : start + 1000]:
+                pipe.publish(CHANNEL, payload)
+            receivers.extend(pipe.execute())
+    return receivers
+
+
+def _payloads(start: int, stop: int) -> list[bytes]:
+    return [b'{"message_id":"m-%d"}' % index for index in range(start, stop)]
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def test_every_message_arrives_in_order(
+    start_subscriber: StartSubscriber, redis_url: str, r: redis.Redis
+) -> None:
+    subscriber, received = start_subscriber(redis_url)
+    assert subscriber.subscribed.wait(10)
+    payloads = _payloads(0, 10_000)
+    client = _client(redis_url)
+    try:
+        assert _publish(client, payloads) == [1] * len(payloads)
+    finally:
+        client.close()
+    wait_until(lambda: received.count() >= len(payloads), timeout=20)
+    assert received.payloads == payloads
+    assert subscriber.received == len(payloads)
+    assert received.chunks < len(payloads)  # handed over per socket read, not per message
+    assert received.gaps == []
+
+
+def test_resubscribes_after_the_connection_is_killed_and_reports_the_gap(
+    start_subscriber: StartSubscriber, redis_url: str, r: redis.Redis
+) -> None:
+    subscriber, received = start_subscriber(redis_url)
+    assert subscriber.subscribed.wait(10)
+    first_client_id = subscriber.client_id
+
+    assert r.client_kill_filter(_type="pubsub") == 1
+
+    wait_until(lambda: received.gaps and subscriber.subscribed.is_set(), timeout=10)
+    (gap,) = received.gaps
+    assert gap.end_ms >= gap.start_ms
+    assert subscriber.gaps == 1
+    assert subscriber.client_id != first_client_id
+    assert r.pubsub_numsub(CHANNEL) == [(CHANNEL, 1)]
+    client = _client(redis_url)
+    try:
+        assert _publish(client, _payloads(0, 100)) == [1] * 100
+    finally:
+        client.close()
+    wait_until(lambda: received.count() >= 100, timeout=10)
+    assert received.payloads == _payloads(0, 100)
+
+
+def test_stop_delivers_what_was_published_before_it_and_ends_the_thread(
+    start_subscriber: StartSubscriber, redis_url: str, r: redis.Redis
+) -> None:
+    subscriber, received = start_subscriber(redis_url)
+    assert subscriber.subscribed.wait(10)
+    payloads = _payloads(0, 5_000)
+    client = _client(redis_url)
+    try:
+        assert _publish(client, payloads) == [1] * len(payloads)
+    finally:
+        client.close()
+    subscriber.stop()
+    subscriber.join(timeout=10)
+    assert not subscriber.is_alive()
+    assert received.payloads == payloads  # everything Redis had sent before the UNSUBSCRIBE
+    assert not subscriber.subscribed.is_set()
+    wait_until(lambda: r.pubsub_numsub(CHANNEL) == [(CHANNEL, 0)], timeout=5)
+
+
+def test_reset_resubscribes_without_a_gap(
+    start_subscriber: StartSubscriber, redis_url: str, r: redis.Redis
+) -> None:
+    subscriber, received = start_subscriber(redis_url)
+    assert subscriber.subscribed.wait(10)
+    first_client_id = subscriber.client_id
+    subscriber.reset()
+    wait_until(
+        lambda: subscriber.subscribed.is_set() and subscriber.client_id != first_client_id,
+        timeout=10,
+    )
+    assert received.gaps == []
+    assert subscriber.gaps == 0
+
+
+def test_survives_a_redis_restart_and_reports_the_gap(
+    start_subscriber: StartSubscriber, private_redis: RedisServer
+) -> None:
+    subscriber, received = start_subscriber(private_redis.url)
+    assert subscriber.subscribed.wait(10)
+    private_redis.stop()  # comes back on the same port
+    wait_until(lambda: not subscriber.subscribed.is_set(), timeout=10)
+    private_redis.start()
+    wait_until(lambda: received.gaps and subscriber.subscribed.is_set(), timeout=15)
+    (gap,) = received.gaps
+    assert gap.end_ms >= gap.start_ms
+    client = _client(private_redis.url)
+    try:
+        assert _publish(client, _payloads(0, 10)) == [1] * 10
+    finally:
+        client.close()
+    wait_until(lambda: received.count() >= 10, timeout=10)
+    assert received.payloads == _payloads(0, 10)
+
+
+def test_waits_for_redis_that_is_not_up_yet(
+    start_subscriber: StartSubscriber, private_redis: RedisServer
+) -> None:
+    private_redis.stop()
+    subscriber, received = start_subscriber(private_redis.url)
+    assert not subscriber.subscribed.wait(0.3)
+    private_redis.start()
+    assert subscriber.subscribed.wait(15)
+    assert received.gaps == []  # never subscribed before: nothing was missed

@@ -1,0 +1,293 @@
+"""The atomic lock-and-append against a real redis-server: exactly once, fence, TTLs, counters."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from processor.config import Settings
+from processor.connection import command_client
+from processor.keys import Keys
+from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
+from processor.redis_server import RedisServer
+from processor.writer import Writer, WriteResult
+from tests.helpers import wait_until
+
+CONSUMER = "test-consumer-1"
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, lock_ttl_ms=60_000, reconnect_backoff_max_s=0.2)
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys.from_settings(settings)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[redis.Redis]:
+    client = command_client(settings, name="test-writer")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def writer(client: redis.Redis, keys: Keys, settings: Settings) -> Writer:
+    return _writer(client, keys, settings.lock_ttl_ms, "[test]")
+
+
+def _writer(client: redis.Redis, keys: Keys, lock_ttl_ms: int, context: str) -> Writer:
+    return Writer(client, keys, lock_ttl_ms, 0.2, lambda: context, threading.Event(), 1.0)
+
+
+def _entries(start: int, stop: int) -> list[Entry]:
+    return [
+        Entry(OUTPUT, f"m-{index}", json.dumps({"message_id": f"m-{index}", "n": index}))
+        for index in range(start, stop)
+    ]
+
+
+def _ids(r: redis.Redis, stream: str) -> list[str]:
+    return [fields["message_id"] for _, fields in r.xrange(stream)]
+
+
+def test_a_batch_is_written_once(writer: Writer, keys: Keys, r: redis.Redis) -> None:
+    result = writer.write(_entries(0, 50), CONSUMER, "")
+    assert result == WriteResult(written=50, dead=0, skipped=0)
+    assert _ids(r, keys.output) == [f"m-{index}" for index in range(50)]  # in order
+    first = r.xrange(keys.output, count=1)[0][1]
+    assert first == {
+        "message_id": "m-0",
+        "consumer_id": CONSUMER,
+        "data": json.dumps({"message_id": "m-0", "n": 0}),
+    }
+
+
+def test_the_same_batch_again_writes_nothing(writer: Writer, keys: Keys, r: redis.Redis) -> None:
+    writer.write(_entries(0, 50), CONSUMER, "")
+    again = writer.write(_entries(0, 50), "test-consumer-2", "")
+    assert again == WriteResult(written=0, dead=0, skipped=50)
+    assert r.xlen(keys.output) == 50
+    overlapping = writer.write(_entries(40, 60), CONSUMER, "")
+    assert overlapping == WriteResult(written=10, dead=0, skipped=10)
+    assert sorted(_ids(r, keys.output)) == sorted(f"m-{index}" for index in range(60))
+
+
+def test_duplicates_inside_one_batch_are_written_once(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    entries = _entries(0, 5)
+    result = writer.write([*entries, *entries], CONSUMER, "")
+    assert result == WriteResult(written=5, dead=0, skipped=5)
+    assert r.xlen(keys.output) == 5
+
+
+def test_two_writers_racing_write_each_entry_once(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    entries = _entries(0, 200)
+    batches = [entries[start : start + 10] for start in range(0, 200, 10)]
+    start = threading.Barrier(2)
+    results: dict[str, list[WriteResult | None]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def race(name: str, order: list[list[Entry]]) -> None:
+        client = command_client(settings, name=f"racer-{name}")
+        try:
+            racer = _writer(client, keys, settings.lock_ttl_ms, f"[{name}]")
+            start.wait(timeout=10)
+            for batch in order:
+                results[name].append(racer.write(batch, f"consumer-{name}", ""))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    # One goes forwards, the other backwards: they meet in the middle and both try every batch.
+    threads = [
+        threading.Thread(target=race, args=("a", batches)),
+        threading.Thread(target=race, args=("b", batches[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    all_results = [result for name in results for result in results[name]]
+    assert all(result is not None for result in all_results)
+    assert sum(result.written for result in all_results if result) == 200
+    assert sum(result.skipped for result in all_results if result) == 200
+    ids = _ids(r, keys.output)
+    assert len(ids) == 200
+    assert sorted(ids) == sorted(entry.lock_id for entry in entries)
+    writers = {fields["consumer_id"] for _, fields in r.xrange(keys.output)}
+    assert writers <= {"consumer-a", "consumer-b"}
+
+
+def test_dead_letters_go_to_the_dead_stream(
+    writer: Writer, keys: Keys, client: redis.Redis
+) -> None:
+    raw_invalid_utf8 = b'{"message_id": "x\xff"}'
+    entries = [parse(raw_invalid_utf8, 1024), parse(b"[1,2]", 1024), *_entries(0, 2)]
+    assert all(isinstance(entry, Entry) for entry in entries)
+    result = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
+    assert result == WriteResult(written=2, dead=2, skipped=0)
+    dead = client.xrange(keys.dead)
+    assert [fields[b"raw"] for _, fields in dead] == [raw_invalid_utf8, b"[1,2]"]
+    assert all(fields[b"consumer_id"] == CONSUMER.encode() for _, fields in dead)
+    assert dead[0][1][b"reason"].startswith(b"invalid UTF-8")
+    assert dead[1][1][b"reason"] == b"not a JSON object: list"
+    assert set(dead[0][1]) == {b"reason", b"raw", b"consumer_id"}
+    assert client.xlen(keys.output) == 2
+    # The same invalid payload again (a re-publish) is not dead-lettered twice.
+    again = writer.write([parse(raw_invalid_utf8, 1024)], CONSUMER, "")  # type: ignore[list-item]
+    assert again == WriteResult(written=0, dead=0, skipped=1)
+    assert client.xlen(keys.dead) == 2
+
+
+def test_fence_matching_token_writes(writer: Writer, keys: Keys, r: redis.Redis) -> None:
+    r.set(keys.heartbeat(CONSUMER), "token-T", px=10_000)
+    assert writer.write(_entries(0, 5), CONSUMER, "token-T") == WriteResult(5, 0, 0)
+    assert r.xlen(keys.output) == 5
+
+
+def test_fence_with_another_token_writes_nothing(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    r.set(keys.heartbeat(CONSUMER), "token-T", px=10_000)
+    result = writer.write(_entries(0, 5), CONSUMER, "token-OLD")
+    assert result is not None
+    assert result.fenced
+    assert (result.written, result.dead, result.skipped) == (0, 0, 0)
+    assert r.xlen(keys.output) == 0
+    assert r.keys(keys.lock_prefix + "*") == []  # no lock taken either
+    assert r.hgetall(keys.stats) == {}
+
+
+def test_fence_with_an_expired_heartbeat_writes_nothing(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    result = writer.write(_entries(0, 5), CONSUMER, "token-T")
+    assert result is not None
+    assert result.fenced
+    assert r.xlen(keys.output) == 0
+    assert r.keys(keys.lock_prefix + "*") == []
+
+
+def test_locks_expire_after_lock_ttl(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:
+    writer = _writer(client, keys, 5_000, "[ttl]")
+    writer.write([*_entries(0, 3), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
+    lock_keys = r.keys(keys.lock_prefix + "*")
+    assert len(lock_keys) == 4
+    for key in lock_keys:
+        assert 4_000 < r.pttl(key) <= 5_000
+    assert r.exists(keys.lock("m-0"))
+
+
+def test_stats_hash_counts(writer: Writer, keys: Keys, r: redis.Redis) -> None:
+    writer.write([*_entries(0, 10), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
+    writer.write([*_entries(5, 15), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
+    assert r.hgetall(keys.stats) == {"written": "15", "dead": "1", "skipped": "6"}
+
+
+def test_unicode_and_nested_data_survive(writer: Writer, keys: Keys, r: redis.Redis) -> None:
+    body = {
+        "message_id": "ünï-cødé-🚀",
+        "text": "héllo — 中文 — العربية — 🌍",
+        "nested": {"list": [1, 2.5, None, False, {"deep": ["ÿ", {"z": []}]}], "empty": {}},
+        "control": 'tab\tnewline\nquote"backslash\\',
+    }
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    message = parse(raw, 1_048_576)
+    assert isinstance(message, Message)
+    writer.write([output_entry(message, message.body, 1_048_576)], CONSUMER, "")
+    ((_, fields),) = r.xrange(keys.output)
+    assert fields["message_id"] == "ünï-cødé-🚀"
+    assert json.loads(fields["data"]) == body
+
+
+def test_write_after_the_connection_was_killed_is_exactly_once(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    assert writer.write(_entries(0, 20), CONSUMER, "") == WriteResult(20, 0, 0)
+    assert r.client_kill_filter(_type="normal", skipme=True) >= 1
+    # The writer's connection is gone: it reconnects and writes the next batch once ...
+    assert writer.write(_entries(20, 40), CONSUMER, "") == WriteResult(20, 0, 0)
+    r.client_kill_filter(_type="normal", skipme=True)
+    # ... and a retry of a batch that had reached Redis skips all of it.
+    assert writer.write(_entries(0, 40), CONSUMER, "") == WriteResult(0, 0, 40)
+    assert sorted(_ids(r, keys.output)) == sorted(f"m-{index}" for index in range(40))
+
+
+def test_write_after_script_flush_reloads_the_script(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    writer.write(_entries(0, 5), CONSUMER, "")
+    r.script_flush()  # as after a Redis restart without persistence of the script cache
+    assert writer.write(_entries(5, 10), CONSUMER, "") == WriteResult(5, 0, 0)
+    assert r.xlen(keys.output) == 10
+
+
+def test_writer_retries_until_redis_is_back(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(redis_url=private_redis.url)
+    keys = Keys.from_settings(settings)
+    client = command_client(settings, name="test-writer")
+    results: list[WriteResult | None] = []
+    try:
+        writer = _writer(client, keys, settings.lock_ttl_ms, "[down]")
+        private_redis.stop()  # comes back on the same port, empty
+        thread = threading.Thread(
+            target=lambda: results.append(writer.write(_entries(0, 10), CONSUMER, ""))
+        )
+        thread.start()
+        wait_until(lambda: "Redis (writes) unavailable" in caplog.text, timeout=10)
+        assert thread.is_alive()
+        private_redis.start()
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+    finally:
+        client.close()
+    assert results == [WriteResult(10, 0, 0)]
+    check = redis.Redis.from_url(private_redis.url)
+    try:
+        assert check.xlen(keys.output) == 10
+    finally:
+        check.close()
+
+
+def test_writer_gives_up_when_told_and_redis_is_down(private_redis: RedisServer) -> None:
+    settings = Settings(redis_url=private_redis.url)
+    client = command_client(settings, name="test-writer")
+    try:
+        stop = threading.Event()
+        writer = Writer(
+            client,
+            Keys.from_settings(settings),
+            settings.lock_ttl_ms,
+            0.2,
+            lambda: "[gone]",
+            stop,
+            0.5,
+        )
+        private_redis.stop()
+        stop.set()  # the consumer is shutting down: it may give up after the grace period
+        started = time.monotonic()
+        assert writer.write(_entries(0, 10), CONSUMER, "") is None
+        assert time.monotonic() - started < 10
+    finally:
+        client.close()
+
+
+def test_entry_kinds_are_the_script_contract() -> None:
+    assert (OUTPUT, DEAD) == ("o", "d")
