@@ -52,6 +52,7 @@ class Consumer:
         self._takeovers: deque[list[bytes]] = deque()
         self._inbox = Inbox()
         self._unwritten: list[Entry] = []
+        self._flushed = threading.Event()
         self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
 
     @property
@@ -100,6 +101,7 @@ class Consumer:
             interval_s=settings.heartbeat_interval_ms / 1000,
             backlog_warn_bytes=settings.backlog_warn_bytes,
             stop=self.stop,
+            done=self._flushed,
             context=self.context,
             subscriber_client_id=lambda: self._subscriber.client_id,
             on_takeover=self._takeovers.append,
@@ -186,6 +188,7 @@ class Consumer:
         self._subscriber.stop()
         if self._writes.is_alive():
             self._writes.close()
+        self._flushed.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(timeout=2)
         try:
@@ -196,6 +199,13 @@ class Consumer:
                 "%s could not deregister (%s): its heartbeat will expire", self.context(), error
             )
         self._runner.close()
+        if self._unwritten:
+            self._totals["lost"] += len(self._unwritten)
+            log.error(
+                "%s stopped while fenced: %d received messages not written",
+                self.context(),
+                len(self._unwritten),
+            )
         totals = self._totals
         log.info(
             "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d gaps=%d",

@@ -53,6 +53,7 @@ class Heartbeat(threading.Thread):
         interval_s: float,
         backlog_warn_bytes: int,
         stop: threading.Event,
+        done: threading.Event,
         context: Callable[[], str],
         subscriber_client_id: Callable[[], int | None],
         on_takeover: Callable[[list[bytes]], None],
@@ -65,6 +66,7 @@ class Heartbeat(threading.Thread):
         self._interval_s = interval_s
         self._backlog_warn_bytes = backlog_warn_bytes
         self._stopping = stop
+        self._done = done
         self._context = context
         self._subscriber_client_id = subscriber_client_id
         self._on_takeover = on_takeover
@@ -80,11 +82,12 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         next_backlog_check = time.monotonic()
-        while not self._stopping.wait(self._interval_s):
-            if os.getppid() != self._parent_pid:
+        # Beats on after a stop request until the consumer has flushed (``done``): a heartbeat
+        # that expired mid-flush would fence every write left.
+        while not self._done.wait(self._interval_s):
+            if os.getppid() != self._parent_pid and not self._stopping.is_set():
                 log.error("%s supervisor is gone: stopping", self._context())
                 self._stopping.set()
-                return
             try:
                 with self.lock:
                     self.beat()

@@ -45,13 +45,12 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
 
     configure_logging(settings.loglevel)
     consumer = Consumer(settings, slot, stats)
-    signals_seen = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            os._exit(EXIT_FORCED)
+        # Every signal means "stop gracefully" here: a Ctrl-C in a terminal or systemd's
+        # KillMode=control-group reaches us directly *and* through the supervisor's forward, so
+        # counting signals would turn one request into a forced exit. "Now" is the supervisor's
+        # call: its second signal SIGKILLs us.
         consumer.stop.set()
 
     for signum in _SIGNALS:
@@ -189,6 +188,9 @@ class Supervisor:
                 if process.pid:
                     _kill(process.pid, signal.SIGKILL)
                 process.join(5)
+                code = EXIT_CONSUMER_ERROR
+            elif process.exitcode != 0:
+                log.error("consumer pid %s exited with code %s", process.pid, process.exitcode)
                 code = EXIT_CONSUMER_ERROR
         log.info(
             "daemon stopped: consumers=%d restarts=%d",

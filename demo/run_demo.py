@@ -1,0 +1,190 @@
+"""The one-command demo: Redis, the daemon, the publisher, then a check that nothing was lost.
+
+Uses the Redis configured by REDIS_URL or REDIS_HOST/REDIS_PORT when it answers, under stream
+names of its own; otherwise starts a throwaway redis-server. ``python demo/run_demo.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from processor.config import RedisSettings
+from processor.redis_server import RedisServer, find_redis_server
+
+DEMO_DIR = Path(__file__).resolve().parent
+WAIT_S = 30.0
+INVALID_PAYLOADS = [b"not json at all", b'{"text": "no message_id"}', b'{"message_id": ""}']
+
+
+def say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+def configured_url() -> str | None:
+    """The user's Redis if the environment names one and it answers PING within 1 s."""
+    env = os.environ
+    if "REDIS_URL" in env:
+        url = env["REDIS_URL"]
+    elif "REDIS_HOST" in env or "REDIS_PORT" in env:
+        port = int(env.get("REDIS_PORT", "6379"))
+        url = RedisSettings(env.get("REDIS_HOST", "localhost"), port).url
+    else:
+        return None
+    client = redis.Redis.from_url(
+        url, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as error:
+        say(f"configured Redis is not reachable ({error}): using a throwaway server instead")
+        return None
+    finally:
+        client.close()
+    return url
+
+
+def wait_for(what: str, done: Callable[[], bool], daemon: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + WAIT_S
+    while not done():
+        if daemon.poll() is not None:
+            say(f"the daemon exited with code {daemon.returncode} while waiting for {what}")
+            return False
+        if time.monotonic() >= deadline:
+            say(f"gave up after {WAIT_S:g} s waiting for {what}")
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stream_ids(client: redis.Redis, stream: str) -> Iterator[str]:
+    start = "-"
+    while entries := client.xrange(stream, start, "+", count=10_000):
+        for _, fields in entries:
+            yield fields["message_id"]
+        start = "(" + entries[-1][0]
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """SIGTERM, then SIGKILL if it has not exited within WAIT_S; returns the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            say(f"pid {proc.pid} ignored SIGTERM for {WAIT_S:g} s: killing it")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+def run(args: argparse.Namespace, url: str, names: dict[str, str], record: Path) -> bool:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    env = {**os.environ, **names, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
+    env |= {"CONSUMERS_COUNT": str(args.consumers), "MONITORING_INTERVAL": "2"}
+    python = sys.executable
+    # Sessions of their own: a Ctrl-C reaches only us, and the finally below stops them in order.
+    daemon = subprocess.Popen(
+        [python, str(DEMO_DIR / "consume.py")], env=env, start_new_session=True
+    )
+    publisher = None
+    try:
+
+        def listed() -> bool:
+            return client.llen(names["CONSUMERS_LIST"]) == args.consumers
+
+        if not wait_for(f"{args.consumers} consumers to register", listed, daemon):
+            return False
+        say(f"{args.consumers} consumers live; publishing for {args.duration:g} s")
+        publish = [python, str(DEMO_DIR / "publish.py"), "--record", str(record)]
+        publish += ["--target-duration-s", str(args.duration)]
+        publisher = subprocess.Popen(publish, env=env, start_new_session=True)
+        if publisher.wait() != 0:
+            say(f"the publisher exited with code {publisher.returncode}")
+            return False
+        for payload in INVALID_PAYLOADS:
+            client.publish(names["INPUT_CHANNEL"], payload)
+        published = {line.split()[0] for line in record.read_text().splitlines()}
+        expected_dead = len(INVALID_PAYLOADS)
+
+        def all_arrived() -> bool:
+            dead = client.xlen(names["DEAD_LETTER_STREAM"])
+            return client.xlen(names["OUTPUT_STREAM"]) >= len(published) and dead >= expected_dead
+
+        wait_for("every message to be written", all_arrived, daemon)
+        say("stopping the daemon with SIGTERM")
+        code = stop(daemon)
+        ids = list(stream_ids(client, names["OUTPUT_STREAM"]))
+        written = set(ids)
+        dead = client.xlen(names["DEAD_LETTER_STREAM"])
+        left = client.llen(names["CONSUMERS_LIST"])
+        checks = {
+            f"published     {len(published):>8,}": bool(published),
+            f"written       {len(written):>8,} (unique)": written == published,
+            f"duplicates    {len(ids) - len(written):>8,}": len(ids) == len(written),
+            f"missing       {len(published - written):>8,}": not published - written,
+            f"dead-lettered {dead:>8,} (expected {expected_dead})": dead == expected_dead,
+            f"daemon exit code {code}": code == 0,
+            f"consumers list empty after shutdown: {'yes' if left == 0 else 'no'}": left == 0,
+        }
+        print("\n=== verification ===", flush=True)
+        for line, ok in checks.items():
+            print(f"  {'ok  ' if ok else 'FAIL'} {line}", flush=True)
+        return all(checks.values())
+    finally:
+        stop(publisher)
+        stop(daemon)
+        client.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds to publish for")
+    parser.add_argument("--consumers", type=int, default=3, help="consumer processes")
+    args = parser.parse_args()
+    url = configured_url()
+    server = None
+    names = {"INPUT_CHANNEL": "messages:published", "OUTPUT_STREAM": "messages:processed"}
+    names |= {"DEAD_LETTER_STREAM": "messages:dead", "CONSUMERS_LIST": "consumer:ids"}
+    names["KEY_PREFIX"] = "processor"
+    try:
+        if url is None:
+            say(f"starting a throwaway redis-server ({find_redis_server()})")
+            server = RedisServer()
+            server.start()
+            url = server.url
+        else:
+            # Never touch the user's data: every key of this run gets a suffix of its own.
+            suffix = f":demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            names = {name: key + suffix for name, key in names.items()}
+            say(f"using the configured Redis; this run writes to keys ending in {suffix}")
+        with tempfile.TemporaryDirectory(prefix="processor-demo-") as directory:
+            ok = run(args, url, names, Path(directory) / "published.txt")
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+            say("throwaway redis-server stopped")
+    say("all good" if ok else "verification FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""End to end: demo/consume.py and demo/publish.py as real processes against a real redis-server.
+
+What was published comes from the publisher's ``--record`` file (one line per PUBLISH with the
+number of subscribers that received it); what was written is read back from the streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import LoggedProcess, Processes
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+CONSUME = "demo/consume.py"
+PUBLISH = "demo/publish.py"
+WAIT_S = 30.0
+EXIT_WITHIN_S = 15.0
+FAST = {
+    "HEARTBEAT_INTERVAL_MS": "200",
+    "HEARTBEAT_TTL_MS": "1000",
+    "TAKEOVER_BUFFER_MS": "3000",
+    "LOCK_TTL_MS": "60000",
+    "MONITORING_INTERVAL": "1",
+}
+CHANNEL = "messages:published"
+OUTPUT = "messages:processed"
+DEAD = "messages:dead"
+CONSUMERS = "consumer:ids"
+STATS = "processor:stats"
+PUBLISHED_FIELDS = {"message_id", "published_at", "source", "text"}
+READY = re.compile(r"\[(\S+) pid=\d+\] consumer ready")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def start_daemon(
+    procs: Processes,
+    redis_url: str,
+    count: int,
+    args: list[str] | None = None,
+    consumers_list: str = CONSUMERS,
+    **env: str,
+) -> tuple[LoggedProcess, set[str]]:
+    """Starts consume.py and waits until ``count`` consumers are listed; returns their ids.
+
+    CONSUMERS_COUNT is set to ``count`` unless ``env`` sets it ("" leaves it unset).
+    """
+    full_env = {"REDIS_URL": redis_url, "CONSUMERS_COUNT": str(count), **FAST, **env}
+    if full_env["CONSUMERS_COUNT"] == "":
+        del full_env["CONSUMERS_COUNT"]
+    daemon = procs.start([CONSUME, *(args or [])], env=full_env)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+
+        def listed() -> bool:
+            assert daemon.poll() is None, f"daemon exited early:\n{procs.output(daemon)}"
+            return client.llen(consumers_list) == count
+
+        wait_until(listed, WAIT_S, message=f"{count} consumers not listed in time")
+        ids = set(client.lrange(consumers_list, 0, -1))
+    finally:
+        client.close()
+    assert len(ids) == count
+    return daemon, ids
+
+
+def ready_ids(procs: Processes, daemon: LoggedProcess) -> set[str]:
+    """The consumer ids the daemon's log says became ready."""
+    return set(READY.findall(procs.output(daemon)))
+
+
+def assert_no_consumer_died(procs: Processes, daemon: LoggedProcess) -> None:
+    assert daemon.poll() is None, procs.output(daemon)
+    # The supervisor logs every consumer it has to replace.
+    assert "exited with code" not in procs.output(daemon), procs.output(daemon)
+
+
+def stop_daemon(daemon: LoggedProcess) -> float:
+    """SIGTERM to the supervisor only (it forwards to its consumers); asserts exit 0 in time."""
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    code = daemon.wait(timeout=EXIT_WITHIN_S)
+    assert code == 0, daemon.log_path.read_text(errors="replace")[-4000:]
+    return time.monotonic() - started
+
+
+def start_publisher(procs: Processes, redis_url: str, record: Path, *args: str) -> LoggedProcess:
+    return procs.start([PUBLISH, "--record", str(record), *args], env={"REDIS_URL": redis_url})
+
+
+def recorded(record: Path) -> list[tuple[str, int]]:
+    """(message_id, receivers) per complete line of the record file."""
+    text = record.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [(line.split()[0], int(line.split()[1])) for line in complete.splitlines()]
+
+
+def written_ids(r: redis.Redis, stream: str = OUTPUT) -> list[str]:
+    return [fields["message_id"] for _, fields in r.xrange(stream)]
+
+
+def assert_exactly_once(r: redis.Redis, expected: set[str], stream: str = OUTPUT) -> None:
+    ids = written_ids(r, stream)
+    duplicated = [message_id for message_id, n in Counter(ids).items() if n > 1]
+    assert not duplicated, f"{len(duplicated)} ids written more than once: {duplicated[:5]}"
+    missing = expected - set(ids)
+    assert not missing, f"{len(missing)} ids never written: {sorted(missing)[:5]}"
+    extra = set(ids) - expected
+    assert not extra, f"{len(extra)} ids written that were never published: {sorted(extra)[:5]}"
+
+
+def raw_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["partitioned", "race"])
+def test_three_consumers_write_every_message_exactly_once(procs, redis_url, r, tmp_path, strategy):
+    daemon, ids = start_daemon(procs, redis_url, 3, STRATEGY=strategy)
+    record = tmp_path / "published.txt"
+    publisher = start_publisher(
+        procs, redis_url, record, "--target-duration-s", "5", "--pause-min-ms", "20",
+        "--pause-max-ms", "200",
+    )  # fmt: skip
+    seen = set(ids)
+
+    def publisher_done() -> bool:
+        seen.update(r.lrange(CONSUMERS, 0, -1))
+        return publisher.poll() is not None
+
+    wait_until(publisher_done, WAIT_S, message="publisher did not finish")
+    assert publisher.returncode == 0, procs.output(publisher)
+    published = recorded(record)
+    assert published, "the publisher recorded nothing"
+    assert all(receivers == 3 for _, receivers in published), "a PUBLISH missed a consumer"
+    expected = {message_id for message_id, _ in published}
+    assert len(expected) == len(published)
+
+    def all_written() -> bool:
+        seen.update(r.lrange(CONSUMERS, 0, -1))
+        return r.xlen(OUTPUT) >= len(expected)
+
+    wait_until(all_written, WAIT_S, message="output incomplete")
+    assert_no_consumer_died(procs, daemon)
+    stop_daemon(daemon)
+
+    assert_exactly_once(r, expected)
+    for _, fields in r.xrange(OUTPUT):
+        assert set(fields) == {"message_id", "consumer_id", "data"}
+        assert fields["consumer_id"] in seen
+        data = json.loads(fields["data"])
+        assert isinstance(data, dict)
+        assert data["message_id"] == fields["message_id"]
+        assert data["source"] == "publish.py"
+        assert set(data) > PUBLISHED_FIELDS
+        assert len(set(data) - PUBLISHED_FIELDS) == 1, f"not one added property: {data}"
+    assert int(r.hget(STATS, "written")) == r.xlen(OUTPUT) == len(expected)
+    assert r.xlen(DEAD) == 0
+
+
+def test_invalid_messages_are_dead_lettered_once_and_the_daemon_carries_on(procs, redis_url, r):
+    limit = 1024
+    daemon, ids = start_daemon(procs, redis_url, 2, MAX_MESSAGE_BYTES=str(limit))
+    oversized = json.dumps({"message_id": "big", "pad": "x" * 2000}).encode()
+    invalid = {
+        b"this is not JSON {": "invalid JSON",
+        b"[1, 2, 3]": "not a JSON object: list",
+        b'{"text": "no id"}': "missing message_id",
+        b'{"message_id": ""}': "empty message_id",
+        b'{"message_id": 42}': "message_id is not a string: int",
+        b'\xff\xfe{"message_id": "bad-utf8"}': "invalid UTF-8",
+        oversized: f"oversized: {len(oversized)} bytes > limit {limit}",
+    }
+    for payload in invalid:
+        assert r.publish(CHANNEL, payload) == 2
+    valid = {f"valid-{n}" for n in range(20)}
+    for message_id in sorted(valid):
+        assert r.publish(CHANNEL, json.dumps({"message_id": message_id, "text": "ok"})) == 2
+
+    wait_until(lambda: r.xlen(DEAD) >= len(invalid), WAIT_S, message="dead letters missing")
+    wait_until(lambda: r.xlen(OUTPUT) >= len(valid), WAIT_S, message="valid messages missing")
+    assert_no_consumer_died(procs, daemon)
+    assert r.llen(CONSUMERS) == 2
+    stop_daemon(daemon)
+
+    client = raw_client(redis_url)
+    try:
+        dead = [fields for _, fields in client.xrange(DEAD)]
+    finally:
+        client.close()
+    assert len(dead) == len(invalid)
+    by_raw = {fields[b"raw"]: fields for fields in dead}
+    for payload, reason in invalid.items():
+        fields = by_raw.get(payload[:limit])
+        assert fields is not None, f"no dead letter for {payload[:40]!r}"
+        assert set(fields) == {b"reason", b"raw", b"consumer_id"}
+        assert reason in fields[b"reason"].decode(), fields[b"reason"]
+        assert fields[b"consumer_id"].decode() in ids
+    assert len(by_raw[oversized[:limit]][b"raw"]) == limit
+    assert_exactly_once(r, valid)
+    assert int(r.hget(STATS, "dead")) == len(invalid)
+
+
+def test_consumers_list_holds_the_live_consumers_and_is_emptied_on_sigterm(procs, redis_url, r):
+    daemon, ids = start_daemon(procs, redis_url, 2)
+    wait_until(lambda: len(ready_ids(procs, daemon)) == 2, WAIT_S, message="no ready lines")
+    assert ids == ready_ids(procs, daemon)
+    for consumer_id in ids:
+        assert r.pttl(f"processor:heartbeat:{consumer_id}") > 0
+    # Still exactly these two after the monitor has pruned the list a few times (each
+    # throughput line reads the group through the pruning script).
+    wait_until(
+        lambda: procs.output(daemon).count("throughput group 2 consumers") >= 3,
+        WAIT_S,
+        message="no monitor lines",
+    )
+    assert sorted(r.lrange(CONSUMERS, 0, -1)) == sorted(ids)
+
+    elapsed = stop_daemon(daemon)
+
+    assert elapsed < EXIT_WITHIN_S
+    assert r.llen(CONSUMERS) == 0
+    assert not r.exists(*(f"processor:heartbeat:{consumer_id}" for consumer_id in ids))
+
+
+def test_sigterm_while_publishing_loses_nothing_received_before_it(procs, redis_url, r, tmp_path):
+    daemon, ids = start_daemon(procs, redis_url, 2)
+    record = tmp_path / "published.txt"
+    publisher = start_publisher(
+        procs, redis_url, record, "--rate", "5000", "--target-duration-s", "3"
+    )
+    wait_until(
+        lambda: record.exists() and len(recorded(record)) >= 5000,
+        WAIT_S,
+        message="publisher too slow",
+    )
+    # Every line here is a PUBLISH whose reply came back before the signal was sent, so the
+    # message sat in a consumer's subscription before that consumer could unsubscribe.
+    before = recorded(record)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=EXIT_WITHIN_S) == 0, procs.output(daemon)
+    assert publisher.wait(timeout=WAIT_S) == 0, procs.output(publisher)
+
+    received_before = {message_id for message_id, receivers in before if receivers >= 1}
+    assert len(received_before) == len(before), "a PUBLISH before the signal reached nobody"
+    ids_written = written_ids(r)
+    assert len(ids_written) == len(set(ids_written)), "duplicates after SIGTERM"
+    assert {fields["consumer_id"] for _, fields in r.xrange(OUTPUT)} <= ids
+    missing = received_before - set(ids_written)
+    assert not missing, f"{len(missing)} of {len(received_before)} received messages lost"
+    all_published = {message_id for message_id, _ in recorded(record)}
+    assert set(ids_written) <= all_published
+    assert r.llen(CONSUMERS) == 0
+
+
+def test_sigterm_with_a_backlog_writes_everything_received_before_it(procs, redis_url, r):
+    # A 10 ms handler: each consumer holds most of the burst, unprocessed, when the signal lands.
+    daemon, ids = start_daemon(
+        procs,
+        redis_url,
+        2,
+        args=["--handler", "tests.handlers_for_tests:slow_10ms"],
+        STRATEGY="race",
+        SHUTDOWN_GRACE="30",
+    )
+    expected = {f"backlog-{n}" for n in range(200)}
+    with r.pipeline(transaction=False) as pipe:
+        for message_id in sorted(expected):
+            pipe.publish(CHANNEL, json.dumps({"message_id": message_id}))
+        assert pipe.execute() == [2] * len(expected)
+    assert r.xlen(OUTPUT) < len(expected), "no backlog: the test proves nothing"
+
+    stop_daemon(daemon)
+
+    assert_exactly_once(r, expected)
+    assert {fields["consumer_id"] for _, fields in r.xrange(OUTPUT)} <= ids
+    assert r.llen(CONSUMERS) == 0
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_gracefully(procs, redis_url, r):
+    # A terminal's Ctrl-C (and systemd's default KillMode) signals every process of the group:
+    # each consumer gets the signal itself as well as the one its supervisor forwards.
+    daemon, ids = start_daemon(procs, redis_url, 2)
+    messages = {f"ctrl-c-{n}" for n in range(50)}
+    for message_id in sorted(messages):
+        assert r.publish(CHANNEL, json.dumps({"message_id": message_id})) == 2
+
+    os.killpg(daemon.pid, signal.SIGINT)
+
+    assert daemon.wait(timeout=EXIT_WITHIN_S) == 0, procs.output(daemon)
+    stopped = procs.output(daemon).count("consumer stopped")
+    assert stopped == 2, f"{2 - stopped} consumers did not stop gracefully"
+    assert r.llen(CONSUMERS) == 0
+    assert not r.exists(*(f"processor:heartbeat:{consumer_id}" for consumer_id in ids))
+    assert_exactly_once(r, messages)
+
+
+def test_handler_exception_dead_letters_the_message_and_the_daemon_carries_on(procs, redis_url, r):
+    daemon, ids = start_daemon(
+        procs, redis_url, 2, args=["--handler", "tests.handlers_for_tests:raises"]
+    )
+    payloads = {}
+    for n in range(30):
+        message_id = f"m-{n}"
+        payloads[message_id] = json.dumps({"message_id": message_id, "text": f"boom {n}"})
+        assert r.publish(CHANNEL, payloads[message_id]) == 2
+    assert r.publish(CHANNEL, b"not json") == 2
+
+    wait_until(lambda: r.xlen(DEAD) >= len(payloads) + 1, WAIT_S, message="dead letters missing")
+    assert_no_consumer_died(procs, daemon)
+    assert r.llen(CONSUMERS) == 2
+    stop_daemon(daemon)
+
+    dead = [fields for _, fields in r.xrange(DEAD)]
+    assert len(dead) == len(payloads) + 1
+    assert {fields["consumer_id"] for fields in dead} <= ids
+    by_raw = {fields["raw"]: fields["reason"] for fields in dead}
+    for payload in payloads.values():
+        reason = by_raw[payload]
+        assert "ValueError" in reason
+        assert "boom" in reason
+    assert "invalid JSON" in by_raw["not json"]
+    assert r.xlen(OUTPUT) == 0
+    assert int(r.hget(STATS, "dead")) == len(payloads) + 1
+
+
+def test_toml_file_is_honoured_and_env_then_flags_override_it(procs, redis_url, r, tmp_path):
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "consumers_count = 1\n"
+        'output_stream = "custom:out"\n'
+        'dead_letter_stream = "file:dead"\n'
+        'consumers_list = "file:ids"\n'
+    )
+    daemon, ids = start_daemon(
+        procs,
+        redis_url,
+        1,
+        args=["--config", str(config), "--consumers-list", "flag:ids"],
+        consumers_list="flag:ids",
+        DEAD_LETTER_STREAM="env:dead",
+        CONSUMERS_LIST="env:ids",
+        CONSUMERS_COUNT="",
+    )
+    # Settings line: the file's count (default 2) and stream, env over file, flag over env.
+    wait_until(lambda: "daemon starting" in procs.output(daemon), WAIT_S)
+    start_line = procs.output(daemon).split("daemon starting", 1)[1].splitlines()[0]
+    for setting in (
+        "consumers_count=1 ",
+        "output_stream=custom:out ",
+        "dead_letter_stream=env:dead ",
+        "consumers_list=flag:ids ",
+    ):
+        assert setting in start_line, start_line
+    assert r.publish(CHANNEL, json.dumps({"message_id": "configured"})) == 1
+    assert r.publish(CHANNEL, b"not json") == 1
+    wait_until(lambda: r.xlen("custom:out") == 1, WAIT_S, message="nothing in custom:out")
+    wait_until(lambda: r.xlen("env:dead") == 1, WAIT_S, message="nothing in env:dead")
+    assert set(r.lrange("flag:ids", 0, -1)) == ids == ready_ids(procs, daemon)
+    stop_daemon(daemon)
+
+    assert written_ids(r, "custom:out") == ["configured"]
+    assert not r.exists(OUTPUT, DEAD, "file:dead", "file:ids", "env:ids", CONSUMERS)
+    assert r.llen("flag:ids") == 0
