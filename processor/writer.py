@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -9,7 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
+import hiredis
 import redis
 
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage
@@ -51,7 +54,8 @@ class Writer:
         self._client = client
         self._keys = keys
         self._lock_ttl_ms = lock_ttl_ms
-        self._script = client.register_script(load_script("lock_and_append.lua"))
+        self._source = load_script("lock_and_append.lua")
+        self._sha = hashlib.sha1(self._source.encode()).hexdigest()
         self._backoff = Backoff(0.05, backoff_max_s)
         self._outage = Outage("Redis (writes)", context)
         self._stop = stop
@@ -71,7 +75,7 @@ class Writer:
         give_up_at: float | None = None
         while True:
             try:
-                reply = self._script(keys=script_keys, args=args)
+                reply = self._evalsha(script_keys, args)
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
                 if self._stop.is_set():
@@ -86,6 +90,34 @@ class Writer:
             if written < 0:
                 return WriteResult(0, 0, 0, fenced=True)
             return WriteResult(written, dead, skipped)
+
+    def _evalsha(self, keys: list[str], args: list[str | bytes | int]) -> list[int]:
+        """EVALSHA packed by hiredis in one call.
+
+        redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
+        per message); hiredis.pack_command packs the tuple in C.
+        """
+        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        packed = hiredis.pack_command(command)  # type: ignore[arg-type]
+        pool = self._client.connection_pool
+        connection: Any = pool.get_connection()
+        try:
+            send = connection.send_packed_command
+            send([packed], check_health=False)
+            try:
+                reply: list[int] = connection.read_response()
+            except redis.exceptions.NoScriptError:
+                # A restarted or flushed Redis lost the script: load it, then call it again.
+                connection.send_command("SCRIPT", "LOAD", self._source)
+                connection.read_response()
+                send([packed], check_health=False)
+                reply = connection.read_response()
+            return reply
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
 
 
 class WriteThread(threading.Thread):
