@@ -1,0 +1,122 @@
+"""Scenarios 4 and 6: Redis commands and CPU, consumer CPU and Redis memory per written message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from demo.benchmark.daemon import consumer_pid, daemon
+from demo.benchmark.measure import (
+    Bench,
+    Run,
+    outcome,
+    process_cpu_us,
+    publish_and_wait,
+    redis_commands,
+    redis_cpu_us,
+)
+from demo.benchmark.plan import KEYS, TRIVIAL
+
+
+@dataclass
+class ConsumerCpu:
+    consumer_id: str
+    received: int
+    written: int  # what this consumer owned (partitioned) or won the lock for (race)
+    cpu_us: float
+
+
+@dataclass
+class Memory:
+    used_delta_bytes: int  # INFO used_memory after - before
+    stream_bytes: int  # MEMORY USAGE of the output stream
+    bytes_per_lock: float  # (used_delta - stream) / written
+    sample_lock_bytes: int  # MEMORY USAGE of one lock key
+
+
+@dataclass
+class Cost:
+    strategy: str
+    consumers: int
+    run: Run
+    commands_per_msg: float
+    redis_us_per_msg: float
+    consumer_us_per_msg: float  # all consumers together
+    consumers_cpu: list[ConsumerCpu]
+    memory: Memory
+
+
+def cost(bench: Bench, strategy: str, consumers: int) -> Cost:
+    client = bench.client
+    plan = bench.plan
+    with daemon(bench, strategy, consumers, TRIVIAL) as ids:
+        pids = [consumer_pid(consumer_id) for consumer_id in ids]
+        client.config_resetstat()
+        used_before = int(client.info("memory")["used_memory"])
+        redis_before = redis_cpu_us(client)
+        cpu_before = [process_cpu_us(pid) for pid in pids]
+        published = publish_and_wait(bench, round(plan.cost_rate * plan.cost_s), plan.cost_rate)
+        # Read before the bench's own XRANGE over the output adds to Redis's figures.
+        cpu_after = [process_cpu_us(pid) for pid in pids]
+        redis_after = redis_cpu_us(client)
+        commands = redis_commands(client)
+        used_delta = int(client.info("memory")["used_memory"]) - used_before
+        run, output = outcome(bench, published)
+        memory = measure_memory(client, used_delta, run.written)
+    received = run.published - run.unreceived
+    per_consumer = [
+        ConsumerCpu(consumer_id, received, output.by_consumer[consumer_id], after - before)
+        for consumer_id, before, after in zip(ids, cpu_before, cpu_after, strict=True)
+    ]
+    written = max(run.written, 1)
+    result = Cost(
+        strategy=strategy,
+        consumers=consumers,
+        run=run,
+        commands_per_msg=commands / written,
+        redis_us_per_msg=(redis_after - redis_before) / written,
+        consumer_us_per_msg=sum(c.cpu_us for c in per_consumer) / written,
+        consumers_cpu=per_consumer,
+        memory=memory,
+    )
+    bench.progress(f"cost {strategy} x{consumers}", run, cost_note(result))
+    return result
+
+
+def measure_memory(client: redis.Redis, used_delta: int, written: int) -> Memory:
+    stream = int(client.memory_usage(KEYS.output, samples=0) or 0)
+    first: Any = client.xrange(KEYS.output, count=1)
+    fields = first[0][1]
+    sample = int(client.memory_usage(KEYS.lock(fields[b"message_id"].decode()), samples=0) or 0)
+    return Memory(used_delta, stream, (used_delta - stream) / max(written, 1), sample)
+
+
+def cost_note(cost: Cost) -> str:
+    return (
+        f"{cost.commands_per_msg:.2f} cmd/msg, Redis {cost.redis_us_per_msg:.1f} µs/msg, "
+        f"consumers {cost.consumer_us_per_msg:.1f} µs/msg"
+    )
+
+
+@dataclass
+class CpuSplit:
+    """Consumer CPU per message: one it owns, and one it only reads and buffers."""
+
+    owned_us: float
+    buffered_us: float
+
+
+def fit_split(points: list[ConsumerCpu]) -> CpuSplit | None:
+    """Least squares of cpu = owned * c_owned + buffered * c_buffered over every consumer."""
+    pairs = [(p.written, p.received - p.written, p.cpu_us) for p in points]
+    oo = sum(o * o for o, _, _ in pairs)
+    ob = sum(o * b for o, b, _ in pairs)
+    bb = sum(b * b for _, b, _ in pairs)
+    oy = sum(o * y for o, _, y in pairs)
+    by = sum(b * y for _, b, y in pairs)
+    determinant = oo * bb - ob * ob
+    if not determinant:
+        return None  # one consumer count alone cannot tell the two apart
+    return CpuSplit((oy * bb - by * ob) / determinant, (oo * by - ob * oy) / determinant)
