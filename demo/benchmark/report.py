@@ -11,6 +11,7 @@ from pathlib import Path
 from demo.benchmark.chart import draw_chart
 from demo.benchmark.cost import Memory, cost_note
 from demo.benchmark.measure import Run
+from demo.benchmark.model import build_model, markdown
 from demo.benchmark.plan import (
     ASYNC_IO_16,
     CPU,
@@ -215,6 +216,10 @@ def print_report(results: Results) -> None:
         )
     print()
     print(format_table(TARGETS_HEADER, target_lines(results), set()))
+    model = build_model(results)
+    if model is not None:
+        print("\ncost model\n")
+        print(markdown(model))
 
 
 def write_json(results: Results, path: Path) -> None:
@@ -223,6 +228,8 @@ def write_json(results: Results, path: Path) -> None:
         dict(zip(TARGETS_HEADER, line, strict=True)) for line in target_lines(results)
     ]
     document["headline"] = {strategy: headline(results, strategy) for strategy in STRATEGIES}
+    model = build_model(results)
+    document["model"] = asdict(model) if model is not None else None
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

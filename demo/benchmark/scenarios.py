@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import platform
 import time
@@ -14,7 +15,7 @@ import redis
 
 from demo.benchmark.cost import Cost, CpuSplit, cost, fit_split
 from demo.benchmark.daemon import daemon, plain_subscriber
-from demo.benchmark.measure import Bench, Run, flush, measure, reset_output
+from demo.benchmark.measure import Bench, Run, flush, measure, process_cpu_us, reset_output
 from demo.benchmark.plan import (
     ASYNC_IO_16,
     RESULTS_DIR,
@@ -29,6 +30,7 @@ from processor.redis_server import RedisServer
 # A burst is published as fast as possible and waits in Redis and in the consumers' sockets and
 # inboxes: keep it well under the 8 MB soft Pub/Sub output buffer limit (about 190 B a message).
 BURST_MAX = 40_000
+PUBLISHER_NAME = "bench-publisher"  # the name publishing.publisher_process gives its process
 
 
 # -- scenarios 0 and 1: the highest sustained lossless rate -------------------------------------
@@ -173,6 +175,7 @@ class Results:
     drains: list[Drain]
     costs: list[Cost]
     split: CpuSplit | None
+    publisher_us_per_msg: float | None = None  # the publisher's CPU in scenario 4
 
     def ramp(self, strategy: str, consumers: int) -> Ramp | None:
         return next(
@@ -210,9 +213,21 @@ def run_all(bench: Bench) -> Results:
     ]
     drains += [drain(bench, ASYNC_IO_16, s, 1) for s in STRATEGIES]
     print(f"4, 6 cost per message at {bench.plan.cost_rate:,} msg/s", flush=True)
+    publisher_before = publisher_cpu_us()
     costs = [cost(bench, s, n) for n in counts for s in STRATEGIES]
+    publisher_after = publisher_cpu_us()
     points = [c for cost_ in costs if cost_.strategy == "partitioned" for c in cost_.consumers_cpu]
-    return Results(bench.plan, {}, plain, ramps, latencies, drains, costs, fit_split(points))
+    results = Results(bench.plan, {}, plain, ramps, latencies, drains, costs, fit_split(points))
+    published = sum(c.run.published for c in costs)
+    if publisher_before is not None and publisher_after is not None and published:
+        results.publisher_us_per_msg = (publisher_after - publisher_before) / published
+    return results
+
+
+def publisher_cpu_us() -> float | None:
+    """CPU time the publisher process has used so far (it idles between jobs), if found."""
+    pids = [p.pid for p in multiprocessing.active_children() if p.name == PUBLISHER_NAME]
+    return process_cpu_us(pids[0]) if pids and pids[0] is not None else None
 
 
 def best_ramp(ramps: list[Ramp]) -> Ramp:
