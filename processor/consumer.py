@@ -340,7 +340,10 @@ class Consumer:
             self._subscriber.reset()
             while not self._subscriber.subscribed.wait(0.1) and not self.stop.is_set():
                 pass
-            dropped = len(self._inbox.drain()) + len(self._unwritten)
+            # The takeover buffer too: what it holds was received late, after the stall, so
+            # its age no longer bounds how old it is, and a later takeover (or the shutdown
+            # sweep) would retry it after its lock expired.
+            dropped = len(self._inbox.drain()) + len(self._unwritten) + self._strategy.discard()
             self._unwritten = []
             self._takeovers.clear()
             log.warning(

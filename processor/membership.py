@@ -62,24 +62,28 @@ class Membership:
     def register(self, consumer_id: str) -> None:
         """Joins the group: heartbeat and list entry in one transaction."""
         self.consumer_id = consumer_id
-        self.token = f"{secrets.token_hex(4)}:{now_ms()}"
+        sent_ms = now_ms()
+        self.token = f"{secrets.token_hex(4)}:{sent_ms}"
         with self._client.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.heartbeat(consumer_id), self.token, px=self._ttl_ms)
             # LREM first: a retried registration must not list the id twice.
             pipe.lrem(self._keys.consumers, 0, consumer_id)
             pipe.rpush(self._keys.consumers, consumer_id)
             pipe.execute()
-        self.last_beat_ms = now_ms()
+        self.last_beat_ms = sent_ms
 
     def beat(self) -> View:
         """Extends our heartbeat, prunes dead ids and returns the live members."""
+        # Stamped when sent, not when the reply is read: a stall in between (SIGSTOP, a long GC)
+        # must count as time without a heartbeat, or a rejoin underestimates its stall.
+        sent_ms = now_ms()
         reply = self._script(
             keys=[self._keys.consumers],
             args=[self._keys.heartbeat_prefix, self.consumer_id, self._ttl_ms],
         )
         view = parse_view(reply)
         if view.alive:
-            self.last_beat_ms = now_ms()
+            self.last_beat_ms = sent_ms
         return view
 
     def read(self) -> View:

@@ -6,20 +6,30 @@ but the work per message grows with the group.
 ``partitioned``: each message belongs to one of ``SLOTS`` slots (CRC32 of the raw payload), and
 each slot to one live consumer, chosen by rendezvous hashing, so a membership change moves only
 the slots of the consumer that left or joined. A consumer keeps the recent messages it does not
-own in a :class:`TakeoverBuffer`; when an owner leaves, dies or reports a subscription gap, the
-new owners of its slots try those messages. Ownership never decides correctness: the lock does.
+own in a :class:`TakeoverBuffer`, with the owner it was routed to; when that owner leaves, dies
+or reports a subscription gap, every other consumer tries what it routed to it (one successor
+could be a newcomer that never received it, or in a gap of its own). A consumer that hands slots
+to a newcomer keeps trying them for a grace period, in case messages published before the
+newcomer subscribed are still unread in its socket. Ownership never decides correctness: the
+lock does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Collection
 
 SLOTS = 1024
 _SLOT_MASK = SLOTS - 1
+# How long a consumer keeps trying the slots it handed to a newcomer: messages published before
+# the newcomer subscribed may still be unread in our socket when we adopt the new view.
+HANDOVER_GRACE_S = 1.0
+
+Owners = list[str | None]
 
 
 def slot_of(payload: bytes) -> int:
@@ -45,37 +55,48 @@ class TakeoverBuffer:
     def __init__(self, max_age_s: float, max_count: int) -> None:
         self._max_age_s = max_age_s
         self._max_count = max_count
-        self._chunks: deque[tuple[float, list[bytes]]] = deque()
+        # Each chunk with the owners it was routed by (a view's list, never mutated).
+        self._chunks: deque[tuple[float, Owners, list[bytes]]] = deque()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def add(self, chunk: list[bytes], now: float) -> None:
-        self._chunks.append((now, chunk))
+    def add(self, chunk: list[bytes], now: float, owners: Owners) -> None:
+        self._chunks.append((now, owners, chunk))
         self._count += len(chunk)
         oldest_allowed = now - self._max_age_s
         while self._chunks and (
             self._chunks[0][0] < oldest_allowed
-            or self._count - len(self._chunks[0][1]) >= self._max_count
+            or self._count - len(self._chunks[0][2]) >= self._max_count
         ):
-            self._count -= len(self._chunks.popleft()[1])
+            self._count -= len(self._chunks.popleft()[2])
+
+    def clear(self) -> int:
+        count, self._count = self._count, 0
+        self._chunks.clear()
+        return count
 
     def oldest_age_s(self, now: float) -> float:
         return now - self._chunks[0][0] if self._chunks else 0.0
 
     def since(self, moment: float) -> list[bytes]:
-        return [payload for added, chunk in self._chunks if added >= moment for payload in chunk]
+        return [payload for added, _, chunk in self._chunks if added >= moment for payload in chunk]
 
-    def in_slots(self, slots: Collection[int]) -> list[bytes]:
-        wanted = bytearray(SLOTS)
-        for slot in slots:
-            wanted[slot] = 1
+    def relabel(self, old: Owners, new: Owners) -> None:
+        """Treats the chunks routed by view ``old`` as routed by view ``new``."""
+        self._chunks = deque(
+            (added, new if owners is old else owners, chunk)
+            for added, owners, chunk in self._chunks
+        )
+
+    def routed_to(self, members: Collection[str]) -> list[bytes]:
+        """The payloads that were routed to one of ``members`` when they arrived."""
         return [
             payload
-            for _, chunk in self._chunks
+            for _, owners, chunk in self._chunks
             for payload in chunk
-            if wanted[zlib.crc32(payload) & _SLOT_MASK]
+            if owners[zlib.crc32(payload) & _SLOT_MASK] in members
         ]
 
 
@@ -87,11 +108,14 @@ class RaceStrategy:
     def split(self, chunk: list[bytes], now: float) -> list[bytes]:
         return chunk
 
-    def update(self, members: Collection[str], me: str) -> list[bytes]:
+    def update(self, members: Collection[str], me: str, now: float | None = None) -> list[bytes]:
         return []
 
     def gap_reported(self, member: str) -> list[bytes]:
         return []
+
+    def discard(self) -> int:
+        return 0
 
     def leaving(self, since: float) -> list[bytes]:
         return []
@@ -107,8 +131,12 @@ class PartitionedStrategy:
         # the buffer before a takeover under the new view looks for it.
         self._lock = threading.Lock()
         self._buffer = TakeoverBuffer(buffer_age_s, buffer_max)
-        self._owners: list[str | None] = [None] * SLOTS
+        self._owners: Owners = [None] * SLOTS
         self._mine = bytearray(SLOTS)
+        # What split() routes to us: _mine, plus the slots handed to a newcomer until then.
+        self._routing = self._mine
+        self._handed = bytearray(SLOTS)
+        self._grace_until = 0.0
         self._members: set[str] = set()
         self._me = ""
 
@@ -118,56 +146,79 @@ class PartitionedStrategy:
 
     def split(self, chunk: list[bytes], now: float) -> list[bytes]:
         """The payloads of ``chunk`` this consumer owns; the rest go to the takeover buffer."""
-        mine = self._mine
         owned: list[bytes] = []
         others: list[bytes] = []
         with self._lock:
+            if self._grace_until and now >= self._grace_until:
+                self._routing, self._grace_until = self._mine, 0.0
+            routing = self._routing
             for payload in chunk:
-                if mine[zlib.crc32(payload) & _SLOT_MASK]:
+                if routing[zlib.crc32(payload) & _SLOT_MASK]:
                     owned.append(payload)
                 else:
                     others.append(payload)
             if others:
-                self._buffer.add(others, now)
+                self._buffer.add(others, now, self._owners)
         return owned
 
-    def update(self, members: Collection[str], me: str) -> list[bytes]:
+    def update(self, members: Collection[str], me: str, now: float | None = None) -> list[bytes]:
         """Adopts a new view of the group; returns buffered payloads this consumer took over.
 
-        Taken over: the slots whose previous owner is no longer live (or that had no owner)
-        and that now belong to ``me``.
+        Taken over: whatever was routed to a member that is no longer live, whoever owns its
+        slot now (the new owner may have joined after the death and never received it); and,
+        on our first view, our share of what we buffered before it.
         """
+        now = time.monotonic() if now is None else now
         owners = assign_slots(members)
         live = set(members)
         with self._lock:
-            taken = [
+            newcomers = live - self._members - {me}
+            if self._members:
+                taken = self._buffer.routed_to(self._members - live)
+            else:
+                # Everything buffered so far was routed to nobody: count it as routed by this
+                # view, so our share is tried now and the rest if its owner departs.
+                self._buffer.relabel(self._owners, owners)
+                taken = self._buffer.routed_to({me})
+            mine = bytearray(owner == me for owner in owners)
+            handed = [
                 slot
                 for slot, (old, new) in enumerate(zip(self._owners, owners, strict=True))
-                if new == me and old != me and (old is None or old not in live)
+                if old == me and new in newcomers
             ]
+            if now >= self._grace_until:
+                self._handed = bytearray(SLOTS)
+            if handed:
+                for slot in handed:
+                    self._handed[slot] = 1
+                self._grace_until = now + HANDOVER_GRACE_S
+            if now < self._grace_until:
+                self._routing = bytearray(a | b for a, b in zip(mine, self._handed, strict=True))
+            else:
+                self._routing, self._grace_until = mine, 0.0
             self._owners = owners
             self._members = live
             self._me = me
-            self._mine = bytearray(owner == me for owner in owners)
-            return self._buffer.in_slots(taken) if taken else []
+            self._mine = mine
+            return taken
 
     def gap_reported(self, member: str) -> list[bytes]:
-        """Buffered payloads of ``member``'s slots that this consumer must try for it.
+        """Buffered payloads routed to ``member``, which this consumer must try for it.
 
         ``member`` missed messages while its subscription was down, but it is still live, so
-        its slots are still its own. Each of them is covered by the consumer that would own it
-        if ``member`` were gone: the same rendezvous choice as a takeover, so no slot is left out.
+        its slots are still its own. Every other member tries them, not only one successor:
+        that one may have been in a gap of its own at the same time (CLIENT KILL TYPE pubsub,
+        a Redis restart). The lock lets one write each message.
         """
         with self._lock:
-            others = sorted(self._members - {member})
-            if self._me not in others:
+            if member == self._me or self._me not in self._members:
                 return []
-            covered = [
-                slot
-                for slot, owner in enumerate(self._owners)
-                if owner == member and max(others, key=lambda m: _weight(m, slot)) == self._me
-            ]
-            return self._buffer.in_slots(covered) if covered else []
+            return self._buffer.routed_to({member})
+
+    def discard(self) -> int:
+        """Empties the takeover buffer; returns how many payloads it held."""
+        with self._lock:
+            return self._buffer.clear()
 
     def leaving(self, since: float) -> list[bytes]:
         """Everything buffered since ``since``, for a consumer whose group is stopping.

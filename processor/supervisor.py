@@ -12,6 +12,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -101,6 +102,7 @@ class Supervisor:
         code = self._shut_down()
         monitor.report(final=True)
         monitor.close()
+        _stop_resource_tracker()
         return code
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -198,6 +200,15 @@ class Supervisor:
             sum(slot.restarts for slot in self._slots),
         )
         return code
+
+
+def _stop_resource_tracker() -> None:
+    """Reaps the resource tracker that starting spawned processes forked: otherwise it
+    outlives us for a moment, orphaned to init (a leftover in our process group)."""
+    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def _kill(pid: int, signum: int) -> None:

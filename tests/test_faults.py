@@ -1,0 +1,451 @@
+"""Fault injection, end to end: the real daemon and publisher as processes against redis-server.
+
+Every test runs the publisher at a steady rate, injects one kind of fault at random instants
+(seeded: the seed is printed, and ``FAULT_SEED=<seed>`` replays it), then checks that every
+message recorded as received by at least one subscriber is in the output stream exactly once,
+the invalid messages are in the dead-letter stream, CONSUMERS_LIST matches the running
+consumers, and SIGTERM leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.faults_support import (
+    CHANNEL,
+    GAPS,
+    LINGER_S,
+    RATE,
+    RECOVER_S,
+    REPLACE_S,
+    START_S,
+    Daemon,
+    Expected,
+    check_streams,
+    client,
+    command_connections,
+    daemon_env,
+    exists,
+    fault_message,
+    group_alive,
+    publish_invalid,
+    read_stream,
+    running,
+    settle,
+    start_daemon,
+    start_publisher,
+    subscriber_connections,
+    subscribers,
+    wait_for,
+)
+from tests.helpers import wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
+
+STRATEGIES = ["partitioned", "race"]
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    value = int(os.environ.get("FAULT_SEED") or time.time_ns() % 1_000_000_007)
+    print(f"\n{request.node.nodeid}: FAULT_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def bclient(redis_url: str):
+    redis_client = client(redis_url)
+    try:
+        yield redis_client
+    finally:
+        redis_client.close()
+
+
+def finish(daemon: Daemon, redis_client: redis.Redis, expected: Expected, context: str) -> None:
+    """The checks every test ends with, while the daemon runs and after SIGTERM."""
+    settled = settle(redis_client, expected)
+    summary = check_streams(redis_client, expected, context)
+    assert settled, f"{context}: streams did not settle ({summary})"
+    daemon.wait_in_step(LINGER_S, context)
+    daemon.stop(context)
+    # The graceful stop flushes what was received: still nothing doubled or unexpected.
+    print(f"{context}: {check_streams(redis_client, expected, context + ' after SIGTERM')}")
+
+
+def kill_consumer(daemon: Daemon, pid: int, context: str) -> str | None:
+    """SIGKILLs one consumer; asserts its id is pruned in time and the supervisor reaps it."""
+    consumer_id = daemon.ids().get(pid)
+    os.kill(pid, signal.SIGKILL)
+    if consumer_id is not None:
+        took = wait_for(
+            lambda: consumer_id not in daemon.listed(),
+            LINGER_S,
+            f"{context}: killed {consumer_id} still listed after {LINGER_S:g} s",
+        )
+        print(f"{context}: killed {consumer_id}, unlisted after {took:.2f} s")
+    # A killed child left unreaped would linger as a zombie.
+    wait_until(lambda: not exists(pid), RECOVER_S, message=f"{context}: pid {pid} not reaped")
+    return consumer_id
+
+
+# -- 1. SIGKILL of consumers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_killed_consumers_are_replaced_and_lose_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    daemon = start_daemon(procs, redis_url, strategy)
+    publish_invalid(bclient, context)
+    duration = 5.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    killed_pids: set[int] = set()
+    killed_ids: set[str] = set()
+
+    def kill(pid: int) -> None:
+        killed_pids.add(pid)
+        consumer_id = kill_consumer(daemon, pid, context)
+        if consumer_id:
+            killed_ids.add(consumer_id)
+
+    # Once, at a random instant.
+    publisher.wait_published(rng.randint(total // 10, total // 4))
+    before = daemon.consumers()
+    kill(rng.choice(sorted(before)))
+    # Then its replacement, during start-up (spawned, importing, subscribing or registering).
+    wait_until(
+        lambda: daemon.consumers() - before,
+        RECOVER_S,
+        interval=0.005,
+        message=f"{context}: no replacement consumer started",
+    )
+    newcomer = min(daemon.consumers() - before)
+    time.sleep(rng.uniform(0.0, 0.6))  # the fault's timing, not a synchronisation
+    kill(newcomer)
+    took = wait_for(daemon.in_step, REPLACE_S, f"{context}: not replaced after the start-up kill")
+    print(f"{context}: group whole again {took:.2f} s after the start-up kill")
+    # And again, a random running one, later in the run.
+    publisher.wait_published(rng.randint(total // 2, total * 3 // 4))
+    kill(rng.choice(sorted(daemon.consumers())))
+    took = wait_for(daemon.in_step, REPLACE_S, f"{context}: not replaced after the third kill")
+    print(f"{context}: group whole again {took:.2f} s after the third kill")
+    ids = daemon.ids()
+
+    assert not killed_pids & set(ids), f"{context}: a killed pid is listed: {ids}"
+    assert not killed_ids & set(ids.values()), f"{context}: a killed id is listed: {ids}"
+    assert daemon.log().count("replacing it in") >= 3, f"{context}: supervisor did not report"
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records()), context)
+
+
+# -- 2. Pub/Sub connections dropped by the server ---------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dropped_subscriptions_are_recovered_and_reported(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    daemon = start_daemon(procs, redis_url, strategy)
+    publish_invalid(bclient, context)
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+
+    # One consumer's subscription, while the others stay subscribed: nothing may be lost.
+    publisher.wait_published(rng.randint(total // 10, total // 3))
+    victim = rng.choice(subscriber_connections(bclient))
+    assert bclient.client_kill_filter(_id=victim["id"]) == 1
+    wait_for(
+        lambda: subscribers(bclient) == 3 and bclient.xlen(GAPS) >= 1,
+        RECOVER_S,
+        f"{context}: killed subscription not back, or its gap not reported",
+    )
+    gap = read_stream(bclient, GAPS)[0]
+    assert gap[b"consumer_id"].decode() in daemon.listed(), f"{context}: gap {gap}"
+    one_down_until = publisher.published()
+
+    # All subscriptions at once: what is published before one is back reaches nobody.
+    publisher.wait_published(max(one_down_until, rng.randint(total // 2, total * 4 // 5)))
+    all_down_from = publisher.published()
+    killed = bclient.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert int(killed) == 3, f"{context}: CLIENT KILL TYPE pubsub killed {killed}"
+    wait_for(
+        lambda: subscribers(bclient) == 3 and bclient.xlen(GAPS) >= 4,
+        RECOVER_S,
+        f"{context}: subscriptions not back, or their gaps not reported",
+    )
+    print(context, publisher.finish())
+
+    records = publisher.records()
+    unreceived = [message_id for message_id, n in records[:all_down_from] if n == 0]
+    assert not unreceived, f"{context}: reached no subscriber with one killed: {unreceived[:5]}"
+    assert daemon.log().count("subscribed again after a gap") >= 4, f"{context}: gaps not logged"
+    finish(daemon, bclient, Expected(records), context)
+
+
+# -- 3. command connections dropped -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dropped_command_connections_still_write_exactly_once(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    daemon = start_daemon(procs, redis_url, strategy)
+    publish_invalid(bclient, context)
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+
+    def writers_connected() -> bool:
+        # At least one each per consumer (a second thread may open a second one).
+        names = command_connections(bclient)
+        return names["processor-consumer"] >= 3 and names["processor-heartbeat"] >= 3
+
+    # The writers', heartbeats', monitor's and publisher's connections, at random instants.
+    for point in sorted(rng.sample(range(total // 10, total * 9 // 10), 4)):
+        publisher.wait_published(point)
+        killed = int(bclient.execute_command("CLIENT", "KILL", "TYPE", "normal"))
+        assert killed >= 1, f"{context}: CLIENT KILL TYPE normal killed nothing"
+        wait_for(writers_connected, RECOVER_S, f"{context}: writers did not reconnect")
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records()), context)
+
+
+# -- 4. stalled consumers (SIGSTOP past the heartbeat, and past half the lock TTL) ------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stalled_consumers_rejoin_under_new_ids_without_duplicates(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    # A short dedup window, so the long stall outlasts half of it (the stalled consumer must
+    # then drop what it holds rather than write it again).
+    lock_ttl_s = 6.0
+    daemon = start_daemon(
+        procs, redis_url, strategy, TAKEOVER_BUFFER_MS=2500, LOCK_TTL_MS=int(lock_ttl_s * 1000)
+    )
+    publish_invalid(bclient, context)
+    duration = 5.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+
+    short_s = 2.0  # past the heartbeat TTL, under half the lock TTL: held messages are written
+    # Past half the lock TTL: held messages must be dropped. As long as the TTL itself, so the
+    # locks of what it received early in its stall have expired when it wakes.
+    long_s = lock_ttl_s
+    # Early enough that the stalled consumers hold what is published while they sleep; the last
+    # wakes about when the publisher ends, and the daemon is stopped right after it rejoins, so
+    # the flush at shutdown also runs with whatever it still holds from before its stall.
+    publisher.wait_published(rng.randint(total // 20, total // 10))
+    ids = daemon.ids()
+    short_pid, long_pid = rng.sample(sorted(ids), 2)
+    stalls = {short_pid: (short_s, ids[short_pid]), long_pid: (long_s, ids[long_pid])}
+    order = [short_pid, long_pid] if rng.random() < 0.5 else [long_pid, short_pid]
+    stopped_at: dict[int, float] = {}
+    for index, pid in enumerate(order):
+        if index:
+            time.sleep(rng.uniform(0.1, 0.6))  # the fault's timing, not a synchronisation
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at[pid] = time.monotonic()
+    try:
+        for pid in sorted(order, key=lambda p: stopped_at[p] + stalls[p][0]):
+            length, old_id = stalls[pid]
+            wait_for(
+                lambda old_id=old_id: old_id not in daemon.listed(),
+                LINGER_S,
+                f"{context}: stalled {old_id} not declared dead",
+            )
+            # The stall is the fault: it lasts its length, then the consumer wakes.
+            time.sleep(max(0.0, stopped_at[pid] + length - time.monotonic()))
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        for pid in order:
+            os.kill(pid, signal.SIGCONT)
+    ids_after = daemon.wait_in_step(RECOVER_S, f"{context}: stalled consumers did not rejoin")
+    for pid, (_, old_id) in stalls.items():
+        assert pid in ids_after and ids_after[pid] != old_id, (
+            f"{context}: pid {pid} (was {old_id}) did not rejoin under a new id: {ids_after}"
+        )
+    log = daemon.log()
+    assert log.count("rejoined after a stall") >= 2, f"{context}: rejoins not logged"
+    assert "past half the dedup window: dropped" in log, f"{context}: long stall kept its messages"
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records()), context)
+
+
+# -- 5. handler faults ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_failing_handlers_dead_letter_their_messages_and_the_rest_keep_flowing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    timeout_s = 0.5
+    daemon = start_daemon(
+        procs,
+        redis_url,
+        strategy,
+        count=2,
+        HANDLER="tests.faults_support:faulty",
+        HANDLER_TIMEOUT=timeout_s,
+    )
+    publish_invalid(bclient, context)
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    reasons = {
+        "raise": "handler raised ValueError: boom for",
+        "hang": f"handler timed out after {timeout_s:g} s",
+        "not_a_dict": "handler returned list, not a dict",
+    }
+    faults = [*reasons] * 2 + ["slow"] * 3
+    rng.shuffle(faults)
+    dead_valid: dict[str, str] = {}
+    extra_written: set[str] = set()
+    points = sorted(rng.sample(range(total // 10, total * 9 // 10), len(faults)))
+    for number, (fault, point) in enumerate(zip(faults, points, strict=True)):
+        publisher.wait_published(point)
+        message_id, payload = fault_message(fault, number, seed)
+        assert bclient.publish(CHANNEL, payload) >= 1, f"{context}: {message_id} not received"
+        if fault == "slow":
+            extra_written.add(message_id)
+        else:
+            dead_valid[message_id] = reasons[fault]
+    print(context, publisher.finish())
+    expected = Expected(publisher.records(), dead_valid=dead_valid, extra_written=extra_written)
+    # Keeping up: everything is in within a few seconds of the last message, hangs included.
+    wait_for(
+        lambda: settle(bclient, expected, timeout=0.1),
+        RECOVER_S,
+        f"{context}: the consumers did not keep up around the failing handler",
+    )
+    finish(daemon, bclient, expected, context)
+
+
+# -- 6. Redis restart -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_redis_restart_is_survived_without_a_daemon_restart_and_the_gap_reported(
+    private_redis, procs, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    url = private_redis.url
+    redis_client = client(url)
+    daemon = start_daemon(procs, url, strategy)
+    consumers_before = daemon.consumers()
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, url, tmp_path / "record.txt", duration)
+
+    publisher.wait_published(rng.randint(total // 5, total // 2))
+    down_ms = int(time.time() * 1000)
+    private_redis.restart(keep_data=True)
+    up_ms = int(time.time() * 1000)
+    print(f"{context}: Redis down for {up_ms - down_ms} ms")
+
+    def gap_reported() -> bool:
+        return any(
+            int(gap[b"start_ms"]) <= up_ms and int(gap[b"end_ms"]) >= down_ms
+            for gap in read_stream(redis_client, GAPS)
+        )
+
+    wait_for(gap_reported, RECOVER_S, f"{context}: no gap covering the restart in {GAPS}")
+    daemon.wait_in_step(RECOVER_S, f"{context}: CONSUMERS_LIST not repopulated after the restart")
+    assert daemon.proc.poll() is None, f"{context}: the daemon exited"
+    assert daemon.consumers() == consumers_before, f"{context}: consumers were restarted"
+    publish_invalid(redis_client, context)
+    print(context, publisher.finish())
+    assert "subscribed again after a gap" in daemon.log(), f"{context}: gap not logged"
+    expected = Expected(publisher.records(), strict_unknown=False)
+    try:
+        finish(daemon, redis_client, expected, context)
+    finally:
+        redis_client.close()
+
+
+# -- 7. SIGKILL of the whole daemon, and a second daemon ---------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_killed_daemons_ids_are_pruned_by_the_next_daemon(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    first = start_daemon(procs, redis_url, strategy)
+    first_ids = set(first.listed())
+    first_consumers = first.consumers()
+    first_publisher = start_publisher(procs, redis_url, tmp_path / "first.txt", 1.5)
+    first_publisher.wait_published(rng.randint(RATE // 4, RATE * 5 // 4))
+
+    os.killpg(first.pid, signal.SIGKILL)  # supervisor and consumers: no finally runs
+    killed_at = time.monotonic()
+    first.proc.wait(timeout=10)
+    wait_until(
+        lambda: not any(running(pid) for pid in first_consumers),
+        RECOVER_S,
+        message=f"{context}: killed consumers still running",
+    )
+    wait_until(
+        lambda: subscribers(bclient) == 0,
+        RECOVER_S,
+        message=f"{context}: killed consumers' subscriptions not closed",
+    )
+    print(context, first_publisher.finish())
+    # Nobody is left to prune them.
+    assert set(first.listed()) == first_ids, f"{context}: {first.listed()} != {first_ids}"
+    first.close()
+
+    second_env = daemon_env(redis_url, strategy, 3, {})
+    second = Daemon(procs, procs.start(["demo/consume.py"], env=second_env), redis_url, 3)
+    publisher = start_publisher(procs, redis_url, tmp_path / "second.txt", 2.5)
+    wait_for(
+        lambda: set(second.listed()) - first_ids,
+        START_S,
+        f"{context}: the second daemon registered no consumer",
+    )
+    joined_at = time.monotonic()
+    # A dead id lingers until its heartbeat expires and a live consumer's beat prunes it.
+    wait_for(
+        lambda: not first_ids & set(second.listed()),
+        LINGER_S,
+        f"{context}: the killed daemon's ids still listed {LINGER_S:g} s after a new consumer "
+        f"joined: {second.listed()}",
+    )
+    print(
+        f"{context}: old ids unlisted {time.monotonic() - killed_at:.2f} s after the kill, "
+        f"{time.monotonic() - joined_at:.2f} s after the second daemon's first consumer joined"
+    )
+    second.wait_in_step(START_S, f"{context}: second daemon")
+    publish_invalid(bclient, context)
+    wait_until(
+        lambda: not group_alive(first.pid),
+        RECOVER_S,
+        message=f"{context}: the killed daemon's process group is still there",
+    )
+    print(context, publisher.finish())
+    # What the killed daemon had received and not written is lost: no consumer survived to take
+    # it over. Nothing may be doubled, and everything the second daemon received is written.
+    first_published = {message_id for message_id, _ in first_publisher.records()}
+    expected = Expected(publisher.records(), optional=first_published)
+    finish(second, bclient, expected, context)
