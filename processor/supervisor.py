@@ -59,6 +59,10 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
     # The supervisor blocked these before starting us; they are safe to receive now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     consumer.run()
+    # A signal arriving while the interpreter finalizes would find the default handler again
+    # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass
@@ -95,6 +99,8 @@ class Supervisor:
         next_report = time.monotonic() + self.settings.monitor_interval_s
         while not self.stop.is_set():
             self._wait(min(next_report, self._next_restart()))
+            if self.stop.is_set():
+                break  # consumers that exit now were stopped by the same signal: no restarts
             self._reap_and_restart()
             if time.monotonic() >= next_report:
                 next_report += self.settings.monitor_interval_s
