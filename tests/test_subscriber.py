@@ -185,3 +185,28 @@ def test_waits_for_redis_that_is_not_up_yet(
     private_redis.start()
     assert subscriber.subscribed.wait(15)
     assert received.gaps == []  # never subscribed before: nothing was missed
+
+
+def test_server_backlog_of_a_subscriber_that_does_not_read_is_measured(
+    redis_url: str, r: redis.Redis
+) -> None:
+    from processor.heartbeat import server_backlog_bytes
+
+    lazy = redis.Redis.from_url(redis_url).pubsub()
+    lazy.subscribe("backlog")
+    lazy.get_message(timeout=1.0)  # the subscribe confirmation; then we stop reading
+    try:
+        clients = r.client_list(_type="pubsub")
+        lazy_id = int(clients[0]["id"])
+        assert server_backlog_bytes(r, lazy_id) == 0
+        payload = b"x" * 1_000_000
+        for _ in range(20):
+            r.publish("backlog", payload)
+        # 20 MB published: more than the socket buffers hold, less than the 32 MB hard limit.
+        wait_until(
+            lambda: server_backlog_bytes(r, lazy_id) > 1_000_000,
+            5.0,
+            message="omem never grew for a subscriber that does not read",
+        )
+    finally:
+        lazy.close()

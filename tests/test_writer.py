@@ -291,3 +291,22 @@ def test_writer_gives_up_when_told_and_redis_is_down(private_redis: RedisServer)
 
 def test_entry_kinds_are_the_script_contract() -> None:
     assert (OUTPUT, DEAD) == ("o", "d")
+
+
+def test_a_write_that_times_out_is_retried_and_written_once(
+    redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    # CLIENT PAUSE holds the script call past the client's socket timeout: the first call
+    # times out on our side, yet Redis runs it once the pause ends; the retry must skip it.
+    impatient = redis.Redis.from_url(redis_url, socket_timeout=0.3)
+    writer = _writer(impatient, keys, 60_000, "t")
+    entries = _entries(0, 50)
+    r.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+    try:
+        result = writer.write(entries, "c1", "")
+    finally:
+        impatient.close()
+    assert result is not None
+    assert _ids(r, keys.output) == [entry.lock_id for entry in entries]
+    # Either the retry wrote them (the timed-out call skipped), or the timed-out call did.
+    assert result.written + result.skipped == len(entries)
