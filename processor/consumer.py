@@ -279,7 +279,7 @@ class Consumer:
             self.stats.set(
                 received=self._subscriber.received,
                 gaps=self._subscriber.gaps,
-                buffered=getattr(self._strategy, "buffered", 0),
+                buffered=self._strategy.buffered,
             )
 
     # -- takeover and rejoin ------------------------------------------------------------------

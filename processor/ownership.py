@@ -104,6 +104,7 @@ class RaceStrategy:
     """Every consumer tries every message."""
 
     name = "race"
+    buffered = 0
 
     def split(self, chunk: list[bytes], now: float) -> list[bytes]:
         return chunk
