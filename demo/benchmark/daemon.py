@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from demo.benchmark.measure import Bench, BenchError, flush, poll
 from demo.benchmark.plan import DEFAULTS, KEYS, ROOT, STOP_TIMEOUT_S, HandlerCase
 from processor.config import DAEMON_OPTIONS
 from processor.handlers import add_random_score
+from processor.ownership import HANDOVER_GRACE_S
 
 PLAIN_BATCH = 100  # XADD commands per pipeline of the baseline subscriber
 
@@ -94,6 +96,10 @@ def daemon(bench: Bench, strategy: str, consumers: int, case: HandlerCase) -> It
         ids = wait_for_group(bench.client, consumers, proc)
         if strategy == "partitioned":
             wait_for_heartbeats(bench.client, ids)
+            # A consumer that handed slots to a newcomer keeps trying them for a grace period
+            # that began at the latest with the beat just seen; wait it out, or a burst is
+            # processed twice and the bench measures the join instead of the group.
+            time.sleep(HANDOVER_GRACE_S)
         yield ids
     finally:
         stop(proc)
