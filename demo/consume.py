@@ -8,10 +8,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processor.config import load_daemon_settings
-from processor.errors import ConfigError
+from processor.errors import EXIT_CONFIG, ConfigError
 from processor.handlers import load_handler
 from processor.logs import configure_logging
-from processor.supervisor import EXIT_CONFIG, run
+from processor.supervisor import run
 
 
 def main(argv: list[str]) -> int:

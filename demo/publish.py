@@ -11,11 +11,9 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processor.config import load_publisher_settings
-from processor.errors import ConfigError
+from processor.errors import EXIT_CONFIG, ConfigError
 from processor.logs import configure_logging
 from processor.publisher import Publisher
-
-EXIT_CONFIG = 2
 
 
 def main(argv: list[str]) -> int:

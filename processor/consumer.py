@@ -55,10 +55,6 @@ class Consumer:
         self._flushed = threading.Event()
         self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
 
-    @property
-    def consumer_id(self) -> str:
-        return self._membership.consumer_id
-
     def context(self) -> str:
         return f"[{self._membership.consumer_id or 'joining'} pid={os.getpid()}]"
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Exit code of an entry point stopped by a wrong setting.
+EXIT_CONFIG = 2
+
 
 class ProcessorError(Exception):
     """Base class of every error processor raises deliberately."""
@@ -13,10 +16,6 @@ class ConfigError(ProcessorError):
 
 class HandlerLoadError(ConfigError):
     """Raised when the ``--handler`` target cannot be imported or is not callable."""
-
-
-class RedisUnavailable(ProcessorError):
-    """Raised when Redis cannot be reached within the time we were allowed to wait."""
 
 
 class HandlerTimeout(ProcessorError):

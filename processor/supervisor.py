@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_CONSUMER_ERROR = 1
-EXIT_CONFIG = 2
 EXIT_FORCED = 3
 
 # A consumer that ran this long before dying was healthy: its replacement starts at once.
