@@ -30,11 +30,13 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def command_client(settings: RedisSettings, name: str = "processor") -> redis.Redis:
+def command_client(
+    settings: RedisSettings, name: str = "processor", timeout_s: float = SOCKET_TIMEOUT_S
+) -> redis.Redis:
     """A client for commands and scripts, with bytes replies (payloads are not always UTF-8)."""
     return redis.Redis.from_url(
         settings.url,
-        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_timeout=timeout_s,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), _INNER_RETRIES),
         client_name=name,

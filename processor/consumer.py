@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from processor.config import Settings
 from processor.connection import CONNECTION_ERRORS, Outage, command_client
+from processor.errors import ConsumerFailed
 from processor.handlers import Failure, Runner, load_handler, make_runner
 from processor.heartbeat import Heartbeat
 from processor.inbox import Inbox
@@ -53,6 +54,8 @@ class Consumer:
         self._inbox = Inbox()
         self._unwritten: list[Entry] = []
         self._flushed = threading.Event()
+        self._failure: str | None = None
+        self._failure_lock = threading.Lock()
         self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
 
     def context(self) -> str:
@@ -61,14 +64,37 @@ class Consumer:
     # -- life cycle ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Blocks until stopped; raises ConsumerFailed if one of its threads died."""
         self._set_up()
         try:
             self._join()
             while not self.stop.is_set():
                 self._step()
-            self._flush()
+            if self._failure is None:
+                self._flush()
+        except Exception as error:
+            self._thread_failed("consumer", error)
         finally:
             self._tear_down()
+        if self._failure is not None:
+            raise ConsumerFailed(self._failure)
+
+    def _thread_failed(self, thread: str, error: BaseException) -> None:
+        """Any thread's unexpected death: stop now and leave, rather than linger half-dead."""
+        with self._failure_lock:
+            first = self._failure is None
+            if first:
+                self._failure = f"{thread} thread failed: {type(error).__name__}: {error}"
+        if first:
+            log.error(
+                "%s %s thread died: leaving the group so the others take over its share",
+                self.context(),
+                thread,
+                exc_info=error,
+            )
+        else:
+            log.debug("%s %s thread also stopped: %r", self.context(), thread, error)
+        self.stop.set()
 
     def _set_up(self) -> None:
         settings = self.settings
@@ -88,6 +114,7 @@ class Consumer:
             on_gap=lambda gap: self._heartbeat.own_gaps.append(gap),
             context=self.context,
             backoff_max_s=settings.reconnect_backoff_max_s,
+            on_failure=self._thread_failed,
         )
         self._heartbeat = Heartbeat(
             heartbeat_client,
@@ -101,6 +128,7 @@ class Consumer:
             context=self.context,
             subscriber_client_id=lambda: self._subscriber.client_id,
             on_takeover=self._takeovers.append,
+            on_failure=self._thread_failed,
         )
         writer = Writer(
             self._client,
@@ -115,6 +143,7 @@ class Consumer:
             writer,
             identity=lambda: (self._membership.consumer_id, self._membership.token),
             on_done=self._written,
+            on_failure=self._thread_failed,
         )
         self._register_outage = Outage("Redis (registration)", self.context)
 
@@ -182,18 +211,17 @@ class Consumer:
     def _tear_down(self) -> None:
         self.stop.set()
         self._subscriber.stop()
+        if self._failure is not None:
+            # Leave first: whatever we still hold may never be written by us.
+            self._flushed.set()
+            self._leave(self._failure)
         if self._writes.is_alive():
             self._writes.close()
         self._flushed.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(timeout=2)
-        try:
-            with self._heartbeat.lock:
-                self._membership.deregister()
-        except CONNECTION_ERRORS as error:
-            log.warning(
-                "%s could not deregister (%s): its heartbeat will expire", self.context(), error
-            )
+        if self._failure is None:
+            self._leave("stopped")
         self._runner.close()
         if self._unwritten:
             self._totals["lost"] += len(self._unwritten)
@@ -213,6 +241,17 @@ class Consumer:
             totals["lost"],
             self._subscriber.gaps,
         )
+
+    def _leave(self, reason: str) -> None:
+        try:
+            with self._heartbeat.lock:
+                self._membership.leave(reason)
+        except CONNECTION_ERRORS as error:
+            log.warning(
+                "%s could not leave the group (%s): its heartbeat will expire",
+                self.context(),
+                error,
+            )
 
     # -- the hot path -------------------------------------------------------------------------
 

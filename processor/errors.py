@@ -20,3 +20,11 @@ class HandlerLoadError(ConfigError):
 
 class HandlerTimeout(ProcessorError):
     """Raised inside a handler call that ran past ``handler_timeout_s``."""
+
+
+class ConsumerFailed(ProcessorError):
+    """Raised by ``Consumer.run`` after one of its threads died of an unexpected error.
+
+    The consumer has left the group by then (the others take over its share); its process
+    exits non-zero so the supervisor replaces it.
+    """

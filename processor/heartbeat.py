@@ -24,6 +24,7 @@ from processor.keys import Keys
 from processor.membership import Membership, now_ms
 from processor.ownership import PartitionedStrategy, RaceStrategy
 from processor.subscriber import Gap
+from processor.threads import OnFailure, WatchedThread
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def server_backlog_bytes(client: redis.Redis, client_id: int) -> int:
     return 0
 
 
-class Heartbeat(threading.Thread):
+class Heartbeat(WatchedThread):
     def __init__(
         self,
         client: redis.Redis,
@@ -57,8 +58,9 @@ class Heartbeat(threading.Thread):
         context: Callable[[], str],
         subscriber_client_id: Callable[[], int | None],
         on_takeover: Callable[[list[bytes]], None],
+        on_failure: OnFailure,
     ) -> None:
-        super().__init__(name="heartbeat", daemon=True)
+        super().__init__("heartbeat", on_failure)
         self._client = client
         self._keys = keys
         self.membership = membership
@@ -75,20 +77,26 @@ class Heartbeat(threading.Thread):
         self.fenced = threading.Event()
         self.own_gaps: deque[Gap] = deque()
         self._members: frozenset[str] = frozenset()
-        self._gaps_seen = f"{now_ms()}-0"
+        started = f"{now_ms()}-0"
+        self._seen = {keys.gaps: started, keys.departures: started}
         self._outage = Outage("Redis (heartbeat)", context)
         self._backlog_warned = 0.0
         self._parent_pid = os.getppid()
 
-    def run(self) -> None:
+    def work(self) -> None:
+        next_beat = time.monotonic() + self._interval_s
         next_backlog_check = time.monotonic()
         # Beats on after a stop request until the consumer has flushed (``done``): a heartbeat
         # that expired mid-flush would fence every write left.
-        while not self._done.wait(self._interval_s):
-            if os.getppid() != self._parent_pid and not self._stopping.is_set():
-                log.error("%s supervisor is gone: stopping", self._context())
-                self._stopping.set()
+        while not self._done.is_set():
             try:
+                departed = self._wait_for_events(next_beat - time.monotonic())
+                due = time.monotonic() >= next_beat
+                if self._done.is_set() or not (due or departed):
+                    continue
+                if due:
+                    next_beat = time.monotonic() + self._interval_s
+                    self._check_supervisor()
                 with self.lock:
                     self.beat()
                 self._publish_gaps()
@@ -97,8 +105,15 @@ class Heartbeat(threading.Thread):
                     self._check_backlog()
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
+                self._done.wait(self._interval_s)
+                next_beat = time.monotonic()
                 continue
             self._outage.recovered()
+
+    def _check_supervisor(self) -> None:
+        if os.getppid() != self._parent_pid and not self._stopping.is_set():
+            log.error("%s supervisor is gone: stopping", self._context())
+            self._stopping.set()
 
     def beat(self) -> None:
         """One heartbeat; the caller holds ``lock``."""
@@ -116,25 +131,49 @@ class Heartbeat(threading.Thread):
             log.info("%s group changed: %d live consumers", self._context(), len(members))
             if taken:
                 self._on_takeover(taken)
-        self._take_over_gaps(me)
 
-    def _take_over_gaps(self, me: str) -> None:
-        reply: Any = self._client.xread({self._keys.gaps: self._gaps_seen}, count=1000)
-        for _, entries in reply or []:
+    def _wait_for_events(self, timeout_s: float) -> bool:
+        """Reads gaps and departures, blocking up to ``timeout_s`` for the next one.
+
+        Returns True when a member of our view departed: the caller beats at once, so the new
+        view (which no longer holds it) starts the takeover of its share.
+        """
+        block_ms = int(timeout_s * 1000)
+        streams: Any = dict(self._seen)
+        reply: Any = self._client.xread(
+            streams, count=1000, block=block_ms if block_ms >= 1 else None
+        )
+        departed = False
+        me = self.membership.consumer_id
+        for stream, entries in reply or []:
+            name = stream.decode()
             for entry_id, fields in entries:
-                self._gaps_seen = entry_id.decode()
+                self._seen[name] = entry_id.decode()
                 member = fields[b"consumer_id"].decode()
                 if member == me or member not in self._members:
                     continue
-                taken = self._strategy.gap_reported(member)
-                if taken:
+                if name == self._keys.departures:
+                    departed = True
                     log.info(
-                        "%s %s reported a subscription gap: trying %d of its buffered messages",
+                        "%s %s left (%s): taking over its share",
                         self._context(),
                         member,
-                        len(taken),
+                        fields[b"reason"].decode(errors="replace"),
                     )
-                    self._on_takeover(taken)
+                else:
+                    self._gap_reported(member)
+        return departed
+
+    def _gap_reported(self, member: str) -> None:
+        taken = self._strategy.gap_reported(member)
+        if taken:
+            log.info(
+                "%s %s reported a subscription gap: trying %d of its buffered messages",
+                self._context(),
+                member,
+                len(taken),
+            )
+            self._on_takeover(taken)
 
     def _publish_gaps(self) -> None:
         while self.own_gaps:

@@ -21,6 +21,7 @@ class Keys:
     heartbeat_prefix: str
     stats: str
     gaps: str
+    departures: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keys:
@@ -34,6 +35,7 @@ class Keys:
             heartbeat_prefix=f"{prefix}:heartbeat:",
             stats=f"{prefix}:stats",
             gaps=f"{prefix}:gaps",
+            departures=f"{prefix}:departures",
         )
 
     def heartbeat(self, consumer_id: str) -> str:

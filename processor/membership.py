@@ -22,9 +22,18 @@ from processor.writer import load_script
 log = logging.getLogger(__name__)
 
 
+# Departures kept for the others to read: each is read within a heartbeat interval.
+DEPARTURES_MAXLEN = 1000
+
+
+def process_id_prefix(pid: int, slot: int) -> str:
+    """What every id a consumer process registers under starts with (a rejoin changes the rest)."""
+    return f"{socket.gethostname()}-{pid}-{slot}-"
+
+
 def new_consumer_id(slot: int) -> str:
     """Unique across hosts and restarts: host, pid, the supervisor's slot and a random suffix."""
-    return f"{socket.gethostname()}-{os.getpid()}-{slot}-{secrets.token_hex(3)}"
+    return process_id_prefix(os.getpid(), slot) + secrets.token_hex(3)
 
 
 def now_ms() -> int:
@@ -55,6 +64,7 @@ class Membership:
         self._keys = keys
         self._ttl_ms = heartbeat_ttl_ms
         self._script = client.register_script(load_script("membership.lua"))
+        self._leave = client.register_script(load_script("leave.lua"))
         self.consumer_id = ""
         self.token = ""
         self.last_beat_ms = 0
@@ -92,13 +102,30 @@ class Membership:
             self._script(keys=[self._keys.consumers], args=[self._keys.heartbeat_prefix, "", 1])
         )
 
-    def deregister(self) -> None:
-        if not self.consumer_id:
-            return
-        with self._client.pipeline(transaction=True) as pipe:
-            pipe.lrem(self._keys.consumers, 0, self.consumer_id)
-            pipe.delete(self._keys.heartbeat(self.consumer_id))
-            pipe.execute()
+    def leave(self, reason: str) -> None:
+        """Leaves the group and tells the others, who take over our share at once."""
+        if self.consumer_id:
+            remove(self._leave, self._keys, self.consumer_id, is_prefix=False, reason=reason)
+
+
+def remove(
+    script: redis.commands.core.Script, keys: Keys, match: str, is_prefix: bool, reason: str
+) -> list[str]:
+    reply = script(
+        keys=[keys.consumers, keys.departures],
+        args=[keys.heartbeat_prefix, match, int(is_prefix), reason, DEPARTURES_MAXLEN],
+    )
+    return [item.decode() for item in reply]
+
+
+def evict_process(client: redis.Redis, keys: Keys, pid: int, slot: int, reason: str) -> list[str]:
+    """Removes every id a dead consumer process registered under; returns them.
+
+    The supervisor calls this the moment it sees a consumer exit, so the others take over its
+    share within milliseconds instead of when its heartbeat expires.
+    """
+    script = client.register_script(load_script("leave.lua"))
+    return remove(script, keys, process_id_prefix(pid, slot), is_prefix=True, reason=reason)
 
 
 def read_view(client: redis.Redis, keys: Keys) -> View:

@@ -21,6 +21,7 @@ import redis
 
 from processor.config import RedisSettings
 from processor.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
+from processor.threads import OnFailure, WatchedThread
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class Subscriber(threading.Thread):
+class Subscriber(WatchedThread):
     """Subscribes to one channel and hands every payload, in chunks, to ``deliver``."""
 
     def __init__(
@@ -70,9 +71,10 @@ class Subscriber(threading.Thread):
         on_gap: Callable[[Gap], None],
         context: Callable[[], str],
         backoff_max_s: float,
+        on_failure: OnFailure,
         health_check_s: float = 3.0,
     ) -> None:
-        super().__init__(name="subscriber", daemon=True)
+        super().__init__("subscriber", on_failure)
         self._settings = settings
         self._deliver = deliver
         self._on_gap = on_gap
@@ -97,7 +99,7 @@ class Subscriber(threading.Thread):
         self.subscribed.clear()
         self._reset_requested.set()
 
-    def run(self) -> None:
+    def work(self) -> None:
         down_since: int | None = None
         while not self._stop_requested.is_set():
             try:

@@ -23,7 +23,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from processor.config import Settings
-from processor.connection import Backoff
+from processor.connection import CONNECTION_ERRORS, Backoff, command_client
+from processor.errors import ConsumerFailed
+from processor.keys import Keys
+from processor.membership import evict_process
 from processor.monitor import Monitor
 from processor.stats import ConsumerStats
 
@@ -57,7 +60,10 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
         signal.signal(signum, on_signal)
     # The supervisor blocked these before starting us; they are safe to receive now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    consumer.run()
+    try:
+        consumer.run()
+    except ConsumerFailed:
+        sys.exit(EXIT_CONSUMER_ERROR)  # the failing thread's traceback is logged already
     # A signal arriving while the interpreter finalizes would find the default handler again
     # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
     for signum in _SIGNALS:
@@ -83,6 +89,9 @@ class Supervisor:
         self.stop = threading.Event()
         self._signals = 0
         self._context = multiprocessing.get_context("spawn")
+        self._keys = Keys.from_settings(settings)
+        # Short timeouts: an eviction must never hold up the replacement of a consumer.
+        self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
         self._slots = [
             Slot(i, ConsumerStats(self._context), Backoff(0.5, settings.restart_backoff_max_s))
             for i in range(settings.consumers_count)
@@ -107,6 +116,7 @@ class Supervisor:
         code = self._shut_down()
         monitor.report(final=True)
         monitor.close()
+        self._client.close()
         _stop_resource_tracker()
         return code
 
@@ -158,6 +168,7 @@ class Supervisor:
             process = slot.process
             if process is not None and not process.is_alive():
                 process.join()
+                self._evict(slot.index, process)
                 lived = now - slot.started_at
                 if lived >= HEALTHY_RUN_S:
                     slot.backoff.reset()
@@ -178,6 +189,29 @@ class Supervisor:
             due = slot.restart_at is not None and now >= slot.restart_at
             if slot.process is None and due and not self.stop.is_set():
                 self._start(slot)
+
+    def _evict(self, index: int, process: BaseProcess) -> None:
+        """Takes a dead consumer out of the group now, so the others take over its share.
+
+        Its heartbeat would expire on its own, but until then what it had not written lives
+        only in the takeover buffers of the others, which may die too in the meantime.
+        """
+        if process.pid is None:
+            return
+        reason = f"exited with code {process.exitcode}"
+        try:
+            removed = evict_process(self._client, self._keys, process.pid, index, reason)
+        except CONNECTION_ERRORS as error:
+            log.warning(
+                "consumer slot %d (pid %s) exited and Redis is unavailable (%s): "
+                "the group will notice when its heartbeat expires",
+                index,
+                process.pid,
+                error,
+            )
+            return
+        if removed:
+            log.info("consumer slot %d: %s removed from the group", index, ", ".join(removed))
 
     def _shut_down(self) -> int:
         """Forwards the stop to every consumer, waits for their flush, kills stragglers."""

@@ -18,8 +18,12 @@ import redis
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage
 from processor.keys import Keys
 from processor.messages import Entry
+from processor.threads import OnFailure, WatchedThread
 
 log = logging.getLogger(__name__)
+
+# How often a blocked submit or wait checks that the write thread still lives.
+_POLL_S = 0.1
 
 
 def load_script(name: str) -> str:
@@ -120,7 +124,11 @@ class Writer:
             pool.release(connection)
 
 
-class WriteThread(threading.Thread):
+class WriterGone(RuntimeError):
+    """Raised by :meth:`WriteThread.submit` once the write thread has died."""
+
+
+class WriteThread(WatchedThread):
     """Writes batches in order on its own thread.
 
     The consumer processes the next batch while the script call for the previous one is in
@@ -133,39 +141,47 @@ class WriteThread(threading.Thread):
         writer: Writer,
         identity: Callable[[], tuple[str, str]],
         on_done: Callable[[list[Entry], WriteResult | None], None],
+        on_failure: OnFailure,
         depth: int = 2,
     ) -> None:
-        super().__init__(name="writer", daemon=True)
+        super().__init__("writer", on_failure)
         self._writer = writer
         self._identity = identity
         self._on_done = on_done
         self._queue: queue.Queue[list[Entry] | None] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
 
     def submit(self, entries: list[Entry]) -> None:
-        if self.error is not None:
-            raise RuntimeError("the write thread failed") from self.error
-        self._queue.put(entries)
+        self._put(entries)
 
     def wait_idle(self) -> None:
-        """Returns once every submitted batch has been written (or failed)."""
-        self._queue.join()
+        """Returns once every submitted batch has been written (or the thread has died)."""
+        done = self._queue.all_tasks_done
+        with done:
+            while self._queue.unfinished_tasks and self.is_alive():
+                done.wait(_POLL_S)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self.join()
+        if self.is_alive():
+            self._put(None)
+            self.join()
 
-    def run(self) -> None:
+    def _put(self, item: list[Entry] | None) -> None:
+        while True:
+            if not self.is_alive():
+                raise WriterGone("the write thread has died")
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def work(self) -> None:
         while True:
             entries = self._queue.get()
             try:
                 if entries is None:
                     return
-                if self.error is None:
-                    consumer_id, fence = self._identity()
-                    self._on_done(entries, self._writer.write(entries, consumer_id, fence))
-            except Exception as error:
-                log.exception("write failed")
-                self.error = error
+                consumer_id, fence = self._identity()
+                self._on_done(entries, self._writer.write(entries, consumer_id, fence))
             finally:
                 self._queue.task_done()

@@ -449,3 +449,78 @@ def test_killed_daemons_ids_are_pruned_by_the_next_daemon(
     first_published = {message_id for message_id, _ in first_publisher.records()}
     expected = Expected(publisher.records(), optional=first_published)
     finish(second, bclient, expected, context)
+
+
+# -- 8. kills faster than the heartbeat TTL ---------------------------------------------------
+
+# The daemon's own heartbeat defaults: a killed consumer's heartbeat outlives it by two seconds,
+# so every kill below lands before the previous victim's heartbeat has expired.
+DEFAULT_HEARTBEAT = {"HEARTBEAT_INTERVAL_MS": 500, "HEARTBEAT_TTL_MS": 2000}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_original_consumers_killed_one_after_another_lose_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    daemon = start_daemon(procs, redis_url, strategy, **DEFAULT_HEARTBEAT)
+    publish_invalid(bclient, context)
+    duration = 6.0
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    publisher.wait_published(rng.randint(RATE // 2, RATE))
+    # Each original consumer in turn, about 0.6 s apart: each is replaced at once, so one is
+    # always subscribed, but each victim's share lives only in the others' buffers.
+    victims = sorted(daemon.consumers())
+    rng.shuffle(victims)
+    for index, pid in enumerate(victims):
+        if index:
+            time.sleep(rng.uniform(0.3, 0.8))  # the fault's timing, not a synchronisation
+        os.kill(pid, signal.SIGKILL)
+        print(f"{context}: killed pid {pid}")
+    daemon.wait_in_step(REPLACE_S, f"{context}: not replaced after the kills")
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records()), context)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_kill_every_second_for_thirty_seconds_loses_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    daemon = start_daemon(procs, redis_url, strategy, **DEFAULT_HEARTBEAT)
+    publish_invalid(bclient, context)
+    storm_s = 30.0
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", storm_s + 2)
+    publisher.wait_published(RATE // 2)
+    listed_since: dict[str, float] = {}
+
+    def veterans(now: float) -> set[int]:
+        """Consumers listed in the group for at least a second."""
+        ids = daemon.ids()
+        for consumer_id in ids.values():
+            listed_since.setdefault(consumer_id, now)
+        return {pid for pid, cid in ids.items() if now - listed_since[cid] >= 1.0}
+
+    kills = 0
+    ends_at = time.monotonic() + storm_s
+    next_kill = time.monotonic() + rng.uniform(0.5, 1.0)
+    while time.monotonic() < ends_at:
+        now = time.monotonic()
+        old = veterans(now)
+        if now >= next_kill:
+            running_now = daemon.consumers()
+            # Never the last consumer that has been live for a second.
+            candidates = sorted(pid for pid in running_now if old - {pid})
+            if candidates:
+                victim = rng.choice(candidates)
+                os.kill(victim, signal.SIGKILL)
+                kills += 1
+            next_kill = now + rng.uniform(0.5, 1.0)
+        time.sleep(0.02)  # polls the group while the storm lasts
+    print(f"{context}: {kills} kills in {storm_s:g} s")
+    assert kills >= storm_s / 1.5, f"{context}: only {kills} kills"
+    daemon.wait_in_step(REPLACE_S, f"{context}: not replaced after the storm")
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records()), context)

@@ -12,7 +12,14 @@ import redis
 from processor.config import Settings
 from processor.connection import command_client
 from processor.keys import Keys
-from processor.membership import Membership, new_consumer_id, now_ms, read_view
+from processor.membership import (
+    Membership,
+    evict_process,
+    new_consumer_id,
+    now_ms,
+    process_id_prefix,
+    read_view,
+)
 from tests.helpers import wait_until
 
 TTL_MS = 5_000
@@ -107,16 +114,53 @@ def test_pruning_removes_every_copy_of_a_dead_id(
     assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
 
 
-def test_deregister_removes_list_entry_and_heartbeat(
+def _departures(r: redis.Redis, keys: Keys) -> list[tuple[str, str]]:
+    return [
+        (fields["consumer_id"], fields["reason"]) for _, fields in r.xrange(keys.departures)
+    ]
+
+
+def test_leave_removes_list_entry_and_heartbeat_and_announces_it(
     client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:
     staying = _member(client, keys, "c-1")
     leaving = _member(client, keys, "c-2")
-    leaving.deregister()
+    leaving.leave("stopped")
     assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
     assert not r.exists(keys.heartbeat("c-2"))
+    assert _departures(r, keys) == [("c-2", "stopped")]
     assert set(staying.beat().members) == {"c-1"}
-    Membership(client, keys, TTL_MS).deregister()  # never registered: nothing to do
+    Membership(client, keys, TTL_MS).leave("stopped")  # never registered: nothing to do
+    assert len(_departures(r, keys)) == 1
+
+
+def test_a_leaving_id_that_was_pruned_still_loses_its_heartbeat(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    member = _member(client, keys, "c-1")
+    r.lrem(keys.consumers, 0, "c-1")
+    member.leave("stopped")
+    assert not r.exists(keys.heartbeat("c-1"))
+    assert _departures(r, keys) == []  # nobody had it in their view
+
+
+def test_evicting_a_dead_process_removes_every_id_it_registered_and_no_other(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    prefix = process_id_prefix(4242, 1)
+    _member(client, keys, prefix + "aaaaaa")
+    _member(client, keys, prefix + "bbbbbb")  # the same process, rejoined after a stall
+    _member(client, keys, process_id_prefix(4242, 11) + "cccccc")  # slot 11, not slot 1
+    _member(client, keys, process_id_prefix(42420, 1) + "dddddd")
+    removed = evict_process(client, keys, 4242, 1, "exited with code -9")
+    assert sorted(removed) == [prefix + "aaaaaa", prefix + "bbbbbb"]
+    assert sorted(r.lrange(keys.consumers, 0, -1)) == sorted(
+        [process_id_prefix(4242, 11) + "cccccc", process_id_prefix(42420, 1) + "dddddd"]
+    )
+    assert not r.exists(keys.heartbeat(prefix + "aaaaaa"))
+    assert not r.exists(keys.heartbeat(prefix + "bbbbbb"))
+    assert [reason for _, reason in _departures(r, keys)] == ["exited with code -9"] * 2
+    assert evict_process(client, keys, 4242, 1, "again") == []
 
 
 def test_read_view_refreshes_nobody(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:

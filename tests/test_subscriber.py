@@ -41,6 +41,7 @@ StartSubscriber = Callable[[str], tuple[Subscriber, Received]]
 @pytest.fixture
 def start_subscriber() -> Iterator[StartSubscriber]:
     started: list[Subscriber] = []
+    failures: list[tuple[str, BaseException]] = []
 
     def start(url: str) -> tuple[Subscriber, Received]:
         received = Received()
@@ -50,6 +51,7 @@ def start_subscriber() -> Iterator[StartSubscriber]:
             on_gap=received.gaps.append,
             context=lambda: "[t]",
             backoff_max_s=0.2,
+            on_failure=lambda name, error: failures.append((name, error)),
         )
         started.append(subscriber)
         subscriber.start()
@@ -60,6 +62,7 @@ def start_subscriber() -> Iterator[StartSubscriber]:
         subscriber.stop()
     for subscriber in started:
         subscriber.join(timeout=10)
+    assert not failures, f"a subscriber thread died: {failures}"
 
 
 def _publish(client: redis.Redis, payloads: list[bytes]) -> list[int]:
@@ -210,3 +213,27 @@ def test_server_backlog_of_a_subscriber_that_does_not_read_is_measured(
         )
     finally:
         lazy.close()
+
+
+def test_an_unexpected_error_in_the_reader_is_reported_not_swallowed(
+    redis_url: str, r: redis.Redis
+) -> None:
+    failures: list[tuple[str, BaseException]] = []
+
+    def deliver(chunk: list[bytes]) -> None:
+        raise ValueError("routing bug")
+
+    subscriber = Subscriber(
+        Settings(redis_url=redis_url),
+        deliver=deliver,
+        on_gap=lambda gap: None,
+        context=lambda: "[t]",
+        backoff_max_s=0.2,
+        on_failure=lambda name, error: failures.append((name, error)),
+    )
+    subscriber.start()
+    wait_until(subscriber.subscribed.is_set, 10)
+    assert r.publish(CHANNEL, b"x") == 1
+    subscriber.join(timeout=10)
+    assert not subscriber.is_alive()
+    assert [(name, str(error)) for name, error in failures] == [("subscriber", "routing bug")]
