@@ -22,7 +22,11 @@ def main(argv: list[str]) -> int:
         print(f"consume.py: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.loglevel)
-    return run(settings)
+    try:
+        return run(settings)
+    except ConfigError as error:
+        print(f"consume.py: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

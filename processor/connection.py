@@ -76,6 +76,18 @@ class Outage:
 
     def failed(self, error: BaseException) -> None:
         self._attempts += 1
+        if isinstance(error, redis.AuthenticationError):
+            # Not a blip: a rotated password needs an operator, so say it on every attempt.
+            self._started = self._started or time.monotonic()
+            log.error(
+                "%s %s refused our credentials (attempt %d): %s; fix REDIS_URL's password "
+                "and restart, or restore the old one; retrying",
+                self._context(),
+                self._what,
+                self._attempts,
+                str(error).rstrip("."),
+            )
+            return
         if self._started is None:
             self._started = time.monotonic()
             log.warning("%s %s unavailable: %s; retrying", self._context(), self._what, error)

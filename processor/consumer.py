@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from processor.config import Settings
-from processor.connection import CONNECTION_ERRORS, Outage, command_client
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
 from processor.errors import ConsumerFailed
 from processor.handlers import Failure, Runner, load_handler, make_runner
 from processor.heartbeat import Heartbeat
@@ -146,6 +146,7 @@ class Consumer:
             on_failure=self._thread_failed,
         )
         self._register_outage = Outage("Redis (registration)", self.context)
+        self._register_backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
 
     def _join(self) -> None:
         """Subscribes first, then registers: a listed consumer is always a subscribed one."""
@@ -171,8 +172,9 @@ class Consumer:
                     self._heartbeat.beat()
             except CONNECTION_ERRORS as error:
                 self._register_outage.failed(error)
-                self.stop.wait(0.2)
+                self.stop.wait(self._register_backoff.next_delay())
                 continue
+            self._register_backoff.reset()
             self._register_outage.recovered()
             if self.stats is not None:
                 self.stats.consumer_id = consumer_id

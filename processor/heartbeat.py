@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from processor.connection import CONNECTION_ERRORS, Outage
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage
 from processor.keys import Keys
 from processor.membership import Membership, now_ms
 from processor.ownership import PartitionedStrategy, RaceStrategy
@@ -80,6 +80,8 @@ class Heartbeat(WatchedThread):
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
         self._outage = Outage("Redis (heartbeat)", context)
+        # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
+        self._backoff = Backoff(0.05, interval_s)
         self._backlog_warned = 0.0
         self._parent_pid = os.getppid()
 
@@ -105,9 +107,10 @@ class Heartbeat(WatchedThread):
                     self._check_backlog()
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
-                self._done.wait(self._interval_s)
+                self._done.wait(self._backoff.next_delay())
                 next_beat = time.monotonic()
                 continue
+            self._backoff.reset()
             self._outage.recovered()
 
     def _check_supervisor(self) -> None:

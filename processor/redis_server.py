@@ -108,8 +108,14 @@ class RedisServer:
         return self._port
 
     @property
+    def password(self) -> str | None:
+        return self._extra_config.get("requirepass")
+
+    @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        """The URL of the default user, with the password when ``requirepass`` is set."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{HOST}:{self.port}/0"
 
     @property
     def pid(self) -> int:
@@ -313,6 +319,7 @@ class RedisServer:
         return redis.Redis(
             host=HOST,
             port=self.port,
+            password=self.password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from processor.access import check_access
 from processor.config import Settings
 from processor.connection import CONNECTION_ERRORS, Backoff, command_client
 from processor.errors import ConsumerFailed
@@ -101,6 +102,10 @@ class Supervisor:
         for signum in _SIGNALS:
             signal.signal(signum, self._on_signal)
         log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
+        check_access(self.settings, self.stop)  # raises ConfigError: the entry point reports it
+        if self.stop.is_set():
+            log.info("daemon stopped before Redis was reachable")
+            return EXIT_OK
         monitor = Monitor(self.settings, [slot.stats for slot in self._slots])
         for slot in self._slots:
             self._start(slot)

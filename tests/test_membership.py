@@ -115,9 +115,7 @@ def test_pruning_removes_every_copy_of_a_dead_id(
 
 
 def _departures(r: redis.Redis, keys: Keys) -> list[tuple[str, str]]:
-    return [
-        (fields["consumer_id"], fields["reason"]) for _, fields in r.xrange(keys.departures)
-    ]
+    return [(fields["consumer_id"], fields["reason"]) for _, fields in r.xrange(keys.departures)]
 
 
 def test_leave_removes_list_entry_and_heartbeat_and_announces_it(

@@ -1,4 +1,4 @@
-"""A consumer whose thread dies of an unexpected error leaves the group at once, and nothing is lost.
+"""A consumer whose thread dies of an unexpected error leaves the group at once; nothing is lost.
 
 One consumer runs in this process, with a fault armed in one of its threads (reader, writer,
 heartbeat, the loop that runs the handler); a second one runs as ``demo/consume.py``. The

@@ -1,0 +1,137 @@
+"""The start-up check that Redis lets the daemon in and lets it do everything it needs.
+
+A wrong password or a missing ACL permission is a configuration error: caught here, before any
+consumer starts, it becomes one line naming the setting and the cause, instead of consumers that
+retry forever or die on their first write. The commands are checked without running them: each
+is queued inside MULTI, where Redis checks the command, its keys and its channel against the
+user's ACL, and the transaction is then discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+
+from processor.config import Settings
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.errors import ConfigError
+from processor.keys import Keys
+
+log = logging.getLogger(__name__)
+
+_PROBE = "access-check"
+
+
+def required_commands(keys: Keys) -> list[tuple[str, ...]]:
+    """Every command the daemon sends, on the keys and channel it sends them to."""
+    heartbeat = keys.heartbeat(_PROBE)
+    lock = keys.lock(_PROBE)
+    return [
+        ("SUBSCRIBE", keys.channel),
+        ("CLIENT", "ID"),
+        ("CLIENT", "SETNAME", "processor"),
+        ("CLIENT", "LIST", "ID", "1"),
+        ("SCRIPT", "LOAD", "return 1"),
+        ("EVALSHA", "0" * 40, "0"),
+        # Membership and leaving (heartbeat and list; also inside membership.lua, leave.lua).
+        ("SET", heartbeat, "1", "PX", "1000"),
+        ("PEXPIRE", heartbeat, "1000"),
+        ("GET", heartbeat),
+        ("DEL", heartbeat),
+        ("LRANGE", keys.consumers, "0", "-1"),
+        ("LREM", keys.consumers, "0", _PROBE),
+        ("RPUSH", keys.consumers, _PROBE),
+        ("XADD", keys.departures, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
+        ("XADD", keys.gaps, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
+        ("XREAD", "COUNT", "1", "STREAMS", keys.gaps, keys.departures, "0", "0"),
+        # The exactly-once write (inside lock_and_append.lua) and the takeover check.
+        ("SET", lock, "1", "NX", "PX", "1000"),
+        ("MGET", lock),
+        ("XADD", keys.output, "*", "message_id", _PROBE),
+        ("XADD", keys.dead, "*", "reason", _PROBE),
+        ("HINCRBY", keys.stats, "written", "0"),
+        # The monitor.
+        ("HMGET", keys.stats, "written", "dead"),
+    ]
+
+
+def check_access(settings: Settings, stop: threading.Event) -> None:
+    """Returns once Redis accepts our credentials and every command; raises ConfigError if not.
+
+    A Redis that is not reachable yet is waited for (logged once), until ``stop`` is set.
+    """
+    client = command_client(settings, name="processor-access-check")
+    outage = Outage("Redis (start-up check)")
+    backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
+    try:
+        while not stop.is_set():
+            try:
+                refusals = _dry_run(client, Keys.from_settings(settings))
+            except redis.AuthenticationError as error:
+                raise ConfigError(
+                    f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {error}"
+                ) from None
+            except CONNECTION_ERRORS as error:
+                outage.failed(error)
+                stop.wait(backoff.next_delay())
+                continue
+            outage.recovered()
+            if refusals:
+                raise ConfigError(
+                    f"Redis at {settings.safe_url} refuses what the daemon needs: "
+                    + "; ".join(
+                        f"{', '.join(what)} ({reason})" for reason, what in refusals.items()
+                    )
+                    + ": grant these to the Redis user (see the README's ACL line)"
+                )
+            return
+    finally:
+        client.close()
+
+
+def _dry_run(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
+    """Queues every required command in MULTI and discards it; returns what Redis refused,
+    grouped by its reason."""
+    connection: Any = client.connection_pool.get_connection()
+    refusals: dict[str, list[str]] = {}
+    try:
+        connection.send_command("MULTI")
+        connection.read_response()
+        for command in required_commands(keys):
+            connection.send_command(*command)
+            try:
+                connection.read_response()
+            except redis.ResponseError as error:
+                refusals.setdefault(str(error), []).append(_describe(command, keys))
+        connection.send_command("DISCARD")
+        connection.read_response()
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        client.connection_pool.release(connection)
+    return refusals
+
+
+def _describe(command: tuple[str, ...], keys: Keys) -> str:
+    name = " ".join(command[:2]) if command[0] in ("CLIENT", "SCRIPT") else command[0]
+    if command[0] == "SUBSCRIBE":
+        return f"SUBSCRIBE to INPUT_CHANNEL {keys.channel!r}"
+    targets = [arg for arg in command[1:] if arg.startswith(_key_prefixes(keys))]
+    return f"{name} on {targets[0]!r}" if targets else name
+
+
+def _key_prefixes(keys: Keys) -> tuple[str, ...]:
+    return (
+        keys.output,
+        keys.dead,
+        keys.consumers,
+        keys.lock_prefix,
+        keys.heartbeat_prefix,
+        keys.stats,
+        keys.gaps,
+        keys.departures,
+    )

@@ -1,0 +1,137 @@
+"""Credentials and ACL permissions, against a real redis-server with a password and ACL users.
+
+Refused at start: one line naming the setting and the cause (never the secret), exit code 2.
+Refused after a successful start (a rotated password): an error on every attempt, retried with
+back-off, and the daemon carries on once the password works again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from processor.errors import EXIT_CONFIG
+from processor.redis_server import RedisServer
+from tests.conftest import Processes
+from tests.faults_support import CHANNEL, FAST_SETTINGS, OUTPUT, Daemon, subscribers
+from tests.helpers import wait_until
+
+PASSWORD = "s3cret-pass"
+NEW_PASSWORD = "rotated-pass"
+EXIT_WITHIN_S = 30.0
+
+
+@pytest.fixture
+def secured() -> Iterator[RedisServer]:
+    server = RedisServer(extra_config={"requirepass": PASSWORD})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def admin(secured: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(secured.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def url_for(server: RedisServer, user: str, password: str) -> str:
+    return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
+
+
+def start(procs: Processes, url: str, count: int = 1) -> object:
+    env = {**FAST_SETTINGS, "REDIS_URL": url, "CONSUMERS_COUNT": str(count)}
+    return procs.start(["demo/consume.py"], env=env)
+
+
+def refused_at_start(procs: Processes, url: str, secret: str) -> str:
+    """Runs the daemon, which must exit 2 with one error line; returns that line."""
+    proc = start(procs, url)
+    code = proc.wait(timeout=EXIT_WITHIN_S)  # type: ignore[attr-defined]
+    output = procs.output(proc)  # type: ignore[arg-type]
+    assert code == EXIT_CONFIG, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("consume.py: error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert secret not in output, "the secret was printed"
+    assert "consumer slot" not in output, "consumers were started"
+    return errors[0]
+
+
+def test_a_wrong_password_is_a_config_error_that_names_redis_url(procs, secured):
+    line = refused_at_start(procs, url_for(secured, "default", "wrong-password"), "wrong-password")
+    assert "REDIS_URL" in line and "***" in line, line
+    assert "invalid username-password pair" in line, line
+
+
+def test_no_password_at_all_is_a_config_error(procs, secured):
+    line = refused_at_start(procs, f"redis://127.0.0.1:{secured.port}/0", PASSWORD)
+    assert "REDIS_URL" in line, line
+
+
+def test_an_acl_user_without_xadd_is_a_config_error_that_names_the_command(procs, secured, admin):
+    admin.execute_command("ACL", "SETUSER", "writer", "on", ">w-pass", "~*", "&*", "+@all", "-xadd")
+    line = refused_at_start(procs, url_for(secured, "writer", "w-pass"), "w-pass")
+    assert "XADD on 'messages:processed'" in line, line
+    assert "no permissions to run the 'xadd' command" in line, line
+
+
+def test_an_acl_user_without_the_channel_is_a_config_error_that_names_it(procs, secured, admin):
+    admin.execute_command(
+        "ACL", "SETUSER", "deaf", "on", ">d-pass", "~*", "resetchannels", "&other:*", "+@all"
+    )
+    line = refused_at_start(procs, url_for(secured, "deaf", "d-pass"), "d-pass")
+    assert f"SUBSCRIBE to INPUT_CHANNEL '{CHANNEL}'" in line, line
+
+
+def test_an_acl_user_without_its_keys_is_a_config_error(procs, secured, admin):
+    admin.execute_command("ACL", "SETUSER", "narrow", "on", ">n-pass", "~messages:*", "&*", "+@all")
+    line = refused_at_start(procs, url_for(secured, "narrow", "n-pass"), "n-pass")
+    assert "'consumer:ids'" in line and "processor:" in line, line
+
+
+def test_a_password_rotated_under_a_running_daemon_is_logged_on_every_attempt_until_fixed(
+    procs, secured, admin, tmp_path: Path
+):
+    count = 2
+    proc = start(procs, secured.url, count)
+    daemon = Daemon(procs, proc, secured.url, count)
+    try:
+        daemon.wait_in_step(30, "daemon did not start")
+        admin.config_set("requirepass", NEW_PASSWORD)
+        # Existing connections stay authenticated: drop them, as a restart of Redis would.
+        admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+        def refusals() -> int:
+            return sum(
+                " ERROR " in line and "refused our credentials" in line
+                for line in daemon.log().splitlines()
+            )
+
+        wait_until(lambda: refusals() >= 6, 30, message="refusals not logged on every attempt")
+        assert proc.poll() is None, "the daemon exited"  # type: ignore[attr-defined]
+        assert PASSWORD not in daemon.log() and NEW_PASSWORD not in daemon.log()
+
+        admin.config_set("requirepass", PASSWORD)
+        wait_until(lambda: subscribers(admin) == count, 30, message="not subscribed again")
+        daemon.wait_in_step(30, "consumers did not rejoin")
+        ids = [f"after-rotation-{n}" for n in range(200)]
+        for message_id in ids:
+            assert admin.publish(CHANNEL, f'{{"message_id": "{message_id}"}}') >= 1
+
+        def written() -> list[str]:
+            return [fields[b"message_id"].decode() for _, fields in admin.xrange(OUTPUT)]
+
+        wait_until(lambda: set(ids) <= set(written()), 30, message="not written after the fix")
+        assert sorted(written()) == sorted(ids)
+        daemon.stop("after the rotation")
+    finally:
+        daemon.close()
