@@ -21,6 +21,7 @@ import redis
 from tests.faults_support import (
     CHANNEL,
     GAPS,
+    INVALID_PAYLOADS,
     LINGER_S,
     RATE,
     RECOVER_S,
@@ -524,3 +525,46 @@ def test_a_kill_every_second_for_thirty_seconds_loses_nothing(
     daemon.wait_in_step(REPLACE_S, f"{context}: not replaced after the storm")
     print(context, publisher.finish())
     finish(daemon, bclient, Expected(publisher.records()), context)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_schedule_of_mixed_faults_loses_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
+):
+    """kill -9, CLIENT KILL of a subscriber, or SIGSTOP for 0.5-4 s, one at a time, for 12 s."""
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy={strategy}"
+    daemon = start_daemon(procs, redis_url, strategy, **DEFAULT_HEARTBEAT)
+    publish_invalid(bclient, context)
+    total = 36_000
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", total / RATE)
+    invalid = dict(INVALID_PAYLOADS)
+    faults: list[str] = []
+    while publisher.proc.poll() is None:
+        fault = rng.choice(["kill", "client-kill", "stop"])
+        pids = sorted(daemon.consumers())
+        if fault == "kill":
+            os.kill(rng.choice(pids), signal.SIGKILL)
+        elif fault == "client-kill":
+            victim = rng.choice(subscriber_connections(bclient))
+            bclient.client_kill_filter(_id=victim["id"])
+        else:
+            pid = rng.choice(pids)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(rng.uniform(0.5, 4.0))  # the stall is the fault
+            os.kill(pid, signal.SIGCONT)
+        faults.append(fault)
+        # Invalid messages along the way: each must be dead-lettered exactly once.
+        payload = f"not json, after fault {len(faults)}".encode()
+        if bclient.publish(CHANNEL, payload) >= 1:
+            invalid[payload] = "invalid JSON"
+        wait_for(
+            lambda: subscribers(bclient) == 3 and daemon.in_step(),
+            RECOVER_S,
+            f"{context}: group not whole again after {fault}",
+        )
+        time.sleep(rng.uniform(0.3, 1.2))  # the schedule's pause, not a synchronisation
+    print(f"{context}: faults {faults}")
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records(), invalid=invalid), context)
