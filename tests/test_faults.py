@@ -36,6 +36,7 @@ from tests.faults_support import (
     exists,
     fault_message,
     group_alive,
+    pid_of,
     publish_invalid,
     read_stream,
     running,
@@ -568,3 +569,31 @@ def test_a_schedule_of_mixed_faults_loses_nothing(
     print(f"{context}: faults {faults}")
     print(context, publisher.finish())
     finish(daemon, bclient, Expected(publisher.records(), invalid=invalid), context)
+
+
+def test_a_whole_daemon_killed_beside_another_is_taken_over_when_its_heartbeats_expire(
+    procs, redis_url, bclient, tmp_path: Path, seed: int
+):
+    """No supervisor is left to announce the deaths: the heartbeat TTL is the backstop."""
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} strategy=partitioned"
+    env = daemon_env(redis_url, "partitioned", 2, DEFAULT_HEARTBEAT)
+    doomed = Daemon(procs, procs.start(["demo/consume.py"], env=env), redis_url, 2)
+    survivor = Daemon(procs, procs.start(["demo/consume.py"], env=env), redis_url, 2)
+    wait_for(lambda: len(survivor.listed()) == 4, START_S, f"{context}: 4 consumers not listed")
+    doomed_ids = set(doomed.listed()) - {
+        cid for cid in doomed.listed() if pid_of(cid) in survivor.consumers()
+    }
+    publish_invalid(bclient, context)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 5.0)
+    publisher.wait_published(rng.randint(RATE // 2, RATE * 2))
+    os.killpg(doomed.pid, signal.SIGKILL)  # supervisor and consumers: a host lost
+    took = wait_for(
+        lambda: not doomed_ids & set(survivor.listed()),
+        LINGER_S + 2,
+        f"{context}: the killed daemon's ids still listed",
+    )
+    print(f"{context}: killed daemon's ids unlisted {took:.2f} s after the kill")
+    print(context, publisher.finish())
+    doomed.close()
+    finish(survivor, bclient, Expected(publisher.records()), context)
