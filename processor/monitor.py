@@ -42,6 +42,8 @@ class Monitor:
             dead = current["dead"] - previous["dead"]
             name = stats.consumer_id or f"slot{index}"
             extra = f" dead={dead}" if dead else ""
+            # What it keeps for takeovers: flat once TAKEOVER_BUFFER_MS of traffic is in.
+            extra += f" buffered={current['buffered']:,}" if current["buffered"] else ""
             local_parts.append(f"{name}={rate:,.0f}/s{extra}")
         parts.append("local " + " ".join(local_parts))
         parts.append(self._gaps_part())
