@@ -1,12 +1,12 @@
-"""Issue 6's benchmark: ``python demo/bench.py [--quick] [--publish-chart]``, or ``make bench``.
+"""The benchmark: ``python demo/bench.py [--quick] [--publish-chart]``, or ``make bench``.
 
 Starts a private redis-server, then runs every scenario with both strategies: each run starts
 ``demo/consume.py`` on a flushed Redis, waits for the whole group to be live, publishes from a
 separate process (pipelines of PUBLISH, messages built in advance) and measures what reaches
-the output stream. Prints one table with the targets of issue 6, writes
+the output stream. Prints one table with the targets (docs/), writes
 ``bench-results/bench.json`` and ``bench-results/throughput.png``.
 
-Scenarios (issue 6 numbering):
+Scenarios:
   0  baseline: one plain redis-py subscriber (PubSub.listen, XADD pipelined per 100, no locks)
   1  trivial handler: the offered rate is stepped up until a step loses or duplicates messages
      or lags (last write more than LAG_S after the last publish); reports the best step

@@ -1,9 +1,10 @@
 """The Pub/Sub reader: one thread that drains the subscription socket, always.
 
 We read the socket ourselves, below redis-py's ``PubSub``: it costs a quarter of the CPU per
-message (REDIS-FACTS.md), and ``PubSub`` reconnects and re-subscribes silently, losing whatever
-was in flight. Here every loss of the subscription is a recorded :class:`Gap`: from the last
-moment the connection was known to be alive to the confirmation of the new subscription.
+message (1.1 µs against 4.4 µs, measured on this project's machine), and ``PubSub`` reconnects
+and re-subscribes silently, losing whatever was in flight. Here every loss of the subscription
+is a recorded :class:`Gap`: from the last moment the connection was known to be alive to the
+confirmation of the new subscription.
 """
 
 from __future__ import annotations

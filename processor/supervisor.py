@@ -139,6 +139,7 @@ class Supervisor:
             os._exit(EXIT_FORCED)
 
     def _start(self, slot: Slot) -> None:
+        slot.stats.consumer_id = ""  # until the new consumer registers under its own id
         process = self._context.Process(
             target=consumer_process,
             args=(self.settings, slot.index, slot.stats),

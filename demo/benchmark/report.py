@@ -1,4 +1,4 @@
-"""The report: the results table and issue 6's targets printed, bench.json and the chart saved."""
+"""The report: the results table and the targets printed, bench.json and the chart saved."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from demo.benchmark.plan import (
 )
 from demo.benchmark.scenarios import Results, latency_note
 
-MANY_CONSUMERS = 8  # the targets of issue 6 compare 8 consumers with 1
+MANY_CONSUMERS = 8  # the targets compare 8 consumers with 1
 
 HEADER = (
     *("scenario", "handler", "strategy", "cons", "conc"),
@@ -110,7 +110,7 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: 
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 6: a headline figure, per strategy, against a limit."""
+    """One target: a headline figure, per strategy, against a limit."""
 
     figure: str  # a key of headline()
     name: str
@@ -194,7 +194,7 @@ def target_lines(results: Results) -> list[tuple[str, ...]]:
     ]
 
 
-TARGETS_HEADER = ("target (issue 6)", "required", *STRATEGIES)
+TARGETS_HEADER = ("target", "required", *STRATEGIES)
 
 
 def print_report(results: Results) -> None:
