@@ -1,0 +1,190 @@
+"""How a setting is declared, and how settings are read: TOML file < environment < flags.
+
+A setting is a dataclass field made by :func:`setting`, which records its environment variable,
+help, bounds and choices in the field's metadata; its flag is the field's name with dashes. The
+loader, the ``--help`` text and the config-file reader all work from those fields, so a setting
+cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from processor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the loader sees it: field name, environment variable, type, bounds, help."""
+
+    name: str
+    env: str
+    kind: type
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class _Declared:
+    env: str
+    help: str
+    minimum: float | None
+    choices: tuple[str, ...]
+
+
+def setting(
+    default: Any,
+    env: str,
+    help: str,
+    *,
+    minimum: float | None = None,
+    choices: tuple[str, ...] = (),
+    secret: bool = False,
+) -> Any:
+    """A settings field: its default and everything the loader needs to read it."""
+    declared = _Declared(env, help, minimum, choices)
+    return field(default=default, repr=not secret, metadata={"setting": declared})
+
+
+def options_of(cls: type) -> list[Option]:
+    """The settings of a settings dataclass, in declaration order (base classes first)."""
+    options = []
+    for item in dataclasses.fields(cls):
+        declared = item.metadata.get("setting")
+        if declared is not None:
+            kind = type(item.default)
+            options.append(
+                Option(
+                    item.name, declared.env, kind, declared.help, declared.minimum, declared.choices
+                )
+            )
+    return options
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+SettingsT = TypeVar("SettingsT")
+
+
+def _convert(option: Option, raw: object, source: str) -> object:
+    where = f"{option.env} (from {source})"
+    if option.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"invalid {where}: {raw!r} is not a boolean (true/false)")
+    if option.kind is int:
+        if isinstance(raw, (bool, float)):
+            raise ConfigError(f"invalid {where}: {raw!r} is not an integer")
+        try:
+            value: object = int(str(raw).strip())
+        except ValueError:
+            raise ConfigError(f"invalid {where}: {raw!r} is not an integer") from None
+    elif option.kind is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"invalid {where}: {raw!r} is not a number")
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise ConfigError(f"invalid {where}: {raw!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"invalid {where}: {raw!r} is not a finite number")
+    else:
+        if not isinstance(raw, str):
+            raise ConfigError(f"invalid {where}: {raw!r} is not a string")
+        value = raw.upper() if option.name == "loglevel" else raw
+    if option.minimum is not None and value < option.minimum:  # type: ignore[operator]
+        raise ConfigError(f"invalid {where}: {raw!r} must be >= {option.minimum:g}")
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"invalid {where}: {raw!r} must be one of {', '.join(option.choices)}")
+    return value
+
+
+def read_toml(path: str, options: Sequence[Option]) -> dict[str, object]:
+    """The settings in a TOML file, keyed by field name; unknown keys are an error."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    by_key = {option.name: option for option in options}
+    by_key.update({option.env.lower(): option for option in options})
+    values: dict[str, object] = {}
+    for key, raw in document.items():
+        option = by_key.get(key.lower())
+        if option is None:
+            raise ConfigError(f"unknown key {key!r} in config file {path}")
+        values[option.name] = _convert(option, raw, f"config file {path}")
+    return values
+
+
+def build_parser(
+    prog: str, description: str, options: Sequence[Option], defaults: Mapping[str, object]
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file of settings (keys as the flags, with _)"
+    )
+    for option in options:
+        if option.kind is bool:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{option.help} [env {option.env}; default {defaults[option.name]!r}]",
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                default=None,
+                metavar=option.env,
+                help=f"{option.help} [env {option.env}; default {defaults[option.name]!r}]",
+            )
+    return parser
+
+
+def load(
+    cls: type[SettingsT],
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    prog: str,
+    description: str,
+    extra_check: Callable[[SettingsT], None] | None = None,
+) -> SettingsT:
+    """Settings from defaults < file < environment < flags, validated; ConfigError otherwise."""
+    options = options_of(cls)
+    defaults = {item.name: item.default for item in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    parser = build_parser(prog, description, options, defaults)
+    args = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(read_toml(args.config, options))
+    for option in options:
+        if option.env in environ:
+            values[option.name] = _convert(option, environ[option.env], "environment")
+        flag_value = getattr(args, option.name)
+        if flag_value is not None:
+            values[option.name] = _convert(option, flag_value, f"flag {option.flag}")
+    settings = cls(**values)
+    if extra_check is not None:
+        extra_check(settings)
+    return settings
