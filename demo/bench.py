@@ -30,7 +30,7 @@ from demo.benchmark.measure import BenchError
 from demo.benchmark.plan import DOCS_CHART, FULL, QUICK, RESULTS_DIR, ROOT
 from demo.benchmark.report import print_report, save
 from demo.benchmark.scenarios import measure_everything
-from processor.redis_server import RedisServerFailed, RedisServerNotFound
+from demo.redis_server import RedisServerFailed, RedisServerNotFound
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -1,4 +1,7 @@
-"""Run the consumer daemon: ``python demo/consume.py --help``."""
+"""Run the consumer daemon from a checkout: ``python demo/consume.py --help``.
+
+The same as the installed ``processor consume``.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from processor.config import load_daemon_settings
-from processor.errors import EXIT_CONFIG, ConfigError
-from processor.handlers import load_handler
-from processor.logs import configure_logging
-from processor.supervisor import run
-
-
-def main(argv: list[str]) -> int:
-    try:
-        settings = load_daemon_settings(argv)
-        load_handler(settings.handler)
-    except ConfigError as error:
-        print(f"consume.py: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    configure_logging(settings.loglevel)
-    try:
-        return run(settings)
-    except ConfigError as error:
-        print(f"consume.py: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-
+from processor.cli import consume
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(consume(sys.argv[1:], "consume.py"))

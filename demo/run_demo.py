@@ -23,7 +23,7 @@ from redis.retry import Retry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processor.config import RedisSettings
-from processor.redis_server import RedisServer, find_redis_server
+from demo.redis_server import RedisServer, find_redis_server
 
 DEMO_DIR = Path(__file__).resolve().parent
 WAIT_S = 30.0

@@ -27,7 +27,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from processor.redis_server import RedisServer
+from demo.redis_server import RedisServer
 
 DEMO_DIR = Path(__file__).resolve().parent
 OUTPUT = "messages:processed"

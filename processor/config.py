@@ -65,7 +65,25 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
-class Settings(RedisSettings):
+class GroupSettings(RedisSettings):
+    """Where one group keeps its streams and bookkeeping: shared by the daemon and the tools."""
+
+    output_stream: str = setting("messages:processed", "OUTPUT_STREAM", "output stream")
+    dead_letter_stream: str = setting(
+        "messages:dead",
+        "DEAD_LETTER_STREAM",
+        "stream for invalid messages",
+    )
+    consumers_list: str = setting(
+        "consumer:ids",
+        "CONSUMERS_LIST",
+        "Redis list of live consumer ids",
+    )
+    key_prefix: str = setting("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
+
+
+@dataclass(frozen=True)
+class Settings(GroupSettings):
     """Everything one consumer daemon needs; picklable, so it crosses to the consumer processes."""
 
     consumers_count: int = setting(2, "CONSUMERS_COUNT", "consumer processes", minimum=1)
@@ -80,17 +98,6 @@ class Settings(RedisSettings):
         "BATCH_WINDOW_MS",
         "a partial batch is flushed after this many ms",
         minimum=0,
-    )
-    output_stream: str = setting("messages:processed", "OUTPUT_STREAM", "output stream")
-    dead_letter_stream: str = setting(
-        "messages:dead",
-        "DEAD_LETTER_STREAM",
-        "stream for invalid messages",
-    )
-    consumers_list: str = setting(
-        "consumer:ids",
-        "CONSUMERS_LIST",
-        "Redis list of live consumer ids",
     )
     monitor_interval_s: float = setting(
         3.0,
@@ -133,7 +140,6 @@ class Settings(RedisSettings):
         "larger messages are dead-lettered",
         minimum=64,
     )
-    key_prefix: str = setting("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
     heartbeat_interval_ms: int = setting(
         500,
         "HEARTBEAT_INTERVAL_MS",
@@ -190,6 +196,13 @@ class Settings(RedisSettings):
         values.pop("redis_host")
         values.pop("redis_port")
         return " ".join(f"{key}={value}" for key, value in values.items())
+
+
+@dataclass(frozen=True)
+class StatusSettings(GroupSettings):
+    """What ``processor status`` needs."""
+
+    json: bool = setting(False, "STATUS_JSON", "print JSON for scripts instead of the table")
 
 
 @dataclass(frozen=True)
@@ -257,25 +270,39 @@ def check_publisher(settings: PublisherSettings) -> None:
         )
 
 
-def load_daemon_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+def load_daemon_settings(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "processor consume"
+) -> Settings:
     return load(
         Settings,
         argv,
         os.environ if environ is None else environ,
-        prog="consume.py",
+        prog=prog,
         description="Consume a Redis Pub/Sub channel into an exactly-once Redis Stream.",
         extra_check=check_daemon,
     )
 
 
+def load_status_settings(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "processor status"
+) -> StatusSettings:
+    return load(
+        StatusSettings,
+        argv,
+        os.environ if environ is None else environ,
+        prog=prog,
+        description="Show the consumer group: live consumers, counts, streams, dead letters, gaps.",
+    )
+
+
 def load_publisher_settings(
-    argv: Sequence[str], environ: Mapping[str, str] | None = None
+    argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "processor publish"
 ) -> PublisherSettings:
     return load(
         PublisherSettings,
         argv,
         os.environ if environ is None else environ,
-        prog="publish.py",
+        prog=prog,
         description="Publish bursts of JSON messages to a Redis Pub/Sub channel.",
         extra_check=check_publisher,
     )

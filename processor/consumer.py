@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from processor.keys import Keys
 from processor.membership import Membership, new_consumer_id, now_ms
 from processor.messages import Entry, Message, handler_failed, output_entry, parse
 from processor.ownership import make_strategy
-from processor.stats import ConsumerStats
+from processor.stats import ConsumerStats, RateMeter
 from processor.subscriber import Subscriber
 from processor.writer import Writer, WriteResult, WriteThread
 
@@ -56,6 +57,7 @@ class Consumer:
         self._flushed = threading.Event()
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
+        self._rate = RateMeter()
         self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
 
     def context(self) -> str:
@@ -129,6 +131,7 @@ class Consumer:
             subscriber_client_id=lambda: self._subscriber.client_id,
             on_takeover=self._takeovers.append,
             on_failure=self._thread_failed,
+            status=self._status,
         )
         writer = Writer(
             self._client,
@@ -310,6 +313,26 @@ class Consumer:
             self.stats.add("written", result.written)
             self.stats.add("dead", result.dead)
             self.stats.add("skipped", result.skipped)
+
+    def _status(self) -> dict[str, str | int | float]:
+        """What ``processor status`` shows of us; written to Redis with every heartbeat."""
+        totals = self._totals
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slot": self.slot,
+            "strategy": self._strategy.name,
+            "received": self._subscriber.received,
+            "written": totals["written"],
+            "dead": totals["dead"],
+            "skipped": totals["skipped"],
+            "taken_over": totals["taken_over"],
+            "buffered": self._strategy.buffered,
+            "gaps": self._subscriber.gaps,
+            "rate": round(self._rate.rate(totals["written"]), 1),
+            "subscribed": int(self._subscriber.subscribed.is_set()),
+            "backlog_bytes": self._heartbeat.backlog_bytes,
+        }
 
     def _account(self) -> None:
         if self.stats is not None:

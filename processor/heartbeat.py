@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -59,6 +59,7 @@ class Heartbeat(WatchedThread):
         subscriber_client_id: Callable[[], int | None],
         on_takeover: Callable[[list[bytes]], None],
         on_failure: OnFailure,
+        status: Callable[[], Mapping[str, str | int | float]],
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
@@ -72,6 +73,9 @@ class Heartbeat(WatchedThread):
         self._context = context
         self._subscriber_client_id = subscriber_client_id
         self._on_takeover = on_takeover
+        self._status = status
+        # What Redis held unsent for our subscription at the last check (CLIENT LIST omem).
+        self.backlog_bytes = 0
         # Held across register + first beat, so a view never mixes two identities.
         self.lock = threading.Lock()
         self.fenced = threading.Event()
@@ -120,7 +124,7 @@ class Heartbeat(WatchedThread):
 
     def beat(self) -> None:
         """One heartbeat; the caller holds ``lock``."""
-        view = self.membership.beat()
+        view = self.membership.beat(self._status())
         me = self.membership.consumer_id
         if not view.alive:
             if not self.fenced.is_set():
@@ -199,6 +203,7 @@ class Heartbeat(WatchedThread):
         if client_id is None:
             return
         omem = server_backlog_bytes(self._client, client_id)
+        self.backlog_bytes = omem
         now = time.monotonic()
         if omem >= self._backlog_warn_bytes and now - self._backlog_warned >= BACKLOG_WARN_REPEAT_S:
             self._backlog_warned = now

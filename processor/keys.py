@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from processor.config import Settings
+from processor.config import GroupSettings
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,13 @@ class Keys:
     consumers: str
     lock_prefix: str
     heartbeat_prefix: str
+    info_prefix: str
     stats: str
     gaps: str
     departures: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Keys:
+    def from_settings(cls, settings: GroupSettings) -> Keys:
         prefix = settings.key_prefix
         return cls(
             channel=settings.input_channel,
@@ -33,6 +34,7 @@ class Keys:
             consumers=settings.consumers_list,
             lock_prefix=f"{prefix}:lock:",
             heartbeat_prefix=f"{prefix}:heartbeat:",
+            info_prefix=f"{prefix}:consumer:",
             stats=f"{prefix}:stats",
             gaps=f"{prefix}:gaps",
             departures=f"{prefix}:departures",
@@ -40,6 +42,9 @@ class Keys:
 
     def heartbeat(self, consumer_id: str) -> str:
         return self.heartbeat_prefix + consumer_id
+
+    def info(self, consumer_id: str) -> str:
+        return self.info_prefix + consumer_id
 
     def lock(self, lock_id: str) -> str:
         return self.lock_prefix + lock_id

@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
@@ -82,14 +83,24 @@ class Membership:
             pipe.execute()
         self.last_beat_ms = sent_ms
 
-    def beat(self) -> View:
-        """Extends our heartbeat, prunes dead ids and returns the live members."""
+    def beat(self, status: Mapping[str, str | int | float] | None = None) -> View:
+        """Extends our heartbeat (and writes ``status`` to our status hash), prunes dead ids
+        and returns the live members."""
         # Stamped when sent, not when the reply is read: a stall in between (SIGSTOP, a long GC)
         # must count as time without a heartbeat, or a rejoin underestimates its stall.
         sent_ms = now_ms()
+        pairs: list[str | int | float] = ["beat_ms", sent_ms]
+        for name, value in (status or {}).items():
+            pairs += [name, value]
         reply = self._script(
-            keys=[self._keys.consumers],
-            args=[self._keys.heartbeat_prefix, self.consumer_id, self._ttl_ms],
+            keys=[self._keys.consumers, self._keys.info(self.consumer_id)],
+            args=[
+                self._keys.heartbeat_prefix,
+                self.consumer_id,
+                self._ttl_ms,
+                self._keys.info_prefix,
+                *pairs,
+            ],
         )
         view = parse_view(reply)
         if view.alive:
@@ -99,7 +110,10 @@ class Membership:
     def read(self) -> View:
         """The live members, without touching our own heartbeat."""
         return parse_view(
-            self._script(keys=[self._keys.consumers], args=[self._keys.heartbeat_prefix, "", 1])
+            self._script(
+                keys=[self._keys.consumers, ""],
+                args=[self._keys.heartbeat_prefix, "", 1, self._keys.info_prefix],
+            )
         )
 
     def leave(self, reason: str) -> None:
@@ -113,7 +127,14 @@ def remove(
 ) -> list[str]:
     reply = script(
         keys=[keys.consumers, keys.departures],
-        args=[keys.heartbeat_prefix, match, int(is_prefix), reason, DEPARTURES_MAXLEN],
+        args=[
+            keys.heartbeat_prefix,
+            match,
+            int(is_prefix),
+            reason,
+            DEPARTURES_MAXLEN,
+            keys.info_prefix,
+        ],
     )
     return [item.decode() for item in reply]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -35,3 +37,20 @@ class ConsumerStats:
     @consumer_id.setter
     def consumer_id(self, value: str) -> None:
         self._ident.value = value.encode()[:159]
+
+
+class RateMeter:
+    """A rate over the last ``window_s`` seconds, from a growing total sampled now and then."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self._window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def rate(self, total: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window_s:
+            self._samples.popleft()
+        first_time, first_total = self._samples[0]
+        elapsed = now - first_time
+        return (total - first_total) / elapsed if elapsed > 0 else 0.0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from processor.redis_server import RedisServer, RedisServerNotFound
+from demo.redis_server import RedisServer, RedisServerNotFound
 from tests.helpers import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

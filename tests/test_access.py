@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from processor.errors import EXIT_CONFIG
-from processor.redis_server import RedisServer
+from demo.redis_server import RedisServer
 from tests.conftest import Processes
 from tests.faults_support import CHANNEL, FAST_SETTINGS, OUTPUT, Daemon, subscribers
 from tests.helpers import wait_until

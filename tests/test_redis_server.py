@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from processor.redis_server import (
+from demo.redis_server import (
     RedisServer,
     RedisServerFailed,
     RedisServerNotFound,

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from processor.config import Settings
-from processor.redis_server import RedisServer
+from demo.redis_server import RedisServer
 from processor.subscriber import Gap, Subscriber
 from tests.helpers import wait_until
 

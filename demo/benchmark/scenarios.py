@@ -25,7 +25,7 @@ from demo.benchmark.plan import (
     Plan,
 )
 from demo.benchmark.publishing import PublishJob, message_heads, publisher_process
-from processor.redis_server import RedisServer
+from demo.redis_server import RedisServer
 
 # A burst is published as fast as possible and waits in Redis and in the consumers' sockets and
 # inboxes: keep it well under the 8 MB soft Pub/Sub output buffer limit (about 190 B a message).

@@ -8,8 +8,9 @@
 -- ARGV[3]  1 when ARGV[2] is a prefix, 0 when it is an exact id
 -- ARGV[4]  why they left (logged by the others)
 -- ARGV[5]  approximate MAXLEN of the departures stream
+-- ARGV[6]  status hash key prefix
 --
--- Returns the ids removed. Each removal deletes the heartbeat key (which also fences any write
+-- Returns the ids removed. Each removal deletes the heartbeat key and the status hash (which also fences any write
 -- still in flight from that consumer: the write script checks it), drops the id from the list,
 -- and appends {consumer_id, reason} to the departures stream, all in one step, so a consumer
 -- that reads the departure already sees a view without that id. Heartbeat keys are built from
@@ -25,7 +26,7 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
         hit = id == match
     end
     if hit then
-        redis.call('DEL', prefix .. id)
+        redis.call('DEL', prefix .. id, ARGV[6] .. id)
         redis.call('LREM', KEYS[1], 0, id)
         redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'consumer_id', id, 'reason', reason)
         removed[#removed + 1] = id
@@ -33,6 +34,6 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
 end
 if not is_prefix and #removed == 0 then
     -- Not listed (pruned already, or never listed): its heartbeat key may still be there.
-    redis.call('DEL', prefix .. match)
+    redis.call('DEL', prefix .. match, ARGV[6] .. match)
 end
 return removed

@@ -1,10 +1,13 @@
--- Heartbeat and prune in one step: refresh this consumer's heartbeat, drop dead ids from the
--- consumers list, and return the live members.
+-- Heartbeat and prune in one step: refresh this consumer's heartbeat and its status hash, drop
+-- dead ids from the consumers list, and return the live members.
 --
 -- KEYS[1]  consumers list
+-- KEYS[2]  this consumer's status hash (ignored when ARGV[2] is "")
 -- ARGV[1]  heartbeat key prefix
 -- ARGV[2]  this consumer's id, or "" to only prune and read (the supervisor's monitor)
 -- ARGV[3]  heartbeat TTL in ms
+-- ARGV[4]  status hash key prefix (the hashes of pruned ids are deleted with them)
+-- ARGV[5..] field, value pairs written to KEYS[2] when the heartbeat was refreshed
 --
 -- Returns {refreshed, id1, value1, id2, value2, ...}: refreshed is 1 when this consumer's
 -- heartbeat was still alive and has been extended, 0 when it had expired (the group declared it
@@ -16,10 +19,14 @@
 -- gone, so a daemon never removes a live consumer it does not own. Heartbeat keys are built
 -- from the ids here, which is fine on one Redis instance (not Redis Cluster).
 
-local prefix, me, ttl = ARGV[1], ARGV[2], ARGV[3]
+local prefix, me, ttl, info_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local refreshed = 0
 if me ~= '' then
     refreshed = redis.call('PEXPIRE', prefix .. me, ttl)
+    if refreshed == 1 and #ARGV > 4 then
+        redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+        redis.call('PEXPIRE', KEYS[2], ttl)
+    end
 end
 local result = {refreshed}
 for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
@@ -29,6 +36,7 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
         result[#result + 1] = value
     else
         redis.call('LREM', KEYS[1], 0, id)
+        redis.call('DEL', info_prefix .. id)
     end
 end
 return result

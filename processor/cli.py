@@ -1,0 +1,108 @@
+"""The ``processor`` command: ``consume`` (the daemon), ``publish`` (demo messages), ``status``.
+
+Each subcommand parses its own flags (``processor consume --help``) and names itself in help and
+error lines as the user typed it. Wrong settings and refused credentials exit with code 2 and
+one line; anything else is the subcommand's own exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from processor.errors import EXIT_CONFIG, ConfigError
+
+USAGE = """usage: {prog} COMMAND [options]
+
+Consume a Redis Pub/Sub channel into an exactly-once Redis Stream.
+
+commands:
+  consume   run the consumer daemon (a supervised group of consumer processes)
+  publish   publish demo messages to the channel, in bursts or at a steady rate
+  status    show the group: live consumers, counts, streams, dead letters, gaps
+
+'{prog} COMMAND --help' describes a command's options.
+"""
+
+
+def consume(argv: Sequence[str], prog: str) -> int:
+    from processor.config import load_daemon_settings
+    from processor.handlers import load_handler
+    from processor.logs import configure_logging
+    from processor.supervisor import run
+
+    try:
+        settings = load_daemon_settings(argv, prog=prog)
+        load_handler(settings.handler)
+        configure_logging(settings.loglevel)
+        return run(settings)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def publish(argv: Sequence[str], prog: str) -> int:
+    from processor.config import load_publisher_settings
+    from processor.logs import configure_logging
+    from processor.publisher import Publisher
+
+    try:
+        settings = load_publisher_settings(argv, prog=prog)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.loglevel)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    report = Publisher(settings, stop).run()
+    print(report.line(), flush=True)
+    return 0
+
+
+def status(argv: Sequence[str], prog: str) -> int:
+    from processor.status import main as status_main
+
+    try:
+        return status_main(argv, prog)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
+    "consume": consume,
+    "publish": publish,
+    "status": status,
+}
+
+
+def program_name(argv0: str) -> str:
+    """How the user started us: ``processor``, or ``python -m processor``."""
+    if os.path.basename(argv0) == "__main__.py":
+        return "python -m processor"
+    return os.path.basename(argv0) or "processor"
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or program_name(sys.argv[0])
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE.format(prog=prog), end="")
+        return 0 if args else EXIT_CONFIG
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(
+            f"{prog}: error: unknown command {args[0]!r} (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return command(args[1:], f"{prog} {args[0]}")

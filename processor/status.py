@@ -1,0 +1,200 @@
+"""``processor status``: a one-shot view of the whole group, read from Redis and changing nothing.
+
+Live consumers come from ``CONSUMERS_LIST`` and their heartbeat keys (an id whose heartbeat has
+expired is shown as dead, not pruned: status only reads); each consumer's status hash, refreshed
+with every heartbeat, gives its host, pid, strategy, rate and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from processor.config import StatusSettings, load_status_settings
+from processor.connection import CONNECTION_ERRORS, command_client
+from processor.keys import Keys
+
+EXIT_NO_CONSUMER = 1
+RECENT = 5
+
+
+@dataclass
+class ConsumerView:
+    consumer_id: str
+    registered_ms: int
+    host: str = "?"
+    pid: int = 0
+    strategy: str = "?"
+    rate: float = 0.0
+    beat_ms: int = 0
+    written: int = 0
+    dead: int = 0
+    received: int = 0
+    buffered: int = 0
+    gaps: int = 0
+    subscribed: bool = False
+    backlog_bytes: int = 0
+
+
+@dataclass
+class GroupView:
+    url: str
+    now_ms: int
+    consumers: list[ConsumerView] = field(default_factory=list)
+    written: int = 0
+    dead: int = 0
+    skipped: int = 0
+    streams: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _int(value: bytes | str | None) -> int:
+    try:
+        return int(float(_text(value) or 0))
+    except ValueError:
+        return 0
+
+
+def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
+    """Everything the view shows, in a few round trips; never writes."""
+    keys = Keys.from_settings(settings)
+    view = GroupView(url=settings.safe_url, now_ms=int(time.time() * 1000))
+    ids = [_text(item) for item in client.lrange(keys.consumers, 0, -1)]
+    with client.pipeline(transaction=False) as pipe:
+        for consumer_id in ids:
+            pipe.get(keys.heartbeat(consumer_id))
+            pipe.hgetall(keys.info(consumer_id))
+        pipe.hmget(keys.stats, ["written", "dead", "skipped"])
+        pipe.xlen(keys.output)
+        pipe.xlen(keys.dead)
+        pipe.xrevrange(keys.dead, count=RECENT)
+        pipe.xrevrange(keys.gaps, count=RECENT)
+        replies: list[Any] = pipe.execute()
+    for index, consumer_id in enumerate(ids):
+        heartbeat, info = replies[2 * index], replies[2 * index + 1]
+        if heartbeat is None:
+            continue  # expired: dead, pruned by the next live heartbeat
+        info = {_text(name): value for name, value in info.items()}
+        view.consumers.append(
+            ConsumerView(
+                consumer_id=consumer_id,
+                registered_ms=_int(_text(heartbeat).rpartition(":")[2]),
+                host=_text(info.get("host")) or "?",
+                pid=_int(info.get("pid")),
+                strategy=_text(info.get("strategy")) or "?",
+                rate=float(_text(info.get("rate")) or 0),
+                beat_ms=_int(info.get("beat_ms")),
+                written=_int(info.get("written")),
+                dead=_int(info.get("dead")),
+                received=_int(info.get("received")),
+                buffered=_int(info.get("buffered")),
+                gaps=_int(info.get("gaps")),
+                subscribed=_int(info.get("subscribed")) == 1,
+                backlog_bytes=_int(info.get("backlog_bytes")),
+            )
+        )
+    rest = replies[2 * len(ids) :]
+    view.written, view.dead, view.skipped = (_int(value) for value in rest[0])
+    view.streams = {keys.output: int(rest[1]), keys.dead: int(rest[2])}
+    for entry_id, fields in rest[3]:
+        view.dead_letters.append(
+            {
+                "at_ms": _int(_text(entry_id).partition("-")[0]),
+                "reason": _text(fields.get(b"reason", fields.get("reason"))),
+                "consumer_id": _text(fields.get(b"consumer_id", fields.get("consumer_id"))),
+            }
+        )
+    for _, fields in rest[4]:
+        values = {_text(name): _text(value) for name, value in fields.items()}
+        start, end = _int(values.get("start_ms")), _int(values.get("end_ms"))
+        view.gaps.append(
+            {"at_ms": start, "length_s": (end - start) / 1000, "consumer_id": values["consumer_id"]}
+        )
+    return view
+
+
+def _clock(ms: int) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ms / 1000))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def render(view: GroupView) -> str:
+    """The view for a person at a terminal."""
+    lines = [
+        f"processor status  {view.url}  {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"group: {len(view.consumers)} live consumers | written {view.written:,} | "
+        f"dead-lettered {view.dead:,} | skipped as already written {view.skipped:,}",
+        "streams: " + " | ".join(f"{name} {length:,}" for name, length in view.streams.items()),
+        "",
+    ]
+    if view.consumers:
+        header = ("CONSUMER", "HOST", "PID", "AGE", "STRATEGY", "RATE", "LAST BEAT", "STATE")
+        rows = [header]
+        for consumer in sorted(view.consumers, key=lambda c: c.consumer_id):
+            beat_age = (view.now_ms - consumer.beat_ms) / 1000 if consumer.beat_ms else None
+            rows.append(
+                (
+                    consumer.consumer_id,
+                    consumer.host,
+                    str(consumer.pid or "?"),
+                    _age((view.now_ms - consumer.registered_ms) / 1000),
+                    consumer.strategy,
+                    f"{consumer.rate:,.0f}/s",
+                    "?" if beat_age is None else f"{beat_age:.1f} s ago",
+                    "subscribed" if consumer.subscribed else "NOT SUBSCRIBED",
+                )
+            )
+        widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+        for row in rows:
+            lines.append(
+                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            )
+    else:
+        lines.append("NO LIVE CONSUMER")
+    lines.append("")
+    lines.append("last dead letters:" if view.dead_letters else "last dead letters: none")
+    for letter in view.dead_letters:
+        lines.append(f"  {_clock(letter['at_ms'])}  {letter['reason']}  ({letter['consumer_id']})")
+    lines.append("recent subscription gaps:" if view.gaps else "recent subscription gaps: none")
+    for gap in view.gaps:
+        lines.append(f"  {_clock(gap['at_ms'])}  {gap['length_s']:.3f} s  {gap['consumer_id']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str], prog: str) -> int:
+    settings = load_status_settings(argv, prog=prog)
+    client = command_client(settings, name="processor-status", timeout_s=2.0)
+    try:
+        view = read_group(client, settings)
+    except CONNECTION_ERRORS as error:
+        print(
+            f"{prog}: error: cannot read the group from {settings.safe_url}: {error}",
+            file=sys.stderr,
+        )
+        return EXIT_NO_CONSUMER
+    finally:
+        client.close()
+    if settings.json:
+        print(json.dumps(asdict(view), indent=2))
+    else:
+        print(render(view))
+    return 0 if view.consumers else EXIT_NO_CONSUMER
