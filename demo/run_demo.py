@@ -22,8 +22,8 @@ from redis.retry import Retry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from processor.config import RedisSettings
 from demo.redis_server import RedisServer, find_redis_server
+from processor.config import RedisSettings
 
 DEMO_DIR = Path(__file__).resolve().parent
 WAIT_S = 30.0

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from processor.errors import EXIT_CONFIG
 from demo.redis_server import RedisServer
+from processor.errors import EXIT_CONFIG
 from tests.conftest import Processes
 from tests.faults_support import CHANNEL, FAST_SETTINGS, OUTPUT, Daemon, subscribers
 from tests.helpers import wait_until

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from processor.config import Settings
 from demo.redis_server import RedisServer
+from processor.config import Settings
 from processor.subscriber import Gap, Subscriber
 from tests.helpers import wait_until
 

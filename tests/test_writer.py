@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from demo.redis_server import RedisServer
 from processor.config import Settings
 from processor.connection import command_client
 from processor.keys import Keys
 from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
-from demo.redis_server import RedisServer
 from processor.writer import Writer, WriteResult
 from tests.helpers import wait_until
 
