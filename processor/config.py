@@ -170,6 +170,17 @@ class Settings(GroupSettings):
         "warn when the server holds this many unread bytes for a consumer",
         minimum=1,
     )
+    metrics_port: int = setting(
+        0,
+        "METRICS_PORT",
+        "serve Prometheus metrics, /healthz and /readyz on this port; 0 = off",
+        minimum=0,
+    )
+    metrics_addr: str = setting(
+        "127.0.0.1",
+        "METRICS_ADDR",
+        "address the metrics endpoint binds (0.0.0.0 for remote scrapes and probes)",
+    )
     shutdown_grace_s: float = setting(
         10.0,
         "SHUTDOWN_GRACE",

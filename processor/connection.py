@@ -61,6 +61,14 @@ class Backoff:
         self._failures = 0
 
 
+def _ignore(what: str) -> None:
+    pass
+
+
+# Told of every outage that ended, by what it was about; the consumer points it at its metrics.
+on_outage_recovered: Callable[[str], None] = _ignore
+
+
 class Outage:
     """Logs an outage once when it starts and once when it ends, with its length."""
 
@@ -106,4 +114,5 @@ class Outage:
         )
         self._started = None
         self._attempts = 0
+        on_outage_recovered(self._what)
         return length

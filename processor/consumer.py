@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from processor import connection
 from processor.config import Settings
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
 from processor.errors import ConsumerFailed
@@ -24,11 +25,20 @@ from processor.heartbeat import Heartbeat
 from processor.inbox import Inbox
 from processor.keys import Keys
 from processor.membership import Membership, new_consumer_id, now_ms
-from processor.messages import Entry, Message, handler_failed, output_entry, parse
+from processor.messages import (
+    DEAD,
+    Entry,
+    Message,
+    handler_failed,
+    output_entry,
+    parse,
+    reason_kind,
+)
+from processor.metrics import ConsumerMetrics
 from processor.ownership import make_strategy
 from processor.stats import ConsumerStats, RateMeter
 from processor.subscriber import Subscriber
-from processor.writer import Writer, WriteResult, WriteThread
+from processor.writer import Batch, Writer, WriteResult, WriteThread
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,9 @@ class Consumer:
 
     def _set_up(self) -> None:
         settings = self.settings
+        self._metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
+        if self._metrics.enabled:
+            connection.on_outage_recovered = self._metrics.reconnected
         handler = load_handler(settings.handler)
         # The built-in handler cannot hang: skip the two timer syscalls per message.
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
@@ -192,7 +205,7 @@ class Consumer:
             self.settings.processing_batch_size, self.settings.batch_window_ms / 1000, IDLE_WAIT_S
         )
         if payloads:
-            self._handle(payloads)
+            self._handle(payloads, received_at=self._inbox.oldest_taken)
         self._account()
 
     def _flush(self) -> None:
@@ -215,6 +228,8 @@ class Consumer:
 
     def _tear_down(self) -> None:
         self.stop.set()
+        if self.stats is not None:
+            self.stats.set(ready=0)
         self._subscriber.stop()
         if self._failure is not None:
             # Leave first: whatever we still hold may never be written by us.
@@ -266,7 +281,12 @@ class Consumer:
         if owned:
             self._inbox.put(owned)
 
-    def _handle(self, payloads: Sequence[bytes], skip_written: bool = False) -> None:
+    def _handle(
+        self,
+        payloads: Sequence[bytes],
+        skip_written: bool = False,
+        received_at: float | None = None,
+    ) -> None:
         """Validates, processes and submits one batch for writing, in the order received."""
         max_bytes = self.settings.max_message_bytes
         entries: list[Entry | None] = []
@@ -289,10 +309,11 @@ class Consumer:
                     entries[position] = output_entry(message, result, max_bytes)
         batch = [entry for entry in entries if entry is not None]
         if batch:
-            self._writes.submit(batch)
+            self._writes.submit(batch, received_at)
 
-    def _written(self, entries: list[Entry], result: WriteResult | None) -> None:
+    def _written(self, batch: Batch, result: WriteResult | None, started: float) -> None:
         """Called by the write thread after each batch."""
+        entries = batch.entries
         if result is None:
             self._totals["lost"] += len(entries)
             log.error(
@@ -306,6 +327,15 @@ class Consumer:
             self._unwritten.extend(entries)
             self._heartbeat.fenced.set()
             return
+        replied = time.monotonic()
+        self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
+        dead_entries = (entry for entry in entries if entry.kind == DEAD)
+        reasons = [
+            reason_kind(entry.a)
+            for entry, flag in zip(dead_entries, result.dead_flags, strict=False)
+            if flag == "1"
+        ]
+        self._metrics.written(result.written, result.skipped, reasons)
         self._totals["written"] += result.written
         self._totals["dead"] += result.dead
         self._totals["skipped"] += result.skipped
@@ -316,6 +346,7 @@ class Consumer:
 
     def _status(self) -> dict[str, str | int | float]:
         """What ``processor status`` shows of us; written to Redis with every heartbeat."""
+        self._sync_metrics()  # the same cadence suits the metrics that are not per batch
         totals = self._totals
         return {
             "host": socket.gethostname(),
@@ -334,12 +365,28 @@ class Consumer:
             "backlog_bytes": self._heartbeat.backlog_bytes,
         }
 
+    def _sync_metrics(self) -> None:
+        subscriber = self._subscriber
+        totals = {
+            "received": subscriber.received,
+            "taken_over": self._totals["taken_over"],
+            "gaps": subscriber.gaps,
+            "gap_seconds": subscriber.gap_seconds,
+        }
+        self._metrics.sync(totals, self._strategy.buffered, self._heartbeat.backlog_bytes)
+
     def _account(self) -> None:
         if self.stats is not None:
+            ready = (
+                self._subscriber.subscribed.is_set()
+                and not self._heartbeat.fenced.is_set()
+                and not self.stop.is_set()
+            )
             self.stats.set(
                 received=self._subscriber.received,
                 gaps=self._subscriber.gaps,
                 buffered=self._strategy.buffered,
+                ready=int(ready),
             )
 
     # -- takeover and rejoin ------------------------------------------------------------------

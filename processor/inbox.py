@@ -17,6 +17,8 @@ class Inbox:
         self._chunks: deque[tuple[float, list[bytes]]] = deque()
         self._count = 0
         self._ready = threading.Condition()
+        # When the oldest message of the last batch taken arrived (for the latency metric).
+        self.oldest_taken: float | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -46,6 +48,7 @@ class Inbox:
 
     def _pop(self, limit: int) -> list[bytes]:
         batch: list[bytes] = []
+        self.oldest_taken = self._chunks[0][0] if self._chunks else None
         while self._chunks and len(batch) < limit:
             arrived, chunk = self._chunks.popleft()
             room = limit - len(batch)

@@ -84,3 +84,28 @@ def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
 def handler_failed(message: Message, reason: str, max_bytes: int) -> Entry:
     """A dead letter for a valid message the handler could not process; locked by its id."""
     return dead_letter(reason, message.raw, max_bytes, lock_id=message.message_id)
+
+
+# Dead-letter reasons grouped into a few kinds, for a metric label of bounded cardinality.
+_REASON_KINDS = (
+    ("oversized", "oversized"),
+    ("invalid UTF-8", "invalid_utf8"),
+    ("invalid JSON", "invalid_json"),
+    ("not a JSON object", "not_an_object"),
+    ("missing message_id", "missing_message_id"),
+    ("message_id is not", "bad_message_id"),
+    ("empty message_id", "bad_message_id"),
+    ("handler raised", "handler_error"),
+    ("handler timed out", "handler_timeout"),
+    ("handler returned", "handler_result"),
+    ("handler result", "handler_result"),
+)
+
+
+def reason_kind(reason: str | bytes) -> str:
+    """The kind of a dead-letter reason: ``invalid_json``, ``handler_error``..."""
+    text = reason.decode(errors="replace") if isinstance(reason, bytes) else reason
+    for prefix, kind in _REASON_KINDS:
+        if text.startswith(prefix):
+            return kind
+    return "other"

@@ -7,7 +7,8 @@ from collections import deque
 from multiprocessing.context import BaseContext
 from typing import Any
 
-FIELDS = ("received", "written", "dead", "skipped", "taken_over", "gaps", "buffered")
+# "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz).
+FIELDS = ("received", "written", "dead", "skipped", "taken_over", "gaps", "buffered", "ready")
 
 
 class ConsumerStats:

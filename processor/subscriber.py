@@ -88,6 +88,7 @@ class Subscriber(WatchedThread):
         self.client_id: int | None = None
         self.received = 0
         self.gaps = 0
+        self.gap_seconds = 0.0
         self._last_alive = 0
         self._outage = Outage("Pub/Sub subscription", context)
 
@@ -205,6 +206,7 @@ class Subscriber(WatchedThread):
         if down_since is not None:
             gap = Gap(down_since, _now_ms())
             self.gaps += 1
+            self.gap_seconds += gap.length_s
             log.warning(
                 "%s subscribed again after a gap of %.3f s: messages published in it were "
                 "not received by this consumer",

@@ -21,13 +21,18 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
+
+import redis
 
 from processor.access import check_access
 from processor.config import Settings
-from processor.connection import CONNECTION_ERRORS, Backoff, command_client
-from processor.errors import ConsumerFailed
+from processor.connection import Backoff, command_client
+from processor.errors import ConfigError, ConsumerFailed
+from processor.health import HealthServer
 from processor.keys import Keys
 from processor.membership import evict_process
+from processor.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.monitor import Monitor
 from processor.stats import ConsumerStats
 
@@ -91,6 +96,10 @@ class Supervisor:
         self._signals = 0
         self._context = multiprocessing.get_context("spawn")
         self._keys = Keys.from_settings(settings)
+        self._loop_tick = time.monotonic()
+        self._metrics_dir = ""
+        self._live: Any = None
+        self._restarts: Any = None
         # Short timeouts: an eviction must never hold up the replacement of a consumer.
         self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
         self._slots = [
@@ -106,15 +115,28 @@ class Supervisor:
         if self.stop.is_set():
             log.info("daemon stopped before Redis was reachable")
             return EXIT_OK
+        health = self._start_health()
+        try:
+            return self._supervise()
+        finally:
+            if health is not None:
+                health.close()
+            if self._metrics_dir:
+                remove_multiprocess_dir(self._metrics_dir)
+
+    def _supervise(self) -> int:
         monitor = Monitor(self.settings, [slot.stats for slot in self._slots])
         for slot in self._slots:
             self._start(slot)
         next_report = time.monotonic() + self.settings.monitor_interval_s
         while not self.stop.is_set():
+            self._loop_tick = time.monotonic()
             self._wait(min(next_report, self._next_restart()))
             if self.stop.is_set():
                 break  # consumers that exit now were stopped by the same signal: no restarts
             self._reap_and_restart()
+            if self._live is not None:
+                self._live.set(sum(self._is_ready(slot) for slot in self._slots))
             if time.monotonic() >= next_report:
                 next_report += self.settings.monitor_interval_s
                 monitor.report()
@@ -124,6 +146,59 @@ class Supervisor:
         self._client.close()
         _stop_resource_tracker()
         return code
+
+    # -- metrics and probes -------------------------------------------------------------------
+
+    def _start_health(self) -> HealthServer | None:
+        """The metrics endpoint, when METRICS_PORT is set; before any consumer starts."""
+        settings = self.settings
+        if not settings.metrics_port:
+            return None
+        self._metrics_dir = prepare_multiprocess_dir()
+        from prometheus_client import Counter, Gauge
+
+        self._live = Gauge(
+            "processor_consumers_live",
+            "Local consumers subscribed and registered",
+            multiprocess_mode="livemax",
+        )
+        self._restarts = Counter("processor_consumer_restarts", "Local consumers replaced")
+        try:
+            health = HealthServer(
+                settings.metrics_addr, settings.metrics_port, self._alive, self._ready
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"invalid METRICS_PORT/METRICS_ADDR: cannot serve on "
+                f"{settings.metrics_addr}:{settings.metrics_port}: {error.strerror}"
+            ) from None
+        health.start()
+        log.info(
+            "metrics on http://%s:%d/metrics, probes /healthz /readyz",
+            settings.metrics_addr,
+            health.port,
+        )
+        return health
+
+    def _is_ready(self, slot: Slot) -> bool:
+        process = slot.process
+        return process is not None and process.is_alive() and slot.stats.get("ready") == 1
+
+    def _alive(self) -> tuple[bool, str]:
+        stalled_s = time.monotonic() - self._loop_tick
+        if self.stop.is_set():
+            return False, "stopping"
+        if stalled_s > 5.0:
+            return False, f"supervisor loop stalled for {stalled_s:.1f} s"
+        return True, "ok"
+
+    def _ready(self) -> tuple[bool, str]:
+        waiting = [slot.index for slot in self._slots if not self._is_ready(slot)]
+        if self.stop.is_set():
+            return False, "stopping"
+        if waiting:
+            return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
+        return True, f"ok: {len(self._slots)} consumers subscribed and registered"
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -175,6 +250,11 @@ class Supervisor:
             if process is not None and not process.is_alive():
                 process.join()
                 self._evict(slot.index, process)
+                if self._restarts is not None:
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                    self._restarts.inc()
                 lived = now - slot.started_at
                 if lived >= HEALTHY_RUN_S:
                     slot.backoff.reset()
@@ -207,9 +287,11 @@ class Supervisor:
         reason = f"exited with code {process.exitcode}"
         try:
             removed = evict_process(self._client, self._keys, process.pid, index, reason)
-        except CONNECTION_ERRORS as error:
+        except (redis.RedisError, OSError) as error:
+            # Never fatal to the supervisor (a refused command, a script from another version):
+            # the heartbeat's expiry still takes the consumer out of the group.
             log.warning(
-                "consumer slot %d (pid %s) exited and Redis is unavailable (%s): "
+                "consumer slot %d (pid %s) exited and could not be removed from the group (%s): "
                 "the group will notice when its heartbeat expires",
                 index,
                 process.pid,

@@ -36,6 +36,8 @@ class WriteResult:
     dead: int
     skipped: int
     fenced: bool = False
+    # One character per dead-letter entry of the batch: "1" appended, "0" already there.
+    dead_flags: str = ""
 
 
 class Writer:
@@ -90,12 +92,12 @@ class Writer:
                 continue
             self._backoff.reset()
             self._outage.recovered()
-            written, dead, skipped = (int(value) for value in reply)
+            written, dead, skipped = (int(value) for value in reply[:3])
             if written < 0:
                 return WriteResult(0, 0, 0, fenced=True)
-            return WriteResult(written, dead, skipped)
+            return WriteResult(written, dead, skipped, dead_flags=reply[3].decode())
 
-    def _evalsha(self, keys: list[str], args: list[str | bytes | int]) -> list[int]:
+    def _evalsha(self, keys: list[str], args: list[str | bytes | int]) -> list[Any]:
         """EVALSHA packed by hiredis in one call.
 
         redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
@@ -109,7 +111,7 @@ class Writer:
             send = connection.send_packed_command
             send([packed], check_health=False)
             try:
-                reply: list[int] = connection.read_response()
+                reply: list[Any] = connection.read_response()
             except redis.exceptions.NoScriptError:
                 # A restarted or flushed Redis lost the script: load it, then call it again.
                 connection.send_command("SCRIPT", "LOAD", self._source)
@@ -122,6 +124,12 @@ class Writer:
             raise
         finally:
             pool.release(connection)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    entries: list[Entry]
+    received_at: float | None  # monotonic arrival of its oldest message, when known
 
 
 class WriterGone(RuntimeError):
@@ -140,7 +148,7 @@ class WriteThread(WatchedThread):
         self,
         writer: Writer,
         identity: Callable[[], tuple[str, str]],
-        on_done: Callable[[list[Entry], WriteResult | None], None],
+        on_done: Callable[[Batch, WriteResult | None, float], None],
         on_failure: OnFailure,
         depth: int = 2,
     ) -> None:
@@ -148,10 +156,11 @@ class WriteThread(WatchedThread):
         self._writer = writer
         self._identity = identity
         self._on_done = on_done
-        self._queue: queue.Queue[list[Entry] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
 
-    def submit(self, entries: list[Entry]) -> None:
-        self._put(entries)
+    def submit(self, entries: list[Entry], received_at: float | None = None) -> None:
+        """Queues a batch; ``received_at`` is when its oldest message arrived, if known."""
+        self._put(Batch(entries, received_at))
 
     def wait_idle(self) -> None:
         """Returns once every submitted batch has been written (or the thread has died)."""
@@ -165,7 +174,7 @@ class WriteThread(WatchedThread):
             self._put(None)
             self.join()
 
-    def _put(self, item: list[Entry] | None) -> None:
+    def _put(self, item: Batch | None) -> None:
         while True:
             if not self.is_alive():
                 raise WriterGone("the write thread has died")
@@ -177,11 +186,13 @@ class WriteThread(WatchedThread):
 
     def work(self) -> None:
         while True:
-            entries = self._queue.get()
+            batch = self._queue.get()
             try:
-                if entries is None:
+                if batch is None:
                     return
                 consumer_id, fence = self._identity()
-                self._on_done(entries, self._writer.write(entries, consumer_id, fence))
+                started = time.monotonic()
+                result = self._writer.write(batch.entries, consumer_id, fence)
+                self._on_done(batch, result, started)
             finally:
                 self._queue.task_done()

@@ -140,7 +140,7 @@ def test_dead_letters_go_to_the_dead_stream(
     entries = [parse(raw_invalid_utf8, 1024), parse(b"[1,2]", 1024), *_entries(0, 2)]
     assert all(isinstance(entry, Entry) for entry in entries)
     result = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
-    assert result == WriteResult(written=2, dead=2, skipped=0)
+    assert result == WriteResult(written=2, dead=2, skipped=0, dead_flags="11")
     dead = client.xrange(keys.dead)
     assert [fields[b"raw"] for _, fields in dead] == [raw_invalid_utf8, b"[1,2]"]
     assert all(fields[b"consumer_id"] == CONSUMER.encode() for _, fields in dead)
@@ -150,8 +150,11 @@ def test_dead_letters_go_to_the_dead_stream(
     assert client.xlen(keys.output) == 2
     # The same invalid payload again (a re-publish) is not dead-lettered twice.
     again = writer.write([parse(raw_invalid_utf8, 1024)], CONSUMER, "")  # type: ignore[list-item]
-    assert again == WriteResult(written=0, dead=0, skipped=1)
+    assert again == WriteResult(written=0, dead=0, skipped=1, dead_flags="0")
     assert client.xlen(keys.dead) == 2
+    # The flags say which dead letters of a batch were appended, in order.
+    mixed = [entries[1], parse(b"[3]", 1024)]
+    assert writer.write(mixed, CONSUMER, "") == WriteResult(0, 1, 1, dead_flags="01")  # type: ignore[arg-type]
 
 
 def test_fence_matching_token_writes(writer: Writer, keys: Keys, r: redis.Redis) -> None:

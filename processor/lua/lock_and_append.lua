@@ -12,35 +12,43 @@
 --           output:      a = data (processed message as JSON), b unused; message_id = lock id
 --           dead letter: a = reason, b = raw payload
 --
--- Returns {written, dead, skipped}, or {-1, 0, 0} when the fence token does not match: the
--- consumer was declared dead while it was stalled and must rejoin before it writes anything.
+-- Returns {written, dead, skipped, dead_flags}, or {-1, 0, 0, ""} when the fence token does not
+-- match: the consumer was declared dead while it was stalled and must rejoin before it writes
+-- anything. dead_flags has one character per dead-letter entry of the batch, in order: "1" when
+-- it was appended, "0" when its lock was already taken (for the dead-letter counters by reason).
 --
 -- Each lock is taken with SET NX and the entry appended only when the lock was won, inside one
 -- script, so no consumer can hold a lock for a message it has not written.
 
 if ARGV[4] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[4] then
-    return {-1, 0, 0}
+    return {-1, 0, 0, ''}
 end
 
 local prefix, ttl, consumer = ARGV[1], ARGV[2], ARGV[3]
 local written, dead, skipped = 0, 0, 0
+local dead_flags = {}
 for i = 5, #ARGV, 4 do
     local lock_id = ARGV[i + 1]
-    if redis.call('SET', prefix .. lock_id, 1, 'NX', 'PX', ttl) then
-        if ARGV[i] == 'o' then
+    local won = redis.call('SET', prefix .. lock_id, 1, 'NX', 'PX', ttl)
+    if ARGV[i] == 'o' then
+        if won then
             redis.call('XADD', KEYS[1], '*',
                 'message_id', lock_id, 'consumer_id', consumer, 'data', ARGV[i + 2])
             written = written + 1
         else
-            redis.call('XADD', KEYS[2], '*',
-                'reason', ARGV[i + 2], 'raw', ARGV[i + 3], 'consumer_id', consumer)
-            dead = dead + 1
+            skipped = skipped + 1
         end
+    elseif won then
+        redis.call('XADD', KEYS[2], '*',
+            'reason', ARGV[i + 2], 'raw', ARGV[i + 3], 'consumer_id', consumer)
+        dead = dead + 1
+        dead_flags[#dead_flags + 1] = '1'
     else
         skipped = skipped + 1
+        dead_flags[#dead_flags + 1] = '0'
     end
 end
 if written > 0 then redis.call('HINCRBY', KEYS[3], 'written', written) end
 if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dead', dead) end
 if skipped > 0 then redis.call('HINCRBY', KEYS[3], 'skipped', skipped) end
-return {written, dead, skipped}
+return {written, dead, skipped, table.concat(dead_flags)}
