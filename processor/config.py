@@ -170,6 +170,13 @@ class Settings(GroupSettings):
         "warn when the server holds this many unread bytes for a consumer",
         minimum=1,
     )
+    output_maxlen: int = setting(
+        0,
+        "OUTPUT_MAXLEN",
+        "trim the output and dead-letter streams to about this many entries as they are "
+        "written (XADD MAXLEN ~); 0 = keep everything",
+        minimum=0,
+    )
     metrics_port: int = setting(
         0,
         "METRICS_PORT",

@@ -154,6 +154,7 @@ class Consumer:
             self.context,
             stop=self.stop,
             grace_s=settings.shutdown_grace_s * 0.5,
+            maxlen=settings.output_maxlen,
         )
         self._writes = WriteThread(
             writer,

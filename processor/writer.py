@@ -56,8 +56,10 @@ class Writer:
         context: Callable[[], str],
         stop: threading.Event,
         grace_s: float,
+        maxlen: int = 0,
     ) -> None:
         self._client = client
+        self._maxlen = maxlen
         self._keys = keys
         self._lock_ttl_ms = lock_ttl_ms
         self._source = load_script("lock_and_append.lua")
@@ -74,7 +76,13 @@ class Writer:
         the grace period after that: the caller reports the batch as lost.
         """
         keys = self._keys
-        args: list[str | bytes | int] = [keys.lock_prefix, self._lock_ttl_ms, consumer_id, fence]
+        args: list[str | bytes | int] = [
+            keys.lock_prefix,
+            self._lock_ttl_ms,
+            consumer_id,
+            fence,
+            self._maxlen,
+        ]
         for entry in entries:
             args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
         script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]

@@ -313,3 +313,21 @@ def test_a_write_that_times_out_is_retried_and_written_once(
     assert _ids(r, keys.output) == [entry.lock_id for entry in entries]
     # Either the retry wrote them (the timed-out call skipped), or the timed-out call did.
     assert result.written + result.skipped == len(entries)
+
+
+def test_output_maxlen_trims_both_streams_as_they_are_written_and_still_dedups(
+    client: redis.Redis, keys: Keys, settings: Settings, r: redis.Redis
+) -> None:
+    writer = Writer(
+        client, keys, settings.lock_ttl_ms, 0.2, lambda: "[t]", threading.Event(), 1.0, maxlen=100
+    )
+    for start in range(0, 2000, 100):
+        assert writer.write(_entries(start, start + 100), CONSUMER, "").written == 100
+    dead = [parse(b"[%d]" % n, 1024) for n in range(600)]
+    assert writer.write(dead, CONSUMER, "").dead == 600  # type: ignore[arg-type]
+    # Approximate trimming drops whole stream nodes (100 entries each by default).
+    assert 100 <= r.xlen(keys.output) < 300
+    assert 100 <= r.xlen(keys.dead) < 300
+    assert _ids(r, keys.output)[-1] == "m-1999"  # the newest are kept
+    # Trimmed from the stream, still remembered by their locks.
+    assert writer.write(_entries(0, 100), CONSUMER, "").skipped == 100

@@ -8,7 +8,8 @@
 -- ARGV[2]  lock TTL in ms (the dedup window)
 -- ARGV[3]  consumer id written into every entry
 -- ARGV[4]  fence token: the value KEYS[4] must hold, or "" to skip the check
--- ARGV[5..] four values per entry: kind ("o" output, "d" dead letter), lock id, a, b
+-- ARGV[5]  approximate MAXLEN of both streams (XADD MAXLEN ~), or 0 to keep everything
+-- ARGV[6..] four values per entry: kind ("o" output, "d" dead letter), lock id, a, b
 --           output:      a = data (processed message as JSON), b unused; message_id = lock id
 --           dead letter: a = reason, b = raw payload
 --
@@ -24,23 +25,29 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[4] then
     return {-1, 0, 0, ''}
 end
 
-local prefix, ttl, consumer = ARGV[1], ARGV[2], ARGV[3]
+local prefix, ttl, consumer, maxlen = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+
+local function append(stream, ...)
+    if maxlen > 0 then
+        return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
+    end
+    return redis.call('XADD', stream, '*', ...)
+end
+
 local written, dead, skipped = 0, 0, 0
 local dead_flags = {}
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
     local lock_id = ARGV[i + 1]
     local won = redis.call('SET', prefix .. lock_id, 1, 'NX', 'PX', ttl)
     if ARGV[i] == 'o' then
         if won then
-            redis.call('XADD', KEYS[1], '*',
-                'message_id', lock_id, 'consumer_id', consumer, 'data', ARGV[i + 2])
+            append(KEYS[1], 'message_id', lock_id, 'consumer_id', consumer, 'data', ARGV[i + 2])
             written = written + 1
         else
             skipped = skipped + 1
         end
     elseif won then
-        redis.call('XADD', KEYS[2], '*',
-            'reason', ARGV[i + 2], 'raw', ARGV[i + 3], 'consumer_id', consumer)
+        append(KEYS[2], 'reason', ARGV[i + 2], 'raw', ARGV[i + 3], 'consumer_id', consumer)
         dead = dead + 1
         dead_flags[#dead_flags + 1] = '1'
     else
