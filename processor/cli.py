@@ -39,7 +39,7 @@ def consume(argv: Sequence[str], prog: str) -> int:
         settings = load_daemon_settings(argv, prog=prog)
         load_handler(settings.handler)
         configure_logging(settings.loglevel)
-        return run(settings)
+        return run(settings, reload=lambda: load_daemon_settings(argv, prog=prog))
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_CONFIG

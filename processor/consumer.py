@@ -175,10 +175,13 @@ class Consumer:
         self._register(new_consumer_id(self.slot))
         self._heartbeat.start()
         log.info(
-            "%s consumer ready: channel=%s strategy=%s",
+            "%s consumer ready: channel=%s strategy=%s batch=%d window=%dms concurrency=%d",
             self.context(),
             self.keys.channel,
             self._strategy.name,
+            self.settings.processing_batch_size,
+            self.settings.batch_window_ms,
+            self.settings.handler_concurrency,
         )
 
     def _register(self, consumer_id: str) -> None:

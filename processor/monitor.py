@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from processor.config import Settings
@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 class Monitor:
     """Turns counters into per-second rates over each interval, and lists subscription gaps."""
 
-    def __init__(self, settings: Settings, local: Sequence[ConsumerStats]) -> None:
+    def __init__(self, settings: Settings, local: Callable[[], Sequence[ConsumerStats]]) -> None:
         self._keys = Keys.from_settings(settings)
         self._client = command_client(settings, name="processor-monitor")
         self._local = local
         self._last_time = time.monotonic()
         self._last_group: tuple[int, int] | None = None
-        self._last_local = [stats.snapshot() for stats in local]
+        # By slot object: slots come and go with SIGTTIN and SIGTTOU.
+        self._last_local = {id(stats): stats.snapshot() for stats in local()}
         self._gaps_seen = f"{int(time.time() * 1000)}-0"
 
     def report(self, final: bool = False) -> None:
@@ -34,10 +35,10 @@ class Monitor:
         self._last_time = now
         parts = [self._group_part(elapsed)]
         local_parts = []
-        for index, stats in enumerate(self._local):
+        for index, stats in enumerate(self._local()):
             current = stats.snapshot()
-            previous = self._last_local[index]
-            self._last_local[index] = current
+            previous = self._last_local.get(id(stats), current)
+            self._last_local[id(stats)] = current
             rate = (current["written"] - previous["written"]) / elapsed
             dead = current["dead"] - previous["dead"]
             name = stats.consumer_id or f"slot{index}"

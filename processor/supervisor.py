@@ -18,6 +18,8 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -28,6 +30,7 @@ import redis
 from processor.access import check_access
 from processor.config import Settings
 from processor.connection import Backoff, command_client
+from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
 from processor.errors import ConfigError, ConsumerFailed
 from processor.health import HealthServer
 from processor.keys import Keys
@@ -45,6 +48,7 @@ EXIT_FORCED = 3
 # A consumer that ran this long before dying was healthy: its replacement starts at once.
 HEALTHY_RUN_S = 10.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_BLOCKED = (*_SIGNALS, *CONTROL_SIGNALS)
 
 
 def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> None:
@@ -64,8 +68,11 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
 
     for signum in _SIGNALS:
         signal.signal(signum, on_signal)
+    # Meant for the supervisor; a process-group-wide one (a terminal's hang-up) must not stop us.
+    for signum in CONTROL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     # The supervisor blocked these before starting us; they are safe to receive now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
     try:
         consumer.run()
     except ConsumerFailed:
@@ -87,11 +94,18 @@ class Slot:
     started_at: float = 0.0
     restart_at: float | None = None
     restarts: int = field(default=0)
+    # Stopping on SIGTTOU: removed once it has exited, never restarted.
+    retiring: bool = False
+    # Stopping to be replaced at once with reloaded settings (SIGHUP).
+    recycling: bool = False
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._reload = reload
+        self._requests: deque[str] = deque()
+        self._recycle: deque[Slot] = deque()
         self.stop = threading.Event()
         self._signals = 0
         self._context = multiprocessing.get_context("spawn")
@@ -102,14 +116,17 @@ class Supervisor:
         self._restarts: Any = None
         # Short timeouts: an eviction must never hold up the replacement of a consumer.
         self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
-        self._slots = [
-            Slot(i, ConsumerStats(self._context), Backoff(0.5, settings.restart_backoff_max_s))
-            for i in range(settings.consumers_count)
-        ]
+        self._slots = [self._new_slot(index) for index in range(settings.consumers_count)]
+
+    def _new_slot(self, index: int) -> Slot:
+        backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
+        return Slot(index, ConsumerStats(self._context), backoff)
 
     def run(self) -> int:
         for signum in _SIGNALS:
             signal.signal(signum, self._on_signal)
+        for signum in CONTROL_SIGNALS:
+            signal.signal(signum, self._on_control)
         log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
         check_access(self.settings, self.stop)  # raises ConfigError: the entry point reports it
         if self.stop.is_set():
@@ -125,7 +142,7 @@ class Supervisor:
                 remove_multiprocess_dir(self._metrics_dir)
 
     def _supervise(self) -> int:
-        monitor = Monitor(self.settings, [slot.stats for slot in self._slots])
+        monitor = Monitor(self.settings, lambda: [slot.stats for slot in self._slots])
         for slot in self._slots:
             self._start(slot)
         next_report = time.monotonic() + self.settings.monitor_interval_s
@@ -135,6 +152,9 @@ class Supervisor:
             if self.stop.is_set():
                 break  # consumers that exit now were stopped by the same signal: no restarts
             self._reap_and_restart()
+            while self._requests:
+                self._handle(self._requests.popleft())
+            self._recycle_next()
             if self._live is not None:
                 self._live.set(sum(self._is_ready(slot) for slot in self._slots))
             if time.monotonic() >= next_report:
@@ -213,19 +233,82 @@ class Supervisor:
                     _kill(slot.process.pid, signal.SIGKILL)
             os._exit(EXIT_FORCED)
 
+    # -- live control ---------------------------------------------------------------------------
+
+    def _on_control(self, signum: int, frame: FrameType | None) -> None:
+        self._requests.append(REQUESTS[signal.Signals(signum)])
+
+    def _handle(self, request: str) -> None:
+        if request == "add":
+            slot = self._new_slot(max((s.index for s in self._slots), default=-1) + 1)
+            self._slots.append(slot)
+            log.info("SIGTTIN: consumers %d -> %d", len(self._slots) - 1, len(self._slots))
+            self._start(slot)
+        elif request == "remove":
+            serving = [slot for slot in self._slots if not slot.retiring]
+            if len(serving) <= 1:
+                log.warning("SIGTTOU ignored: the last consumer stays (stop the daemon instead)")
+                return
+            slot = max(serving, key=lambda s: s.index)
+            slot.retiring = True
+            log.info(
+                "SIGTTOU: consumers %d -> %d: slot %d drains, writes what it holds and leaves",
+                len(serving),
+                len(serving) - 1,
+                slot.index,
+            )
+            if slot.process is not None and slot.process.pid:
+                _kill(slot.process.pid, signal.SIGTERM)
+        else:
+            self._reload_settings()
+
+    def _reload_settings(self) -> None:
+        if self._reload is None:
+            log.warning("SIGHUP ignored: this daemon was started without a way to reload")
+            return
+        try:
+            plan = plan_reload(self.settings, self._reload())
+        except ConfigError as error:
+            log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", error)
+            return
+        for change in plan.not_applied:
+            log.warning("SIGHUP: %s needs a restart of the daemon: not applied", change)
+        if not plan.applied:
+            log.info("SIGHUP: nothing to apply")
+            return
+        self.settings = plan.settings
+        logging.getLogger().setLevel(self.settings.loglevel)
+        log.info("SIGHUP: applied %s", "; ".join(plan.applied))
+        if plan.replace_consumers:
+            log.info("SIGHUP: replacing the consumers one at a time, each draining first")
+            self._recycle.extend(slot for slot in self._slots if not slot.retiring)
+
+    def _recycle_next(self) -> None:
+        """Stops the next consumer to replace once the previous replacement is ready."""
+        if any(slot.recycling for slot in self._slots) or not self._recycle:
+            return
+        if not all(self._is_ready(slot) for slot in self._slots if not slot.retiring):
+            return  # one at a time: never two of the group away at once
+        slot = self._recycle.popleft()
+        if slot in self._slots and slot.process is not None and slot.process.pid:
+            slot.recycling = True
+            _kill(slot.process.pid, signal.SIGTERM)
+
     def _start(self, slot: Slot) -> None:
-        slot.stats.consumer_id = ""  # until the new consumer registers under its own id
+        # Until the new consumer registers under its own id and says it is ready.
+        slot.stats.consumer_id = ""
+        slot.stats.set(ready=0)
         process = self._context.Process(
             target=consumer_process,
             args=(self.settings, slot.index, slot.stats),
             name=f"consumer-{slot.index}",
         )
         # Blocked across the start so a signal cannot reach the child before its handler is in.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
         slot.process = process
         slot.started_at = time.monotonic()
         slot.restart_at = None
@@ -245,7 +328,7 @@ class Supervisor:
 
     def _reap_and_restart(self) -> None:
         now = time.monotonic()
-        for slot in self._slots:
+        for slot in list(self._slots):
             process = slot.process
             if process is not None and not process.is_alive():
                 process.join()
@@ -254,6 +337,10 @@ class Supervisor:
                     from prometheus_client import multiprocess
 
                     multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                if slot.retiring or slot.recycling:
+                    self._stopped_on_request(slot, process)
+                    continue
+                if self._restarts is not None:
                     self._restarts.inc()
                 lived = now - slot.started_at
                 if lived >= HEALTHY_RUN_S:
@@ -275,6 +362,23 @@ class Supervisor:
             due = slot.restart_at is not None and now >= slot.restart_at
             if slot.process is None and due and not self.stop.is_set():
                 self._start(slot)
+
+    def _stopped_on_request(self, slot: Slot, process: BaseProcess) -> None:
+        log.info(
+            "consumer slot %d (pid %s, %s) stopped with code %s%s",
+            slot.index,
+            process.pid,
+            slot.stats.consumer_id,
+            process.exitcode,
+            " and leaves the group" if slot.retiring else "; starting its replacement",
+        )
+        if slot.retiring:
+            self._slots.remove(slot)
+            return
+        slot.recycling = False
+        slot.process = None
+        if not self.stop.is_set():
+            self._start(slot)
 
     def _evict(self, index: int, process: BaseProcess) -> None:
         """Takes a dead consumer out of the group now, so the others take over its share.
@@ -343,7 +447,8 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def run(settings: Settings) -> int:
-    code = Supervisor(settings).run()
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Runs the daemon until stopped; ``reload`` re-reads the settings on SIGHUP."""
+    code = Supervisor(settings, reload).run()
     sys.stdout.flush()
     return code

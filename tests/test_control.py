@@ -1,0 +1,101 @@
+"""Live control, end to end: SIGTTIN adds a consumer, SIGTTOU removes one, SIGHUP reloads the
+configuration file and applies what can change live, all while messages flow, none lost."""
+
+from __future__ import annotations
+
+import signal
+
+from tests.faults_support import (
+    Daemon,
+    Expected,
+    check_streams,
+    client,
+    daemon_env,
+    publish_invalid,
+    settle,
+    start_daemon,
+    start_publisher,
+)
+from tests.helpers import wait_until
+
+WAIT_S = 30
+
+
+def finish(daemon: Daemon, redis_url: str, publisher, why: str) -> None:
+    publisher.finish()
+    redis_client = client(redis_url)
+    try:
+        expected = Expected(publisher.records())
+        assert settle(redis_client, expected), check_streams(redis_client, expected, why)
+        check_streams(redis_client, expected, why)
+    finally:
+        redis_client.close()
+    daemon.stop(why)
+
+
+def test_sigttin_adds_a_consumer_and_sigttou_drains_and_removes_one(procs, redis_url, tmp_path):
+    daemon = start_daemon(procs, redis_url, "partitioned", count=2)
+    redis_client = client(redis_url)
+    publish_invalid(redis_client, "control")
+    redis_client.close()
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 6.0, rate=1000)
+    publisher.wait_published(1000)
+    daemon.proc.send_signal(signal.SIGTTIN)
+    wait_until(lambda: len(daemon.listed()) == 3, WAIT_S, message="SIGTTIN added nobody")
+    assert "SIGTTIN: consumers 2 -> 3" in daemon.log()
+    publisher.wait_published(3000)
+    daemon.proc.send_signal(signal.SIGTTOU)
+    wait_until(
+        lambda: len(daemon.listed()) == 2 and len(daemon.consumers()) == 2,
+        WAIT_S,
+        message="SIGTTOU removed nobody",
+    )
+    log = daemon.log()
+    assert "SIGTTOU: consumers 3 -> 2: slot 2 drains" in log
+    assert "stopped with code 0 and leaves the group" in log
+    assert "replacing it in" not in log  # a removal is not a crash
+    daemon.proc.send_signal(signal.SIGTTOU)
+    wait_until(lambda: len(daemon.listed()) == 1, WAIT_S, message="second SIGTTOU")
+    daemon.proc.send_signal(signal.SIGTTOU)
+    wait_until(
+        lambda: "SIGTTOU ignored: the last consumer stays" in daemon.log(), WAIT_S, message="last"
+    )
+    daemon.count = 1
+    finish(daemon, redis_url, publisher, "SIGTTIN/SIGTTOU")
+
+
+def test_sighup_applies_live_settings_by_replacing_consumers_one_by_one(procs, redis_url, tmp_path):
+    config = tmp_path / "processor.toml"
+    config.write_text('consumers_count = 2\nprocessing_batch_size = 100\nloglevel = "INFO"\n')
+    env = daemon_env(redis_url, "partitioned", 2, {})
+    del env["CONSUMERS_COUNT"], env["LOGLEVEL"]  # from the file, so a reload can change them
+    proc = procs.start(["demo/consume.py", "--config", str(config)], env=env)
+    daemon = Daemon(procs, proc, redis_url, 2)
+    daemon.wait_in_step(WAIT_S, "daemon did not start")
+    old_ids = set(daemon.listed())
+    redis_client = client(redis_url)
+    publish_invalid(redis_client, "SIGHUP")
+    redis_client.close()
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 6.0, rate=1000)
+    publisher.wait_published(1000)
+
+    config.write_text('consumers_count = 5\nprocessing_batch_size = 7\nloglevel = "DEBUG"\n')
+    proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: daemon.log().count("batch=7 ") == 2 and not old_ids & set(daemon.listed()),
+        WAIT_S,
+        message="consumers not replaced with the reloaded settings",
+    )
+    daemon.wait_in_step(WAIT_S, "group not whole after the reload")
+    log = daemon.log()
+    assert "SIGHUP: applied loglevel 'INFO' -> 'DEBUG'; processing_batch_size 100 -> 7" in log
+    assert "SIGHUP: consumers_count 2 -> 5 needs a restart of the daemon: not applied" in log
+    assert "exited with code" not in log  # replaced on purpose, not crashed
+
+    config.write_text("consumers_count = [broken\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "SIGHUP: configuration not reloaded" in daemon.log(), WAIT_S, message="bad file"
+    )
+    assert proc.poll() is None
+    finish(daemon, redis_url, publisher, "SIGHUP")
