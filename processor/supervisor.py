@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
@@ -31,73 +30,22 @@ from processor.access import check_access
 from processor.config import Settings
 from processor.connection import Backoff, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
-from processor.errors import ConfigError, ConsumerFailed
+from processor.errors import ConfigError
 from processor.health import HealthServer
 from processor.keys import Keys
 from processor.membership import evict_process
 from processor.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.monitor import Monitor
+from processor.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
 from processor.stats import ConsumerStats
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_CONSUMER_ERROR = 1
 EXIT_FORCED = 3
 
 # A consumer that ran this long before dying was healthy: its replacement starts at once.
 HEALTHY_RUN_S = 10.0
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_BLOCKED = (*_SIGNALS, *CONTROL_SIGNALS)
-
-
-def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> None:
-    """Entry point of a consumer process."""
-    from processor.consumer import Consumer
-    from processor.logs import configure_logging
-
-    configure_logging(settings.loglevel)
-    consumer = Consumer(settings, slot, stats)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # Every signal means "stop gracefully" here: a Ctrl-C in a terminal or systemd's
-        # KillMode=control-group reaches us directly *and* through the supervisor's forward, so
-        # counting signals would turn one request into a forced exit. "Now" is the supervisor's
-        # call: its second signal SIGKILLs us.
-        consumer.stop.set()
-
-    for signum in _SIGNALS:
-        signal.signal(signum, on_signal)
-    # Meant for the supervisor; a process-group-wide one (a terminal's hang-up) must not stop us.
-    for signum in CONTROL_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    # The supervisor blocked these before starting us; they are safe to receive now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
-    try:
-        consumer.run()
-    except ConsumerFailed:
-        sys.exit(EXIT_CONSUMER_ERROR)  # the failing thread's traceback is logged already
-    # A signal arriving while the interpreter finalizes would find the default handler again
-    # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
-    for signum in _SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-@dataclass
-class Slot:
-    """One place in the group: its counters survive the consumers that fill it."""
-
-    index: int
-    stats: ConsumerStats
-    backoff: Backoff
-    process: BaseProcess | None = None
-    started_at: float = 0.0
-    restart_at: float | None = None
-    restarts: int = field(default=0)
-    # Stopping on SIGTTOU: removed once it has exited, never restarted.
-    retiring: bool = False
-    # Stopping to be replaced at once with reloaded settings (SIGHUP).
-    recycling: bool = False
 
 
 class Supervisor:
@@ -123,7 +71,7 @@ class Supervisor:
         return Slot(index, ConsumerStats(self._context), backoff)
 
     def run(self) -> int:
-        for signum in _SIGNALS:
+        for signum in SIGNALS:
             signal.signal(signum, self._on_signal)
         for signum in CONTROL_SIGNALS:
             signal.signal(signum, self._on_control)
@@ -304,11 +252,11 @@ class Supervisor:
             name=f"consumer-{slot.index}",
         )
         # Blocked across the start so a signal cannot reach the child before its handler is in.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         slot.process = process
         slot.started_at = time.monotonic()
         slot.restart_at = None

@@ -148,7 +148,7 @@ import multiprocessing, sys
 from processor.config import Settings
 from processor.heartbeat import Heartbeat
 from processor.stats import ConsumerStats
-from processor.supervisor import consumer_process
+from processor.slot import consumer_process
 
 beats = 0
 original = Heartbeat.beat

@@ -1,0 +1,70 @@
+"""One place in the group, and the entry point of the consumer process that fills it."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from processor.config import Settings
+from processor.connection import Backoff
+from processor.control import CONTROL_SIGNALS
+from processor.errors import ConsumerFailed
+from processor.stats import ConsumerStats
+
+EXIT_CONSUMER_ERROR = 1
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Blocked by the supervisor across a start, so a signal cannot reach the child before its
+# handlers are in.
+BLOCKED = (*SIGNALS, *CONTROL_SIGNALS)
+
+
+def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> None:
+    """Entry point of a consumer process."""
+    from processor.consumer import Consumer
+    from processor.logs import configure_logging
+
+    configure_logging(settings.loglevel)
+    consumer = Consumer(settings, slot, stats)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Every signal means "stop gracefully" here: a Ctrl-C in a terminal or systemd's
+        # KillMode=control-group reaches us directly *and* through the supervisor's forward, so
+        # counting signals would turn one request into a forced exit. "Now" is the supervisor's
+        # call: its second signal SIGKILLs us.
+        consumer.stop.set()
+
+    for signum in SIGNALS:
+        signal.signal(signum, on_signal)
+    # Meant for the supervisor; a process-group-wide one (a terminal's hang-up) must not stop us.
+    for signum in CONTROL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # The supervisor blocked these before starting us; they are safe to receive now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
+    try:
+        consumer.run()
+    except ConsumerFailed:
+        sys.exit(EXIT_CONSUMER_ERROR)  # the failing thread's traceback is logged already
+    # A signal arriving while the interpreter finalizes would find the default handler again
+    # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@dataclass
+class Slot:
+    """One place in the group: its counters survive the consumers that fill it."""
+
+    index: int
+    stats: ConsumerStats
+    backoff: Backoff
+    process: BaseProcess | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    restarts: int = field(default=0)
+    # Stopping on SIGTTOU: removed once it has exited, never restarted.
+    retiring: bool = False
+    # Stopping to be replaced at once with reloaded settings (SIGHUP).
+    recycling: bool = False
