@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -73,6 +74,18 @@ def find_redis_server() -> str:
     )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A TLS-only server: its certificate and key, the CA, and a client certificate that the
+    server's own readiness probe presents (clients must present one signed by the CA)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
 def free_port() -> int:
     """Return a loopback TCP port that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -93,7 +106,9 @@ class RedisServer:
         port: int | None = None,
         directory: str | Path | None = None,
         extra_config: Mapping[str, str] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
+        self._tls = tls
         self._port = port
         self._pick_port = port is None
         self._directory = Path(directory) if directory is not None else None
@@ -115,7 +130,8 @@ class RedisServer:
     def url(self) -> str:
         """The URL of the default user, with the password when ``requirepass`` is set."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{HOST}:{self.port}/0"
+        scheme = "rediss" if self._tls else "redis"
+        return f"{scheme}://{auth}{HOST}:{self.port}/0"
 
     @property
     def pid(self) -> int:
@@ -227,6 +243,12 @@ class RedisServer:
             "--protected-mode", "no",
             "--logfile", str(self.log_path),
         ]  # fmt: skip
+        if self._tls is not None:
+            tls = self._tls
+            args[args.index("--port") + 1] = "0"  # TLS only: no plain-text port at all
+            args += ["--tls-port", str(self.port), "--tls-auth-clients", "yes"]
+            args += ["--tls-cert-file", str(tls.server_cert), "--tls-key-file", str(tls.server_key)]
+            args += ["--tls-ca-cert-file", str(tls.ca)]
         for name, value in self._extra_config.items():
             args += [f"--{name}", value]
         return args
@@ -316,10 +338,19 @@ class RedisServer:
     def _client(self, timeout_s: float) -> redis.Redis:
         # No retries: the callers poll or fail on their own terms, and redis-py's default
         # backoff would stretch every refused connection into seconds.
+        tls: dict[str, object] = {}
+        if self._tls is not None:
+            tls = {
+                "ssl": True,
+                "ssl_ca_certs": str(self._tls.ca),
+                "ssl_certfile": str(self._tls.client_cert),
+                "ssl_keyfile": str(self._tls.client_key),
+            }
         return redis.Redis(
             host=HOST,
             port=self.port,
             password=self.password,
+            **tls,  # type: ignore[arg-type]
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),

@@ -10,6 +10,7 @@ user's ACL, and the transaction is then discarded.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from typing import Any
 
@@ -75,6 +76,11 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
                     f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {error}"
                 ) from None
             except CONNECTION_ERRORS as error:
+                if _tls_refused(error):
+                    raise ConfigError(
+                        f"TLS with {settings.safe_url} failed: {error} (check REDIS_URL and "
+                        "REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE)"
+                    ) from None
                 outage.failed(error)
                 stop.wait(backoff.next_delay())
                 continue
@@ -90,6 +96,16 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
             return
     finally:
         client.close()
+
+
+def _tls_refused(error: BaseException) -> bool:
+    """A failed handshake (unknown CA, missing or rejected client certificate) is not a blip."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "SSL" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _dry_run(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:

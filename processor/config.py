@@ -52,12 +52,29 @@ class RedisSettings:
         "redis://, rediss:// (TLS) or unix:// URL with user/password; overrides host and port",
         secret=True,
     )
+    redis_tls_ca_file: str = setting(
+        "", "REDIS_TLS_CA_FILE", "CA certificate(s) to verify the server with (rediss:// URLs)"
+    )
+    redis_tls_cert_file: str = setting(
+        "", "REDIS_TLS_CERT_FILE", "client certificate, when the server asks for one"
+    )
+    redis_tls_key_file: str = setting("", "REDIS_TLS_KEY_FILE", "the client certificate's key")
     input_channel: str = setting("messages:published", "INPUT_CHANNEL", "Pub/Sub channel to read")
     loglevel: str = setting("INFO", "LOGLEVEL", "log level", choices=LOG_LEVELS)
 
     @property
     def url(self) -> str:
         return self.redis_url or f"redis://{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def tls_options(self) -> dict[str, str]:
+        """redis-py's keyword arguments for the TLS files that are set."""
+        files = {
+            "ssl_ca_certs": self.redis_tls_ca_file,
+            "ssl_certfile": self.redis_tls_cert_file,
+            "ssl_keyfile": self.redis_tls_key_file,
+        }
+        return {name: path for name, path in files.items() if path}
 
     @property
     def safe_url(self) -> str:
@@ -259,8 +276,29 @@ DAEMON_OPTIONS = options_of(Settings)
 PUBLISHER_OPTIONS = options_of(PublisherSettings)
 
 
+def check_redis(settings: RedisSettings) -> None:
+    """TLS files only mean something with a rediss:// URL, and must be readable."""
+    if not settings.tls_options:
+        return
+    if not settings.url.startswith("rediss://"):
+        raise ConfigError(
+            "invalid REDIS_TLS_*_FILE: TLS files are set but REDIS_URL is not a rediss:// URL "
+            f"({settings.safe_url})"
+        )
+    for name, path in (
+        ("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+        ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+        ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file),
+    ):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"invalid {name}: cannot read {path!r}")
+    if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):
+        raise ConfigError("invalid REDIS_TLS_CERT_FILE/REDIS_TLS_KEY_FILE: give both or neither")
+
+
 def check_daemon(settings: Settings) -> None:
     """Cross-field rules: the takeover buffer must outlive a dead consumer's detection."""
+    check_redis(settings)
     if settings.heartbeat_ttl_ms <= settings.heartbeat_interval_ms:
         raise ConfigError(
             f"invalid HEARTBEAT_TTL_MS: {settings.heartbeat_ttl_ms} must be greater than "
@@ -281,6 +319,7 @@ def check_daemon(settings: Settings) -> None:
 
 
 def check_publisher(settings: PublisherSettings) -> None:
+    check_redis(settings)
     if settings.pause_max_ms < settings.pause_min_ms:
         raise ConfigError(
             f"invalid PAUSE_MAX_MS: {settings.pause_max_ms} is below PAUSE_MIN_MS "
@@ -310,6 +349,7 @@ def load_status_settings(
         os.environ if environ is None else environ,
         prog=prog,
         description="Show the consumer group: live consumers, counts, streams, dead letters, gaps.",
+        extra_check=check_redis,
     )
 
 

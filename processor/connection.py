@@ -41,6 +41,7 @@ def command_client(
         retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), _INNER_RETRIES),
         client_name=name,
         protocol=2,
+        **settings.tls_options,
     )
 
 

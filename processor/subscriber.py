@@ -128,6 +128,7 @@ class Subscriber(WatchedThread):
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=CONNECT_TIMEOUT_S,
             client_name="processor-subscriber",
+            **self._settings.tls_options,
         )
         connection: Any = pool.make_connection()
         connection.connect()
