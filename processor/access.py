@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 
 _PROBE = "access-check"
 
+# The least a Redis user needs to run the daemon and ``processor status`` with the default key
+# names (the README shows it as an ACL SETUSER line; tests/test_access.py runs the daemon as it).
+ACL_RULES = (
+    "resetkeys resetchannels -@all "
+    "~messages:processed ~messages:dead ~consumer:ids ~processor:* &messages:published "
+    "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
+    "+evalsha +script|load +multi +exec +discard "
+    "+get +set +mget +del +pexpire +lrange +lrem +rpush +hset +hincrby +hmget +hgetall "
+    "+xadd +xread +xlen +xrevrange"
+)
+
 
 def required_commands(keys: Keys) -> list[tuple[str, ...]]:
     """Every command the daemon sends, on the keys and channel it sends them to."""

@@ -111,7 +111,8 @@ class Membership:
         """The live members, without touching our own heartbeat."""
         return parse_view(
             self._script(
-                keys=[self._keys.consumers, ""],
+                # No status hash is written; a name under the prefix keeps ACL key patterns happy.
+                keys=[self._keys.consumers, self._keys.info_prefix],
                 args=[self._keys.heartbeat_prefix, "", 1, self._keys.info_prefix],
             )
         )

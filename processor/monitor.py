@@ -7,8 +7,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis
+
 from processor.config import Settings
-from processor.connection import CONNECTION_ERRORS, command_client
+from processor.connection import command_client
 from processor.keys import Keys
 from processor.membership import read_view
 from processor.stats import ConsumerStats
@@ -55,9 +57,10 @@ class Monitor:
             counters: Any = self._client.hmget(self._keys.stats, ["written", "dead"])
             written, dead = (int(value or 0) for value in counters)
             live = len(read_view(self._client, self._keys).members)
-        except CONNECTION_ERRORS as error:
+        except (redis.RedisError, OSError) as error:
+            # A report is never worth the supervisor: whatever Redis says, say it and go on.
             self._last_group = None
-            return f"group: Redis unavailable ({type(error).__name__})"
+            return f"group: Redis unavailable ({type(error).__name__}: {error})"
         previous, self._last_group = self._last_group, (written, dead)
         if previous is None:
             return f"group {live} consumers: total written={written:,} dead={dead:,}"
@@ -68,7 +71,7 @@ class Monitor:
     def _gaps_part(self) -> str:
         try:
             reply: Any = self._client.xread({self._keys.gaps: self._gaps_seen}, count=1000)
-        except CONNECTION_ERRORS:
+        except (redis.RedisError, OSError):
             return "gaps unknown"
         lengths = []
         for _, entries in reply or []:

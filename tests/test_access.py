@@ -7,6 +7,10 @@ back-off, and the daemon carries on once the password works again.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +18,21 @@ import pytest
 import redis
 
 from demo.redis_server import RedisServer
+from processor.access import ACL_RULES
 from processor.errors import EXIT_CONFIG
-from tests.conftest import Processes
-from tests.faults_support import CHANNEL, FAST_SETTINGS, OUTPUT, Daemon, subscribers
+from tests.conftest import REPO_ROOT, Processes
+from tests.faults_support import (
+    CHANNEL,
+    FAST_SETTINGS,
+    OUTPUT,
+    Daemon,
+    Expected,
+    check_streams,
+    publish_invalid,
+    settle,
+    start_publisher,
+    subscribers,
+)
 from tests.helpers import wait_until
 
 PASSWORD = "s3cret-pass"
@@ -135,3 +151,40 @@ def test_a_password_rotated_under_a_running_daemon_is_logged_on_every_attempt_un
         daemon.stop("after the rotation")
     finally:
         daemon.close()
+
+
+def test_the_documented_least_privilege_user_runs_the_daemon_end_to_end(
+    procs, secured, admin, tmp_path: Path
+):
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert ACL_RULES in " ".join(readme.split()), "README's ACL line differs from ACL_RULES"
+    admin.execute_command("ACL", "SETUSER", "processor", "on", ">p-pass", *ACL_RULES.split())
+    url = url_for(secured, "processor", "p-pass")
+    count = 2
+    proc = start(procs, url, count)
+    daemon = Daemon(procs, proc, secured.url, count)
+    try:
+        daemon.wait_in_step(30, "the daemon did not start as the ACL user")
+        publish_invalid(admin, "acl")
+        publisher = start_publisher(procs, secured.url, tmp_path / "record.txt", 2.0, rate=1000)
+        publisher.wait_published(1000)
+        victim = next(iter(daemon.consumers()))
+        os.kill(victim, signal.SIGKILL)  # eviction and takeover run as the ACL user too
+        daemon.wait_in_step(30, "the killed consumer was not replaced")
+        publisher.finish()
+        expected = Expected(publisher.records())
+        assert settle(admin, expected), check_streams(admin, expected, "acl")
+        check_streams(admin, expected, "acl")
+        status = subprocess.run(
+            [sys.executable, "-m", "processor", "status", "--redis-url", url],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert status.returncode == 0, status.stderr
+        assert "NOPERM" not in daemon.log() and "no permissions" not in daemon.log()
+        daemon.stop("acl")
+    finally:
+        daemon.close()
+    assert "p-pass" not in procs.output(proc)
