@@ -7,10 +7,10 @@ PYTEST_ARGS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format demo bench
+.PHONY: help venv system-redis test lint format demo bench
 
 help: ## List the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## Create .venv and install test-requirements.txt into it
 
@@ -21,12 +21,22 @@ $(STAMP): requirements.txt test-requirements.txt
 	$(BIN)/python -m pip install --quiet -r test-requirements.txt
 	touch $@
 
+# Debian's redis-server (7.0, built with TLS) for the TLS tests: installed when none is on PATH
+# and we are root (as CI is); elsewhere those tests skip with one line saying what to install.
+system-redis: ## Install Debian's redis-server and openssl when missing (root only)
+	@if ! command -v redis-server >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's redis-server and openssl (TLS tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends redis-server openssl >/dev/null; \
+	fi
+
 lint: venv ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint ## lint, then the pytest suite (PYTEST_ARGS=... to narrow it)
+test: lint system-redis ## lint, then the pytest suite (PYTEST_ARGS=... to narrow it)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 format: venv ## Rewrite files with ruff format and ruff check --fix
