@@ -68,3 +68,18 @@ def test_status_names_the_unreachable_server_without_a_secret():
     assert result.returncode == 1
     assert result.stderr.startswith("python -m processor status: error: cannot read the group")
     assert "hunter2" not in result.stderr and "user:***@" in result.stderr
+
+
+def test_help_never_shows_a_password_from_the_environment():
+    env = {**os.environ, "REDIS_URL": "redis://user:hunter2@127.0.0.1:1/0", "COLUMNS": "200"}
+    for command in ("consume", "publish", "status"):
+        result = subprocess.run(
+            [sys.executable, "-m", "processor", command, "--help"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0
+        assert "hunter2" not in result.stdout + result.stderr

@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 import venv
 from pathlib import Path
 
 import pytest
 
+from demo.redis_server import free_port
 from tests.conftest import REPO_ROOT
 from tests.helpers import wait_until
 
@@ -41,7 +43,9 @@ def test_the_wheel_installs_and_its_command_consumes_end_to_end(tmp_path: Path, 
 
     # Nothing from the checkout: another directory, no PYTHONPATH.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    metrics_port = free_port()
     env |= {"REDIS_URL": redis_url, "CONSUMERS_COUNT": "2", "PYTHONUNBUFFERED": "1"}
+    env["METRICS_PORT"] = str(metrics_port)
     where = subprocess.run(
         [str(bin_dir / "python"), "-c", "import processor; print(processor.__file__)"],
         cwd=tmp_path,
@@ -92,6 +96,11 @@ def test_the_wheel_installs_and_its_command_consumes_end_to_end(tmp_path: Path, 
         )
         assert status.returncode == 0, status.stderr
         assert len(json.loads(status.stdout)["consumers"]) == 2
+        metrics_url = f"http://127.0.0.1:{metrics_port}"
+        with urllib.request.urlopen(f"{metrics_url}/readyz", timeout=5) as ready:
+            assert ready.status == 200
+        with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5) as scraped:
+            assert b"processor_messages_written_total" in scraped.read()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
     finally:
