@@ -32,7 +32,8 @@ ACL_RULES = (
     "~messages:processed ~messages:dead ~consumer:ids ~processor:* &messages:published "
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
-    "+get +set +mget +del +pexpire +lrange +lrem +rpush +hset +hincrby +hmget +hgetall "
+    "+get +set +mget +del +exists +scan +pexpire +pexpireat +time "
+    "+lrange +lrem +rpush +hset +hincrby +hmget +hgetall +sadd +smismember "
     "+xadd +xread +xlen +xrevrange"
 )
 
@@ -41,6 +42,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
     """Every command the daemon sends, on the keys and channel it sends them to."""
     heartbeat = keys.heartbeat(_PROBE)
     lock = keys.lock(_PROBE)
+    seen = keys.seen_prefix + "0"
     return [
         ("SUBSCRIBE", keys.channel),
         ("CLIENT", "ID"),
@@ -59,9 +61,16 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("XADD", keys.departures, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
         ("XADD", keys.gaps, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
         ("XREAD", "COUNT", "1", "STREAMS", keys.gaps, keys.departures, "0", "0"),
-        # The exactly-once write (inside lock_and_append.lua) and the takeover check.
-        ("SET", lock, "1", "NX", "PX", "1000"),
+        # The exactly-once write (inside dedup_append.lua, seen.lua) and the start-up look for
+        # the previous write path's locks.
+        ("TIME",),
+        ("SMISMEMBER", seen, "x"),
+        ("SADD", seen, "x"),
+        ("PEXPIREAT", seen, "1"),
+        ("EXISTS", keys.legacy_locks),
+        ("SET", keys.legacy_locks, "1", "PX", "1000"),
         ("MGET", lock),
+        ("SCAN", "0", "MATCH", keys.lock_prefix + "*", "COUNT", "1"),
         ("XADD", keys.output, "*", "message_id", _PROBE),
         ("XADD", keys.dead, "*", "reason", _PROBE),
         ("HINCRBY", keys.stats, "written", "0"),
@@ -157,6 +166,8 @@ def _key_prefixes(keys: Keys) -> tuple[str, ...]:
         keys.dead,
         keys.consumers,
         keys.lock_prefix,
+        keys.seen_prefix,
+        keys.legacy_locks,
         keys.heartbeat_prefix,
         keys.stats,
         keys.gaps,

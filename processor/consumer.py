@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from processor import connection
 from processor.config import Settings
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.dedup import SeenCheck, Window
 from processor.errors import ConsumerFailed
 from processor.handlers import Failure, Runner, load_handler, make_runner
 from processor.heartbeat import Heartbeat
@@ -118,6 +119,7 @@ class Consumer:
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
         self._runner: Runner = make_runner(handler, timeout_s, settings.handler_concurrency)
         self._client = command_client(settings, name="processor-consumer")
+        self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
         self._membership = Membership(heartbeat_client, self.keys, settings.heartbeat_ttl_ms)
         self._strategy = make_strategy(
@@ -407,20 +409,20 @@ class Consumer:
     def _without_written(
         self, entries: list[Entry | None], messages: list[tuple[int, Message]]
     ) -> tuple[list[Entry | None], list[tuple[int, Message]]]:
-        """Drops what is already locked, so a takeover runs the handler only where needed."""
+        """Drops what is already written, so a takeover runs the handler only where needed."""
         by_position = dict(messages)
-        lock_ids = [
+        dedup_ids = [
             by_position[position].message_id if entry is None else entry.lock_id
             for position, entry in enumerate(entries)
         ]
         try:
-            locked = self._client.mget([self.keys.lock(lock_id) for lock_id in lock_ids])
+            written = self._seen.seen(dedup_ids)
         except CONNECTION_ERRORS:
-            return entries, messages  # the write will retry, and its locks still decide
+            return entries, messages  # the write will retry, and its check still decides
         kept_entries: list[Entry | None] = []
         kept_messages: list[tuple[int, Message]] = []
-        for position, (entry, lock) in enumerate(zip(entries, locked, strict=True)):
-            if lock is not None:
+        for position, (entry, done) in enumerate(zip(entries, written, strict=True)):
+            if done:
                 continue
             if entry is None:
                 kept_messages.append((len(kept_entries), by_position[position]))

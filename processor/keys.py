@@ -18,6 +18,8 @@ class Keys:
     dead: str
     consumers: str
     lock_prefix: str
+    seen_prefix: str
+    legacy_locks: str
     heartbeat_prefix: str
     info_prefix: str
     stats: str
@@ -33,6 +35,8 @@ class Keys:
             dead=settings.dead_letter_stream,
             consumers=settings.consumers_list,
             lock_prefix=f"{prefix}:lock:",
+            seen_prefix=f"{prefix}:seen:",
+            legacy_locks=f"{prefix}:legacy-locks",
             heartbeat_prefix=f"{prefix}:heartbeat:",
             info_prefix=f"{prefix}:consumer:",
             stats=f"{prefix}:stats",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis
 
 from processor.keys import Keys
-from processor.writer import load_script
+from processor.scripts import load_script
 
 log = logging.getLogger(__name__)
 

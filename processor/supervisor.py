@@ -30,6 +30,7 @@ from processor.access import check_access
 from processor.config import Settings
 from processor.connection import Backoff, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
+from processor.dedup import mark_legacy_locks
 from processor.errors import ConfigError
 from processor.health import HealthServer
 from processor.keys import Keys
@@ -80,6 +81,10 @@ class Supervisor:
         if self.stop.is_set():
             log.info("daemon stopped before Redis was reachable")
             return EXIT_OK
+        try:
+            mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
+        except (redis.RedisError, OSError) as error:
+            log.warning("could not look for the previous write path's locks: %s", error)
         health = self._start_health()
         try:
             return self._supervise()

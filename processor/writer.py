@@ -9,25 +9,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import hiredis
 import redis
 
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage
+from processor.dedup import Window, digest
 from processor.keys import Keys
 from processor.messages import Entry
+from processor.scripts import load_script
 from processor.threads import OnFailure, WatchedThread
 
 log = logging.getLogger(__name__)
 
 # How often a blocked submit or wait checks that the write thread still lives.
 _POLL_S = 0.1
-
-
-def load_script(name: str) -> str:
-    return resources.files("processor").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +38,10 @@ class WriteResult:
 
 
 class Writer:
-    """Writes batches through ``lock_and_append.lua``, retrying until Redis takes them.
+    """Writes batches through ``dedup_append.lua``, retrying until Redis takes them.
 
-    A retry after a dropped connection or a timeout is safe: if the first call ran, its locks
-    are taken and the retry skips every entry it already wrote.
+    A retry after a dropped connection or a timeout is safe: if the first call ran, the ids it
+    wrote are remembered and the retry skips them.
     """
 
     def __init__(
@@ -61,8 +58,8 @@ class Writer:
         self._client = client
         self._maxlen = maxlen
         self._keys = keys
-        self._lock_ttl_ms = lock_ttl_ms
-        self._source = load_script("lock_and_append.lua")
+        self._window = Window.for_ttl(lock_ttl_ms)
+        self._source = load_script("dedup_append.lua")
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
         self._backoff = Backoff(0.05, backoff_max_s)
         self._outage = Outage("Redis (writes)", context)
@@ -75,17 +72,25 @@ class Writer:
         Returns None only when the consumer was asked to stop and Redis stayed unreachable for
         the grace period after that: the caller reports the batch as lost.
         """
-        keys = self._keys
+        keys, window = self._keys, self._window
         args: list[str | bytes | int] = [
-            keys.lock_prefix,
-            self._lock_ttl_ms,
+            keys.seen_prefix,
+            window.width_ms,
+            window.buckets_checked,
             consumer_id,
             fence,
             self._maxlen,
+            keys.lock_prefix,
         ]
         for entry in entries:
-            args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
-        script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
+            args.extend((entry.kind, digest(entry.lock_id), entry.lock_id, entry.a, entry.b))
+        script_keys = [
+            keys.output,
+            keys.dead,
+            keys.stats,
+            keys.heartbeat(consumer_id),
+            keys.legacy_locks,
+        ]
         give_up_at: float | None = None
         while True:
             try:

@@ -1,7 +1,8 @@
-"""The atomic lock-and-append against a real redis-server: exactly once, fence, TTLs, counters."""
+"""The atomic write against a real redis-server: exactly once, fence, dedup window, counters."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import redis
 from demo.redis_server import RedisServer
 from processor.config import Settings
 from processor.connection import command_client
+from processor.dedup import DIGEST_BYTES, SeenCheck, Window, digest, mark_legacy_locks
 from processor.keys import Keys
 from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
 from processor.writer import Writer, WriteResult
@@ -172,7 +174,7 @@ def test_fence_with_another_token_writes_nothing(
     assert result.fenced
     assert (result.written, result.dead, result.skipped) == (0, 0, 0)
     assert r.xlen(keys.output) == 0
-    assert r.keys(keys.lock_prefix + "*") == []  # no lock taken either
+    assert r.keys(keys.seen_prefix + "*") == []  # no id remembered either
     assert r.hgetall(keys.stats) == {}
 
 
@@ -183,17 +185,73 @@ def test_fence_with_an_expired_heartbeat_writes_nothing(
     assert result is not None
     assert result.fenced
     assert r.xlen(keys.output) == 0
+    assert r.keys(keys.seen_prefix + "*") == []
+
+
+def test_ids_are_remembered_as_fixed_size_digests_in_one_bucket_set(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    lock_ttl_ms = 60_000
+    writer = _writer(client, keys, lock_ttl_ms, "[window]")
+    long_id = "x" * 900_000  # a valid id near MAX_MESSAGE_BYTES costs what a short one does
+    entries = [*_entries(0, 3), Entry(OUTPUT, long_id, "{}"), parse(b"junk", 64)]
+    writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
     assert r.keys(keys.lock_prefix + "*") == []
+    (seen_key,) = r.keys(keys.seen_prefix + "*")
+    members = client.smembers(seen_key)
+    assert len(members) == 5
+    assert {len(member) for member in members} == {DIGEST_BYTES}
+    assert digest(long_id) in members and digest("m-0") in members
+    window = Window.for_ttl(lock_ttl_ms)
+    # Checked by the buckets after it for at least the window, gone after at most 1.25 x it.
+    assert lock_ttl_ms - window.width_ms < r.pttl(seen_key) <= lock_ttl_ms + window.width_ms + 1000
 
 
-def test_locks_expire_after_lock_ttl(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:
-    writer = _writer(client, keys, 5_000, "[ttl]")
-    writer.write([*_entries(0, 3), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
-    lock_keys = r.keys(keys.lock_prefix + "*")
-    assert len(lock_keys) == 4
-    for key in lock_keys:
-        assert 4_000 < r.pttl(key) <= 5_000
-    assert r.exists(keys.lock("m-0"))
+def test_memory_per_remembered_id_is_below_the_lock_keys(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    writer = _writer(client, keys, 600_000, "[memory]")
+    count = 20_000
+    for start in range(0, count, 500):
+        writer.write(_entries(start, start + 500), CONSUMER, "")
+    (seen_key,) = r.keys(keys.seen_prefix + "*")
+    per_id = r.memory_usage(seen_key, samples=0) / count
+    print(f"{per_id:.1f} bytes of the set per remembered id")
+    assert per_id < 80  # a lock key cost 80 (MEMORY USAGE) and 97 in used_memory
+
+
+def test_an_id_is_written_again_only_once_the_window_has_passed(
+    client: redis.Redis, keys: Keys, settings: Settings, r: redis.Redis
+) -> None:
+    lock_ttl_ms = 2_000
+    writer = _writer(client, keys, lock_ttl_ms, "[expiry]")
+    seen = SeenCheck(client, keys, Window.for_ttl(lock_ttl_ms))
+    written_at = time.monotonic()
+    assert writer.write(_entries(0, 1), CONSUMER, "").written == 1  # type: ignore[union-attr]
+    assert seen.seen(["m-0", "m-1"]) == [True, False]
+    wait_until(lambda: seen.seen(["m-0"]) == [False], timeout=15, interval=0.05)
+    forgotten_after = time.monotonic() - written_at
+    assert forgotten_after >= lock_ttl_ms / 1000 - 0.05  # never forgotten inside the window
+    print(f"forgotten {forgotten_after:.2f} s after it was written (window 2 s, at most 2.5 s)")
+    assert writer.write(_entries(0, 1), CONSUMER, "").written == 1  # type: ignore[union-attr]
+
+
+def test_locks_of_the_previous_write_path_count_as_written_for_one_window(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    r.set(keys.lock("m-0"), 1, px=60_000)  # written by the old daemon, inside its window
+    r.set(keys.lock("#sha1:" + hashlib.sha1(b"junk").hexdigest()), 1, px=60_000)
+    assert mark_legacy_locks(client, keys, 60_000)
+    assert 59_000 < r.pttl(keys.legacy_locks) <= 60_000
+    writer = _writer(client, keys, 60_000, "[upgrade]")
+    result = writer.write([*_entries(0, 2), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
+    assert result == WriteResult(written=1, dead=0, skipped=2, dead_flags="0")
+    assert _ids(r, keys.output) == ["m-1"]
+    seen = SeenCheck(client, keys, Window.for_ttl(60_000))
+    assert seen.seen(["m-0", "m-1", "m-2"]) == [True, True, False]
+    r.delete(keys.legacy_locks, *r.keys(keys.lock_prefix + "*"))
+    assert not mark_legacy_locks(client, keys, 60_000)  # no old locks: no marker, no cost
+    assert not r.exists(keys.legacy_locks)
 
 
 def test_stats_hash_counts(writer: Writer, keys: Keys, r: redis.Redis) -> None:
@@ -329,5 +387,5 @@ def test_output_maxlen_trims_both_streams_as_they_are_written_and_still_dedups(
     assert 100 <= r.xlen(keys.output) < 300
     assert 100 <= r.xlen(keys.dead) < 300
     assert _ids(r, keys.output)[-1] == "m-1999"  # the newest are kept
-    # Trimmed from the stream, still remembered by their locks.
+    # Trimmed from the stream, still remembered as written.
     assert writer.write(_entries(0, 100), CONSUMER, "").skipped == 100
