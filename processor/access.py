@@ -32,7 +32,7 @@ ACL_RULES = (
     "~messages:processed ~messages:dead ~consumer:ids ~processor:* &messages:published "
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
-    "+get +set +mget +del +exists +scan +pexpire +pexpireat +time "
+    "+get +set +mget +del +unlink +exists +scan +pexpire +pexpireat +time "
     "+lrange +lrem +rpush +hset +hincrby +hmget +hgetall +sadd +smismember "
     "+xadd +xread +xlen +xrevrange"
 )
@@ -67,6 +67,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("SMISMEMBER", seen, "x"),
         ("SADD", seen, "x"),
         ("PEXPIREAT", seen, "1"),
+        ("UNLINK", seen),
         ("EXISTS", keys.legacy_locks),
         ("SET", keys.legacy_locks, "1", "PX", "1000"),
         ("MGET", lock),

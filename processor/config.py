@@ -148,7 +148,8 @@ class Settings(GroupSettings):
     lock_ttl_ms: int = setting(
         600_000,
         "LOCK_TTL_MS",
-        "dedup window: a message id is written once within it",
+        "dedup window: a message id is written once within it (remembered for between this and "
+        "1.5 x this, by Redis's clock)",
         minimum=1000,
     )
     max_message_bytes: int = setting(

@@ -203,8 +203,9 @@ def test_ids_are_remembered_as_fixed_size_digests_in_one_bucket_set(
     assert {len(member) for member in members} == {DIGEST_BYTES}
     assert digest(long_id) in members and digest("m-0") in members
     window = Window.for_ttl(lock_ttl_ms)
-    # Checked by the buckets after it for at least the window, gone after at most 1.25 x it.
-    assert lock_ttl_ms - window.width_ms < r.pttl(seen_key) <= lock_ttl_ms + window.width_ms + 1000
+    # Checked by the buckets after it for at least the window; unlinked by the first write of a
+    # later bucket, and expires one bucket after that at the latest.
+    assert lock_ttl_ms < r.pttl(seen_key) <= lock_ttl_ms + 2 * window.width_ms
 
 
 def test_memory_per_remembered_id_is_below_the_lock_keys(
@@ -389,3 +390,18 @@ def test_output_maxlen_trims_both_streams_as_they_are_written_and_still_dedups(
     assert _ids(r, keys.output)[-1] == "m-1999"  # the newest are kept
     # Trimmed from the stream, still remembered as written.
     assert writer.write(_entries(0, 100), CONSUMER, "").skipped == 100
+
+
+def test_the_set_of_a_bucket_no_longer_checked_is_unlinked_by_the_next_write(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    writer = _writer(client, keys, 600_000, "[unlink]")
+    window = Window.for_ttl(600_000)
+    now_bucket = int(r.time()[0] * 1000 // window.width_ms)
+    stale = f"{keys.seen_prefix}{now_bucket - window.buckets_checked - 1}"
+    kept = f"{keys.seen_prefix}{now_bucket - window.buckets_checked}"
+    client.sadd(stale, digest("m-0"))
+    client.sadd(kept, digest("m-1"))
+    result = writer.write(_entries(0, 2), CONSUMER, "")
+    assert result == WriteResult(written=1, dead=0, skipped=1)  # m-0 forgotten, m-1 not
+    assert not r.exists(stale) and r.exists(kept)

@@ -22,7 +22,8 @@
 --
 -- An id is remembered by its digest in the set of the time bucket (Redis's clock) it was
 -- written in; a batch checks the current bucket and the k before it, with one SMISMEMBER each,
--- so an id is remembered for between k and k + 1 bucket widths. The check, the appends and the
+-- so an id is remembered for between k and k + 1 bucket widths; the set of the bucket before
+-- those is unlinked. The check, the appends and the
 -- SADD of the new digests are one script, so no id is remembered without being written, and a
 -- retried batch skips what the first attempt wrote. While KEYS[5] exists (set at start-up when
 -- lock keys of the previous write path were found; it expires when they have), their locks
@@ -104,9 +105,11 @@ end
 if #new > 0 then
     local key = prefix .. string.format('%.0f', bucket)
     redis.call('SADD', key, unpack(new))
-    -- Checked by the k buckets after it; gone once the last of them has passed.
-    redis.call('PEXPIREAT', key, string.format('%.0f', (bucket + k + 1) * width + 1000))
+    -- Checked by the k buckets after it. The first write of a later bucket UNLINKs it (freed off
+    -- the main thread: a set can hold millions of digests); the expiry is the backstop.
+    redis.call('PEXPIREAT', key, string.format('%.0f', (bucket + k + 2) * width))
 end
+redis.call('UNLINK', prefix .. string.format('%.0f', bucket - k - 1))
 if written > 0 then redis.call('HINCRBY', KEYS[3], 'written', written) end
 if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dead', dead) end
 if skipped > 0 then redis.call('HINCRBY', KEYS[3], 'skipped', skipped) end
