@@ -398,7 +398,7 @@ class Consumer:
     # -- takeover and rejoin ------------------------------------------------------------------
 
     def _take_over(self, payloads: list[bytes]) -> None:
-        """Tries messages another consumer may have missed; the lock skips any it wrote."""
+        """Tries messages another consumer may have missed; the write skips any it wrote."""
         self._totals["taken_over"] += len(payloads)
         if self.stats is not None:
             self.stats.add("taken_over", len(payloads))
@@ -434,8 +434,8 @@ class Consumer:
 
         What we hold was received before or during the stall. If another consumer has been live
         since before the stall, it took over our share; and if the stall was long enough for
-        locks to expire (half the dedup window), writing what we hold could duplicate it, so we
-        drop it along with the socket's unread backlog. Otherwise we write it: the locks skip
+        ids to be forgotten (half the dedup window), writing what we hold could duplicate it, so
+        we drop it along with the socket's unread backlog. Otherwise we write it: the write skips
         whatever someone else wrote.
         """
         self._writes.wait_idle()
@@ -455,7 +455,7 @@ class Consumer:
                 pass
             # The takeover buffer too: what it holds was received late, after the stall, so
             # its age no longer bounds how old it is, and a later takeover (or the shutdown
-            # sweep) would retry it after its lock expired.
+            # sweep) would retry it after its id was forgotten.
             dropped = len(self._inbox.drain()) + len(self._unwritten) + self._strategy.discard()
             self._unwritten = []
             self._takeovers.clear()

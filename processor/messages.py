@@ -17,7 +17,7 @@ DEAD = "d"
 
 # Tuples rather than dataclasses: these are built for every message on the hot path.
 class Entry(NamedTuple):
-    """One entry for the lock-and-append script: an output message or a dead letter."""
+    """One entry for the write script: an output message or a dead letter, with its dedup id."""
 
     kind: str
     lock_id: str
@@ -34,7 +34,7 @@ class Message(NamedTuple):
 
 
 def payload_lock_id(raw: bytes) -> str:
-    """Lock id for a payload with no usable message_id: identical payloads share it."""
+    """Dedup id for a payload with no usable message_id: identical payloads share it."""
     return "#sha1:" + hashlib.sha1(raw).hexdigest()
 
 
@@ -82,7 +82,7 @@ def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
 
 
 def handler_failed(message: Message, reason: str, max_bytes: int) -> Entry:
-    """A dead letter for a valid message the handler could not process; locked by its id."""
+    """A dead letter for a valid message the handler could not process; deduplicated by its id."""
     return dead_letter(reason, message.raw, max_bytes, lock_id=message.message_id)
 
 

@@ -1,6 +1,6 @@
 """Which received messages a consumer tries: the strategy interface and its two strategies.
 
-``race``: every consumer tries every message; the lock picks the writer. Instant failover,
+``race``: every consumer tries every message; the write picks the writer. Instant failover,
 but the work per message grows with the group.
 
 ``partitioned``: each message belongs to one of ``SLOTS`` slots (CRC32 of the raw payload), and
@@ -11,7 +11,7 @@ or reports a subscription gap, every other consumer tries what it routed to it (
 could be a newcomer that never received it, or in a gap of its own). A consumer that hands slots
 to a newcomer keeps trying them for a grace period, in case messages published before the
 newcomer subscribed are still unread in its socket. Ownership never decides correctness: the
-lock does.
+write does.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class PartitionedStrategy:
         ``member`` missed messages while its subscription was down, but it is still live, so
         its slots are still its own. Every other member tries them, not only one successor:
         that one may have been in a gap of its own at the same time (CLIENT KILL TYPE pubsub,
-        a Redis restart). The lock lets one write each message.
+        a Redis restart). The exactly-once write lets one write each message.
         """
         with self._lock:
             if member == self._me or self._me not in self._members:
