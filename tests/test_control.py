@@ -46,7 +46,11 @@ def test_sigttin_adds_a_consumer_and_sigttou_drains_and_removes_one(procs, redis
     publisher.wait_published(3000)
     daemon.proc.send_signal(signal.SIGTTOU)
     wait_until(
-        lambda: len(daemon.listed()) == 2 and len(daemon.consumers()) == 2,
+        lambda: (
+            len(daemon.listed()) == 2
+            and len(daemon.consumers()) == 2
+            and "stopped with code 0 and leaves the group" in daemon.log()
+        ),
         WAIT_S,
         message="SIGTTOU removed nobody",
     )
