@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -32,8 +31,8 @@ class ConsumerCpu:
 class Memory:
     used_delta_bytes: int  # INFO used_memory after - before
     stream_bytes: int  # MEMORY USAGE of the output stream
-    bytes_per_lock: float  # (used_delta - stream) / written
-    sample_lock_bytes: int  # MEMORY USAGE of one lock key
+    bytes_per_id: float  # (used_delta - stream) / written
+    id_set_bytes: float  # MEMORY USAGE of the dedup bucket sets, per id they hold
 
 
 @dataclass
@@ -87,10 +86,12 @@ def cost(bench: Bench, strategy: str, consumers: int) -> Cost:
 
 def measure_memory(client: redis.Redis, used_delta: int, written: int) -> Memory:
     stream = int(client.memory_usage(KEYS.output, samples=0) or 0)
-    first: Any = client.xrange(KEYS.output, count=1)
-    fields = first[0][1]
-    sample = int(client.memory_usage(KEYS.lock(fields[b"message_id"].decode()), samples=0) or 0)
-    return Memory(used_delta, stream, (used_delta - stream) / max(written, 1), sample)
+    sets = list(client.scan_iter(match=KEYS.seen_prefix + "*"))
+    members = sum(int(client.scard(key)) for key in sets)
+    set_bytes = sum(int(client.memory_usage(key, samples=0) or 0) for key in sets)
+    return Memory(
+        used_delta, stream, (used_delta - stream) / max(written, 1), set_bytes / max(members, 1)
+    )
 
 
 def cost_note(cost: Cost) -> str:

@@ -90,8 +90,8 @@ def table_rows(results: Results) -> list[tuple[str, ...]]:
 
 
 def memory_note(memory: Memory) -> str:
-    sample = memory.sample_lock_bytes
-    return f"{memory.bytes_per_lock:.0f} B per lock key (MEMORY USAGE of one: {sample} B)"
+    per_member = memory.id_set_bytes
+    return f"{memory.bytes_per_id:.0f} B per id in used_memory ({per_member:.0f} B in its set)"
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: set[int]) -> str:
