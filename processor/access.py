@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from dataclasses import asdict
 from typing import Any
 
 import redis
@@ -162,15 +163,5 @@ def _describe(command: tuple[str, ...], keys: Keys) -> str:
 
 
 def _key_prefixes(keys: Keys) -> tuple[str, ...]:
-    return (
-        keys.output,
-        keys.dead,
-        keys.consumers,
-        keys.lock_prefix,
-        keys.seen_prefix,
-        keys.legacy_locks,
-        keys.heartbeat_prefix,
-        keys.stats,
-        keys.gaps,
-        keys.departures,
-    )
+    """Every key name and key prefix the daemon uses (all of Keys but the channel)."""
+    return tuple(value for name, value in asdict(keys).items() if name != "channel")

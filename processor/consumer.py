@@ -146,7 +146,7 @@ class Consumer:
             subscriber_client_id=lambda: self._subscriber.client_id,
             on_takeover=self._takeovers.append,
             on_failure=self._thread_failed,
-            status=self._status,
+            status=self._on_beat,
         )
         writer = Writer(
             self._client,
@@ -350,9 +350,14 @@ class Consumer:
             self.stats.add("dead", result.dead)
             self.stats.add("skipped", result.skipped)
 
+    def _on_beat(self) -> dict[str, str | int | float]:
+        """Called by the heartbeat thread before each beat: the metrics that are not recorded
+        per batch are synced at its cadence, and our status goes out with the beat."""
+        self._sync_metrics()
+        return self._status()
+
     def _status(self) -> dict[str, str | int | float]:
         """What ``processor status`` shows of us; written to Redis with every heartbeat."""
-        self._sync_metrics()  # the same cadence suits the metrics that are not per batch
         totals = self._totals
         return {
             "host": socket.gethostname(),

@@ -65,7 +65,7 @@ class Membership:
         self._keys = keys
         self._ttl_ms = heartbeat_ttl_ms
         self._script = client.register_script(load_script("membership.lua"))
-        self._leave = client.register_script(load_script("leave.lua"))
+        self._leave = leave_script(client)
         self.consumer_id = ""
         self.token = ""
         self.last_beat_ms = 0
@@ -123,6 +123,12 @@ class Membership:
             remove(self._leave, self._keys, self.consumer_id, is_prefix=False, reason=reason)
 
 
+def leave_script(client: redis.Redis) -> redis.commands.core.Script:
+    """``leave.lua``, registered once by whoever removes consumers (themselves, or their
+    supervisor), so it is read from disk once per process."""
+    return client.register_script(load_script("leave.lua"))
+
+
 def remove(
     script: redis.commands.core.Script, keys: Keys, match: str, is_prefix: bool, reason: str
 ) -> list[str]:
@@ -140,13 +146,14 @@ def remove(
     return [item.decode() for item in reply]
 
 
-def evict_process(client: redis.Redis, keys: Keys, pid: int, slot: int, reason: str) -> list[str]:
+def evict_process(
+    script: redis.commands.core.Script, keys: Keys, pid: int, slot: int, reason: str
+) -> list[str]:
     """Removes every id a dead consumer process registered under; returns them.
 
-    The supervisor calls this the moment it sees a consumer exit, so the others take over its
-    share within milliseconds instead of when its heartbeat expires.
+    The supervisor calls this (with ``leave_script``) the moment it sees a consumer exit, so the
+    others take over its share within milliseconds instead of when its heartbeat expires.
     """
-    script = client.register_script(load_script("leave.lua"))
     return remove(script, keys, process_id_prefix(pid, slot), is_prefix=True, reason=reason)
 
 

@@ -34,7 +34,7 @@ from processor.dedup import mark_legacy_locks
 from processor.errors import ConfigError
 from processor.health import HealthServer
 from processor.keys import Keys
-from processor.membership import evict_process
+from processor.membership import evict_process, leave_script
 from processor.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.monitor import Monitor
 from processor.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
@@ -65,6 +65,7 @@ class Supervisor:
         self._restarts: Any = None
         # Short timeouts: an eviction must never hold up the replacement of a consumer.
         self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
+        self._leave = leave_script(self._client)
         self._slots = [self._new_slot(index) for index in range(settings.consumers_count)]
 
     def _new_slot(self, index: int) -> Slot:
@@ -343,7 +344,7 @@ class Supervisor:
             return
         reason = f"exited with code {process.exitcode}"
         try:
-            removed = evict_process(self._client, self._keys, process.pid, index, reason)
+            removed = evict_process(self._leave, self._keys, process.pid, index, reason)
         except (redis.RedisError, OSError) as error:
             # Never fatal to the supervisor (a refused command, a script from another version):
             # the heartbeat's expiry still takes the consumer out of the group.

@@ -15,6 +15,7 @@ from processor.keys import Keys
 from processor.membership import (
     Membership,
     evict_process,
+    leave_script,
     new_consumer_id,
     now_ms,
     process_id_prefix,
@@ -150,7 +151,7 @@ def test_evicting_a_dead_process_removes_every_id_it_registered_and_no_other(
     _member(client, keys, prefix + "bbbbbb")  # the same process, rejoined after a stall
     _member(client, keys, process_id_prefix(4242, 11) + "cccccc")  # slot 11, not slot 1
     _member(client, keys, process_id_prefix(42420, 1) + "dddddd")
-    removed = evict_process(client, keys, 4242, 1, "exited with code -9")
+    removed = evict_process(leave_script(client), keys, 4242, 1, "exited with code -9")
     assert sorted(removed) == [prefix + "aaaaaa", prefix + "bbbbbb"]
     assert sorted(r.lrange(keys.consumers, 0, -1)) == sorted(
         [process_id_prefix(4242, 11) + "cccccc", process_id_prefix(42420, 1) + "dddddd"]
@@ -158,7 +159,7 @@ def test_evicting_a_dead_process_removes_every_id_it_registered_and_no_other(
     assert not r.exists(keys.heartbeat(prefix + "aaaaaa"))
     assert not r.exists(keys.heartbeat(prefix + "bbbbbb"))
     assert [reason for _, reason in _departures(r, keys)] == ["exited with code -9"] * 2
-    assert evict_process(client, keys, 4242, 1, "again") == []
+    assert evict_process(leave_script(client), keys, 4242, 1, "again") == []
 
 
 def test_read_view_refreshes_nobody(client: redis.Redis, keys: Keys, r: redis.Redis) -> None:

@@ -1,1 +1,1 @@
-"""Issue 6's benchmark, run by ``demo/bench.py``: one module per job, named for it."""
+"""The throughput benchmark, run by ``demo/bench.py``: one module per job, named for it."""
