@@ -54,6 +54,8 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         # Membership and leaving (heartbeat and list; also inside membership.lua, leave.lua).
         ("SET", heartbeat, "1", "PX", "1000"),
         ("PEXPIRE", heartbeat, "1000"),
+        ("HSET", keys.info(_PROBE), "beat_ms", "0"),
+        ("PEXPIRE", keys.info(_PROBE), "1000"),
         ("GET", heartbeat),
         ("DEL", heartbeat),
         ("LRANGE", keys.consumers, "0", "-1"),
@@ -78,6 +80,10 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("HINCRBY", keys.stats, "written", "0"),
         # The monitor.
         ("HMGET", keys.stats, "written", "dead"),
+        # processor status.
+        ("HGETALL", keys.info(_PROBE)),
+        ("XLEN", keys.output),
+        ("XREVRANGE", keys.dead, "+", "-", "COUNT", "1"),
     ]
 
 

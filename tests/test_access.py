@@ -188,3 +188,13 @@ def test_the_documented_least_privilege_user_runs_the_daemon_end_to_end(
     finally:
         daemon.close()
     assert "p-pass" not in procs.output(proc)
+
+
+def test_an_acl_user_without_hset_is_refused_at_start_not_in_its_first_heartbeat(
+    procs, secured, admin
+):
+    admin.execute_command(
+        "ACL", "SETUSER", "nohset", "on", ">h-pass", *ACL_RULES.replace("+hset ", "").split()
+    )
+    line = refused_at_start(procs, url_for(secured, "nohset", "h-pass"), "h-pass")
+    assert "HSET on 'processor:consumer:access-check'" in line, line
