@@ -86,6 +86,20 @@ class TlsFiles:
     client_key: Path
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """Makes SIGTERM raise SystemExit, so the caller's ``finally`` stops its throwaway server.
+
+    The server runs in a session of its own (a Ctrl-C must not kill it under a demo that is
+    still shutting down), so nothing else would stop it: Python's default SIGTERM ends the
+    process without running ``finally``.
+    """
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def free_port() -> int:
     """Return a loopback TCP port that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

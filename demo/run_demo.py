@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.redis_server import RedisServer, find_redis_server
+from demo.redis_server import RedisServer, exit_cleanly_on_sigterm, find_redis_server
 from processor.config import RedisSettings
 
 DEMO_DIR = Path(__file__).resolve().parent
@@ -157,6 +157,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds to publish for")
     parser.add_argument("--consumers", type=int, default=3, help="consumer processes")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     url = configured_url()
     server = None
     names = {"INPUT_CHANNEL": "messages:published", "OUTPUT_STREAM": "messages:processed"}

@@ -27,7 +27,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.redis_server import RedisServer
+from demo.redis_server import RedisServer, exit_cleanly_on_sigterm
 
 DEMO_DIR = Path(__file__).resolve().parent
 OUTPUT = "messages:processed"
@@ -140,6 +140,7 @@ def main() -> int:
     parser.add_argument("--report-s", type=float, default=60.0, help="seconds between lines")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     seed = args.seed if args.seed is not None else random.randrange(10**9)
     rng = random.Random(seed)
     duration_s = args.minutes * 60

@@ -36,7 +36,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.redis_server import RedisServer
+from demo.redis_server import RedisServer, exit_cleanly_on_sigterm
 from processor.config import Settings
 from processor.connection import command_client
 from processor.keys import Keys
@@ -196,6 +196,7 @@ def main() -> int:
         "per id, or a bucket's set) is part of what is measured, as in a long-running daemon",
     )
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     server = RedisServer()
     server.start()
     try:
