@@ -165,9 +165,8 @@ def render(view: GroupView) -> str:
             )
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
         for row in rows:
-            lines.append(
-                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-            )
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            lines.append("  ".join(cells).rstrip())
     else:
         lines.append("NO LIVE CONSUMER")
     lines.append("")
