@@ -15,6 +15,12 @@ Scenarios:
   4  cost per written message at a moderate rate: Redis commands, Redis CPU, consumer CPU
   5  publish-to-stream latency at half the best rate of scenario 1
   6  Redis memory per message kept for deduplication (measured in the runs of scenario 4)
+  7  overload: cpu_100us handler, a long burst offered at twice what one consumer drains,
+     1 and 2 consumers, partitioned
+
+Scenarios 1, 4, 5 and 6 also run, partitioned, with the two write paths today's replaced, inside
+the same daemon (demo/benchmark/write_paths.py): the previous script (a lock key per id) and the
+seed's two pipelines. The ratios against them are in the targets table.
 """
 
 from __future__ import annotations

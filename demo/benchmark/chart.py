@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from demo.benchmark.plan import ASYNC_IO, ASYNC_IO_16, CPU, IO, STRATEGIES, TRIVIAL
+from demo.benchmark.plan import (
+    ASYNC_IO,
+    ASYNC_IO_16,
+    BASELINE_PATHS,
+    CPU,
+    IO,
+    PATH_LABELS,
+    STRATEGIES,
+    TRIVIAL,
+)
 from demo.benchmark.scenarios import Results
 
 
@@ -39,6 +48,11 @@ def draw_chart(results: Results, path: Path) -> None:
             label = f"async_io_2ms, concurrency 16 ({strategy})"
             marker = "D" if strategy == "partitioned" else "d"
             axes.plot([1], [concurrent.run.written_rate], marker, color="tab:purple", label=label)
+    for write_path, style in zip(BASELINE_PATHS, (":", "-."), strict=True):
+        ramps = [results.ramp("partitioned", n, write_path) for n in counts]
+        values = [r.best.written_rate if r and r.best else math.nan for r in ramps]
+        label = f"{TRIVIAL.name} (partitioned, {PATH_LABELS[write_path]})"
+        axes.plot(counts, values, style, marker="x", color="tab:gray", label=label)
     plain = results.baseline.best
     if plain is not None:
         label = "plain subscriber, no locks"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import redis
@@ -15,8 +16,9 @@ from demo.benchmark.measure import (
     publish_and_wait,
     redis_commands,
     redis_cpu_us,
+    redis_write_us,
 )
-from demo.benchmark.plan import KEYS, TRIVIAL
+from demo.benchmark.plan import DEDUP, KEYS, PIPELINES, TRIVIAL
 
 
 @dataclass
@@ -42,15 +44,17 @@ class Cost:
     run: Run
     commands_per_msg: float
     redis_us_per_msg: float
+    write_us_per_msg: float  # INFO commandstats: the write's own commands
     consumer_us_per_msg: float  # all consumers together
     consumers_cpu: list[ConsumerCpu]
     memory: Memory
+    path: str = DEDUP
 
 
-def cost(bench: Bench, strategy: str, consumers: int) -> Cost:
+def cost(bench: Bench, strategy: str, consumers: int, path: str = DEDUP) -> Cost:
     client = bench.client
     plan = bench.plan
-    with daemon(bench, strategy, consumers, TRIVIAL) as ids:
+    with daemon(bench, strategy, consumers, TRIVIAL, path) as ids:
         pids = [consumer_pid(consumer_id) for consumer_id in ids]
         client.config_resetstat()
         used_before = int(client.info("memory")["used_memory"])
@@ -61,9 +65,10 @@ def cost(bench: Bench, strategy: str, consumers: int) -> Cost:
         cpu_after = [process_cpu_us(pid) for pid in pids]
         redis_after = redis_cpu_us(client)
         commands = redis_commands(client)
+        write_us = redis_write_us(client, scripted=path != PIPELINES)
         used_delta = int(client.info("memory")["used_memory"]) - used_before
         run, output = outcome(bench, published)
-        memory = measure_memory(client, used_delta, run.written)
+        memory = measure_memory(client, used_delta, run.written, path)
     received = run.published - run.unreceived
     per_consumer = [
         ConsumerCpu(consumer_id, received, output.by_consumer[consumer_id], after - before)
@@ -76,27 +81,34 @@ def cost(bench: Bench, strategy: str, consumers: int) -> Cost:
         run=run,
         commands_per_msg=commands / written,
         redis_us_per_msg=(redis_after - redis_before) / written,
+        write_us_per_msg=write_us / written,
         consumer_us_per_msg=sum(c.cpu_us for c in per_consumer) / written,
         consumers_cpu=per_consumer,
         memory=memory,
+        path=path,
     )
-    bench.progress(f"cost {strategy} x{consumers}", run, cost_note(result))
+    bench.progress(f"cost {strategy} {path} x{consumers}", run, cost_note(result))
     return result
 
 
-def measure_memory(client: redis.Redis, used_delta: int, written: int) -> Memory:
+def measure_memory(client: redis.Redis, used_delta: int, written: int, path: str) -> Memory:
+    """``id_set_bytes``: the bucket sets per member (dedup), or the lock keys per key."""
     stream = int(client.memory_usage(KEYS.output, samples=0) or 0)
+    per_id = (used_delta - stream) / max(written, 1)
+    if path != DEDUP:
+        locks = itertools.islice(client.scan_iter(match=KEYS.lock_prefix + "*", count=1000), 1000)
+        sizes = [int(client.memory_usage(key, samples=0) or 0) for key in locks]
+        return Memory(used_delta, stream, per_id, sum(sizes) / max(len(sizes), 1))
     sets = list(client.scan_iter(match=KEYS.seen_prefix + "*"))
     members = sum(int(client.scard(key)) for key in sets)
     set_bytes = sum(int(client.memory_usage(key, samples=0) or 0) for key in sets)
-    return Memory(
-        used_delta, stream, (used_delta - stream) / max(written, 1), set_bytes / max(members, 1)
-    )
+    return Memory(used_delta, stream, per_id, set_bytes / max(members, 1))
 
 
 def cost_note(cost: Cost) -> str:
     return (
-        f"{cost.commands_per_msg:.2f} cmd/msg, Redis {cost.redis_us_per_msg:.1f} µs/msg, "
+        f"{cost.commands_per_msg:.2f} cmd/msg, Redis {cost.redis_us_per_msg:.1f} µs/msg "
+        f"(writes {cost.write_us_per_msg:.1f}), "
         f"consumers {cost.consumer_us_per_msg:.1f} µs/msg"
     )
 

@@ -16,12 +16,21 @@ from typing import Any
 import redis
 
 from demo.benchmark.measure import Bench, BenchError, flush, poll
-from demo.benchmark.plan import DEFAULTS, KEYS, ROOT, STOP_TIMEOUT_S, HandlerCase
+from demo.benchmark.plan import (
+    DEDUP,
+    DEFAULTS,
+    KEYS,
+    ROOT,
+    STOP_TIMEOUT_S,
+    WRITE_PATH_ENV,
+    HandlerCase,
+)
 from processor.config import DAEMON_OPTIONS
 from processor.handlers import add_random_score
 from processor.ownership import HANDOVER_GRACE_S
 
 PLAIN_BATCH = 100  # XADD commands per pipeline of the baseline subscriber
+BASELINE_HANDLER = "demo.benchmark.write_paths:add_random_score"
 
 
 # -- the baseline: a plain subscriber, no locks ------------------------------------------------
@@ -60,9 +69,11 @@ def plain_subscriber(bench: Bench) -> Iterator[None]:
 # -- the daemon under test -------------------------------------------------------------------
 
 
-def daemon_env(bench: Bench, strategy: str, consumers: int, case: HandlerCase) -> dict[str, str]:
+def daemon_env(
+    bench: Bench, strategy: str, consumers: int, case: HandlerCase, path: str
+) -> dict[str, str]:
     """The daemon's defaults but for these settings, whatever the caller's environment says."""
-    settings = {option.env for option in DAEMON_OPTIONS}
+    settings = {option.env for option in DAEMON_OPTIONS} | {WRITE_PATH_ENV}
     env = {name: value for name, value in os.environ.items() if name not in settings}
     env |= {
         "REDIS_URL": bench.url,
@@ -76,18 +87,30 @@ def daemon_env(bench: Bench, strategy: str, consumers: int, case: HandlerCase) -
     }
     if case.spec:
         env["HANDLER"] = case.spec
+    if path != DEDUP:
+        if case.spec:
+            raise BenchError(f"the {path} write path runs with the default handler only")
+        env |= {"HANDLER": BASELINE_HANDLER, WRITE_PATH_ENV: path}
     return env
 
 
 @contextlib.contextmanager
-def daemon(bench: Bench, strategy: str, consumers: int, case: HandlerCase) -> Iterator[list[str]]:
+def daemon(
+    bench: Bench,
+    strategy: str,
+    consumers: int,
+    case: HandlerCase,
+    path: str = DEDUP,
+) -> Iterator[list[str]]:
     """Runs demo/consume.py on a flushed Redis; yields the consumer ids once all are live."""
     flush(bench.client)
-    bench.log.write(f"--- {strategy} x{consumers} {case.name} concurrency={case.concurrency}\n")
+    bench.log.write(
+        f"--- {strategy} x{consumers} {case.name} concurrency={case.concurrency} {path}\n"
+    )
     bench.log.flush()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "demo" / "consume.py")],
-        env=daemon_env(bench, strategy, consumers, case),
+        env=daemon_env(bench, strategy, consumers, case, path),
         stdout=bench.log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

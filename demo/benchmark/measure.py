@@ -61,6 +61,18 @@ def redis_commands(client: redis.Redis) -> int:
     return sum(int(stat["calls"]) for stat in client.info("commandstats").values())
 
 
+def redis_write_us(client: redis.Redis, scripted: bool) -> float:
+    """Time Redis accounts to the writes (``INFO commandstats``) since CONFIG RESETSTAT.
+
+    A script call's time includes the commands it runs, which are also listed on their own:
+    for a scripted write count the script calls only; for pipelined writes add their SET and
+    XADD. Script calls include the heartbeat's, a few per second, in both cases.
+    """
+    stats = client.info("commandstats")
+    names = ["cmdstat_evalsha"] + ([] if scripted else ["cmdstat_set", "cmdstat_xadd"])
+    return float(sum(int(stats[name]["usec"]) for name in names if name in stats))
+
+
 def process_cpu_us(pid: int) -> float:
     """CPU time of every thread of ``pid``, from schedstat (nanoseconds, unlike stat's ticks)."""
     total_ns = 0

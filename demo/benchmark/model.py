@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from demo.benchmark.plan import CPU, STRATEGIES, TRIVIAL
+from demo.benchmark.plan import CPU, DEDUP, STRATEGIES, TRIVIAL
 from demo.benchmark.scenarios import Results
 
 # Measured on this project's machine: pipelines of 1000 PUBLISH, messages built in advance.
@@ -144,7 +144,9 @@ def build_model(results: Results) -> Model | None:
     costs = {}
     for strategy in STRATEGIES:
         points = [
-            (c.consumers, c.redis_us_per_msg) for c in results.costs if c.strategy == strategy
+            (c.consumers, c.redis_us_per_msg)
+            for c in results.costs
+            if (c.strategy, c.path) == (strategy, DEDUP)
         ]
         r1, r_sub = line_fit(points)
         costs[strategy] = Costs(r1, r_sub, split.owned_us, split.buffered_us, publisher, source)

@@ -15,6 +15,15 @@ RESULTS_DIR = ROOT / "bench-results"
 DOCS_CHART = ROOT / "docs" / "throughput.png"
 STRATEGIES = ("partitioned", "race")
 STOP_TIMEOUT_S = 30.0
+# The daemon's write path and the two it is measured against (demo/benchmark/write_paths.py).
+DEDUP, LOCKS, PIPELINES = "dedup", "locks", "pipelines"
+BASELINE_PATHS = (LOCKS, PIPELINES)
+WRITE_PATH_ENV = "BENCH_WRITE_PATH"
+PATH_LABELS = {
+    DEDUP: "today's write",
+    LOCKS: "previous write: lock key per id",
+    PIPELINES: "seed write: two pipelines",
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class Plan:
     cost_rate: int
     cost_s: float
     latency_s: float
+    overload_messages: int  # the cpu_100us handler offered ...
+    overload_rate: int  # ... at about twice what one consumer drains
 
 
 FULL = Plan(
@@ -60,6 +71,8 @@ FULL = Plan(
     cost_rate=20_000,
     cost_s=5,
     latency_s=5,
+    overload_messages=40_000,
+    overload_rate=20_000,
 )
 QUICK = Plan(
     consumer_counts=(1, 2, 4),
@@ -70,4 +83,6 @@ QUICK = Plan(
     cost_rate=20_000,
     cost_s=1.5,
     latency_s=1.5,
+    overload_messages=20_000,
+    overload_rate=20_000,
 )

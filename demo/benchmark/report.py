@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from demo.benchmark.chart import draw_chart
-from demo.benchmark.cost import Memory, cost_note
+from demo.benchmark.cost import Cost, Memory, cost_note
 from demo.benchmark.measure import Run
 from demo.benchmark.model import build_model, markdown
 from demo.benchmark.plan import (
     ASYNC_IO_16,
     CPU,
+    DEDUP,
     DEFAULTS,
     DOCS_CHART,
     IO,
+    LOCKS,
+    PIPELINES,
     RESULTS_DIR,
     ROOT,
     STRATEGIES,
@@ -58,7 +62,7 @@ def table_rows(results: Results) -> list[tuple[str, ...]]:
     plain = results.baseline
     rows = [cells("0 baseline", "trivial", "plain sub", 1, 1, plain.best, plain.end)]
     rows += [
-        cells("1 max lossless", "trivial", r.strategy, r.consumers, 1, r.best, r.end)
+        cells("1 max lossless", "trivial", label(r.strategy, r.path), r.consumers, 1, r.best, r.end)
         for r in results.ramps
     ]
     rows += [
@@ -74,19 +78,44 @@ def table_rows(results: Results) -> list[tuple[str, ...]]:
         for d in results.drains
     ]
     rows += [
-        cells("4 cost", "trivial", c.strategy, c.consumers, 1, c.run, cost_note(c))
+        cells("4 cost", "trivial", label(c.strategy, c.path), c.consumers, 1, c.run, cost_note(c))
         for c in results.costs
     ]
     rows += [
-        cells("5 latency", "trivial", x.strategy, x.consumers, 1, x.run, latency_note(x))
+        cells(
+            "5 latency",
+            "trivial",
+            label(x.strategy, x.path),
+            x.consumers,
+            1,
+            x.run,
+            latency_note(x),
+        )
         for x in results.latencies
     ]
     rows += [
-        cells("6 memory", "trivial", c.strategy, c.consumers, 1, c.run, memory_note(c.memory))
+        cells(
+            "6 memory",
+            "trivial",
+            label(c.strategy, c.path),
+            c.consumers,
+            1,
+            c.run,
+            memory_note(c.memory),
+        )
         for c in results.costs
         if c.consumers == 1
     ]
+    rows += [
+        cells("7 overload", CPU.name, "partitioned", o.consumers, 1, o.run, f"{o.run.problems}")
+        for o in results.overloads
+    ]
     return rows
+
+
+def label(strategy: str, path: str) -> str:
+    """The strategy, and the write path when it is a baseline's."""
+    return strategy if path == DEDUP else f"{strategy} [{path}]"
 
 
 def memory_note(memory: Memory) -> str:
@@ -141,6 +170,12 @@ TARGETS = (
     Target("redis_cpu", "Redis CPU per msg: 8 consumers / 1", 1.4, False),
     Target("buffered", "consumer CPU per msg only read and buffered", 2, False, " µs"),
     Target("p99", "p99 latency at half the best rate", DEFAULTS.batch_window_ms + 25, False, " ms"),
+    Target("overload_2", "cpu_100us offered 2x capacity: 2 consumers / 1", 1.6, True),
+    Target("redis_vs_locks", "Redis CPU per msg / previous write's, worst of 1-8", 0.5, False),
+    Target("write_vs_locks", "write command µs per msg / previous write's, worst", 0.5, False),
+    Target("best_vs_locks", "best lossless / previous write's", 1.2, True),
+    Target("best_vs_seed", "best lossless / seed write's", 3, True),
+    Target("p99_vs_locks", "p99 at half the best rate / previous write's", 1, False),
 )
 
 
@@ -166,10 +201,28 @@ def headline(results: Results, strategy: str) -> dict[str, float | None]:
         found = results.drain(case, strategy, consumers)
         return found.run.written_rate if found else None
 
+    def best(path: str) -> float | None:
+        found = [results.ramp(strategy, n, path) for n in counts]
+        rates = [r.best.written_rate if r.best else 0.0 for r in found if r is not None]
+        return max(rates) if rates else None
+
+    def p99(path: str) -> float | None:
+        found = results.latency(strategy, path)
+        return found.p99_ms if found else None
+
+    def worst_vs_locks(figure: Callable[[Cost], float]) -> float | None:
+        pairs = [(results.cost(strategy, n), results.cost(strategy, n, LOCKS)) for n in counts]
+        ratios = [figure(ours) / figure(old) for ours, old in pairs if ours and old]
+        return max(ratios) if ratios else None
+
+    def overloaded(consumers: int) -> float | None:
+        found = results.overload(consumers) if strategy == "partitioned" else None
+        return found.run.written_rate if found else None
+
     one, many = results.cost(strategy, 1), results.cost(strategy, MANY_CONSUMERS)
     split = results.split if strategy == "partitioned" else None
     return {
-        "best": max(lossless(n) or 0.0 for n in counts),
+        "best": best(DEDUP),
         "trivial_scaling": ratio(lossless(MANY_CONSUMERS), lossless(1)),
         "cpu_2": ratio(drained(CPU, 2), drained(CPU, 1)),
         "cpu_many": ratio(drained(CPU, MANY_CONSUMERS), drained(CPU, 1)),
@@ -178,7 +231,13 @@ def headline(results: Results, strategy: str) -> dict[str, float | None]:
         "commands": ratio(many.commands_per_msg, one.commands_per_msg) if one and many else None,
         "redis_cpu": ratio(many.redis_us_per_msg, one.redis_us_per_msg) if one and many else None,
         "buffered": split.buffered_us if split else None,
-        "p99": next((lat.p99_ms for lat in results.latencies if lat.strategy == strategy), None),
+        "p99": p99(DEDUP),
+        "overload_2": ratio(overloaded(2), overloaded(1)),
+        "redis_vs_locks": worst_vs_locks(lambda c: c.redis_us_per_msg),
+        "write_vs_locks": worst_vs_locks(lambda c: c.write_us_per_msg),
+        "best_vs_locks": ratio(best(DEDUP), best(LOCKS)),
+        "best_vs_seed": ratio(best(DEDUP), best(PIPELINES)),
+        "p99_vs_locks": ratio(p99(DEDUP), p99(LOCKS)),
     }
 
 

@@ -18,6 +18,9 @@ from demo.benchmark.daemon import daemon, plain_subscriber
 from demo.benchmark.measure import Bench, Run, flush, measure, process_cpu_us, reset_output
 from demo.benchmark.plan import (
     ASYNC_IO_16,
+    BASELINE_PATHS,
+    CPU,
+    DEDUP,
     RESULTS_DIR,
     STRATEGIES,
     TRIVIAL,
@@ -30,6 +33,7 @@ from demo.redis_server import RedisServer
 # A burst is published as fast as possible and waits in Redis and in the consumers' sockets and
 # inboxes: keep it well under the 8 MB soft Pub/Sub output buffer limit (about 190 B a message).
 BURST_MAX = 40_000
+OVERLOAD_CONSUMERS = (1, 2)
 PUBLISHER_NAME = "bench-publisher"  # the name publishing.publisher_process gives its process
 
 
@@ -43,6 +47,7 @@ class Ramp:
     strategy: str  # or "plain" for the baseline
     consumers: int
     steps: list[Run]
+    path: str = DEDUP
 
     @property
     def best(self) -> Run | None:
@@ -63,7 +68,11 @@ class Ramp:
 
 
 def ramp(
-    bench: Bench, strategy: str, consumers: int, runner: contextlib.AbstractContextManager[Any]
+    bench: Bench,
+    strategy: str,
+    consumers: int,
+    runner: contextlib.AbstractContextManager[Any],
+    path: str = DEDUP,
 ) -> Ramp:
     steps: list[Run] = []
     with runner:
@@ -72,13 +81,13 @@ def ramp(
             run, _ = measure(bench, round(rate * bench.plan.step_s), rate)
             steps.append(run)
             bench.progress(
-                f"ramp {strategy} x{consumers} @{rate:,}/s",
+                f"ramp {strategy} {path} x{consumers} @{rate:,}/s",
                 run,
                 f"lag {run.drain_s:.2f} s {run.problems}",
             )
             if not run.sustained or run.publisher_limited:
                 break
-    return Ramp(strategy, consumers, steps)
+    return Ramp(strategy, consumers, steps, path)
 
 
 def baseline(bench: Bench) -> Ramp:
@@ -86,8 +95,9 @@ def baseline(bench: Bench) -> Ramp:
     return ramp(bench, "plain", 1, plain_subscriber(bench))
 
 
-def max_lossless(bench: Bench, strategy: str, consumers: int) -> Ramp:
-    return ramp(bench, strategy, consumers, daemon(bench, strategy, consumers, TRIVIAL))
+def max_lossless(bench: Bench, strategy: str, consumers: int, path: str = DEDUP) -> Ramp:
+    runner = daemon(bench, strategy, consumers, TRIVIAL, path)
+    return ramp(bench, strategy, consumers, runner, path)
 
 
 # -- scenarios 2 and 3: drain rate of a burst ---------------------------------------------------
@@ -119,6 +129,28 @@ def drain(bench: Bench, case: HandlerCase, strategy: str, consumers: int) -> Dra
     return Drain(case.name, strategy, consumers, case.concurrency, run)
 
 
+# -- overload: a CPU-bound handler offered twice what the group drains ---------------------------
+
+
+@dataclass
+class Overload:
+    consumers: int
+    run: Run
+
+
+def overload(bench: Bench, consumers: int) -> Overload:
+    """The cpu_100us handler, partitioned, a long burst offered at a fixed rate above capacity.
+
+    Unlike the drain bursts, which are published as fast as the publisher goes and then drained,
+    the offered rate here lasts as long as the burst: the consumers read while they are behind.
+    """
+    plan = bench.plan
+    with daemon(bench, "partitioned", consumers, CPU):
+        run, _ = measure(bench, plan.overload_messages, plan.overload_rate)
+    bench.progress(f"overload cpu_100us partitioned x{consumers}", run)
+    return Overload(consumers, run)
+
+
 # -- scenario 5: latency at half the best rate -------------------------------------------------
 
 
@@ -130,6 +162,7 @@ class Latency:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    path: str = DEDUP
 
 
 def percentile(ordered: list[int], share: float) -> float:
@@ -141,7 +174,7 @@ def latency(bench: Bench, strategy: str, best: Ramp) -> Latency | None:
     if top is None:
         return None
     rate = round(top.offered_rate / 2, -3)
-    with daemon(bench, strategy, best.consumers, TRIVIAL):
+    with daemon(bench, strategy, best.consumers, TRIVIAL, best.path):
         run, output = measure(bench, round(rate * bench.plan.latency_s), rate, latency=True)
     ordered = sorted(output.latencies_ms)
     result = Latency(
@@ -151,10 +184,10 @@ def latency(bench: Bench, strategy: str, best: Ramp) -> Latency | None:
         percentile(ordered, 0.5),
         percentile(ordered, 0.99),
         percentile(ordered, 1.0),
+        best.path,
     )
-    bench.progress(
-        f"latency {strategy} x{best.consumers} @{rate:,.0f}/s", run, latency_note(result)
-    )
+    label = f"latency {strategy} {best.path} x{best.consumers} @{rate:,.0f}/s"
+    bench.progress(label, run, latency_note(result))
     return result
 
 
@@ -175,12 +208,12 @@ class Results:
     drains: list[Drain]
     costs: list[Cost]
     split: CpuSplit | None
+    overloads: list[Overload]
     publisher_us_per_msg: float | None = None  # the publisher's CPU in scenario 4
 
-    def ramp(self, strategy: str, consumers: int) -> Ramp | None:
-        return next(
-            (r for r in self.ramps if (r.strategy, r.consumers) == (strategy, consumers)), None
-        )
+    def ramp(self, strategy: str, consumers: int, path: str = DEDUP) -> Ramp | None:
+        key = (strategy, consumers, path)
+        return next((r for r in self.ramps if (r.strategy, r.consumers, r.path) == key), None)
 
     def drain(self, case: HandlerCase, strategy: str, consumers: int) -> Drain | None:
         key = (case.name, case.concurrency, strategy, consumers)
@@ -189,10 +222,15 @@ class Results:
             None,
         )
 
-    def cost(self, strategy: str, consumers: int) -> Cost | None:
-        return next(
-            (c for c in self.costs if (c.strategy, c.consumers) == (strategy, consumers)), None
-        )
+    def cost(self, strategy: str, consumers: int, path: str = DEDUP) -> Cost | None:
+        key = (strategy, consumers, path)
+        return next((c for c in self.costs if (c.strategy, c.consumers, c.path) == key), None)
+
+    def latency(self, strategy: str, path: str = DEDUP) -> Latency | None:
+        return next((x for x in self.latencies if (x.strategy, x.path) == (strategy, path)), None)
+
+    def overload(self, consumers: int) -> Overload | None:
+        return next((o for o in self.overloads if o.consumers == consumers), None)
 
 
 def run_all(bench: Bench) -> Results:
@@ -201,10 +239,15 @@ def run_all(bench: Bench) -> Results:
     plain = baseline(bench)
     print("1 trivial handler: highest sustained lossless rate", flush=True)
     ramps = [max_lossless(bench, s, n) for n in counts for s in STRATEGIES]
+    # The write paths the daemon's replaced, same messages and consumer counts, partitioned.
+    ramps += [max_lossless(bench, "partitioned", n, p) for n in counts for p in BASELINE_PATHS]
     print("5 latency at half the best rate", flush=True)
     latencies: list[Latency] = []
-    for strategy in STRATEGIES:
-        found = latency(bench, strategy, best_ramp([r for r in ramps if r.strategy == strategy]))
+    for strategy, path in [(s, DEDUP) for s in STRATEGIES] + [
+        ("partitioned", p) for p in BASELINE_PATHS
+    ]:
+        same = [r for r in ramps if (r.strategy, r.path) == (strategy, path)]
+        found = latency(bench, strategy, best_ramp(same))
         if found is not None:
             latencies.append(found)
     print("2, 3 drain rate of a burst", flush=True)
@@ -212,12 +255,21 @@ def run_all(bench: Bench) -> Results:
         drain(bench, case, s, n) for case in bench.plan.sweep for n in counts for s in STRATEGIES
     ]
     drains += [drain(bench, ASYNC_IO_16, s, 1) for s in STRATEGIES]
+    print("7 overload: cpu_100us offered twice what one consumer drains", flush=True)
+    overloads = [overload(bench, n) for n in OVERLOAD_CONSUMERS]
     print(f"4, 6 cost per message at {bench.plan.cost_rate:,} msg/s", flush=True)
     publisher_before = publisher_cpu_us()
     costs = [cost(bench, s, n) for n in counts for s in STRATEGIES]
+    costs += [cost(bench, "partitioned", n, p) for n in counts for p in BASELINE_PATHS]
     publisher_after = publisher_cpu_us()
-    points = [c for cost_ in costs if cost_.strategy == "partitioned" for c in cost_.consumers_cpu]
-    results = Results(bench.plan, {}, plain, ramps, latencies, drains, costs, fit_split(points))
+    points = [
+        c
+        for cost_ in costs
+        if (cost_.strategy, cost_.path) == ("partitioned", DEDUP)
+        for c in cost_.consumers_cpu
+    ]
+    split = fit_split(points)
+    results = Results(bench.plan, {}, plain, ramps, latencies, drains, costs, split, overloads)
     published = sum(c.run.published for c in costs)
     if publisher_before is not None and publisher_after is not None and published:
         results.publisher_us_per_msg = (publisher_after - publisher_before) / published

@@ -1,0 +1,120 @@
+"""The bench's baseline write paths, run inside the real daemon so every other cost is the same.
+
+The daemon writes through ``processor/lua/dedup_append.lua``. To measure it against the designs
+it replaced in the same run, with the same messages and consumer counts, the bench starts the
+daemon with ``HANDLER=demo.benchmark.write_paths:add_random_score`` (the default handler) and
+``BENCH_WRITE_PATH`` naming a baseline. Importing this module (which each consumer does when it
+loads its handler) then swaps ``Writer.write`` for that baseline:
+
+- ``locks``: the previous script, a ``SET NX PX`` lock key per id then ``XADD`` if won, in one
+  atomic call (``demo/benchmark/lock_and_append.lua``);
+- ``pipelines``: the seed's design, a pipeline of ``SET NX PX``, then a pipeline of ``XADD`` for
+  the locks won (not atomic, no fence: a crash between the two loses the batch).
+
+Both keep the daemon's retry on connection errors; the bench injects no faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hiredis
+import redis
+
+from demo.benchmark.plan import DEDUP, LOCKS, PIPELINES, WRITE_PATH_ENV
+from processor.connection import CONNECTION_ERRORS
+from processor.handlers import add_random_score
+from processor.messages import OUTPUT, Entry
+from processor.writer import Writer, WriteResult
+
+LOCK_SCRIPT = (Path(__file__).resolve().parent / "lock_and_append.lua").read_text()
+LOCK_SHA = hashlib.sha1(LOCK_SCRIPT.encode()).hexdigest()
+RETRY_S = 0.05
+
+__all__ = ["add_random_score"]
+
+
+def write_with_locks(
+    self: Writer, entries: Sequence[Entry], consumer_id: str, fence: str
+) -> WriteResult | None:
+    keys = self._keys
+    ttl_ms = self._window.width_ms * self._window.buckets_checked
+    args: list[Any] = [keys.lock_prefix, ttl_ms, consumer_id, fence, self._maxlen]
+    for entry in entries:
+        args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
+    script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
+    packed = hiredis.pack_command(("EVALSHA", LOCK_SHA, len(script_keys), *script_keys, *args))
+    while True:
+        connection: Any = self._client.connection_pool.get_connection()
+        try:
+            connection.send_packed_command([packed], check_health=False)
+            try:
+                reply = connection.read_response()
+            except redis.exceptions.NoScriptError:
+                connection.send_command("SCRIPT", "LOAD", LOCK_SCRIPT)
+                connection.read_response()
+                connection.send_packed_command([packed], check_health=False)
+                reply = connection.read_response()
+        except CONNECTION_ERRORS:
+            connection.disconnect()
+            time.sleep(RETRY_S)
+            continue
+        finally:
+            self._client.connection_pool.release(connection)
+        written, dead, skipped = (int(value) for value in reply[:3])
+        if written < 0:
+            return WriteResult(0, 0, 0, fenced=True)
+        return WriteResult(written, dead, skipped, dead_flags=reply[3].decode())
+
+
+def write_with_pipelines(
+    self: Writer, entries: Sequence[Entry], consumer_id: str, fence: str
+) -> WriteResult | None:
+    keys = self._keys
+    ttl_ms = self._window.width_ms * self._window.buckets_checked
+    while True:
+        try:
+            locks = self._client.pipeline(transaction=False)
+            for entry in entries:
+                locks.set(keys.lock_prefix + entry.lock_id, 1, nx=True, px=ttl_ms)
+            won = locks.execute()
+            appends = self._client.pipeline(transaction=False)
+            written = dead = 0
+            dead_flags = []
+            for entry, taken in zip(entries, won, strict=True):
+                if entry.kind == OUTPUT:
+                    if taken:
+                        fields: dict[Any, Any] = {
+                            "message_id": entry.lock_id,
+                            "consumer_id": consumer_id,
+                            "data": entry.a,
+                        }
+                        appends.xadd(keys.output, fields)
+                        written += 1
+                else:
+                    dead_flags.append("1" if taken else "0")
+                    if taken:
+                        letter: dict[Any, Any] = {
+                            "reason": entry.a,
+                            "raw": entry.b,
+                            "consumer_id": consumer_id,
+                        }
+                        appends.xadd(keys.dead, letter)
+                        dead += 1
+            appends.execute()
+        except CONNECTION_ERRORS:
+            time.sleep(RETRY_S)
+            continue
+        skipped = len(entries) - written - dead
+        return WriteResult(written, dead, skipped, dead_flags="".join(dead_flags))
+
+
+_BASELINES = {LOCKS: write_with_locks, PIPELINES: write_with_pipelines}
+_chosen = os.environ.get(WRITE_PATH_ENV, DEDUP)
+if _chosen in _BASELINES:
+    Writer.write = _BASELINES[_chosen]  # type: ignore[method-assign]
