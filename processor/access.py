@@ -34,8 +34,8 @@ ACL_RULES = (
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
     "+get +set +mget +del +unlink +exists +scan +pexpire +pexpireat +time "
-    "+lrange +lrem +rpush +hset +hincrby +hmget +hgetall +sadd +smismember "
-    "+xadd +xread +xlen +xrevrange"
+    "+lrange +lrem +rpush +hset +hget +hdel +hincrby +hmget +hgetall +sadd +smismember "
+    "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange"
 )
 
 
@@ -78,6 +78,20 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("XADD", keys.output, "*", "message_id", _PROBE),
         ("XADD", keys.dead, "*", "reason", _PROBE),
         ("HINCRBY", keys.stats, "written", "0"),
+        # The control plane (inside host_beat.lua; autoscale; processor status, scale, stop).
+        ("ZRANGEBYSCORE", keys.hosts, "-inf", "0"),
+        ("ZREM", keys.hosts, _PROBE),
+        ("ZSCORE", keys.hosts, _PROBE),
+        ("ZADD", keys.hosts, "0", _PROBE),
+        ("ZRANGE", keys.hosts, "0", "-1"),
+        ("HGET", keys.host_info, _PROBE),
+        ("HSET", keys.host_info, _PROBE, "{}"),
+        ("HDEL", keys.host_info, _PROBE),
+        ("HGETALL", keys.control),
+        ("HSET", keys.control, "desired", "1"),
+        ("GET", keys.stop),
+        ("SET", keys.autoscale_lock, _PROBE, "NX", "PX", "1000"),
+        ("HMGET", keys.info(_PROBE), "busy", "inbox"),
         # The monitor.
         ("HMGET", keys.stats, "written", "dead"),
         # processor status.

@@ -1,4 +1,5 @@
-"""The ``processor`` command: ``consume`` (the daemon), ``publish`` (demo messages), ``status``.
+"""The ``processor`` command: ``consume`` (the daemon), ``publish`` (demo messages), ``status``,
+and the control plane's ``scale``, ``stop`` and ``start``.
 
 Each subcommand parses its own flags (``processor consume --help``) and names itself in help and
 error lines as the user typed it. Wrong settings and refused credentials exit with code 2 and
@@ -23,7 +24,10 @@ Consume a Redis Pub/Sub channel into an exactly-once Redis Stream.
 commands:
   consume   run the consumer daemon (a supervised group of consumer processes)
   publish   publish demo messages to the channel, in bursts or at a steady rate
-  status    show the group: live consumers, counts, streams, dead letters, gaps
+  status    show the group: hosts, live consumers, counts, streams, dead letters, gaps
+  scale     set the size of the whole group, split across its hosts (scale N, scale --clear)
+  stop      ask every daemon of the group, on every host, to stop gracefully
+  start     clear a group stop, so daemons may start again
 
 '{prog} COMMAND --help' describes a command's options.
 """
@@ -78,10 +82,39 @@ def status(argv: Sequence[str], prog: str) -> int:
         return EXIT_CONFIG
 
 
+def _control(command: Callable[[Sequence[str], str], int], argv: Sequence[str], prog: str) -> int:
+    try:
+        return command(argv, prog)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def scale(argv: Sequence[str], prog: str) -> int:
+    from processor import commands
+
+    return _control(commands.scale, argv, prog)
+
+
+def stop(argv: Sequence[str], prog: str) -> int:
+    from processor import commands
+
+    return _control(commands.stop, argv, prog)
+
+
+def start(argv: Sequence[str], prog: str) -> int:
+    from processor import commands
+
+    return _control(commands.start, argv, prog)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "consume": consume,
     "publish": publish,
     "status": status,
+    "scale": scale,
+    "stop": stop,
+    "start": start,
 }
 
 

@@ -9,14 +9,16 @@ environment < command-line flags and validates it. Nothing else in the package r
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from processor.errors import ConfigError
-from processor.options import load, options_of, setting
+from processor.options import load, load_with_args, options_of, setting
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -100,10 +102,76 @@ class GroupSettings(RedisSettings):
 
 
 @dataclass(frozen=True)
+class Bounds:
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        return f"{self.low}:{self.high}"
+
+
+def parse_bounds(text: str) -> Bounds | None:
+    """``MIN:MAX`` from AUTOSCALE; None when empty (autoscale off)."""
+    if not text.strip():
+        return None
+    low_text, colon, high_text = text.partition(":")
+    try:
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        low = high = 0
+    if not colon or low < 1 or high < low:
+        raise ConfigError(
+            f"invalid AUTOSCALE: {text!r} must be MIN:MAX with 1 <= MIN <= MAX (for example 1:8)"
+        )
+    return Bounds(low, high)
+
+
+@dataclass(frozen=True)
 class Settings(GroupSettings):
     """Everything one consumer daemon needs; picklable, so it crosses to the consumer processes."""
 
-    consumers_count: int = setting(2, "CONSUMERS_COUNT", "consumer processes", minimum=1)
+    consumers_count: int = setting(
+        2,
+        "CONSUMERS_COUNT",
+        "consumer processes on this host while the group has no desired size in Redis "
+        "(set by 'processor scale', which then wins)",
+        minimum=1,
+    )
+    host_id: str = setting(
+        "",
+        "HOST_ID",
+        "this daemon's id among the group's hosts (default: the machine's host name)",
+    )
+    max_consumers: int = setting(
+        os.cpu_count() or 1,
+        "MAX_CONSUMERS",
+        "most consumers this host runs for the group's desired size",
+        minimum=1,
+    )
+    idle_stop_s: float = setting(
+        0.0,
+        "IDLE_STOP",
+        "stop gracefully once the group has received and written nothing for this many "
+        "seconds; 0 = never",
+        minimum=0,
+    )
+    autoscale: str = setting(
+        "",
+        "AUTOSCALE",
+        "MIN:MAX: size the whole group from its load between these bounds; empty = off",
+    )
+    autoscale_interval_s: float = setting(
+        5.0,
+        "AUTOSCALE_INTERVAL",
+        "seconds between the group's autoscale decisions (one host decides each time)",
+        minimum=0.5,
+    )
+    autoscale_cooldown_s: float = setting(
+        15.0,
+        "AUTOSCALE_COOLDOWN",
+        "seconds after a change of the group's size before autoscale changes it again",
+        minimum=0,
+    )
     processing_batch_size: int = setting(
         100,
         "PROCESSING_BATCH_SIZE",
@@ -225,6 +293,15 @@ class Settings(GroupSettings):
         minimum=0.01,
     )
 
+    @property
+    def autoscale_bounds(self) -> Bounds | None:
+        return parse_bounds(self.autoscale)
+
+    @property
+    def host(self) -> str:
+        """The host id this daemon registers under."""
+        return self.host_id or socket.gethostname()
+
     def describe(self) -> str:
         """One key=value line for the start-up log, password masked."""
         values = dataclasses.asdict(self)
@@ -300,6 +377,7 @@ def check_redis(settings: RedisSettings) -> None:
 def check_daemon(settings: Settings) -> None:
     """Cross-field rules: the takeover buffer must outlive a dead consumer's detection."""
     check_redis(settings)
+    parse_bounds(settings.autoscale)
     if settings.heartbeat_ttl_ms <= settings.heartbeat_interval_ms:
         raise ConfigError(
             f"invalid HEARTBEAT_TTL_MS: {settings.heartbeat_ttl_ms} must be greater than "
@@ -351,6 +429,25 @@ def load_status_settings(
         prog=prog,
         description="Show the consumer group: live consumers, counts, streams, dead letters, gaps.",
         extra_check=check_redis,
+    )
+
+
+def load_group_command(
+    argv: Sequence[str],
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[GroupSettings, argparse.Namespace]:
+    """Settings and arguments of a command that steers the group (scale, stop, start)."""
+    return load_with_args(
+        GroupSettings,
+        argv,
+        os.environ if environ is None else environ,
+        prog=prog,
+        description=description,
+        extra_check=check_redis,
+        add_arguments=add_arguments,
     )
 
 

@@ -37,7 +37,7 @@ from processor.messages import (
 )
 from processor.metrics import ConsumerMetrics
 from processor.ownership import make_strategy
-from processor.stats import ConsumerStats, RateMeter
+from processor.stats import BusyMeter, ConsumerStats, RateMeter
 from processor.subscriber import Subscriber
 from processor.writer import Batch, Writer, WriteResult, WriteThread
 
@@ -69,6 +69,7 @@ class Consumer:
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
         self._rate = RateMeter()
+        self._busy = BusyMeter()
         self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
 
     def context(self) -> str:
@@ -211,7 +212,9 @@ class Consumer:
             self.settings.processing_batch_size, self.settings.batch_window_ms / 1000, IDLE_WAIT_S
         )
         if payloads:
+            started = time.monotonic()
             self._handle(payloads, received_at=self._inbox.oldest_taken)
+            self._busy.add(time.monotonic() - started)
         self._account()
 
     def _flush(self) -> None:
@@ -374,6 +377,8 @@ class Consumer:
             "rate": round(self._rate.rate(totals["written"]), 1),
             "subscribed": int(self._subscriber.subscribed.is_set()),
             "backlog_bytes": self._heartbeat.backlog_bytes,
+            "inbox": len(self._inbox),
+            "busy": round(self._busy.share(), 3),
         }
 
     def _sync_metrics(self) -> None:

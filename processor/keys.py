@@ -25,6 +25,11 @@ class Keys:
     stats: str
     gaps: str
     departures: str
+    control: str
+    stop: str
+    hosts: str
+    host_info: str
+    autoscale_lock: str
 
     @classmethod
     def from_settings(cls, settings: GroupSettings) -> Keys:
@@ -42,6 +47,11 @@ class Keys:
             stats=f"{prefix}:stats",
             gaps=f"{prefix}:gaps",
             departures=f"{prefix}:departures",
+            control=f"{prefix}:control",
+            stop=f"{prefix}:stop",
+            hosts=f"{prefix}:hosts",
+            host_info=f"{prefix}:host-info",
+            autoscale_lock=f"{prefix}:autoscale-lock",
         )
 
     def heartbeat(self, consumer_id: str) -> str:

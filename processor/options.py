@@ -171,9 +171,24 @@ def load(
     extra_check: Callable[[SettingsT], None] | None = None,
 ) -> SettingsT:
     """Settings from defaults < file < environment < flags, validated; ConfigError otherwise."""
+    return load_with_args(cls, argv, environ, prog, description, extra_check)[0]
+
+
+def load_with_args(
+    cls: type[SettingsT],
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    prog: str,
+    description: str,
+    extra_check: Callable[[SettingsT], None] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[SettingsT, argparse.Namespace]:
+    """As :func:`load`, with a command's own arguments (``add_arguments``) parsed alongside."""
     options = options_of(cls)
     defaults = {item.name: item.default for item in dataclasses.fields(cls)}  # type: ignore[arg-type]
     parser = build_parser(prog, description, options, defaults)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
@@ -187,4 +202,4 @@ def load(
     settings = cls(**values)
     if extra_check is not None:
         extra_check(settings)
-    return settings
+    return settings, args

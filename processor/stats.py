@@ -55,3 +55,25 @@ class RateMeter:
         first_time, first_total = self._samples[0]
         elapsed = now - first_time
         return (total - first_total) / elapsed if elapsed > 0 else 0.0
+
+
+class BusyMeter:
+    """The share of wall time spent working, between two readings (for autoscale).
+
+    One thread adds the time it worked; another reads the share since its previous reading.
+    """
+
+    def __init__(self) -> None:
+        self._busy_s = 0.0  # written by the working thread only
+        self._last = (time.monotonic(), 0.0)  # read and replaced by the reading thread only
+
+    def add(self, seconds: float) -> None:
+        self._busy_s += seconds
+
+    def share(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        busy_s = self._busy_s
+        then, busy_then = self._last
+        self._last = (now, busy_s)
+        elapsed = now - then
+        return min(1.0, (busy_s - busy_then) / elapsed) if elapsed > 0 else 0.0

@@ -1,5 +1,8 @@
 """``processor status``: a one-shot view of the whole group, read from Redis and changing nothing.
 
+The control plane comes first: the desired size and who set it, a pending group stop, the last
+autoscale decision, and every live host with its share, what it runs and its shortfall.
+
 Live consumers come from ``CONSUMERS_LIST`` and their heartbeat keys (an id whose heartbeat has
 expired is shown as dead, not pruned: status only reads); each consumer's status hash, refreshed
 with every heartbeat, gives its host, pid, strategy, rate and counters.
@@ -18,6 +21,7 @@ import redis
 
 from processor.config import StatusSettings, load_status_settings
 from processor.connection import CONNECTION_ERRORS, command_client
+from processor.controlplane import Control, HostInfo, read_control
 from processor.keys import Keys
 
 EXIT_NO_CONSUMER = 1
@@ -53,6 +57,8 @@ class GroupView:
     streams: dict[str, int] = field(default_factory=dict)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
+    control: Control = field(default_factory=Control)
+    hosts: list[HostInfo] = field(default_factory=list)
 
 
 def _text(value: bytes | str | None) -> str:
@@ -123,6 +129,8 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
         view.gaps.append(
             {"at_ms": start, "length_s": (end - start) / 1000, "consumer_id": values["consumer_id"]}
         )
+    view.control, hosts = read_control(client, keys)
+    view.hosts = [hosts[host] for host in sorted(hosts)]
     return view
 
 
@@ -137,6 +145,39 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _control_lines(view: GroupView) -> list[str]:
+    """The control plane: desired size, stop, autoscale, and each host's share."""
+    control = view.control
+    desired = (
+        f"desired {control.desired} (set by {control.desired_by})"
+        if control.desired is not None
+        else "no desired size: each host runs its CONSUMERS_COUNT"
+    )
+    lines = ["", f"control: {desired}"]
+    if control.stop:
+        lines.append(f"GROUP STOP requested by {control.stop}")
+    if control.autoscale:
+        lines.append(f"last autoscale decision: {control.autoscale}")
+    if not view.hosts:
+        lines.append("hosts: none registered")
+        return lines
+    rows = [("HOST", "PID", "RUNNING", "SHARE", "MAX", "SHORTFALL")]
+    for host in view.hosts:
+        share = "-" if host.share is None else str(host.share)
+        shortfall = str(host.shortfall) if host.shortfall else ""
+        running, limit = str(host.running), str(host.max_consumers)
+        rows.append((host.host_id, str(host.pid), running, share, limit, shortfall))
+    return lines + _table(rows)
+
+
 def render(view: GroupView) -> str:
     """The view for a person at a terminal."""
     lines = [
@@ -144,6 +185,7 @@ def render(view: GroupView) -> str:
         f"group: {len(view.consumers)} live consumers | written {view.written:,} | "
         f"dead-lettered {view.dead:,} | skipped as already written {view.skipped:,}",
         "streams: " + " | ".join(f"{name} {length:,}" for name, length in view.streams.items()),
+        *_control_lines(view),
         "",
     ]
     if view.consumers:
@@ -163,10 +205,7 @@ def render(view: GroupView) -> str:
                     "subscribed" if consumer.subscribed else "NOT SUBSCRIBED",
                 )
             )
-        widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-        for row in rows:
-            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-            lines.append("  ".join(cells).rstrip())
+        lines += _table(rows)
     else:
         lines.append("NO LIVE CONSUMER")
     lines.append("")

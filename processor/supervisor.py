@@ -1,4 +1,7 @@
-"""The parent process: keeps ``consumers_count`` consumers alive and reports throughput.
+"""The parent process: keeps this host's share of consumers alive and reports throughput.
+
+The share is ``CONSUMERS_COUNT`` (changed by SIGTTIN/SIGTTOU) until the group has a desired
+size in Redis; then it is what :mod:`processor.steering` computes from the control plane.
 
 Consumers are spawned (not forked), so no Redis connection or thread crosses the process
 boundary; they get the picklable settings and build their own clients. A consumer that dies is
@@ -39,6 +42,7 @@ from processor.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.monitor import Monitor
 from processor.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
 from processor.stats import ConsumerStats
+from processor.steering import GroupStopped, Order, Steering
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,10 @@ class Supervisor:
         # Short timeouts: an eviction must never hold up the replacement of a consumer.
         self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
         self._leave = leave_script(self._client)
-        self._slots = [self._new_slot(index) for index in range(settings.consumers_count)]
+        self._slots: list[Slot] = []
+        self._local_count = settings.consumers_count
+        self._steering = Steering(settings, self._client, self._keys)
+        self._order = Order(None)
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -86,6 +93,18 @@ class Supervisor:
             mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
         except (redis.RedisError, OSError) as error:
             log.warning("could not look for the previous write path's locks: %s", error)
+        try:
+            self._order = self._steering.start(running=0)
+        except GroupStopped as stopped:
+            log.warning(
+                "not starting: the group is asked to stop (%s); 'processor start' or "
+                "'processor scale N' clears it",
+                stopped,
+            )
+            self._client.close()
+            return EXIT_OK
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            log.warning("control plane not reached at start (%s): starting CONSUMERS_COUNT", error)
         health = self._start_health()
         try:
             return self._supervise()
@@ -97,8 +116,7 @@ class Supervisor:
 
     def _supervise(self) -> int:
         monitor = Monitor(self.settings, lambda: [slot.stats for slot in self._slots])
-        for slot in self._slots:
-            self._start(slot)
+        self._resize()
         next_report = time.monotonic() + self.settings.monitor_interval_s
         while not self.stop.is_set():
             self._loop_tick = time.monotonic()
@@ -108,6 +126,12 @@ class Supervisor:
             self._reap_and_restart()
             while self._requests:
                 self._handle(self._requests.popleft())
+            self._order = self._steering.tick(len(self._serving()), self._received())
+            if self._order.stop:
+                log.info("stopping gracefully: %s", self._order.stop)
+                self.stop.set()
+                break
+            self._resize()
             self._recycle_next()
             if self._live is not None:
                 self._live.set(sum(self._is_ready(slot) for slot in self._slots))
@@ -193,28 +217,58 @@ class Supervisor:
         self._requests.append(REQUESTS[signal.Signals(signum)])
 
     def _handle(self, request: str) -> None:
-        if request == "add":
-            slot = self._new_slot(max((s.index for s in self._slots), default=-1) + 1)
-            self._slots.append(slot)
-            log.info("SIGTTIN: consumers %d -> %d", len(self._slots) - 1, len(self._slots))
-            self._start(slot)
-        elif request == "remove":
-            serving = [slot for slot in self._slots if not slot.retiring]
-            if len(serving) <= 1:
-                log.warning("SIGTTOU ignored: the last consumer stays (stop the daemon instead)")
-                return
-            slot = max(serving, key=lambda s: s.index)
-            slot.retiring = True
-            log.info(
-                "SIGTTOU: consumers %d -> %d: slot %d drains, writes what it holds and leaves",
-                len(serving),
-                len(serving) - 1,
-                slot.index,
-            )
-            if slot.process is not None and slot.process.pid:
-                _kill(slot.process.pid, signal.SIGTERM)
-        else:
+        if request == "reload":
             self._reload_settings()
+            return
+        signame = "SIGTTIN" if request == "add" else "SIGTTOU"
+        if self._order.size is not None:
+            log.warning(
+                "%s ignored: the group's size is set in Redis (processor scale); "
+                "use 'processor scale N'",
+                signame,
+            )
+            return
+        if request == "remove" and self._local_count <= 1:
+            log.warning("SIGTTOU ignored: the last consumer stays (stop the daemon instead)")
+            return
+        before = self._local_count
+        self._local_count += 1 if request == "add" else -1
+        log.info("%s: consumers %d -> %d", signame, before, self._local_count)
+
+    # -- the number of consumers ----------------------------------------------------------------
+
+    def _serving(self) -> list[Slot]:
+        return [slot for slot in self._slots if not slot.retiring]
+
+    def _received(self) -> int:
+        return sum(slot.stats.get("received") for slot in self._slots)
+
+    def _resize(self) -> None:
+        """Starts or retires consumers to match the order (or the local count without one)."""
+        target = self._local_count if self._order.size is None else self._order.size
+        serving = self._serving()
+        for _ in range(target - len(serving)):
+            taken = {slot.index for slot in self._slots}
+            slot = self._new_slot(min(set(range(len(taken) + 1)) - taken))
+            self._slots.append(slot)
+            self._start(slot)
+        surplus = sorted(serving, key=lambda s: s.index, reverse=True)[: len(serving) - target]
+        for slot in surplus:
+            self._retire(slot)
+
+    def _retire(self, slot: Slot) -> None:
+        """The consumer drains, writes what it holds and leaves, as on a graceful stop."""
+        slot.retiring = True
+        if slot.process is None:  # waiting to be restarted: nothing to drain
+            self._slots.remove(slot)
+            return
+        log.info(
+            "consumer slot %d (pid %s) drains, writes what it holds and leaves",
+            slot.index,
+            slot.process.pid,
+        )
+        if slot.process.pid:
+            _kill(slot.process.pid, signal.SIGTERM)
 
     def _reload_settings(self) -> None:
         if self._reload is None:
@@ -361,6 +415,7 @@ class Supervisor:
 
     def _shut_down(self) -> int:
         """Forwards the stop to every consumer, waits for their flush, kills stragglers."""
+        self._steering.leave()  # the other hosts take our share while ours drain
         running = [slot.process for slot in self._slots if slot.process is not None]
         for process in running:
             if process.pid:

@@ -27,7 +27,7 @@ def test_help_lists_the_commands():
     result = run("--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: python -m processor COMMAND")
-    for command in ("consume", "publish", "status"):
+    for command in ("consume", "publish", "status", "scale", "stop", "start"):
         assert f"  {command} " in result.stdout
 
 
@@ -42,7 +42,7 @@ def test_an_unknown_command_is_one_line_and_exit_2():
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "python -m processor: error: unknown command 'consumme' "
-        "(choose from consume, publish, status)"
+        "(choose from consume, publish, status, scale, stop, start)"
     )
 
 
@@ -72,7 +72,7 @@ def test_status_names_the_unreachable_server_without_a_secret():
 
 def test_help_never_shows_a_password_from_the_environment():
     env = {**os.environ, "REDIS_URL": "redis://user:hunter2@127.0.0.1:1/0", "COLUMNS": "200"}
-    for command in ("consume", "publish", "status"):
+    for command in ("consume", "publish", "status", "scale", "stop", "start"):
         result = subprocess.run(
             [sys.executable, "-m", "processor", command, "--help"],
             cwd=REPO_ROOT,
@@ -83,3 +83,25 @@ def test_help_never_shows_a_password_from_the_environment():
         )
         assert result.returncode == 0
         assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_scale_refuses_a_size_that_is_not_a_positive_whole_number():
+    for args, fragment in (
+        (("scale", "0"), "0 must be at least 1"),
+        (("scale", "many"), "'many' is not a whole number"),
+        (("scale",), "one of the arguments size --clear is required"),
+        (("scale", "3", "--clear"), "not allowed with argument"),
+    ):
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.splitlines()[-1].startswith("python -m processor scale: error:")
+        assert fragment in result.stderr, (args, result.stderr)
+
+
+def test_control_commands_name_the_unreachable_server_without_a_secret():
+    for args in (("scale", "3"), ("stop",), ("start",)):
+        result = run(*args, "--redis-url", "redis://user:hunter2@127.0.0.1:1/0")
+        assert result.returncode == 1, (args, result.stderr)
+        line = result.stderr.strip()
+        assert line.startswith(f"python -m processor {args[0]}: error: Redis at redis://user:***@")
+        assert "hunter2" not in line and "\n" not in line

@@ -1,0 +1,116 @@
+"""``processor scale``, ``processor stop`` and ``processor start``: the control plane's commands.
+
+Each writes one thing under ``KEY_PREFIX`` and returns; the daemons on every host follow within
+a beat (about half a second). :mod:`processor.controlplane` describes the keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import redis
+
+from processor import controlplane
+from processor.config import load_group_command
+from processor.connection import CONNECTION_ERRORS, command_client
+from processor.keys import Keys
+
+EXIT_OK = 0
+EXIT_UNREACHABLE = 1
+
+Action = Callable[[redis.Redis, Keys, argparse.Namespace], str]
+
+
+def _size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{size} must be at least 1 (to stop: processor stop)")
+    return size
+
+
+def _run(
+    argv: Sequence[str],
+    prog: str,
+    description: str,
+    action: Action,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parses, connects, runs ``action`` and prints what it did; one line on failure."""
+    settings, args = load_group_command(argv, prog, description, arguments)
+    client = command_client(settings, name=prog.replace(" ", "-"), timeout_s=5.0)
+    try:
+        print(action(client, Keys.from_settings(settings), args), flush=True)
+    except redis.AuthenticationError as error:
+        return _failed(prog, f"Redis refused the credentials in REDIS_URL: {error}")
+    except CONNECTION_ERRORS as error:
+        return _failed(prog, f"Redis at {settings.safe_url} unreachable: {error}")
+    except redis.ResponseError as error:
+        return _failed(prog, f"Redis refused the command: {error}")
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+def _failed(prog: str, why: str) -> int:
+    print(f"{prog}: error: {why}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def _hosts(client: redis.Redis, keys: Keys) -> str:
+    _, hosts = controlplane.read_control(client, keys)
+    if not hosts:
+        return "no live host yet: daemons take their share when they start"
+    return "live hosts: " + ", ".join(sorted(hosts))
+
+
+def scale(argv: Sequence[str], prog: str) -> int:
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        choice = parser.add_mutually_exclusive_group(required=True)
+        choice.add_argument(
+            "size", nargs="?", type=_size, help="consumers in the whole group, over all hosts"
+        )
+        choice.add_argument(
+            "--clear",
+            action="store_true",
+            help="remove the desired size: each host runs its CONSUMERS_COUNT again",
+        )
+
+    def action(client: redis.Redis, keys: Keys, args: argparse.Namespace) -> str:
+        if args.clear:
+            previous = controlplane.clear_desired(client, keys)
+            return f"desired size cleared (was {previous or 'unset'}): hosts run CONSUMERS_COUNT"
+        by = controlplane.who("processor scale")
+        previous = controlplane.set_desired(client, keys, args.size, by)
+        return f"desired {previous or 'unset'} -> {args.size}; {_hosts(client, keys)}"
+
+    description = (
+        "Set the size of the whole group, split across the live hosts; clears a group stop."
+    )
+    return _run(argv, prog, description, action, arguments)
+
+
+def stop(argv: Sequence[str], prog: str) -> int:
+    def action(client: redis.Redis, keys: Keys, args: argparse.Namespace) -> str:
+        controlplane.request_stop(client, keys, controlplane.who("processor stop"))
+        return (
+            f"group stop requested: every daemon drains, writes, leaves and exits 0; "
+            f"{_hosts(client, keys)}; 'processor start' or 'processor scale N' clears it"
+        )
+
+    description = "Ask every daemon of the group, on every host, to stop gracefully."
+    return _run(argv, prog, description, action)
+
+
+def start(argv: Sequence[str], prog: str) -> int:
+    def action(client: redis.Redis, keys: Keys, args: argparse.Namespace) -> str:
+        if controlplane.clear_stop(client, keys):
+            return "group stop cleared: daemons may start again"
+        return "no group stop was set"
+
+    description = "Clear a group stop, so daemons may start again."
+    return _run(argv, prog, description, action)

@@ -1,0 +1,215 @@
+"""How a daemon follows the control plane: its share of the group, group stop, idle stop, autoscale.
+
+The supervisor calls :meth:`Steering.tick` from its loop; at most every ``beat_s`` it beats
+(registers the host and reads the control plane in one script call) and answers with an
+:class:`Order`: how many consumers to run here (None: no desired size in Redis, so the host's
+own count) and whether to stop. Every change is logged once, with its cause. While Redis is
+unreachable the last order stands: a host keeps its consumers rather than guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis
+
+from processor import autoscale
+from processor.config import Settings
+from processor.connection import Outage
+from processor.controlplane import Beat, HostInfo, HostRegistry, set_desired
+from processor.errors import ConfigError
+from processor.keys import Keys
+from processor.shares import split
+
+log = logging.getLogger(__name__)
+
+# A host beats at least this often, so a change reaches every host within about a second.
+BEAT_MAX_S = 0.5
+
+
+class GroupStopped(Exception):
+    """Raised by :meth:`Steering.start` when the group is asked to stop (the stop key is set)."""
+
+
+@dataclass(frozen=True)
+class Order:
+    size: int | None  # consumers to run here; None: no desired size, run the host's own count
+    stop: str = ""  # why to stop; "" to go on
+
+
+class Steering:
+    def __init__(self, settings: Settings, client: redis.Redis, keys: Keys) -> None:
+        self._settings = settings
+        self._client = client
+        self._keys = keys
+        self._host = settings.host
+        self._instance = secrets.token_hex(8)
+        self._registry = HostRegistry(client, keys, self._host, settings.heartbeat_ttl_ms)
+        self._beat_s = min(BEAT_MAX_S, settings.heartbeat_ttl_ms / 3000)
+        self._bounds = settings.autoscale_bounds
+        self._outage = Outage("Redis (control plane)")
+        self._order = Order(None)
+        self._next_beat = 0.0
+        self._next_decision = 0.0
+        self._last: Beat | None = None
+        self._shortfall = 0
+        self._activity = -1
+        self._active_at = time.monotonic()
+
+    def start(self, running: int) -> Order:
+        """Claims the host id and reads the first order; refuses a stopped group or a host id
+        another live daemon holds."""
+        beat = self._registry.beat(self._info(running), claim=True)
+        if not beat.claimed:
+            held = beat.hosts.get(self._host)
+            raise ConfigError(
+                f"invalid HOST_ID: {self._host!r} is already registered by a live daemon"
+                + (f" (pid {held.pid})" if held else "")
+                + ": give each daemon its own --host-id"
+            )
+        if beat.control.stop:
+            raise GroupStopped(beat.control.stop)
+        self._next_beat = time.monotonic() + self._beat_s
+        self._order = self._follow(beat)
+        return self._order
+
+    def tick(self, running: int, received: int, now: float | None = None) -> Order:
+        """The order for now; beats first when a beat is due. ``received`` is this host's
+        consumers' total (for idle stop); ``now`` is monotonic time, given by tests."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_beat:
+            return self._order
+        self._next_beat = now + self._beat_s
+        try:
+            beat = self._registry.beat(self._info(running))
+            self._outage.recovered()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            self._outage.failed(error)
+            return self._order
+        except redis.RedisError as error:
+            log.warning("control plane: host beat refused: %s", error)
+            return self._order
+        order = self._follow(beat)
+        if not order.stop:
+            order = Order(order.size, self._idle(beat.activity + received, now))
+        if not order.stop and self._bounds is not None and now >= self._next_decision:
+            self._next_decision = now + self._settings.autoscale_interval_s
+            self._autoscale(beat)
+        self._order = order
+        return order
+
+    def leave(self) -> None:
+        try:
+            self._registry.leave()
+        except (redis.RedisError, OSError) as error:
+            log.warning("control plane: could not deregister host %s: %s", self._host, error)
+
+    # -- the pieces of a tick ----------------------------------------------------------------
+
+    def _info(self, running: int) -> HostInfo:
+        return HostInfo(
+            self._host,
+            self._instance,
+            os.getpid(),
+            self._settings.max_consumers,
+            running,
+            self._order.size,
+            self._shortfall,
+        )
+
+    def _follow(self, beat: Beat) -> Order:
+        """This host's share of the desired size, with the change logged once with its cause."""
+        if beat.control.stop:
+            return Order(self._order.size, f"the group is asked to stop: {beat.control.stop}")
+        desired = beat.control.desired
+        causes = self._causes(beat)
+        self._last = beat
+        if desired is None:
+            if self._order.size is not None:
+                log.info(
+                    "desired size cleared: back to CONSUMERS_COUNT=%d",
+                    self._settings.consumers_count,
+                )
+            self._shortfall = 0
+            return Order(None)
+        ceilings = {host: info.max_consumers for host, info in beat.hosts.items()}
+        ceilings[self._host] = self._settings.max_consumers
+        shares = split(desired, ceilings)
+        share = shares.shares[self._host]
+        if shares.shortfall and shares.shortfall != self._shortfall:
+            log.warning(
+                "desired %d exceeds what the %d live hosts may run (MAX_CONSUMERS: %s): %d short",
+                desired,
+                len(ceilings),
+                ", ".join(f"{host} {limit}" for host, limit in sorted(ceilings.items())),
+                shares.shortfall,
+            )
+        self._shortfall = shares.shortfall
+        if share != self._order.size:
+            log.info(
+                "%s: share %s -> %d (hosts %s)",
+                "; ".join(causes) or "control plane",
+                "none" if self._order.size is None else self._order.size,
+                share,
+                ", ".join(f"{host} {n}" for host, n in shares.shares.items()),
+            )
+        return Order(share)
+
+    def _causes(self, beat: Beat) -> list[str]:
+        last = self._last
+        control = beat.control
+        causes = []
+        before = last.control.desired if last else None
+        if control.desired != before:
+            by = f" by {control.desired_by}" if control.desired is not None else ""
+            causes.append(f"desired {before or 'unset'} -> {control.desired or 'unset'}{by}")
+        old_hosts = set(last.hosts) if last else set()
+        causes += [f"host {host} joined" for host in sorted(set(beat.hosts) - old_hosts)]
+        causes += [f"host {host} left" for host in sorted(old_hosts - set(beat.hosts))]
+        return causes
+
+    def _idle(self, activity: int, now: float) -> str:
+        idle_after = self._settings.idle_stop_s
+        if activity != self._activity:
+            self._activity, self._active_at = activity, now
+            return ""
+        if idle_after and now - self._active_at >= idle_after:
+            return f"idle: the group received and wrote nothing for {idle_after:g} s (IDLE_STOP)"
+        return ""
+
+    def _autoscale(self, beat: Beat) -> None:
+        """One decision for the whole group, by whichever host takes this interval's turn."""
+        bounds = self._bounds
+        assert bounds is not None
+        settings, keys = self._settings, self._keys
+        interval_ms = int(settings.autoscale_interval_s * 1000)
+        try:
+            if not autoscale.take_turn(self._client, keys, self._host, interval_ms):
+                return
+            load = autoscale.group_load(self._client, keys)
+            current = beat.control.desired or load.consumers
+            since_change_s = (beat.now_ms - beat.control.desired_at_ms) / 1000
+            cooling = beat.control.desired is not None and (
+                since_change_s < settings.autoscale_cooldown_s
+            )
+            decision = autoscale.decide(current, load, bounds, cooling)
+            note = f"{current} -> {decision.size}: {decision.reason} ({load})"
+            if decision.size == current and beat.control.desired is not None:
+                log.debug("autoscale: hold at %s", note)
+                self._client.hset(keys.control, "autoscale", f"hold at {note}")
+                return
+            log.info("autoscale (host %s decides for the group): %s", self._host, note)
+            set_desired(
+                self._client,
+                keys,
+                decision.size,
+                f"autoscale on host {self._host}",
+                clear_stop=False,
+                extra={"autoscale": note},
+            )
+        except (redis.RedisError, OSError) as error:
+            log.warning("autoscale: no decision this interval: %s", error)

@@ -1,0 +1,124 @@
+"""The control plane against a real redis-server, in process: two hosts' steering, the split,
+expiry, the host-id claim, group stop, idle stop and one autoscale decision."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import redis
+
+from processor import controlplane
+from processor.config import Settings
+from processor.errors import ConfigError
+from processor.keys import Keys
+from processor.steering import GroupStopped, Steering
+
+SETTINGS = Settings(heartbeat_ttl_ms=300, heartbeat_interval_ms=100, max_consumers=8)
+KEYS = Keys.from_settings(SETTINGS)
+
+
+# Beats are due by monotonic time; the tests pass it, well after the start-up beat.
+T0 = time.monotonic() + 3600
+
+
+def steering(r: redis.Redis, host: str, **changes: object) -> Steering:
+    settings = dataclasses.replace(SETTINGS, host_id=host, **changes)
+    return Steering(settings, r, KEYS)
+
+
+@pytest.fixture
+def client(redis_url: str):
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+def test_hosts_split_the_desired_size_and_a_silent_host_expires(client) -> None:
+    a, b = steering(client, "host-a"), steering(client, "host-b")
+    assert a.start(running=1).size is None  # no desired size: CONSUMERS_COUNT
+    assert b.start(running=1).size is None
+    controlplane.set_desired(client, KEYS, 5, "test")
+    assert a.tick(1, 0, now=T0 + 10.0).size == 3
+    assert b.tick(1, 0, now=T0 + 10.0).size == 2
+    _, hosts = controlplane.read_control(client, KEYS)
+    assert sorted(hosts) == ["host-a", "host-b"]
+    # host-b stops beating: once its registration expires (Redis's clock), host-a takes all.
+    client.zadd(KEYS.hosts, {"host-b": 0})
+    assert a.tick(3, 0, now=T0 + 20.0).size == 5
+    _, hosts = controlplane.read_control(client, KEYS)
+    assert list(hosts) == ["host-a"]
+
+
+def test_a_ceiling_caps_a_share_and_the_rest_goes_to_the_other_host(client) -> None:
+    a = steering(client, "host-a", max_consumers=1)
+    b = steering(client, "host-b", max_consumers=8)
+    a.start(0), b.start(0)
+    controlplane.set_desired(client, KEYS, 6, "test")
+    assert a.tick(0, 0, now=T0 + 10.0).size == 1
+    assert b.tick(0, 0, now=T0 + 10.0).size == 5
+    controlplane.set_desired(client, KEYS, 12, "test")
+    assert b.tick(5, 0, now=T0 + 20.0).size == 8  # 3 short
+    info = json.loads(client.hget(KEYS.host_info, "host-b"))
+    assert info["running"] == 5
+    b.tick(8, 0, now=T0 + 30.0)
+    _, hosts = controlplane.read_control(client, KEYS)
+    assert hosts["host-b"].shortfall == 3 and hosts["host-b"].share == 8
+
+
+def test_cleared_desired_size_hands_back_to_consumers_count(client) -> None:
+    a = steering(client, "host-a")
+    a.start(0)
+    controlplane.set_desired(client, KEYS, 3, "test")
+    assert a.tick(0, 0, now=T0 + 10.0).size == 3
+    assert controlplane.clear_desired(client, KEYS) == 3
+    assert a.tick(3, 0, now=T0 + 20.0).size is None
+
+
+def test_a_live_host_id_cannot_be_claimed_twice(client) -> None:
+    steering(client, "twin").start(1)
+    with pytest.raises(ConfigError, match="'twin' is already registered by a live daemon"):
+        steering(client, "twin").start(1)
+
+
+def test_group_stop_refuses_a_start_and_stops_a_running_host(client) -> None:
+    a = steering(client, "host-a")
+    a.start(1)
+    controlplane.request_stop(client, KEYS, "processor stop (test)")
+    assert "asked to stop: processor stop (test)" in a.tick(1, 0, now=T0 + 10.0).stop
+    with pytest.raises(GroupStopped, match="processor stop"):
+        steering(client, "host-b").start(0)
+    assert controlplane.clear_stop(client, KEYS)
+    steering(client, "host-b").start(0)
+    # processor scale clears a stop too.
+    controlplane.request_stop(client, KEYS, "again")
+    controlplane.set_desired(client, KEYS, 2, "test")
+    assert not a.tick(1, 0, now=T0 + 20.0).stop
+
+
+def test_idle_stop_counts_group_writes_and_local_receipts(client) -> None:
+    a = steering(client, "host-a", idle_stop_s=5.0)
+    a.start(1)
+    assert not a.tick(1, 0, now=T0 + 10.0).stop
+    client.hincrby(KEYS.stats, "written", 3)
+    assert not a.tick(1, 0, now=T0 + 14.0).stop  # the group wrote: active at 14
+    assert not a.tick(1, 7, now=T0 + 18.0).stop  # we received: active at 18
+    assert not a.tick(1, 7, now=T0 + 22.0).stop
+    assert "idle" in a.tick(1, 7, now=T0 + 23.5).stop
+
+
+def test_one_autoscale_decision_grows_a_group_that_falls_behind(client) -> None:
+    a = steering(client, "host-a", autoscale="1:4", autoscale_cooldown_s=0.0)
+    b = steering(client, "host-b", autoscale="1:4", autoscale_cooldown_s=0.0)
+    a.start(1), b.start(1)
+    for consumer_id, inbox in (("c1", 5000), ("c2", 10)):
+        client.rpush(KEYS.consumers, consumer_id)
+        client.hset(KEYS.info(consumer_id), mapping={"busy": 1.0, "inbox": inbox})
+    a.tick(1, 0, now=T0 + 10.0)
+    b.tick(1, 0, now=T0 + 10.0)  # the same interval: host-a holds the turn
+    control, _ = controlplane.read_control(client, KEYS)
+    assert control.desired == 3  # 2 consumers fully busy: ceil(2 / 0.7)
+    assert control.desired_by == "autoscale on host host-a"
+    assert "behind: an inbox holds 5000 messages" in control.autoscale
