@@ -13,7 +13,8 @@ Scenarios:
   2  cpu_100us handler: drain rate of a burst
   3  io_2ms and async_io_2ms handlers: drain rate; async_io_2ms at HANDLER_CONCURRENCY 16 too
   4  cost per written message at a moderate rate: Redis commands, Redis CPU, consumer CPU
-  5  publish-to-stream latency at half the best rate of scenario 1
+  5  publish-to-stream latency at half the best rate of scenario 1 (the baseline write paths
+     at the same rate and consumer count)
   6  Redis memory per message kept for deduplication (measured in the runs of scenario 4)
   7  overload: cpu_100us handler, a long burst offered at twice what one consumer drains,
      1 and 2 consumers, partitioned

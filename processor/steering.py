@@ -73,8 +73,11 @@ class Steering:
             )
         if beat.control.stop:
             raise GroupStopped(beat.control.stop)
-        self._next_beat = time.monotonic() + self._beat_s
-        self._order = self._follow(beat)
+        now = time.monotonic()
+        self._next_beat = now + self._beat_s
+        # The first decision waits an interval: our consumers are still starting.
+        self._next_decision = now + self._settings.autoscale_interval_s
+        self._order = self._follow(beat, running)
         return self._order
 
     def tick(self, running: int, received: int, now: float | None = None) -> Order:
@@ -93,7 +96,7 @@ class Steering:
         except redis.RedisError as error:
             log.warning("control plane: host beat refused: %s", error)
             return self._order
-        order = self._follow(beat)
+        order = self._follow(beat, running)
         if not order.stop:
             order = Order(order.size, self._idle(beat.activity + received, now))
         if not order.stop and self._bounds is not None and now >= self._next_decision:
@@ -121,7 +124,7 @@ class Steering:
             self._shortfall,
         )
 
-    def _follow(self, beat: Beat) -> Order:
+    def _follow(self, beat: Beat, running: int) -> Order:
         """This host's share of the desired size, with the change logged once with its cause."""
         if beat.control.stop:
             return Order(self._order.size, f"the group is asked to stop: {beat.control.stop}")
@@ -151,9 +154,9 @@ class Steering:
         self._shortfall = shares.shortfall
         if share != self._order.size:
             log.info(
-                "%s: share %s -> %d (hosts %s)",
+                "%s: share %d -> %d (hosts %s)",
                 "; ".join(causes) or "control plane",
-                "none" if self._order.size is None else self._order.size,
+                running if self._order.size is None else self._order.size,
                 share,
                 ", ".join(f"{host} {n}" for host, n in shares.shares.items()),
             )
@@ -191,6 +194,8 @@ class Steering:
             if not autoscale.take_turn(self._client, keys, self._host, interval_ms):
                 return
             load = autoscale.group_load(self._client, keys)
+            if beat.control.desired is None and not load.consumers:
+                return  # nothing to size from yet
             current = beat.control.desired or load.consumers
             since_change_s = (beat.now_ms - beat.control.desired_at_ms) / 1000
             cooling = beat.control.desired is not None and (

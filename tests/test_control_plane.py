@@ -156,6 +156,9 @@ def test_a_host_id_already_live_is_refused(procs, redis_url):
 
 def test_idle_stop_ends_the_daemon_after_the_group_goes_quiet(procs, redis_url, tmp_path):
     daemon = start_host(procs, redis_url, "idle-host", IDLE_STOP=2)
+    redis_client = client(redis_url)
+    wait_until(lambda: redis_client.llen(CONSUMERS) == 1, WAIT_S, message="consumer not listed")
+    redis_client.close()
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 2.0, rate=500)
     summary = check_published(redis_url, publisher, "idle stop")
     quiet_since = time.monotonic()
@@ -182,7 +185,7 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(procs, redis_url, tmp_
     )
     redis_client = client(redis_url)
     wait_until(lambda: redis_client.llen(CONSUMERS) == 1, WAIT_S, message="first consumer")
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 10.0, rate=900)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 7.0, rate=900)
     wait_until(lambda: len(daemon.consumers()) >= 3, WAIT_S, message="autoscale never reached 3")
     summary = check_published(redis_url, publisher, "autoscale")
     wait_until(lambda: len(daemon.consumers()) == 1, WAIT_S, message="autoscale never shrank")

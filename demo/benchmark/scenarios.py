@@ -169,12 +169,15 @@ def percentile(ordered: list[int], share: float) -> float:
     return float(ordered[max(0, math.ceil(share * len(ordered)) - 1)]) if ordered else math.nan
 
 
-def latency(bench: Bench, strategy: str, best: Ramp) -> Latency | None:
+def latency(
+    bench: Bench, strategy: str, best: Ramp, path: str = DEDUP, rate: float | None = None
+) -> Latency | None:
+    """At half the best rate of ``best``, with its consumer count; or at ``rate`` if given."""
     top = best.best
     if top is None:
         return None
-    rate = round(top.offered_rate / 2, -3)
-    with daemon(bench, strategy, best.consumers, TRIVIAL, best.path):
+    rate = round(top.offered_rate / 2, -3) if rate is None else rate
+    with daemon(bench, strategy, best.consumers, TRIVIAL, path):
         run, output = measure(bench, round(rate * bench.plan.latency_s), rate, latency=True)
     ordered = sorted(output.latencies_ms)
     result = Latency(
@@ -184,9 +187,9 @@ def latency(bench: Bench, strategy: str, best: Ramp) -> Latency | None:
         percentile(ordered, 0.5),
         percentile(ordered, 0.99),
         percentile(ordered, 1.0),
-        best.path,
+        path,
     )
-    label = f"latency {strategy} {best.path} x{best.consumers} @{rate:,.0f}/s"
+    label = f"latency {strategy} {path} x{best.consumers} @{rate:,.0f}/s"
     bench.progress(label, run, latency_note(result))
     return result
 
@@ -243,13 +246,17 @@ def run_all(bench: Bench) -> Results:
     ramps += [max_lossless(bench, "partitioned", n, p) for n in counts for p in BASELINE_PATHS]
     print("5 latency at half the best rate", flush=True)
     latencies: list[Latency] = []
-    for strategy, path in [(s, DEDUP) for s in STRATEGIES] + [
-        ("partitioned", p) for p in BASELINE_PATHS
-    ]:
-        same = [r for r in ramps if (r.strategy, r.path) == (strategy, path)]
-        found = latency(bench, strategy, best_ramp(same))
-        if found is not None:
-            latencies.append(found)
+    for strategy in STRATEGIES:
+        best = best_ramp([r for r in ramps if (r.strategy, r.path) == (strategy, DEDUP)])
+        found = latency(bench, strategy, best)
+        if found is None:
+            continue
+        latencies.append(found)
+        if strategy == "partitioned":
+            # The baselines at the same rate and consumer count, for a like-for-like p99.
+            for path in BASELINE_PATHS:
+                same = latency(bench, strategy, best, path, found.run.target_rate)
+                latencies += [same] if same is not None else []
     print("2, 3 drain rate of a burst", flush=True)
     drains = [
         drain(bench, case, s, n) for case in bench.plan.sweep for n in counts for s in STRATEGIES
