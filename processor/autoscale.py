@@ -1,7 +1,7 @@
 """Autoscale: the group's size from its load, one decision per interval for the whole group.
 
 Every consumer reports with its heartbeat (its status hash) how busy it was (the share of the
-last beat interval its main loop spent validating, processing and writing), how many messages
+last 5 s its main loop spent validating, processing and writing), how many messages
 it holds unprocessed (``inbox``) and how many bytes Redis holds unread for its subscription
 (``backlog_bytes``). The host that wins a short lock in Redis (``SET NX PX`` for one interval)
 reads them and decides:

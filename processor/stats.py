@@ -45,9 +45,9 @@ class RateMeter:
 
     def __init__(self, window_s: float = 10.0) -> None:
         self._window_s = window_s
-        self._samples: deque[tuple[float, int]] = deque()
+        self._samples: deque[tuple[float, float]] = deque()
 
-    def rate(self, total: int, now: float | None = None) -> float:
+    def rate(self, total: float, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         self._samples.append((now, total))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self._window_s:
@@ -58,22 +58,19 @@ class RateMeter:
 
 
 class BusyMeter:
-    """The share of wall time spent working, between two readings (for autoscale).
+    """The share of wall time spent working over the last ``window_s`` (for autoscale).
 
-    One thread adds the time it worked; another reads the share since its previous reading.
+    One thread adds the time it worked; another reads the share now and then. A window of a
+    few seconds, not the time since the last reading, so a pause between two bursts does not
+    read as an idle group.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = 5.0) -> None:
         self._busy_s = 0.0  # written by the working thread only
-        self._last = (time.monotonic(), 0.0)  # read and replaced by the reading thread only
+        self._meter = RateMeter(window_s)  # used by the reading thread only
 
     def add(self, seconds: float) -> None:
         self._busy_s += seconds
 
     def share(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        busy_s = self._busy_s
-        then, busy_then = self._last
-        self._last = (now, busy_s)
-        elapsed = now - then
-        return min(1.0, (busy_s - busy_then) / elapsed) if elapsed > 0 else 0.0
+        return min(1.0, self._meter.rate(self._busy_s, now))

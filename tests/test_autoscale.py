@@ -7,6 +7,7 @@ import pytest
 from processor.autoscale import BEHIND_BYTES, BEHIND_INBOX, Load, decide
 from processor.config import Bounds, parse_bounds
 from processor.errors import ConfigError
+from processor.stats import BusyMeter
 
 BOUNDS = Bounds(1, 6)
 
@@ -60,3 +61,12 @@ def test_bad_bounds_are_a_config_error(text: str) -> None:
 def test_bounds_parse() -> None:
     assert parse_bounds("") is None
     assert parse_bounds("2:8") == Bounds(2, 8)
+
+
+def test_busy_share_is_averaged_over_its_window_so_a_short_pause_is_not_idle() -> None:
+    meter = BusyMeter(window_s=5.0)
+    meter.share(now=0.0)
+    meter.add(1.0)
+    assert meter.share(now=1.0) == 1.0
+    assert meter.share(now=2.0) == 0.5  # a second's pause: still half busy over the window
+    assert meter.share(now=10.0) == 0.0  # idle for a whole window
