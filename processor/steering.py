@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -60,17 +61,31 @@ class Steering:
         self._activity = -1
         self._active_at = time.monotonic()
 
-    def start(self, running: int) -> Order:
-        """Claims the host id and reads the first order; refuses a stopped group or a host id
-        another live daemon holds."""
-        beat = self._registry.beat(self._info(running), claim=True)
-        if not beat.claimed:
+    def start(self, running: int, stop: threading.Event) -> Order:
+        """Claims the host id and reads the first order; refuses a stopped group, or a host id
+        another live daemon holds.
+
+        A registration left by a daemon of ours killed a moment ago (restarted by systemd, say)
+        is waited out: it expires within ``HEARTBEAT_TTL_MS``, while a live daemon's never does.
+        """
+        deadline = time.monotonic() + 1.5 * self._settings.heartbeat_ttl_ms / 1000 + self._beat_s
+        while True:
+            beat = self._registry.beat(self._info(running), claim=True)
+            if beat.claimed or stop.is_set():
+                break
             held = beat.hosts.get(self._host)
-            raise ConfigError(
-                f"invalid HOST_ID: {self._host!r} is already registered by a live daemon"
-                + (f" (pid {held.pid})" if held else "")
-                + ": give each daemon its own --host-id"
+            holder = f" (pid {held.pid})" if held else ""
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"invalid HOST_ID: {self._host!r} is already registered by a live daemon"
+                    f"{holder}: give each daemon its own --host-id"
+                )
+            log.warning(
+                "host id %r is registered by another daemon%s: waiting for it to expire",
+                self._host,
+                holder,
             )
+            stop.wait(self._beat_s)
         if beat.control.stop:
             raise GroupStopped(beat.control.stop)
         now = time.monotonic()

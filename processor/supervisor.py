@@ -94,7 +94,7 @@ class Supervisor:
         except (redis.RedisError, OSError) as error:
             log.warning("could not look for the previous write path's locks: %s", error)
         try:
-            self._order = self._steering.start(running=0)
+            self._order = self._steering.start(0, self.stop)
         except GroupStopped as stopped:
             log.warning(
                 "not starting: the group is asked to stop (%s); 'processor start' or "
@@ -252,9 +252,10 @@ class Supervisor:
             slot = self._new_slot(min(set(range(len(taken) + 1)) - taken))
             self._slots.append(slot)
             self._start(slot)
-        surplus = sorted(serving, key=lambda s: s.index, reverse=True)[: len(serving) - target]
-        for slot in surplus:
-            self._retire(slot)
+        if len(serving) > target:
+            surplus = sorted(serving, key=lambda s: s.index, reverse=True)[: len(serving) - target]
+            for slot in surplus:
+                self._retire(slot)
 
     def _retire(self, slot: Slot) -> None:
         """The consumer drains, writes what it holds and leaves, as on a graceful stop."""

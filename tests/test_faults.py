@@ -418,7 +418,7 @@ def test_killed_daemons_ids_are_pruned_by_the_next_daemon(
     assert set(first.listed()) == first_ids, f"{context}: {first.listed()} != {first_ids}"
     first.close()
 
-    second_env = daemon_env(redis_url, strategy, 3, {})
+    second_env = daemon_env(redis_url, strategy, 3, {"HOST_ID": "second-daemon"})
     second = Daemon(procs, procs.start(["demo/consume.py"], env=second_env), redis_url, 3)
     publisher = start_publisher(procs, redis_url, tmp_path / "second.txt", 2.5)
     wait_for(
@@ -582,8 +582,11 @@ def test_a_whole_daemon_killed_beside_another_is_taken_over_when_its_heartbeats_
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed} strategy=partitioned"
     env = daemon_env(redis_url, "partitioned", 2, DEFAULT_HEARTBEAT)
-    doomed = Daemon(procs, procs.start(["demo/consume.py"], env=env), redis_url, 2)
-    survivor = Daemon(procs, procs.start(["demo/consume.py"], env=env), redis_url, 2)
+    # Two daemons on one machine register as two hosts: each needs its own host id.
+    doomed_env = {**env, "HOST_ID": "doomed"}
+    doomed = Daemon(procs, procs.start(["demo/consume.py"], env=doomed_env), redis_url, 2)
+    survivor_env = {**env, "HOST_ID": "survivor"}
+    survivor = Daemon(procs, procs.start(["demo/consume.py"], env=survivor_env), redis_url, 2)
     wait_for(lambda: len(survivor.listed()) == 4, START_S, f"{context}: 4 consumers not listed")
     doomed_ids = set(doomed.listed()) - {
         cid for cid in doomed.listed() if pid_of(cid) in survivor.consumers()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import pytest
@@ -20,6 +21,7 @@ SETTINGS = Settings(heartbeat_ttl_ms=300, heartbeat_interval_ms=100, max_consume
 KEYS = Keys.from_settings(SETTINGS)
 
 
+NO_STOP = threading.Event()
 # Beats are due by monotonic time; the tests pass it, well after the start-up beat.
 T0 = time.monotonic() + 3600
 
@@ -38,8 +40,8 @@ def client(redis_url: str):
 
 def test_hosts_split_the_desired_size_and_a_silent_host_expires(client) -> None:
     a, b = steering(client, "host-a"), steering(client, "host-b")
-    assert a.start(running=1).size is None  # no desired size: CONSUMERS_COUNT
-    assert b.start(running=1).size is None
+    assert a.start(1, NO_STOP).size is None  # no desired size: CONSUMERS_COUNT
+    assert b.start(1, NO_STOP).size is None
     controlplane.set_desired(client, KEYS, 5, "test")
     assert a.tick(1, 0, now=T0 + 10.0).size == 3
     assert b.tick(1, 0, now=T0 + 10.0).size == 2
@@ -55,7 +57,7 @@ def test_hosts_split_the_desired_size_and_a_silent_host_expires(client) -> None:
 def test_a_ceiling_caps_a_share_and_the_rest_goes_to_the_other_host(client) -> None:
     a = steering(client, "host-a", max_consumers=1)
     b = steering(client, "host-b", max_consumers=8)
-    a.start(0), b.start(0)
+    a.start(0, NO_STOP), b.start(0, NO_STOP)
     controlplane.set_desired(client, KEYS, 6, "test")
     assert a.tick(0, 0, now=T0 + 10.0).size == 1
     assert b.tick(0, 0, now=T0 + 10.0).size == 5
@@ -70,7 +72,7 @@ def test_a_ceiling_caps_a_share_and_the_rest_goes_to_the_other_host(client) -> N
 
 def test_cleared_desired_size_hands_back_to_consumers_count(client) -> None:
     a = steering(client, "host-a")
-    a.start(0)
+    a.start(0, NO_STOP)
     controlplane.set_desired(client, KEYS, 3, "test")
     assert a.tick(0, 0, now=T0 + 10.0).size == 3
     assert controlplane.clear_desired(client, KEYS) == 3
@@ -78,20 +80,40 @@ def test_cleared_desired_size_hands_back_to_consumers_count(client) -> None:
 
 
 def test_a_live_host_id_cannot_be_claimed_twice(client) -> None:
-    steering(client, "twin").start(1)
-    with pytest.raises(ConfigError, match="'twin' is already registered by a live daemon"):
-        steering(client, "twin").start(1)
+    first = steering(client, "twin")
+    first.start(1, NO_STOP)
+    done = threading.Event()
+
+    def keep_beating() -> None:
+        while not done.is_set():
+            first.tick(1, 0)
+            done.wait(0.02)
+
+    beating = threading.Thread(target=keep_beating)
+    beating.start()
+    try:
+        with pytest.raises(ConfigError, match="'twin' is already registered by a live daemon"):
+            steering(client, "twin").start(1, NO_STOP)
+    finally:
+        done.set()
+        beating.join()
+
+
+def test_the_registration_of_a_daemon_killed_a_moment_ago_is_waited_out(client, caplog) -> None:
+    steering(client, "restarted").start(1, NO_STOP)  # then never beats again, as if killed
+    assert steering(client, "restarted").start(1, NO_STOP).size is None
+    assert "host id 'restarted' is registered by another daemon" in caplog.text
 
 
 def test_group_stop_refuses_a_start_and_stops_a_running_host(client) -> None:
     a = steering(client, "host-a")
-    a.start(1)
+    a.start(1, NO_STOP)
     controlplane.request_stop(client, KEYS, "processor stop (test)")
     assert "asked to stop: processor stop (test)" in a.tick(1, 0, now=T0 + 10.0).stop
     with pytest.raises(GroupStopped, match="processor stop"):
-        steering(client, "host-b").start(0)
+        steering(client, "host-b").start(0, NO_STOP)
     assert controlplane.clear_stop(client, KEYS)
-    steering(client, "host-b").start(0)
+    steering(client, "host-b").start(0, NO_STOP)
     # processor scale clears a stop too.
     controlplane.request_stop(client, KEYS, "again")
     controlplane.set_desired(client, KEYS, 2, "test")
@@ -100,7 +122,7 @@ def test_group_stop_refuses_a_start_and_stops_a_running_host(client) -> None:
 
 def test_idle_stop_counts_group_writes_and_local_receipts(client) -> None:
     a = steering(client, "host-a", idle_stop_s=5.0)
-    a.start(1)
+    a.start(1, NO_STOP)
     assert not a.tick(1, 0, now=T0 + 10.0).stop
     client.hincrby(KEYS.stats, "written", 3)
     assert not a.tick(1, 0, now=T0 + 14.0).stop  # the group wrote: active at 14
@@ -112,7 +134,7 @@ def test_idle_stop_counts_group_writes_and_local_receipts(client) -> None:
 def test_one_autoscale_decision_grows_a_group_that_falls_behind(client) -> None:
     a = steering(client, "host-a", autoscale="1:4", autoscale_cooldown_s=0.0)
     b = steering(client, "host-b", autoscale="1:4", autoscale_cooldown_s=0.0)
-    a.start(1), b.start(1)
+    a.start(1, NO_STOP), b.start(1, NO_STOP)
     for consumer_id, inbox in (("c1", 5000), ("c2", 10)):
         client.rpush(KEYS.consumers, consumer_id)
         client.hset(KEYS.info(consumer_id), mapping={"busy": 1.0, "inbox": inbox})
