@@ -185,7 +185,7 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(procs, redis_url, tmp_
     )
     redis_client = client(redis_url)
     wait_until(lambda: redis_client.llen(CONSUMERS) == 1, WAIT_S, message="first consumer")
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 7.0, rate=900)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 5.0, rate=900)
     wait_until(lambda: len(daemon.consumers()) >= 3, WAIT_S, message="autoscale never reached 3")
     summary = check_published(redis_url, publisher, "autoscale")
     wait_until(lambda: len(daemon.consumers()) == 1, WAIT_S, message="autoscale never shrank")
