@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,10 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         yield processes
     finally:
         processes.stop_all()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    value = int(os.environ.get("FAULT_SEED") or time.time_ns() % 1_000_000_007)
+    print(f"\n{request.node.nodeid}: FAULT_SEED={value}")
+    return value

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from tests.faults_support import (
@@ -201,3 +203,29 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(procs, redis_url, tmp_
     daemon.stop("autoscale")
     redis_client.close()
     print(f"grew {grew}, shrank {shrank}; {summary}")
+
+
+@pytest.mark.slow
+def test_a_storm_of_resizes_and_a_host_kill_lose_nothing(procs, redis_url, tmp_path, seed):
+    """The desired size changed every 0.2-0.6 s for 10 s (faster than consumers start and
+    drain), then a whole host killed mid-resize: nothing lost, nothing doubled, sizes converge."""
+    rng = random.Random(seed)
+    redis_client = client(redis_url)
+    hosts = {name: start_host(procs, redis_url, name, MAX_CONSUMERS=4) for name in ("h-a", "h-b")}
+    wait_for_sizes(redis_client, hosts, {"h-a": 1, "h-b": 1})
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 16.0, rate=2000)
+    publisher.wait_published(1000)
+    ends_at = time.monotonic() + 10
+    while time.monotonic() < ends_at:
+        size = rng.randint(1, 6)
+        assert command(redis_url, "scale", str(size)).returncode == 0
+        time.sleep(rng.uniform(0.2, 0.6))  # the fault's timing, not a synchronisation
+    assert command(redis_url, "scale", "5").returncode == 0
+    os.killpg(hosts["h-b"].pid, signal.SIGKILL)
+    hosts["h-b"].proc.wait()
+    del hosts["h-b"]
+    wait_for_sizes(redis_client, hosts, {"h-a": 4})  # its ceiling: one short
+    summary = check_published(redis_url, publisher, f"FAULT_SEED={seed} resize storm")
+    assert "4 short" in hosts["h-a"].log() or "1 short" in hosts["h-a"].log()
+    print(summary)
+    redis_client.close()

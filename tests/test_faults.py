@@ -55,13 +55,6 @@ STRATEGIES = ["partitioned", "race"]
 
 
 @pytest.fixture
-def seed(request: pytest.FixtureRequest) -> int:
-    value = int(os.environ.get("FAULT_SEED") or time.time_ns() % 1_000_000_007)
-    print(f"\n{request.node.nodeid}: FAULT_SEED={value}")
-    return value
-
-
-@pytest.fixture
 def bclient(redis_url: str):
     redis_client = client(redis_url)
     try:
