@@ -66,6 +66,7 @@ class Supervisor:
         self._loop_tick = time.monotonic()
         self._metrics_dir = ""
         self._live: Any = None
+        self._target: Any = None
         self._restarts: Any = None
         # Short timeouts: an eviction must never hold up the replacement of a consumer.
         self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
@@ -135,6 +136,7 @@ class Supervisor:
             self._recycle_next()
             if self._live is not None:
                 self._live.set(sum(self._is_ready(slot) for slot in self._slots))
+                self._target.set(self._target_count())
             if time.monotonic() >= next_report:
                 next_report += self.settings.monitor_interval_s
                 monitor.report()
@@ -158,6 +160,12 @@ class Supervisor:
         self._live = Gauge(
             "processor_consumers_live",
             "Local consumers subscribed and registered",
+            multiprocess_mode="livemax",
+        )
+        self._target = Gauge(
+            "processor_consumers_target",
+            "Consumers this host should run: its share of the group's desired size, or "
+            "CONSUMERS_COUNT without one",
             multiprocess_mode="livemax",
         )
         self._restarts = Counter("processor_consumer_restarts", "Local consumers replaced")
@@ -243,9 +251,12 @@ class Supervisor:
     def _received(self) -> int:
         return sum(slot.stats.get("received") for slot in self._slots)
 
+    def _target_count(self) -> int:
+        return self._local_count if self._order.size is None else self._order.size
+
     def _resize(self) -> None:
         """Starts or retires consumers to match the order (or the local count without one)."""
-        target = self._local_count if self._order.size is None else self._order.size
+        target = self._target_count()
         serving = self._serving()
         for _ in range(target - len(serving)):
             taken = {slot.index for slot in self._slots}

@@ -74,6 +74,7 @@ def test_metrics_count_what_was_published_and_the_probes_follow_the_group(
         for kind in INVALID.values():
             assert samples[f'processor_messages_dead_lettered_total{{reason="{kind}"}}'] == 1
         assert samples["processor_consumers_live"] == 2
+        assert samples["processor_consumers_target"] == 2
         assert samples["processor_batch_size_messages_count"] >= 1
         # Every entry sent to the script was written, dead-lettered or skipped as written.
         dead = sum(v for k, v in samples.items() if k.startswith("processor_messages_dead_"))
