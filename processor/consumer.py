@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections import deque
@@ -363,7 +362,7 @@ class Consumer:
         """What ``processor status`` shows of us; written to Redis with every heartbeat."""
         totals = self._totals
         return {
-            "host": socket.gethostname(),
+            "host": self.settings.host,
             "pid": os.getpid(),
             "slot": self.slot,
             "strategy": self._strategy.name,

@@ -154,13 +154,16 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
 
 
 def _control_lines(view: GroupView) -> list[str]:
-    """The control plane: desired size, stop, autoscale, and each host's share."""
+    """The control plane: desired size, its shortfall, stop, autoscale, each host's share."""
     control = view.control
     desired = (
         f"desired {control.desired} (set by {control.desired_by})"
         if control.desired is not None
         else "no desired size: each host runs its CONSUMERS_COUNT"
     )
+    shortfall = max((host.shortfall for host in view.hosts), default=0)
+    if shortfall:
+        desired += f"; {shortfall} short: the live hosts' MAX_CONSUMERS allow no more"
     lines = ["", f"control: {desired}"]
     if control.stop:
         lines.append(f"GROUP STOP requested by {control.stop}")
@@ -169,12 +172,11 @@ def _control_lines(view: GroupView) -> list[str]:
     if not view.hosts:
         lines.append("hosts: none registered")
         return lines
-    rows = [("HOST", "PID", "RUNNING", "SHARE", "MAX", "SHORTFALL")]
+    rows = [("HOST", "PID", "RUNNING", "SHARE", "MAX")]
     for host in view.hosts:
         share = "-" if host.share is None else str(host.share)
-        shortfall = str(host.shortfall) if host.shortfall else ""
         running, limit = str(host.running), str(host.max_consumers)
-        rows.append((host.host_id, str(host.pid), running, share, limit, shortfall))
+        rows.append((host.host_id, str(host.pid), running, share, limit))
     return lines + _table(rows)
 
 

@@ -100,7 +100,7 @@ def test_scale_splits_the_group_a_dead_host_hands_over_and_stop_stops_every_host
     assert re.search(r"desired unset -> 5 by processor scale .*: share 1 -> 3", a.log())
     # processor status shows the desired size and each host's share (reported at its beat).
     wait_until(
-        lambda: re.search(r"host-a\s+\d+\s+3\s+3\s+4", command(redis_url, "status").stdout),
+        lambda: re.search(r"host-a\s+\d+\s+3\s+3\s+4\n", command(redis_url, "status").stdout),
         WAIT_S,
         message="processor status never showed host-a running its share of 3",
     )
