@@ -34,7 +34,7 @@ ACL_RULES = (
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
     "+get +set +mget +del +unlink +exists +scan +pexpire +pexpireat +time "
-    "+lrange +lrem +rpush +hset +hget +hdel +hincrby +hmget +hgetall +sadd +smismember "
+    "+lrange +lrem +rpush +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall +sadd +smismember "
     "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange"
 )
 
@@ -89,6 +89,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("HDEL", keys.host_info, _PROBE),
         ("HGETALL", keys.control),
         ("HSET", keys.control, "desired", "1"),
+        ("HSETNX", keys.control, "desired", "1"),
         ("GET", keys.stop),
         ("SET", keys.autoscale_lock, _PROBE, "NX", "PX", "1000"),
         ("HMGET", keys.info(_PROBE), "busy", "inbox"),

@@ -82,7 +82,8 @@ def scale(argv: Sequence[str], prog: str) -> int:
 
     def action(client: redis.Redis, keys: Keys, args: argparse.Namespace) -> str:
         if args.clear:
-            previous = controlplane.clear_desired(client, keys)
+            by = controlplane.who("processor scale --clear")
+            previous = controlplane.clear_desired(client, keys, by)
             return f"desired size cleared (was {previous or 'unset'}): hosts run CONSUMERS_COUNT"
         by = controlplane.who("processor scale")
         previous = controlplane.set_desired(client, keys, args.size, by)

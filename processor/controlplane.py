@@ -81,6 +81,7 @@ class Control:
     desired_at_ms: int = 0
     autoscale: str = ""  # the last autoscale decision
     stop: str = ""  # who asked the group to stop; "" when nobody did
+    cleared_by: str = ""  # who removed the desired size (processor scale --clear)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def parse_control(fields: dict[str, str], stop: str) -> Control:
         int(fields.get("desired_at_ms") or 0),
         fields.get("autoscale", ""),
         stop,
+        fields.get("cleared_by", ""),
     )
 
 
@@ -195,19 +197,33 @@ def set_desired(
     pipe.hget(keys.control, "desired")
     mapping: dict[Any, Any] = {"desired": size, "desired_by": by, "desired_at_ms": at_ms}
     pipe.hset(keys.control, mapping=mapping | (extra or {}))
+    pipe.hdel(keys.control, "cleared_by")
     if clear_stop:
         pipe.delete(keys.stop)
     previous = pipe.execute()[0]
     return int(previous) if previous else None
 
 
-def clear_desired(client: redis.Redis, keys: Keys) -> int | None:
-    """Removes the desired size (hosts go back to CONSUMERS_COUNT); returns the previous one."""
+def clear_desired(client: redis.Redis, keys: Keys, by: str) -> int | None:
+    """Removes the desired size (hosts go back to CONSUMERS_COUNT); returns the previous one.
+
+    Leaves ``cleared_by``, so hosts can tell a size removed on purpose from one Redis lost.
+    """
     pipe = client.pipeline(transaction=True)
     pipe.hget(keys.control, "desired")
     pipe.hdel(keys.control, "desired", "desired_by", "desired_at_ms")
+    pipe.hset(keys.control, "cleared_by", by)
     previous = pipe.execute()[0]
     return int(previous) if previous else None
+
+
+def restore_desired(client: redis.Redis, keys: Keys, size: int, by: str) -> bool:
+    """Puts back a desired size that vanished without a clear; False if another host did."""
+    if not client.hsetnx(keys.control, "desired", size):
+        return False
+    mapping: dict[Any, Any] = {"desired_by": by, "desired_at_ms": redis_now_ms(client)}
+    client.hset(keys.control, mapping=mapping)
+    return True
 
 
 def request_stop(client: redis.Redis, keys: Keys, by: str) -> None:

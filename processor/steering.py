@@ -21,7 +21,7 @@ import redis
 from processor import autoscale
 from processor.config import Settings
 from processor.connection import Outage
-from processor.controlplane import Beat, HostInfo, HostRegistry, set_desired
+from processor.controlplane import Beat, HostInfo, HostRegistry, restore_desired, set_desired
 from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.shares import split
@@ -57,6 +57,7 @@ class Steering:
         self._next_beat = 0.0
         self._next_decision = 0.0
         self._last: Beat | None = None
+        self._known_desired: int | None = None  # the last desired size seen in Redis
         self._shortfall = 0
         self._activity = -1
         self._active_at = time.monotonic()
@@ -146,6 +147,10 @@ class Steering:
         desired = beat.control.desired
         causes = self._causes(beat)
         self._last = beat
+        if desired is None and self._known_desired is not None and not beat.control.cleared_by:
+            self._restore(self._known_desired)
+            return Order(self._order.size)
+        self._known_desired = desired
         if desired is None:
             if self._order.size is not None:
                 log.info(
@@ -176,6 +181,23 @@ class Steering:
                 ", ".join(f"{host} {n}" for host, n in shares.shares.items()),
             )
         return Order(share)
+
+    def _restore(self, desired: int) -> None:
+        """The desired size vanished without ``processor scale --clear``: Redis restarted
+        without persistence, or was flushed. Put it back rather than fall back to
+        CONSUMERS_COUNT on every host at once."""
+        by = f"host {self._host}, restoring it after Redis lost it"
+        try:
+            restored = restore_desired(self._client, self._keys, desired, by)
+        except (redis.RedisError, OSError) as error:
+            log.warning("control plane: could not restore the desired size: %s", error)
+            return
+        if restored:
+            log.warning(
+                "the group's desired size vanished from Redis without a clear (a restart "
+                "without persistence, or a flush): restored it to %d",
+                desired,
+            )
 
     def _causes(self, beat: Beat) -> list[str]:
         last = self._last

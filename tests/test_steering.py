@@ -75,8 +75,22 @@ def test_cleared_desired_size_hands_back_to_consumers_count(client) -> None:
     a.start(0, NO_STOP)
     controlplane.set_desired(client, KEYS, 3, "test")
     assert a.tick(0, 0, now=T0 + 10.0).size == 3
-    assert controlplane.clear_desired(client, KEYS) == 3
+    assert controlplane.clear_desired(client, KEYS, "test") == 3
     assert a.tick(3, 0, now=T0 + 20.0).size is None
+
+
+def test_a_desired_size_that_redis_lost_is_restored_not_dropped(client, caplog) -> None:
+    a, b = steering(client, "host-a"), steering(client, "host-b")
+    a.start(0, NO_STOP), b.start(0, NO_STOP)
+    controlplane.set_desired(client, KEYS, 6, "test")
+    assert a.tick(0, 0, now=T0 + 10.0).size == 3
+    assert b.tick(0, 0, now=T0 + 10.0).size == 3
+    client.flushall()  # as a restart without persistence would
+    assert a.tick(3, 0, now=T0 + 20.0).size == 3  # keeps its share, puts the size back
+    assert b.tick(3, 0, now=T0 + 20.0).size == 3
+    control, _ = controlplane.read_control(client, KEYS)
+    assert control.desired == 6 and "restoring it after Redis lost it" in control.desired_by
+    assert caplog.text.count("restored it to 6") == 1  # one host restores, the other sees it
 
 
 def test_a_live_host_id_cannot_be_claimed_twice(client) -> None:
