@@ -245,13 +245,17 @@ class Steering:
                 self._client.hset(keys.control, "autoscale", f"hold at {note}")
                 return
             log.info("autoscale (host %s decides for the group): %s", self._host, note)
+            extra = {"autoscale": note}
+            if decision.size == current:
+                # Taking over the group's size as it is changes nothing: no cool-down.
+                extra["desired_at_ms"] = "0"
             set_desired(
                 self._client,
                 keys,
                 decision.size,
                 f"autoscale on host {self._host}",
                 clear_stop=False,
-                extra={"autoscale": note},
+                extra=extra,
             )
         except (redis.RedisError, OSError) as error:
             log.warning("autoscale: no decision this interval: %s", error)

@@ -173,8 +173,8 @@ def test_idle_stop_ends_the_daemon_after_the_group_goes_quiet(procs, redis_url, 
 
 
 def test_autoscale_grows_under_load_and_shrinks_when_idle(procs, redis_url, tmp_path: Path):
-    # A handler that waits 2 ms per message: one consumer drains about 450 msg/s, so 900 msg/s
-    # needs more than two; the waits hold no CPU, so this fits on two cores.
+    # A handler that waits 2 ms per message: one consumer drains about 450 msg/s, so 1,200 msg/s
+    # needs three; the waits hold no CPU, so this fits on two cores.
     daemon = start_host(
         procs,
         redis_url,
@@ -182,12 +182,12 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(procs, redis_url, tmp_
         HANDLER="demo.bench_handlers:io_2ms",
         AUTOSCALE="1:3",
         AUTOSCALE_INTERVAL="1",
-        AUTOSCALE_COOLDOWN="2",
+        AUTOSCALE_COOLDOWN="1.5",
         MAX_CONSUMERS=3,
     )
     redis_client = client(redis_url)
     wait_until(lambda: redis_client.llen(CONSUMERS) == 1, WAIT_S, message="first consumer")
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 5.0, rate=900)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 6.0, rate=1200)
     wait_until(lambda: len(daemon.consumers()) >= 3, WAIT_S, message="autoscale never reached 3")
     summary = check_published(redis_url, publisher, "autoscale")
     wait_until(lambda: len(daemon.consumers()) == 1, WAIT_S, message="autoscale never shrank")
