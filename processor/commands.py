@@ -86,7 +86,7 @@ def scale(argv: Sequence[str], prog: str) -> int:
             previous = controlplane.clear_desired(client, keys, by)
             return f"desired size cleared (was {previous or 'unset'}): hosts run CONSUMERS_COUNT"
         by = controlplane.who("processor scale")
-        previous = controlplane.set_desired(client, keys, args.size, by)
+        _, previous = controlplane.set_desired(client, keys, args.size, by)
         return f"desired {previous or 'unset'} -> {args.size}; {_hosts(client, keys)}"
 
     description = (

@@ -211,9 +211,7 @@ class Consumer:
             self.settings.processing_batch_size, self.settings.batch_window_ms / 1000, IDLE_WAIT_S
         )
         if payloads:
-            started = time.monotonic()
             self._handle(payloads, received_at=self._inbox.oldest_taken)
-            self._busy.add(time.monotonic() - started)
         self._account()
 
     def _flush(self) -> None:
@@ -296,6 +294,7 @@ class Consumer:
         received_at: float | None = None,
     ) -> None:
         """Validates, processes and submits one batch for writing, in the order received."""
+        started = time.monotonic()
         max_bytes = self.settings.max_message_bytes
         entries: list[Entry | None] = []
         messages: list[tuple[int, Message]] = []
@@ -316,6 +315,9 @@ class Consumer:
                 else:
                     entries[position] = output_entry(message, result, max_bytes)
         batch = [entry for entry in entries if entry is not None]
+        # Busy until the batch is ready: a wait for the write queue (Redis is the bottleneck)
+        # is not work more consumers would share.
+        self._busy.add(time.monotonic() - started)
         if batch:
             self._writes.submit(batch, received_at)
 

@@ -56,19 +56,22 @@ class HostInfo:
 
     @classmethod
     def from_json(cls, host_id: str, text: str) -> HostInfo:
+        """What a host reported; anything unreadable (another version, a hand edit) as unset."""
         try:
-            data: dict[str, Any] = json.loads(text)
+            data = json.loads(text)
         except ValueError:
             data = {}
-        share = data.get("share")
+        if not isinstance(data, dict):
+            data = {}
+        share = _whole(data.get("share"))
         return cls(
             host_id,
             str(data.get("instance", "")),
-            int(data.get("pid", 0)),
-            int(data.get("max", 0)),
-            int(data.get("running", 0)),
-            None if share is None else int(share),
-            int(data.get("shortfall", 0)),
+            _whole(data.get("pid")) or 0,
+            _whole(data.get("max")) or 0,
+            _whole(data.get("running")) or 0,
+            share,
+            _whole(data.get("shortfall")) or 0,
         )
 
 
@@ -82,6 +85,7 @@ class Control:
     autoscale: str = ""  # the last autoscale decision
     stop: str = ""  # who asked the group to stop; "" when nobody did
     cleared_by: str = ""  # who removed the desired size (processor scale --clear)
+    invalid: str = ""  # a desired value that is not a whole number >= 1, as found
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Beat:
     """What one host beat returned."""
 
     claimed: bool
+    rejoined: bool  # we were not registered before this beat (expired: outage, restart)
     now_ms: int
     control: Control
     activity: int  # the group's written + dead + skipped: changes whenever anything is written
@@ -99,15 +104,29 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _whole(value: Any) -> int | None:
+    """A non-negative whole number, or None for anything else."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
 def parse_control(fields: dict[str, str], stop: str) -> Control:
-    desired = fields.get("desired")
+    """The control hash; a desired size that is not a whole number >= 1 counts as unset (and
+    is logged by the caller), so a bad hand edit never stops the daemons' loops."""
+    desired = _whole(fields.get("desired"))
     return Control(
-        int(desired) if desired else None,
+        desired if desired else None,
         fields.get("desired_by", ""),
-        int(fields.get("desired_at_ms") or 0),
+        _whole(fields.get("desired_at_ms")) or 0,
         fields.get("autoscale", ""),
         stop,
         fields.get("cleared_by", ""),
+        "" if desired or "desired" not in fields else fields["desired"],
     )
 
 
@@ -125,6 +144,7 @@ class HostRegistry:
         self._ttl_ms = ttl_ms
         self._client = client
         self._script = client.register_script(load_script("host_beat.lua"))
+        self._leave = client.register_script(load_script("host_leave.lua"))
 
     def beat(self, info: HostInfo, claim: bool = False) -> Beat:
         keys = self._keys
@@ -132,10 +152,11 @@ class HostRegistry:
             keys=[keys.hosts, keys.host_info, keys.control, keys.stop, keys.stats],
             args=[self._host_id, self._ttl_ms, info.to_json(), info.instance, int(claim)],
         )
-        now_ms, claimed, control, stop, written, dead, skipped, hosts = reply
+        now_ms, claimed, control, stop, written, dead, skipped, hosts, rejoined = reply
         fields = {_text(control[i]): _text(control[i + 1]) for i in range(0, len(control), 2)}
         return Beat(
             claimed=int(claimed) == 1,
+            rejoined=int(rejoined) == 1,
             now_ms=int(now_ms),
             control=parse_control(fields, _text(stop)),
             activity=int(written) + int(dead) + int(skipped),
@@ -145,12 +166,10 @@ class HostRegistry:
             },
         )
 
-    def leave(self) -> None:
-        """Drops this host now, so the others take its share at their next beat."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.zrem(self._keys.hosts, self._host_id)
-        pipe.hdel(self._keys.host_info, self._host_id)
-        pipe.execute()
+    def leave(self, instance: str) -> None:
+        """Drops this host now, so the others take its share at their next beat; only if the
+        registration is ours (``instance``)."""
+        self._leave(keys=[self._keys.hosts, self._keys.host_info], args=[self._host_id, instance])
 
 
 # -- what the commands do ------------------------------------------------------------------------
@@ -187,43 +206,33 @@ def set_desired(
     keys: Keys,
     size: int,
     by: str,
-    clear_stop: bool = True,
+    mode: str = "scale",
+    seen: int | None = None,
+    cool_down: bool = True,
     extra: dict[str, str] | None = None,
-) -> int | None:
-    """Sets the group's desired size (and clears the stop key unless told not to); returns the
-    previous size."""
-    at_ms = redis_now_ms(client)
-    pipe = client.pipeline(transaction=True)
-    pipe.hget(keys.control, "desired")
-    mapping: dict[Any, Any] = {"desired": size, "desired_by": by, "desired_at_ms": at_ms}
-    pipe.hset(keys.control, mapping=mapping | (extra or {}))
-    pipe.hdel(keys.control, "cleared_by")
-    if clear_stop:
-        pipe.delete(keys.stop)
-    previous = pipe.execute()[0]
-    return int(previous) if previous else None
+) -> tuple[bool, int | None]:
+    """Sets the group's desired size as ``lua/set_desired.lua`` describes (``mode`` scale, if
+    or restore); returns whether it was set, and the previous size."""
+    script = client.register_script(load_script("set_desired.lua"))
+    args: list[Any] = [mode, "" if seen is None else seen, size, by, int(cool_down)]
+    for field_name, value in (extra or {}).items():
+        args += [field_name, value]
+    applied, previous = script(keys=[keys.control, keys.stop], args=args)
+    return int(applied) == 1, _whole(_text(previous)) or None
 
 
 def clear_desired(client: redis.Redis, keys: Keys, by: str) -> int | None:
     """Removes the desired size (hosts go back to CONSUMERS_COUNT); returns the previous one.
 
-    Leaves ``cleared_by``, so hosts can tell a size removed on purpose from one Redis lost.
+    Leaves ``cleared_by``, so hosts can tell a size removed on purpose from one Redis lost, and
+    the autoscaler does not take the size back.
     """
     pipe = client.pipeline(transaction=True)
     pipe.hget(keys.control, "desired")
     pipe.hdel(keys.control, "desired", "desired_by", "desired_at_ms")
     pipe.hset(keys.control, "cleared_by", by)
     previous = pipe.execute()[0]
-    return int(previous) if previous else None
-
-
-def restore_desired(client: redis.Redis, keys: Keys, size: int, by: str) -> bool:
-    """Puts back a desired size that vanished without a clear; False if another host did."""
-    if not client.hsetnx(keys.control, "desired", size):
-        return False
-    mapping: dict[Any, Any] = {"desired_by": by, "desired_at_ms": redis_now_ms(client)}
-    client.hset(keys.control, mapping=mapping)
-    return True
+    return _whole(_text(previous)) if previous else None
 
 
 def request_stop(client: redis.Redis, keys: Keys, by: str) -> None:

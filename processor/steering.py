@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import redis
 
 from processor import autoscale
-from processor.config import Settings
+from processor.config import Bounds, Settings
 from processor.connection import Outage
-from processor.controlplane import Beat, HostInfo, HostRegistry, restore_desired, set_desired
+from processor.controlplane import Beat, HostInfo, HostRegistry, set_desired
 from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.shares import split
@@ -52,10 +52,15 @@ class Steering:
         self._registry = HostRegistry(client, keys, self._host, settings.heartbeat_ttl_ms)
         self._beat_s = min(BEAT_MAX_S, settings.heartbeat_ttl_ms / 3000)
         self._bounds = settings.autoscale_bounds
+        self._interval_ms = int(settings.autoscale_interval_s * 1000)
         self._outage = Outage("Redis (control plane)")
         self._order = Order(None)
+        self._claimed = False  # the host id is ours (claimed at start, or at a later beat)
         self._next_beat = 0.0
-        self._next_decision = 0.0
+        # The first decision waits an interval: our consumers are still starting.
+        self._next_decision = time.monotonic() + settings.autoscale_interval_s
+        self._hold_until = 0.0
+        self._invalid = ""
         self._last: Beat | None = None
         self._known_desired: int | None = None  # the last desired size seen in Redis
         self._shortfall = 0
@@ -74,27 +79,28 @@ class Steering:
             beat = self._registry.beat(self._info(running), claim=True)
             if beat.claimed or stop.is_set():
                 break
-            held = beat.hosts.get(self._host)
-            holder = f" (pid {held.pid})" if held else ""
             if time.monotonic() >= deadline:
-                raise ConfigError(
-                    f"invalid HOST_ID: {self._host!r} is already registered by a live daemon"
-                    f"{holder}: give each daemon its own --host-id"
-                )
+                raise ConfigError(self._taken(beat))
+            held = beat.hosts.get(self._host)
             log.warning(
                 "host id %r is registered by another daemon%s: waiting for it to expire",
                 self._host,
-                holder,
+                f" (pid {held.pid})" if held else "",
             )
             stop.wait(self._beat_s)
         if beat.control.stop:
             raise GroupStopped(beat.control.stop)
+        self._claimed = beat.claimed
         now = time.monotonic()
         self._next_beat = now + self._beat_s
-        # The first decision waits an interval: our consumers are still starting.
         self._next_decision = now + self._settings.autoscale_interval_s
         self._order = self._follow(beat, running)
         return self._order
+
+    @property
+    def next_beat(self) -> float:
+        """When the next beat is due (monotonic): the supervisor wakes for it."""
+        return self._next_beat
 
     def tick(self, running: int, received: int, now: float | None = None) -> Order:
         """The order for now; beats first when a beat is due. ``received`` is this host's
@@ -104,13 +110,27 @@ class Steering:
             return self._order
         self._next_beat = now + self._beat_s
         try:
-            beat = self._registry.beat(self._info(running))
+            beat = self._registry.beat(self._info(running), claim=not self._claimed)
             self._outage.recovered()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             self._outage.failed(error)
             return self._order
         except redis.RedisError as error:
             log.warning("control plane: host beat refused: %s", error)
+            return self._order
+        if not beat.claimed:  # never claimed at start (Redis was down), and now taken
+            return Order(self._order.size, self._taken(beat))
+        self._claimed = True
+        if beat.rejoined and not beat.control.stop:
+            # Our registration had expired (an outage, a Redis restart): the other hosts may not
+            # have beaten again yet, and a split over us alone would start consumers only to
+            # retire them a moment later. Keep what runs for one TTL.
+            self._hold_until = now + self._settings.heartbeat_ttl_ms / 1000
+            log.info(
+                "host %s registered again: keeping its %d consumers for a TTL", self._host, running
+            )
+        if now < self._hold_until and not beat.control.stop:
+            self._restore_if_lost(beat)
             return self._order
         order = self._follow(beat, running)
         if not order.stop:
@@ -122,12 +142,22 @@ class Steering:
         return order
 
     def leave(self) -> None:
+        if not self._claimed:
+            return
         try:
-            self._registry.leave()
+            self._registry.leave(self._instance)
         except (redis.RedisError, OSError) as error:
             log.warning("control plane: could not deregister host %s: %s", self._host, error)
 
     # -- the pieces of a tick ----------------------------------------------------------------
+
+    def _taken(self, beat: Beat) -> str:
+        held = beat.hosts.get(self._host)
+        holder = f" (pid {held.pid})" if held else ""
+        return (
+            f"invalid HOST_ID: {self._host!r} is already registered by a live daemon{holder}: "
+            "give each daemon its own --host-id"
+        )
 
     def _info(self, running: int) -> HostInfo:
         return HostInfo(
@@ -145,10 +175,17 @@ class Steering:
         if beat.control.stop:
             return Order(self._order.size, f"the group is asked to stop: {beat.control.stop}")
         desired = beat.control.desired
+        if beat.control.invalid != self._invalid:
+            self._invalid = beat.control.invalid
+            if self._invalid:
+                log.warning(
+                    "the group's desired size in Redis is %r, not a whole number >= 1: ignored "
+                    "(set it with processor scale N)",
+                    self._invalid,
+                )
         causes = self._causes(beat)
         self._last = beat
-        if desired is None and self._known_desired is not None and not beat.control.cleared_by:
-            self._restore(self._known_desired)
+        if self._restore_if_lost(beat):
             return Order(self._order.size)
         self._known_desired = desired
         if desired is None:
@@ -182,13 +219,22 @@ class Steering:
             )
         return Order(share)
 
+    def _restore_if_lost(self, beat: Beat) -> bool:
+        """True when the desired size had vanished and we (or another host) put it back."""
+        control = beat.control
+        lost = control.desired is None and not control.cleared_by and not control.invalid
+        if not lost or self._known_desired is None:
+            return False
+        self._restore(self._known_desired)
+        return True
+
     def _restore(self, desired: int) -> None:
         """The desired size vanished without ``processor scale --clear``: Redis restarted
         without persistence, or was flushed. Put it back rather than fall back to
         CONSUMERS_COUNT on every host at once."""
         by = f"host {self._host}, restoring it after Redis lost it"
         try:
-            restored = restore_desired(self._client, self._keys, desired, by)
+            restored, _ = set_desired(self._client, self._keys, desired, by, mode="restore")
         except (redis.RedisError, OSError) as error:
             log.warning("control plane: could not restore the desired size: %s", error)
             return
@@ -222,40 +268,51 @@ class Steering:
         return ""
 
     def _autoscale(self, beat: Beat) -> None:
-        """One decision for the whole group, by whichever host takes this interval's turn."""
+        """One decision for the whole group, by whichever host takes this interval's turn.
+
+        Sized against what the live hosts may run (their MAX_CONSUMERS summed), so a shortfall
+        does not push the desired size up while no consumer can be added; written only if the
+        desired size is still the one read (a ``processor scale`` in between wins), and never
+        after ``processor scale --clear``, which hands the size back to the hosts.
+        """
         bounds = self._bounds
         assert bounds is not None
+        control = beat.control
+        if control.cleared_by or control.invalid:
+            return
         settings, keys = self._settings, self._keys
-        interval_ms = int(settings.autoscale_interval_s * 1000)
+        capacity = sum(info.max_consumers for info in beat.hosts.values())
+        limit = Bounds(bounds.low, max(bounds.low, min(bounds.high, capacity)))
         try:
-            if not autoscale.take_turn(self._client, keys, self._host, interval_ms):
+            if not autoscale.take_turn(self._client, keys, self._host, self._interval_ms):
                 return
             load = autoscale.group_load(self._client, keys)
-            if beat.control.desired is None and not load.consumers:
+            running = sum(info.running for info in beat.hosts.values())
+            if control.desired is None and not running:
                 return  # nothing to size from yet
-            current = beat.control.desired or load.consumers
-            since_change_s = (beat.now_ms - beat.control.desired_at_ms) / 1000
-            cooling = beat.control.desired is not None and (
-                since_change_s < settings.autoscale_cooldown_s
+            current = min(control.desired or running, limit.high)
+            cooling = control.desired is not None and (
+                (beat.now_ms - control.desired_at_ms) / 1000 < settings.autoscale_cooldown_s
             )
-            decision = autoscale.decide(current, load, bounds, cooling)
+            decision = autoscale.decide(current, load, limit, cooling)
             note = f"{current} -> {decision.size}: {decision.reason} ({load})"
-            if decision.size == current and beat.control.desired is not None:
+            if decision.size == control.desired:
                 log.debug("autoscale: hold at %s", note)
                 self._client.hset(keys.control, "autoscale", f"hold at {note}")
                 return
-            log.info("autoscale (host %s decides for the group): %s", self._host, note)
-            extra = {"autoscale": note}
-            if decision.size == current:
-                # Taking over the group's size as it is changes nothing: no cool-down.
-                extra["desired_at_ms"] = "0"
-            set_desired(
+            applied, _ = set_desired(
                 self._client,
                 keys,
                 decision.size,
                 f"autoscale on host {self._host}",
-                clear_stop=False,
-                extra=extra,
+                mode="if",
+                seen=control.desired,
+                # Taking over the size as it is, or down to the hosts' capacity, changes nothing
+                # that runs: no cool-down then.
+                cool_down=decision.size != current,
+                extra={"autoscale": note},
             )
+            if applied:
+                log.info("autoscale (host %s decides for the group): %s", self._host, note)
         except (redis.RedisError, OSError) as error:
             log.warning("autoscale: no decision this interval: %s", error)

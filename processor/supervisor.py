@@ -104,9 +104,18 @@ class Supervisor:
             )
             self._client.close()
             return EXIT_OK
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        except (redis.RedisError, OSError) as error:
+            # The beats retry (and claim the host id) once Redis answers again.
             log.warning("control plane not reached at start (%s): starting CONSUMERS_COUNT", error)
-        health = self._start_health()
+        if self.stop.is_set():
+            log.info("daemon stopped before its first consumer started")
+            self._steering.leave()
+            return EXIT_OK
+        try:
+            health = self._start_health()
+        except ConfigError:
+            self._steering.leave()
+            raise
         try:
             return self._supervise()
         finally:
@@ -121,7 +130,7 @@ class Supervisor:
         next_report = time.monotonic() + self.settings.monitor_interval_s
         while not self.stop.is_set():
             self._loop_tick = time.monotonic()
-            self._wait(min(next_report, self._next_restart()))
+            self._wait(min(next_report, self._next_restart(), self._steering.next_beat))
             if self.stop.is_set():
                 break  # consumers that exit now were stopped by the same signal: no restarts
             self._reap_and_restart()
@@ -256,6 +265,8 @@ class Supervisor:
 
     def _resize(self) -> None:
         """Starts or retires consumers to match the order (or the local count without one)."""
+        if self.stop.is_set():
+            return  # a signal arrived meanwhile: the shutdown stops what runs
         target = self._target_count()
         serving = self._serving()
         for _ in range(target - len(serving)):

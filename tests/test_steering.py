@@ -158,3 +158,71 @@ def test_one_autoscale_decision_grows_a_group_that_falls_behind(client) -> None:
     assert control.desired == 3  # 2 consumers fully busy: ceil(2 / 0.7)
     assert control.desired_by == "autoscale on host host-a"
     assert "behind: an inbox holds 5000 messages" in control.autoscale
+
+
+def busy_consumers(client, count: int) -> None:
+    for n in range(count):
+        client.rpush(KEYS.consumers, f"c{n}")
+        client.hset(KEYS.info(f"c{n}"), mapping={"busy": 1.0, "inbox": 5000})
+
+
+def test_autoscale_never_asks_for_more_than_the_live_hosts_may_run(client) -> None:
+    a = steering(client, "host-a", autoscale="1:32", autoscale_cooldown_s=0.0, max_consumers=2)
+    b = steering(client, "host-b", autoscale="1:32", autoscale_cooldown_s=0.0, max_consumers=2)
+    a.start(2, NO_STOP), b.start(2, NO_STOP)
+    busy_consumers(client, 4)
+    a.tick(2, 0, now=T0 + 10.0)
+    control, _ = controlplane.read_control(client, KEYS)
+    assert control.desired == 4  # behind, but the two hosts may run 4 at most
+
+
+def test_autoscale_leaves_a_cleared_size_to_the_hosts(client) -> None:
+    a = steering(client, "host-a", autoscale="1:4", autoscale_cooldown_s=0.0)
+    a.start(1, NO_STOP)
+    controlplane.set_desired(client, KEYS, 2, "test")
+    controlplane.clear_desired(client, KEYS, "processor scale --clear (test)")
+    busy_consumers(client, 2)
+    assert a.tick(2, 0, now=T0 + 10.0).size is None
+    control, _ = controlplane.read_control(client, KEYS)
+    assert control.desired is None and control.cleared_by
+
+
+def test_autoscale_does_not_overwrite_a_scale_made_after_its_reading(client) -> None:
+    assert controlplane.set_desired(client, KEYS, 5, "processor scale")[0]
+    # The autoscaler read 2 before that: its write does not apply.
+    applied, previous = controlplane.set_desired(client, KEYS, 3, "autoscale", mode="if", seen=2)
+    assert not applied and previous == 5
+    control, _ = controlplane.read_control(client, KEYS)
+    assert control.desired == 5
+
+
+def test_a_desired_size_that_is_not_a_whole_number_is_ignored_with_a_warning(client, caplog):
+    a = steering(client, "host-a")
+    a.start(1, NO_STOP)
+    client.hset(KEYS.control, "desired", "3.5")
+    assert a.tick(1, 0, now=T0 + 10.0).size is None
+    assert "desired size in Redis is '3.5', not a whole number >= 1: ignored" in caplog.text
+
+
+def test_leaving_removes_only_our_own_registration(client) -> None:
+    holder = steering(client, "shared")
+    holder.start(1, NO_STOP)
+    stranger = steering(client, "shared")  # never claimed the id
+    stranger.leave()
+    _, hosts = controlplane.read_control(client, KEYS)
+    assert "shared" in hosts
+    holder.leave()
+    _, hosts = controlplane.read_control(client, KEYS)
+    assert "shared" not in hosts
+
+
+def test_a_host_whose_registration_expired_keeps_its_consumers_for_a_ttl(client) -> None:
+    a, b = steering(client, "host-a"), steering(client, "host-b")
+    a.start(0, NO_STOP), b.start(0, NO_STOP)
+    controlplane.set_desired(client, KEYS, 6, "test")
+    assert a.tick(0, 0, now=T0 + 10.0).size == 3
+    assert b.tick(0, 0, now=T0 + 10.0).size == 3
+    client.delete(KEYS.hosts, KEYS.host_info)  # both expired, as after a long outage
+    assert a.tick(3, 0, now=T0 + 20.0).size == 3  # alone in the registry, yet no burst to 6
+    assert b.tick(3, 0, now=T0 + 20.0).size == 3
+    assert a.tick(3, 0, now=T0 + 21.0).size == 3  # after the hold, both are registered again

@@ -14,8 +14,10 @@
 -- ARGV[5]  1 to claim the host id at start: refused while another live instance holds it
 --
 -- Returns {now_ms, claimed, control (flat field/value list), stop or '', written, dead, skipped,
--- hosts (flat id/info list)}. When claiming (ARGV[5] 1), nothing is written if the group is
--- asked to stop (the reply carries the stop) or another live instance holds the id (claimed 0). A host's expiry is kept as a score, not a key
+-- hosts (flat id/info list), rejoined}. When claiming (ARGV[5] 1), nothing is written if the
+-- group is asked to stop (the reply carries the stop) or another live instance holds the id
+-- (claimed 0). rejoined is 1 when this host was not registered before this beat: its
+-- registration had expired (an outage, a Redis restart), so the others may not have beaten yet. A host's expiry is kept as a score, not a key
 -- TTL, so every read sees expired hosts gone without waiting for Redis to evict a key.
 
 local t = redis.call('TIME')
@@ -31,15 +33,17 @@ end
 local stop = redis.call('GET', KEYS[4]) or ''
 if ARGV[5] == '1' then
     if stop ~= '' then
-        return {now, 1, {}, stop, 0, 0, 0, {}}  -- a stopped group: do not register
+        return {now, 1, {}, stop, 0, 0, 0, {}, 0}  -- a stopped group: do not register
     end
     if redis.call('ZSCORE', KEYS[1], host) then
         local held = redis.call('HGET', KEYS[2], host)
-        if held and cjson.decode(held).instance ~= instance then
-            return {now, 0, {}, '', 0, 0, 0, {}}
+        local ok, holder = pcall(cjson.decode, held or '')
+        if held and not (ok and type(holder) == 'table' and holder.instance == instance) then
+            return {now, 0, {}, '', 0, 0, 0, {}, 0}
         end
     end
 end
+local rejoined = redis.call('ZSCORE', KEYS[1], host) and 0 or 1
 redis.call('ZADD', KEYS[1], now + ttl, host)
 redis.call('HSET', KEYS[2], host, info)
 
@@ -51,5 +55,5 @@ end
 local stats = redis.call('HMGET', KEYS[5], 'written', 'dead', 'skipped')
 return {
     now, 1, redis.call('HGETALL', KEYS[3]), stop,
-    tonumber(stats[1] or 0), tonumber(stats[2] or 0), tonumber(stats[3] or 0), hosts
+    tonumber(stats[1]) or 0, tonumber(stats[2]) or 0, tonumber(stats[3]) or 0, hosts, rejoined
 }
