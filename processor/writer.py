@@ -111,32 +111,38 @@ class Writer:
             return WriteResult(written, dead, skipped, dead_flags=reply[3].decode())
 
     def _evalsha(self, keys: list[str], args: list[str | bytes | int]) -> list[Any]:
-        """EVALSHA packed by hiredis in one call.
+        return evalsha_packed(self._client, self._sha, self._source, keys, args)
 
-        redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
-        per message); hiredis.pack_command packs the tuple in C.
-        """
-        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
-        packed = hiredis.pack_command(command)  # type: ignore[arg-type]
-        pool = self._client.connection_pool
-        connection: Any = pool.get_connection()
+
+def evalsha_packed(
+    client: redis.Redis, sha: str, source: str, keys: list[str], args: Sequence[Any]
+) -> list[Any]:
+    """EVALSHA packed by hiredis in one call; loads ``source`` once if Redis lost it.
+
+    redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
+    per message); hiredis.pack_command packs the tuple in C.
+    """
+    command = ("EVALSHA", sha, len(keys), *keys, *args)
+    packed = hiredis.pack_command(command)
+    pool = client.connection_pool
+    connection: Any = pool.get_connection()
+    try:
+        send = connection.send_packed_command
+        send([packed], check_health=False)
         try:
-            send = connection.send_packed_command
+            reply: list[Any] = connection.read_response()
+        except redis.exceptions.NoScriptError:
+            # A restarted or flushed Redis lost the script: load it, then call it again.
+            connection.send_command("SCRIPT", "LOAD", source)
+            connection.read_response()
             send([packed], check_health=False)
-            try:
-                reply: list[Any] = connection.read_response()
-            except redis.exceptions.NoScriptError:
-                # A restarted or flushed Redis lost the script: load it, then call it again.
-                connection.send_command("SCRIPT", "LOAD", self._source)
-                connection.read_response()
-                send([packed], check_health=False)
-                reply = connection.read_response()
-            return reply
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
+            reply = connection.read_response()
+        return reply
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,8 +191,8 @@ def headline(results: Results, strategy: str) -> dict[str, float | None]:
     """The figures the targets are about, for one strategy."""
     counts = results.plan.consumer_counts
 
-    def lossless(consumers: int) -> float | None:
-        found = results.ramp(strategy, consumers)
+    def lossless(consumers: int, path: str = DEDUP) -> float | None:
+        found = results.ramp(strategy, consumers, path)
         if found is None:
             return None
         return found.best.written_rate if found.best else 0.0
@@ -202,8 +202,7 @@ def headline(results: Results, strategy: str) -> dict[str, float | None]:
         return found.run.written_rate if found else None
 
     def best(path: str) -> float | None:
-        found = [results.ramp(strategy, n, path) for n in counts]
-        rates = [r.best.written_rate if r.best else 0.0 for r in found if r is not None]
+        rates = [rate for n in counts if (rate := lossless(n, path)) is not None]
         return max(rates) if rates else None
 
     def p99(path: str) -> float | None:

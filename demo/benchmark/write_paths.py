@@ -23,14 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hiredis
-import redis
-
 from demo.benchmark.plan import DEDUP, LOCKS, PIPELINES, WRITE_PATH_ENV
 from processor.connection import CONNECTION_ERRORS
 from processor.handlers import add_random_score
 from processor.messages import OUTPUT, Entry
-from processor.writer import Writer, WriteResult
+from processor.writer import Writer, WriteResult, evalsha_packed
 
 LOCK_SCRIPT = (Path(__file__).resolve().parent / "lock_and_append.lua").read_text()
 LOCK_SHA = hashlib.sha1(LOCK_SCRIPT.encode()).hexdigest()
@@ -48,24 +45,12 @@ def write_with_locks(
     for entry in entries:
         args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
     script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
-    packed = hiredis.pack_command(("EVALSHA", LOCK_SHA, len(script_keys), *script_keys, *args))
     while True:
-        connection: Any = self._client.connection_pool.get_connection()
         try:
-            connection.send_packed_command([packed], check_health=False)
-            try:
-                reply = connection.read_response()
-            except redis.exceptions.NoScriptError:
-                connection.send_command("SCRIPT", "LOAD", LOCK_SCRIPT)
-                connection.read_response()
-                connection.send_packed_command([packed], check_health=False)
-                reply = connection.read_response()
+            reply = evalsha_packed(self._client, LOCK_SHA, LOCK_SCRIPT, script_keys, args)
         except CONNECTION_ERRORS:
-            connection.disconnect()
             time.sleep(RETRY_S)
             continue
-        finally:
-            self._client.connection_pool.release(connection)
         written, dead, skipped = (int(value) for value in reply[:3])
         if written < 0:
             return WriteResult(0, 0, 0, fenced=True)
