@@ -512,6 +512,23 @@ def check_streams(redis_client: redis.Redis, expected: Expected, context: str) -
     return summary
 
 
+def check_published(
+    redis_url: str, publisher: Publisher, why: str, invalid: dict[bytes, str] | None = None
+) -> str:
+    """Waits for the publisher to end, then for the streams to hold exactly what it published
+    (and the ``invalid`` payloads as dead letters, all of INVALID_PAYLOADS by default)."""
+    publisher.finish()
+    redis_client = client(redis_url)
+    try:
+        expected = Expected(publisher.records())
+        if invalid is not None:
+            expected.invalid = invalid
+        assert settle(redis_client, expected), check_streams(redis_client, expected, why)
+        return check_streams(redis_client, expected, why)
+    finally:
+        redis_client.close()
+
+
 def wait_for_result(predicate: Callable[[], object], timeout: float) -> bool:
     """Polls like wait_until, but returns False at the deadline instead of raising."""
     try:

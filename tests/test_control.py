@@ -8,12 +8,10 @@ import signal
 
 from tests.faults_support import (
     Daemon,
-    Expected,
-    check_streams,
+    check_published,
     client,
     daemon_env,
     publish_invalid,
-    settle,
     start_daemon,
     start_publisher,
 )
@@ -23,14 +21,7 @@ WAIT_S = 30
 
 
 def finish(daemon: Daemon, redis_url: str, publisher, why: str) -> None:
-    publisher.finish()
-    redis_client = client(redis_url)
-    try:
-        expected = Expected(publisher.records())
-        assert settle(redis_client, expected), check_streams(redis_client, expected, why)
-        check_streams(redis_client, expected, why)
-    finally:
-        redis_client.close()
+    check_published(redis_url, publisher, why)
     daemon.stop(why)
 
 

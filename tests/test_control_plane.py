@@ -20,17 +20,15 @@ from typing import Any
 import pytest
 import redis
 
+from tests import faults_support
 from tests.faults_support import (
     CONSUMERS,
     HEARTBEAT_TTL_MS,
     REPO_ROOT,
     Daemon,
-    Expected,
-    check_streams,
     client,
     daemon_env,
     running,
-    settle,
     start_publisher,
 )
 from tests.helpers import wait_until
@@ -69,14 +67,8 @@ def wait_for_sizes(redis_client: redis.Redis, daemons: dict[str, Daemon], want: 
 
 
 def check_published(redis_url: str, publisher: Any, why: str) -> str:
-    publisher.finish()
-    redis_client = client(redis_url)
-    try:
-        expected = Expected(publisher.records(), invalid={})
-        assert settle(redis_client, expected), check_streams(redis_client, expected, why)
-        return check_streams(redis_client, expected, why)
-    finally:
-        redis_client.close()
+    """These tests publish no invalid payloads."""
+    return faults_support.check_published(redis_url, publisher, why, invalid={})
 
 
 def test_scale_splits_the_group_a_dead_host_hands_over_and_stop_stops_every_host(
