@@ -107,36 +107,47 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
 
     A Redis that is not reachable yet is waited for (logged once), until ``stop`` is set.
     """
-    client = command_client(settings, name="processor-access-check")
+    keys = Keys.from_settings(settings)
     outage = Outage("Redis (start-up check)")
     backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
-    try:
-        while not stop.is_set():
-            try:
-                refusals = _dry_run(client, Keys.from_settings(settings))
-            except redis.AuthenticationError as error:
+    while not stop.is_set():
+        try:
+            refusals = _probe(settings, keys)
+        except redis.AuthenticationError as error:
+            raise ConfigError(
+                f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {error}"
+            ) from None
+        except CONNECTION_ERRORS as error:
+            if _tls_refused(error):
                 raise ConfigError(
-                    f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {error}"
+                    f"TLS with {settings.safe_url} failed: {error} (check REDIS_URL and "
+                    "REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE)"
                 ) from None
-            except CONNECTION_ERRORS as error:
-                if _tls_refused(error):
-                    raise ConfigError(
-                        f"TLS with {settings.safe_url} failed: {error} (check REDIS_URL and "
-                        "REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE)"
-                    ) from None
-                outage.failed(error)
-                stop.wait(backoff.next_delay())
-                continue
-            outage.recovered()
-            if refusals:
-                raise ConfigError(
-                    f"Redis at {settings.safe_url} refuses what the daemon needs: "
-                    + "; ".join(
-                        f"{', '.join(what)} ({reason})" for reason, what in refusals.items()
-                    )
-                    + ": grant these to the Redis user (see the README's ACL line)"
-                )
-            return
+            outage.failed(error)
+            stop.wait(backoff.next_delay())
+            continue
+        outage.recovered()
+        if refusals:
+            raise ConfigError(
+                f"Redis at {settings.safe_url} refuses what the daemon needs: "
+                + "; ".join(f"{', '.join(what)} ({reason})" for reason, what in refusals.items())
+                + ": grant these to the Redis user (see the README's ACL line)"
+            )
+        return
+
+
+def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
+    """What Redis refuses of the daemon's commands; raises if it cannot be reached.
+
+    On a cluster only the credentials are checked (a PING through the cluster client, which
+    reads the layout from the nodes): MULTI cannot span the slots of every key we use.
+    """
+    client = command_client(settings, name="processor-access-check")
+    try:
+        if keys.cluster:
+            client.ping()
+            return {}
+        return _dry_run(client, keys)
     finally:
         client.close()
 
@@ -185,4 +196,7 @@ def _describe(command: tuple[str, ...], keys: Keys) -> str:
 
 def _key_prefixes(keys: Keys) -> tuple[str, ...]:
     """Every key name and key prefix the daemon uses (all of Keys but the channel)."""
-    return tuple(value for name, value in asdict(keys).items() if name != "channel")
+    names = [value for value in asdict(keys).values() if isinstance(value, str)]
+    for partition in keys.partitions:
+        names += [value for name, value in asdict(partition).items() if name != "channel"]
+    return tuple(name for name in names if name)

@@ -42,8 +42,10 @@ def _run(
 ) -> int:
     """Parses, connects, runs ``action`` and prints what it did; one line on failure."""
     settings, args = load_group_command(argv, prog, description, arguments)
-    client = command_client(settings, name=prog.replace(" ", "-"), timeout_s=5.0)
+    client: redis.Redis | None = None
     try:
+        # Inside: a cluster client reads the layout as it is made.
+        client = command_client(settings, name=prog.replace(" ", "-"), timeout_s=5.0)
         print(action(client, Keys.from_settings(settings), args), flush=True)
     except redis.AuthenticationError as error:
         return _failed(prog, f"Redis refused the credentials in REDIS_URL: {error}")
@@ -52,7 +54,8 @@ def _run(
     except redis.ResponseError as error:
         return _failed(prog, f"Redis refused the command: {error}")
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     return EXIT_OK
 
 

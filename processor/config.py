@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from processor.errors import ConfigError
 from processor.options import load, load_with_args, options_of, setting
+from processor.partitions import MAX_PARTITIONS
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -62,6 +63,19 @@ class RedisSettings:
     )
     redis_tls_key_file: str = setting("", "REDIS_TLS_KEY_FILE", "the client certificate's key")
     input_channel: str = setting("messages:published", "INPUT_CHANNEL", "Pub/Sub channel to read")
+    redis_cluster: bool = setting(
+        False,
+        "REDIS_CLUSTER",
+        "REDIS_URL names a node of a Redis Cluster (7+): sharded Pub/Sub, one hash tag per "
+        "partition",
+    )
+    partitions: int = setting(
+        1,
+        "PARTITIONS",
+        "partitions of the channel and the streams (cluster mode): message_id's CRC32 modulo "
+        "this picks one",
+        minimum=1,
+    )
     loglevel: str = setting("INFO", "LOGLEVEL", "log level", choices=LOG_LEVELS)
 
     @property
@@ -263,6 +277,13 @@ class Settings(GroupSettings):
         "written (XADD MAXLEN ~); 0 = keep everything",
         minimum=0,
     )
+    wait_replicas: int = setting(
+        0,
+        "WAIT_REPLICAS",
+        "after each write, wait (WAIT, up to 1 s) until this many replicas have it, so a "
+        "failover loses no write; 0 = do not wait (a failover can lose the last writes)",
+        minimum=0,
+    )
     metrics_port: int = setting(
         0,
         "METRICS_PORT",
@@ -355,7 +376,21 @@ PUBLISHER_OPTIONS = options_of(PublisherSettings)
 
 
 def check_redis(settings: RedisSettings) -> None:
-    """TLS files only mean something with a rediss:// URL, and must be readable."""
+    """Partitions need a cluster; TLS files only mean something with a rediss:// URL."""
+    if settings.partitions > 1 and not settings.redis_cluster:
+        raise ConfigError(
+            f"invalid PARTITIONS: {settings.partitions} partitions spread the load over the "
+            "shards of a Redis Cluster; set REDIS_CLUSTER=true (on one Redis they only add work)"
+        )
+    if settings.partitions > MAX_PARTITIONS:
+        raise ConfigError(
+            f"invalid PARTITIONS: {settings.partitions} is more than {MAX_PARTITIONS}"
+        )
+    if settings.redis_cluster and settings.url.startswith("unix://"):
+        raise ConfigError(
+            f"invalid REDIS_URL: {settings.safe_url} is a unix socket; REDIS_CLUSTER needs a "
+            "node's redis:// or rediss:// address (the other nodes are found from it)"
+        )
     if not settings.tls_options:
         return
     if not settings.url.startswith("rediss://"):
@@ -374,9 +409,25 @@ def check_redis(settings: RedisSettings) -> None:
         raise ConfigError("invalid REDIS_TLS_CERT_FILE/REDIS_TLS_KEY_FILE: give both or neither")
 
 
+def check_group(settings: GroupSettings) -> None:
+    """On a cluster the daemon adds the hash tags itself: the names must not carry their own."""
+    check_redis(settings)
+    if not settings.redis_cluster:
+        return
+    for name, value in (
+        ("KEY_PREFIX", settings.key_prefix),
+        ("CONSUMERS_LIST", settings.consumers_list),
+    ):
+        if "{" in value or "}" in value:
+            raise ConfigError(
+                f"invalid {name}: {value!r} has a hash tag; with REDIS_CLUSTER the daemon tags "
+                "its keys itself (give the name without braces)"
+            )
+
+
 def check_daemon(settings: Settings) -> None:
     """Cross-field rules: the takeover buffer must outlive a dead consumer's detection."""
-    check_redis(settings)
+    check_group(settings)
     parse_bounds(settings.autoscale)
     if settings.heartbeat_ttl_ms <= settings.heartbeat_interval_ms:
         raise ConfigError(
@@ -428,7 +479,7 @@ def load_status_settings(
         os.environ if environ is None else environ,
         prog=prog,
         description="Show the consumer group: live consumers, counts, streams, dead letters, gaps.",
-        extra_check=check_redis,
+        extra_check=check_group,
     )
 
 
@@ -446,7 +497,7 @@ def load_group_command(
         os.environ if environ is None else environ,
         prog=prog,
         description=description,
-        extra_check=check_redis,
+        extra_check=check_group,
         add_arguments=add_arguments,
     )
 

@@ -6,9 +6,11 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import cast
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from processor.config import RedisSettings
@@ -27,13 +29,35 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     TimeoutError,
     OSError,
+    # A cluster in a failover or a layout change: the slot's primary is down, moved, or not
+    # known yet. Retried like a dropped connection, after the layout is read again.
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
 )
 
 
 def command_client(
     settings: RedisSettings, name: str = "processor", timeout_s: float = SOCKET_TIMEOUT_S
 ) -> redis.Redis:
-    """A client for commands and scripts, with bytes replies (payloads are not always UTF-8)."""
+    """A client for commands and scripts, with bytes replies (payloads are not always UTF-8).
+
+    With REDIS_CLUSTER, redis-py's cluster client, which routes each command to its slot's
+    primary and re-reads the layout after a failover. It is not a ``redis.Redis`` but offers the
+    same commands, scripts and pipelines for the keys we give it (one slot per call).
+    """
+    if settings.redis_cluster:
+        cluster = RedisCluster.from_url(
+            settings.url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), _INNER_RETRIES),
+            client_name=name,
+            protocol=2,
+            **settings.tls_options,
+        )
+        return cast(redis.Redis, cluster)
     return redis.Redis.from_url(
         settings.url,
         socket_timeout=timeout_s,

@@ -37,7 +37,7 @@ from processor.messages import (
 from processor.metrics import ConsumerMetrics
 from processor.ownership import make_strategy
 from processor.stats import BusyMeter, ConsumerStats, RateMeter
-from processor.subscriber import Subscriber
+from processor.subscriber import Subscribers
 from processor.writer import Batch, Writer, WriteResult, WriteThread
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,18 @@ class Consumer:
         self._client = command_client(settings, name="processor-consumer")
         self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
-        self._membership = Membership(heartbeat_client, self.keys, settings.heartbeat_ttl_ms)
+        self._membership = Membership(
+            heartbeat_client,
+            self.keys,
+            settings.heartbeat_ttl_ms,
+            fence_ttl_ms=settings.takeover_buffer_ms,
+        )
         self._strategy = make_strategy(
             settings.strategy, settings.takeover_buffer_ms / 1000, settings.takeover_buffer_max
         )
-        self._subscriber = Subscriber(
+        self._subscriber = Subscribers(
             settings,
+            self.keys,
             deliver=self._route,
             on_gap=lambda gap: self._heartbeat.own_gaps.append(gap),
             context=self.context,
@@ -143,7 +149,7 @@ class Consumer:
             stop=self.stop,
             done=self._flushed,
             context=self.context,
-            subscriber_client_id=lambda: self._subscriber.client_id,
+            subscriptions=self._subscriber.connections,
             on_takeover=self._takeovers.append,
             on_failure=self._thread_failed,
             status=self._on_beat,
@@ -157,6 +163,7 @@ class Consumer:
             stop=self.stop,
             grace_s=settings.shutdown_grace_s * 0.5,
             maxlen=settings.output_maxlen,
+            wait_replicas=settings.wait_replicas,
         )
         self._writes = WriteThread(
             writer,
@@ -171,15 +178,15 @@ class Consumer:
         """Subscribes first, then registers: a listed consumer is always a subscribed one."""
         self._subscriber.start()
         self._writes.start()
-        while not self._subscriber.subscribed.wait(0.1):
+        while not self._subscriber.wait_subscribed(0.1):
             if self.stop.is_set():
                 return
         self._register(new_consumer_id(self.slot))
         self._heartbeat.start()
         log.info(
-            "%s consumer ready: channel=%s strategy=%s batch=%d window=%dms concurrency=%d",
+            "%s consumer ready: channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
             self.context(),
-            self.keys.channel,
+            ",".join(partition.channel for partition in self.keys.partitions),
             self._strategy.name,
             self.settings.processing_batch_size,
             self.settings.batch_window_ms,
@@ -376,7 +383,7 @@ class Consumer:
             "buffered": self._strategy.buffered,
             "gaps": self._subscriber.gaps,
             "rate": round(self._rate.rate(totals["written"]), 1),
-            "subscribed": int(self._subscriber.subscribed.is_set()),
+            "subscribed": int(self._subscriber.is_subscribed()),
             "backlog_bytes": self._heartbeat.backlog_bytes,
             "inbox": len(self._inbox),
             "busy": round(self._busy.share(), 3),
@@ -395,7 +402,7 @@ class Consumer:
     def _account(self) -> None:
         if self.stats is not None:
             ready = (
-                self._subscriber.subscribed.is_set()
+                self._subscriber.is_subscribed()
                 and not self._heartbeat.fenced.is_set()
                 and not self.stop.is_set()
             )
@@ -462,7 +469,7 @@ class Consumer:
         )
         if covered and stalled_ms * 2 >= self.settings.lock_ttl_ms:
             self._subscriber.reset()
-            while not self._subscriber.subscribed.wait(0.1) and not self.stop.is_set():
+            while not self._subscriber.wait_subscribed(0.1) and not self.stop.is_set():
                 pass
             # The takeover buffer too: what it holds was received late, after the stall, so
             # its age no longer bounds how old it is, and a later takeover (or the shutdown

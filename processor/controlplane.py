@@ -149,7 +149,7 @@ class HostRegistry:
     def beat(self, info: HostInfo, claim: bool = False) -> Beat:
         keys = self._keys
         reply: Any = self._script(
-            keys=[keys.hosts, keys.host_info, keys.control, keys.stop, keys.stats],
+            keys=[keys.hosts, keys.host_info, keys.control, keys.stop, keys.group_stats],
             args=[self._host_id, self._ttl_ms, info.to_json(), info.instance, int(claim)],
         )
         now_ms, claimed, control, stop, written, dead, skipped, hosts, rejoined = reply
@@ -185,14 +185,24 @@ def read_control(client: redis.Redis, keys: Keys) -> tuple[Control, dict[str, Ho
     pipe.hgetall(keys.host_info)
     control, stop, ranked, infos = pipe.execute()
     now_ms = redis_now_ms(client)
-    fields = {_text(k): _text(v) for k, v in control.items()}
-    texts = {_text(k): _text(v) for k, v in infos.items()}
+    fields = {_text(k): _text(v) for k, v in _pairs(control)}
+    texts = {_text(k): _text(v) for k, v in _pairs(infos)}
     hosts = {
         _text(host): HostInfo.from_json(_text(host), texts.get(_text(host), "{}"))
-        for host, expires in ranked
-        if expires > now_ms
+        for host, expires in _pairs(ranked)
+        if float(expires) > now_ms
     }
     return parse_control(fields, _text(stop) if stop else ""), hosts
+
+
+def _pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """(field, value) pairs of a HGETALL or a ZRANGE WITHSCORES reply, parsed or raw: redis-py's
+    cluster pipeline returns raw flat lists inside a transaction."""
+    if isinstance(reply, dict):
+        return list(reply.items())
+    if reply and isinstance(reply[0], (list, tuple)):
+        return [tuple(pair) for pair in reply]
+    return list(zip(reply[::2], reply[1::2], strict=True))
 
 
 def redis_now_ms(client: redis.Redis) -> int:

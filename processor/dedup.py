@@ -62,21 +62,38 @@ class SeenCheck:
         self._script = client.register_script(load_script("seen.lua"))
 
     def seen(self, dedup_ids: list[str]) -> list[bool]:
-        keys, window = self._keys, self._window
+        by_partition: dict[int, list[int]] = {}
+        for index, dedup_id in enumerate(dedup_ids):
+            by_partition.setdefault(self._keys.partition_of(dedup_id), []).append(index)
+        flags = [False] * len(dedup_ids)
+        for partition, indices in by_partition.items():
+            found = self._seen_in(partition, [dedup_ids[index] for index in indices])
+            for index, flag in zip(indices, found, strict=True):
+                flags[index] = flag
+        return flags
+
+    def _seen_in(self, partition: int, dedup_ids: list[str]) -> list[bool]:
+        window = self._window
+        part = self._keys.partitions[partition]
         args: list[str | bytes | int] = [
-            keys.seen_prefix,
+            part.seen_prefix,
             window.width_ms,
             window.buckets_checked,
-            keys.lock_prefix,
+            part.lock_prefix,
         ]
         for dedup_id in dedup_ids:
             args += [digest(dedup_id), dedup_id]
-        reply = self._script(keys=[keys.legacy_locks], args=args)
+        reply = self._script(keys=[part.legacy_locks], args=args)
         return [int(flag) == 1 for flag in reply]
 
 
 def mark_legacy_locks(client: redis.Redis, keys: Keys, lock_ttl_ms: int) -> bool:
-    """Sets the legacy-locks marker for one window if any lock key of the old path exists."""
+    """Sets the legacy-locks marker for one window if any lock key of the old path exists.
+
+    Not on a cluster: the previous write path never ran on one.
+    """
+    if keys.cluster:
+        return False
     for _ in client.scan_iter(match=keys.lock_prefix + "*", count=1000):
         client.set(keys.legacy_locks, 1, px=lock_ttl_ms)
         log.warning(

@@ -15,9 +15,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.cluster import RedisCluster
 
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage
 from processor.keys import Keys
@@ -33,9 +34,21 @@ BACKLOG_WARN_REPEAT_S = 10.0
 GAPS_MAXLEN = 10_000
 
 
-def server_backlog_bytes(client: redis.Redis, client_id: int) -> int:
-    """What Redis holds unsent for one client (``omem`` in CLIENT LIST)."""
-    info = client.execute_command("CLIENT", "LIST", "ID", client_id)  # type: ignore[no-untyped-call]
+def server_backlog_bytes(
+    client: redis.Redis, client_id: int, node: tuple[str, int] | None = None
+) -> int:
+    """What Redis holds unsent for one client (``omem`` in CLIENT LIST); on a cluster, for a
+    client of ``node``, asked through the cluster client."""
+    if node is None:
+        info = client.execute_command("CLIENT", "LIST", "ID", client_id)  # type: ignore[no-untyped-call]
+    else:
+        cluster = cast(RedisCluster, client)
+        target = cluster.get_node(host=node[0], port=node[1])  # type: ignore[no-untyped-call]
+        if target is None:
+            return 0  # a node the cluster client has not learnt yet: ask again next time
+        info = cluster.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "LIST", "ID", client_id, target_nodes=target
+        )
     text = info.decode() if isinstance(info, bytes) else str(info)
     for item in text.split():
         name, _, value = item.partition("=")
@@ -56,7 +69,7 @@ class Heartbeat(WatchedThread):
         stop: threading.Event,
         done: threading.Event,
         context: Callable[[], str],
-        subscriber_client_id: Callable[[], int | None],
+        subscriptions: Callable[[], list[tuple[tuple[str, int] | None, int]]],
         on_takeover: Callable[[list[bytes]], None],
         on_failure: OnFailure,
         status: Callable[[], Mapping[str, str | int | float]],
@@ -71,7 +84,7 @@ class Heartbeat(WatchedThread):
         self._stopping = stop
         self._done = done
         self._context = context
-        self._subscriber_client_id = subscriber_client_id
+        self._subscriptions = subscriptions
         self._on_takeover = on_takeover
         self._status = status
         # What Redis held unsent for our subscription at the last check (CLIENT LIST omem).
@@ -199,10 +212,13 @@ class Heartbeat(WatchedThread):
 
     def _check_backlog(self) -> None:
         """Warns well before Redis cuts us off for reading slowly (client-output-buffer-limit)."""
-        client_id = self._subscriber_client_id()
-        if client_id is None:
+        connections = self._subscriptions()
+        if not connections:
             return
-        omem = server_backlog_bytes(self._client, client_id)
+        # The fullest subscription: Redis cuts each connection off on its own.
+        omem = max(
+            server_backlog_bytes(self._client, client_id, node) for node, client_id in connections
+        )
         self.backlog_bytes = omem
         now = time.monotonic()
         if omem >= self._backlog_warn_bytes and now - self._backlog_warned >= BACKLOG_WARN_REPEAT_S:

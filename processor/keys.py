@@ -2,27 +2,52 @@
 
 User-facing names (channel, streams, consumer list) come from the settings as they are; the
 daemon's own bookkeeping lives under ``key_prefix``.
+
+On a single Redis there is one partition with those names. On a Redis Cluster every key is
+hash-tagged: the group's bookkeeping (membership, control plane) shares the tag ``{KEY_PREFIX}``,
+so its scripts run on one slot, and partition p's channel, streams, dedup sets, counters and
+fences share the tag of p (:func:`~processor.partitions.hash_tag`), so its atomic write runs on
+one shard: ``messages:processed:{p0.1}``, ``processor:{p0.1}:seen:<bucket>``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from processor.config import GroupSettings
+from processor.config import GroupSettings, RedisSettings
+from processor.partitions import hash_tag, partition_of
+
+
+def channels(settings: RedisSettings) -> list[str]:
+    """The channel of each partition, in partition order (what publishers publish to)."""
+    if not settings.redis_cluster:
+        return [settings.input_channel]
+    return [
+        f"{settings.input_channel}:{{{hash_tag(p, settings.partitions)}}}"
+        for p in range(settings.partitions)
+    ]
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    """The keys of one partition: everything one atomic write touches, on one slot."""
+
+    channel: str
+    output: str
+    dead: str
+    stats: str
+    seen_prefix: str
+    legacy_locks: str
+    lock_prefix: str
+    # Prefix of the per-partition fence keys (cluster); "" = the heartbeat key is the fence.
+    fence_prefix: str
 
 
 @dataclass(frozen=True)
 class Keys:
-    channel: str
-    output: str
-    dead: str
     consumers: str
-    lock_prefix: str
-    seen_prefix: str
-    legacy_locks: str
     heartbeat_prefix: str
     info_prefix: str
-    stats: str
     gaps: str
     departures: str
     control: str
@@ -30,21 +55,48 @@ class Keys:
     hosts: str
     host_info: str
     autoscale_lock: str
+    # The counters the control plane reads for idleness. On a cluster the write counts in the
+    # partitions' own hashes and this one stays empty: idleness is judged by what is received.
+    group_stats: str
+    partitions: tuple[PartitionKeys, ...]
+    cluster: bool = False
 
     @classmethod
     def from_settings(cls, settings: GroupSettings) -> Keys:
         prefix = settings.key_prefix
+        if not settings.redis_cluster:
+            partition = PartitionKeys(
+                channel=settings.input_channel,
+                output=settings.output_stream,
+                dead=settings.dead_letter_stream,
+                stats=f"{prefix}:stats",
+                seen_prefix=f"{prefix}:seen:",
+                legacy_locks=f"{prefix}:legacy-locks",
+                lock_prefix=f"{prefix}:lock:",
+                fence_prefix="",
+            )
+            return cls._group(prefix, settings.consumers_list, partition.stats, (partition,))
+        partitions = tuple(
+            cls._partition(settings, hash_tag(p, settings.partitions), channel)
+            for p, channel in enumerate(channels(settings))
+        )
+        group = "{" + prefix + "}"
+        consumers = f"{settings.consumers_list}:{group}"
+        return cls._group(group, consumers, f"{group}:stats", partitions, cluster=True)
+
+    @classmethod
+    def _group(
+        cls,
+        prefix: str,
+        consumers: str,
+        group_stats: str,
+        partitions: tuple[PartitionKeys, ...],
+        cluster: bool = False,
+    ) -> Keys:
         return cls(
-            channel=settings.input_channel,
-            output=settings.output_stream,
-            dead=settings.dead_letter_stream,
-            consumers=settings.consumers_list,
-            lock_prefix=f"{prefix}:lock:",
-            seen_prefix=f"{prefix}:seen:",
-            legacy_locks=f"{prefix}:legacy-locks",
+            consumers=consumers,
             heartbeat_prefix=f"{prefix}:heartbeat:",
             info_prefix=f"{prefix}:consumer:",
-            stats=f"{prefix}:stats",
             gaps=f"{prefix}:gaps",
             departures=f"{prefix}:departures",
             control=f"{prefix}:control",
@@ -52,10 +104,75 @@ class Keys:
             hosts=f"{prefix}:hosts",
             host_info=f"{prefix}:host-info",
             autoscale_lock=f"{prefix}:autoscale-lock",
+            group_stats=group_stats,
+            partitions=partitions,
+            cluster=cluster,
         )
+
+    @staticmethod
+    def _partition(settings: GroupSettings, tag: str, channel: str) -> PartitionKeys:
+        own = f"{settings.key_prefix}:{{{tag}}}"
+        return PartitionKeys(
+            channel=channel,
+            output=f"{settings.output_stream}:{{{tag}}}",
+            dead=f"{settings.dead_letter_stream}:{{{tag}}}",
+            stats=f"{own}:stats",
+            seen_prefix=f"{own}:seen:",
+            legacy_locks=f"{own}:legacy-locks",
+            lock_prefix=f"{own}:lock:",
+            fence_prefix=f"{own}:fence:",
+        )
+
+    @property
+    def single(self) -> PartitionKeys:
+        """The one partition of a group that has one (a single Redis, or PARTITIONS=1)."""
+        if len(self.partitions) != 1:
+            raise ValueError(f"{len(self.partitions)} partitions: name one")
+        return self.partitions[0]
+
+    # The single partition's names, for the code that knows it has one partition.
+    @property
+    def channel(self) -> str:
+        return self.single.channel
+
+    @property
+    def output(self) -> str:
+        return self.single.output
+
+    @property
+    def dead(self) -> str:
+        return self.single.dead
+
+    @property
+    def stats(self) -> str:
+        return self.single.stats
+
+    @property
+    def seen_prefix(self) -> str:
+        return self.single.seen_prefix
+
+    @property
+    def legacy_locks(self) -> str:
+        return self.single.legacy_locks
+
+    @property
+    def lock_prefix(self) -> str:
+        return self.single.lock_prefix
+
+    def partition_of(self, dedup_id: str) -> int:
+        return partition_of(dedup_id, len(self.partitions))
 
     def heartbeat(self, consumer_id: str) -> str:
         return self.heartbeat_prefix + consumer_id
+
+    def fence(self, partition: int, consumer_id: str) -> str:
+        """The key whose value a write to ``partition`` checks against the writer's token."""
+        fence_prefix = self.partitions[partition].fence_prefix
+        return fence_prefix + consumer_id if fence_prefix else self.heartbeat(consumer_id)
+
+    def fences(self, consumer_id: str) -> list[str]:
+        """The per-partition fence keys a consumer keeps alive (none on a single Redis)."""
+        return [p.fence_prefix + consumer_id for p in self.partitions if p.fence_prefix]
 
     def info(self, consumer_id: str) -> str:
         return self.info_prefix + consumer_id

@@ -60,10 +60,13 @@ def parse_view(reply: list[bytes]) -> View:
 class Membership:
     """Registers, refreshes and removes one consumer id; reads the group."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, heartbeat_ttl_ms: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, heartbeat_ttl_ms: int, fence_ttl_ms: int = 0
+    ) -> None:
         self._client = client
         self._keys = keys
         self._ttl_ms = heartbeat_ttl_ms
+        self._fence_ttl_ms = max(fence_ttl_ms, heartbeat_ttl_ms)
         self._script = client.register_script(load_script("membership.lua"))
         self._leave = leave_script(client)
         self.consumer_id = ""
@@ -81,6 +84,7 @@ class Membership:
             pipe.lrem(self._keys.consumers, 0, consumer_id)
             pipe.rpush(self._keys.consumers, consumer_id)
             pipe.execute()
+        self._refresh_fences()
         self.last_beat_ms = sent_ms
 
     def beat(self, status: Mapping[str, str | int | float] | None = None) -> View:
@@ -104,8 +108,26 @@ class Membership:
         )
         view = parse_view(reply)
         if view.alive:
+            self._refresh_fences()
             self.last_beat_ms = sent_ms
         return view
+
+    def _refresh_fences(self) -> None:
+        """On a cluster, a write checks a fence key in its partition's slot, set again (not
+        only extended) on every live beat, so one lost in a failover comes back.
+
+        A fence outlives the heartbeat (TAKEOVER_BUFFER_MS against HEARTBEAT_TTL_MS), so a
+        failover of a partition's primary (about 2 s) does not fence every consumer at once.
+        A consumer declared dead can write inside that margin; its writes are still
+        deduplicated, and LOCK_TTL_MS > 2 x TAKEOVER_BUFFER_MS keeps them inside the window.
+        """
+        fences = self._keys.fences(self.consumer_id)
+        if not fences:
+            return
+        with self._client.pipeline(transaction=False) as pipe:
+            for fence in fences:
+                pipe.set(fence, self.token, px=self._fence_ttl_ms)
+            pipe.execute()
 
     def read(self) -> View:
         """The live members, without touching our own heartbeat."""
@@ -121,6 +143,12 @@ class Membership:
         """Leaves the group and tells the others, who take over our share at once."""
         if self.consumer_id:
             remove(self._leave, self._keys, self.consumer_id, is_prefix=False, reason=reason)
+            fences = self._keys.fences(self.consumer_id)
+            if fences:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for fence in fences:
+                        pipe.delete(fence)
+                    pipe.execute()
 
 
 def leave_script(client: redis.Redis) -> redis.commands.core.Script:

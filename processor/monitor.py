@@ -11,6 +11,7 @@ import redis
 
 from processor.config import Settings
 from processor.connection import command_client
+from processor.counters import read_counters
 from processor.keys import Keys
 from processor.membership import read_view
 from processor.stats import ConsumerStats
@@ -54,8 +55,8 @@ class Monitor:
 
     def _group_part(self, elapsed: float) -> str:
         try:
-            counters: Any = self._client.hmget(self._keys.stats, ["written", "dead"])
-            written, dead = (int(value or 0) for value in counters)
+            counters = read_counters(self._client, self._keys)
+            written, dead = counters["written"], counters["dead"]
             live = len(read_view(self._client, self._keys).members)
         except (redis.RedisError, OSError) as error:
             # A report is never worth the supervisor: whatever Redis says, say it and go on.

@@ -3,6 +3,13 @@
 ``PUBLISH`` replies with the number of subscribers that received the message; a message that
 reached none is lost to Pub/Sub. We count those, and with ``retry_unreceived`` publish them
 again: safe, because the daemon writes each ``message_id`` once.
+
+On a Redis Cluster each message goes to its partition's sharded channel (``SPUBLISH``), the
+partition being ``crc32(message_id) mod PARTITIONS``: the rule any other publisher follows. In
+a failover the new primary can take a ``SPUBLISH`` before the subscribers are back on it, and
+replies 0: ``retry_unreceived`` publishes those again once they have re-subscribed. A replica
+takes ``SPUBLISH`` too and replies 0 (an old primary restarted after a failover, still in the
+client's layout, is one), so a 0 on a cluster also makes us read the layout again.
 """
 
 from __future__ import annotations
@@ -15,17 +22,22 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, cast
 
 import redis
+from redis.cluster import RedisCluster
 
 from processor.config import PublisherSettings
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.keys import channels
+from processor.partitions import partition_of
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 0.5
 RETRY_TAIL_S = 10.0
+# On a cluster, the least time between two re-reads of the layout after unreceived messages.
+LAYOUT_EVERY_S = 1.0
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 
 
@@ -64,7 +76,10 @@ class Publisher:
     def __init__(self, settings: PublisherSettings, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.stop = stop or threading.Event()
-        self._client: redis.Redis = command_client(settings, name="processor-publisher")
+        self._client: redis.Redis | None = None
+        self._channels = channels(settings)
+        self._sharded = settings.redis_cluster
+        self._layout_read_at = 0.0
         self._rng = random.Random()
         self._retries: deque[tuple[float, str, bytes]] = deque()
         self._backoff = Backoff(0.05, 2.0)
@@ -94,7 +109,8 @@ class Publisher:
         finally:
             if record is not None:
                 record.close()
-            self._client.close()
+            if self._client is not None:
+                self._client.close()
         self.report.still_unreceived = len(self._retries) if settings.retry_unreceived else 0
         return self.report
 
@@ -109,12 +125,16 @@ class Publisher:
     def _publish(
         self, burst: list[tuple[str, bytes]], record: TextIO | None, first_time: bool
     ) -> None:
-        channel = self.settings.input_channel
+        partitions = len(self._channels)
         while True:
             try:
+                if self._client is None:
+                    # Made here, inside the retry: a cluster client reads the layout as it is made.
+                    self._client = command_client(self.settings, name="processor-publisher")
                 with self._client.pipeline(transaction=False) as pipe:
-                    for _, payload in burst:
-                        pipe.publish(channel, payload)
+                    publish = pipe.spublish if self._sharded else pipe.publish
+                    for message_id, payload in burst:
+                        publish(self._channels[partition_of(message_id, partitions)], payload)
                     receivers = pipe.execute()
                 break
             except CONNECTION_ERRORS as error:
@@ -124,6 +144,9 @@ class Publisher:
         self._backoff.reset()
         self._outage.recovered()
         now = time.monotonic()
+        if self._sharded and 0 in receivers and now - self._layout_read_at >= LAYOUT_EVERY_S:
+            self._layout_read_at = now
+            self._read_layout()
         if record is not None:
             record.write(
                 "".join(
@@ -142,6 +165,12 @@ class Publisher:
             self.report.published += len(burst)
         else:
             self.report.republished += len(burst)
+
+    def _read_layout(self) -> None:
+        try:
+            cast(RedisCluster, self._client).nodes_manager.initialize()
+        except CONNECTION_ERRORS as error:
+            log.debug("cluster layout not read: %s", error)
 
     def _retry_due(self, record: TextIO | None) -> None:
         now = time.monotonic()

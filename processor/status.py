@@ -22,6 +22,7 @@ import redis
 from processor.config import StatusSettings, load_status_settings
 from processor.connection import CONNECTION_ERRORS, command_client
 from processor.controlplane import Control, HostInfo, read_control
+from processor.counters import COUNTERS, read_counters
 from processor.keys import Keys
 
 EXIT_NO_CONSUMER = 1
@@ -74,6 +75,11 @@ def _int(value: bytes | str | None) -> int:
         return 0
 
 
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    milliseconds, _, sequence = _text(entry_id).partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
 def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
     """Everything the view shows, in a few round trips; never writes."""
     keys = Keys.from_settings(settings)
@@ -83,12 +89,13 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
         for consumer_id in ids:
             pipe.get(keys.heartbeat(consumer_id))
             pipe.hgetall(keys.info(consumer_id))
-        pipe.hmget(keys.stats, ["written", "dead", "skipped"])
-        pipe.xlen(keys.output)
-        pipe.xlen(keys.dead)
-        pipe.xrevrange(keys.dead, count=RECENT)
         pipe.xrevrange(keys.gaps, count=RECENT)
+        for partition in keys.partitions:
+            pipe.xlen(partition.output)
+            pipe.xlen(partition.dead)
+            pipe.xrevrange(partition.dead, count=RECENT)
         replies: list[Any] = pipe.execute()
+    counters = read_counters(client, keys)
     for index, consumer_id in enumerate(ids):
         heartbeat, info = replies[2 * index], replies[2 * index + 1]
         if heartbeat is None:
@@ -112,10 +119,17 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
                 backlog_bytes=_int(info.get("backlog_bytes")),
             )
         )
-    rest = replies[2 * len(ids) :]
-    view.written, view.dead, view.skipped = (_int(value) for value in rest[0])
-    view.streams = {keys.output: int(rest[1]), keys.dead: int(rest[2])}
-    for entry_id, fields in rest[3]:
+    gaps, *per_partition = replies[2 * len(ids) :]
+    view.written, view.dead, view.skipped = (counters[name] for name in COUNTERS)
+    recent_dead: list[tuple[bytes | str, dict[Any, Any]]] = []
+    for index, partition in enumerate(keys.partitions):
+        output_length, dead_length, dead_entries = per_partition[3 * index : 3 * index + 3]
+        view.streams[partition.output] = int(output_length)
+        view.streams[partition.dead] = int(dead_length)
+        recent_dead += dead_entries
+    # Newest first across partitions: entry ids start with their time in ms.
+    recent_dead.sort(key=lambda entry: _stream_id(entry[0]), reverse=True)
+    for entry_id, fields in recent_dead[:RECENT]:
         view.dead_letters.append(
             {
                 "at_ms": _int(_text(entry_id).partition("-")[0]),
@@ -123,7 +137,7 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
                 "consumer_id": _text(fields.get(b"consumer_id", fields.get("consumer_id"))),
             }
         )
-    for _, fields in rest[4]:
+    for _, fields in gaps:
         values = {_text(name): _text(value) for name, value in fields.items()}
         start, end = _int(values.get("start_ms")), _int(values.get("end_ms"))
         view.gaps.append(
@@ -222,8 +236,10 @@ def render(view: GroupView) -> str:
 
 def main(argv: Sequence[str], prog: str) -> int:
     settings = load_status_settings(argv, prog=prog)
-    client = command_client(settings, name="processor-status", timeout_s=2.0)
+    client: redis.Redis | None = None
     try:
+        # Inside: a cluster client reads the layout as it is made.
+        client = command_client(settings, name="processor-status", timeout_s=2.0)
         view = read_group(client, settings)
     except CONNECTION_ERRORS as error:
         print(
@@ -232,7 +248,8 @@ def main(argv: Sequence[str], prog: str) -> int:
         )
         return EXIT_NO_CONSUMER
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     if settings.json:
         print(json.dumps(asdict(view), indent=2))
     else:

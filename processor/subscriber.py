@@ -5,6 +5,14 @@ message (1.1 µs against 4.4 µs, measured on this project's machine), and ``Pub
 and re-subscribes silently, losing whatever was in flight. Here every loss of the subscription
 is a recorded :class:`Gap`: from the last moment the connection was known to be alive to the
 confirmation of the new subscription.
+
+On a Redis Cluster each partition's channel is a sharded channel (``SSUBSCRIBE``), served only
+by the primary of its slot: one reader per partition, each connected to that primary. After any
+error it asks the cluster again where the slot lives (a failover promotes a replica), checks
+the node it reaches is a primary (a restarted old primary comes back as a replica and would
+accept the subscription, while the publisher's ``SPUBLISH`` goes to the new primary), and an
+``sunsubscribe`` it did not ask for (the slot moved) is a lost subscription like a dropped
+connection.
 """
 
 from __future__ import annotations
@@ -13,15 +21,18 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import hiredis
 import redis
 
+from processor.cluster import ClusterMap, slot_of
 from processor.config import RedisSettings
 from processor.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
+from processor.keys import Keys
 from processor.threads import OnFailure, WatchedThread
 
 log = logging.getLogger(__name__)
@@ -33,6 +44,8 @@ READ_TIMEOUT_S = 0.5
 # On a graceful stop we unsubscribe and read on until Redis confirms: everything published to us
 # before the UNSUBSCRIBE arrives ahead of that reply, so nothing already sent is left unread.
 DRAIN_TIMEOUT_S = 3.0
+# How often a cluster subscription checks that it still lives on its slot's primary.
+LOCATION_CHECK_S = 1.0
 
 
 def pack_command(*args: str) -> bytes:
@@ -63,20 +76,33 @@ def _now_ms() -> int:
 
 
 class Subscriber(WatchedThread):
-    """Subscribes to one channel and hands every payload, in chunks, to ``deliver``."""
+    """Subscribes to ``channels`` on one connection and hands every payload, in chunks, to
+    ``deliver``. With ``locate`` (cluster mode) the channels are sharded ones and ``locate``
+    names the URL of the primary to subscribe on, asked again after every error."""
 
     def __init__(
         self,
         settings: RedisSettings,
+        channels: Sequence[str],
         deliver: Callable[[list[bytes]], None],
         on_gap: Callable[[Gap], None],
         context: Callable[[], str],
         backoff_max_s: float,
         on_failure: OnFailure,
         health_check_s: float = 3.0,
+        locate: Callable[[], str] | None = None,
+        name: str = "subscriber",
     ) -> None:
-        super().__init__("subscriber", on_failure)
+        super().__init__(name, on_failure)
         self._settings = settings
+        self._channels = list(channels)
+        self._locate = locate
+        prefix = "S" if locate is not None else ""
+        self._subscribe = (f"{prefix}SUBSCRIBE", *self._channels)
+        self._unsubscribe = (f"{prefix}UNSUBSCRIBE", *self._channels)
+        # Where the subscription lives now: (host, port), for the backlog check.
+        self.address: tuple[str, int] | None = None
+        self._url = settings.url
         self._deliver = deliver
         self._on_gap = on_gap
         self._context = context
@@ -122,8 +148,9 @@ class Subscriber(WatchedThread):
                 connection.disconnect()
 
     def _connect(self) -> tuple[Any, socket.socket]:
+        url = self._locate() if self._locate is not None else self._settings.url
         pool = redis.ConnectionPool.from_url(
-            self._settings.url,
+            url,
             protocol=2,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=CONNECT_TIMEOUT_S,
@@ -134,7 +161,16 @@ class Subscriber(WatchedThread):
         connection.connect()
         connection.send_command("CLIENT", "ID")
         self.client_id = int(connection.read_response())
-        connection.send_command("SUBSCRIBE", self._settings.input_channel)
+        if self._locate is not None:
+            connection.send_command("ROLE")
+            role = connection.read_response()[0]
+            if role != b"master":
+                connection.disconnect()
+                raise redis.ConnectionError(f"{url} is a {role.decode()} now, not the primary")
+            parts = urlsplit(url)
+            self.address = (parts.hostname or "", parts.port or 6379)
+        self._url = url
+        connection.send_command(*self._subscribe)
         sock = connection._sock
         if sock is None:
             raise redis.ConnectionError("connection has no socket")
@@ -149,15 +185,17 @@ class Subscriber(WatchedThread):
         deliver = self._deliver
         self._last_alive = _now_ms()
         last_data = time.monotonic()
+        next_location_check = time.monotonic() + LOCATION_CHECK_S
         ping_sent: float | None = None
         unsubscribe_sent: float | None = None
+        confirmed = 0
         finished = False
         while not finished:
             if self._stop_requested.is_set():
                 if not self.subscribed.is_set():
                     return
                 if unsubscribe_sent is None:
-                    sock.sendall(pack_command("UNSUBSCRIBE", self._settings.input_channel))
+                    sock.sendall(pack_command(*self._unsubscribe))
                     unsubscribe_sent = time.monotonic()
                 elif time.monotonic() - unsubscribe_sent > DRAIN_TIMEOUT_S:
                     log.warning("%s no UNSUBSCRIBE reply: stopping without it", self._context())
@@ -166,6 +204,9 @@ class Subscriber(WatchedThread):
                 self._reset_requested.clear()
                 log.info("%s dropping the subscription and its unread backlog", self._context())
                 return
+            if self._locate is not None and time.monotonic() >= next_location_check:
+                next_location_check = time.monotonic() + LOCATION_CHECK_S
+                self._check_location()
             try:
                 size = sock.recv_into(view)
             except TimeoutError:
@@ -185,20 +226,49 @@ class Subscriber(WatchedThread):
             self._last_alive = _now_ms()
             reader.feed(buffer, 0, size)  # type: ignore[arg-type]
             payloads: list[bytes] = []
+            lost: str | None = None
             reply = reader.gets()
-            while reply is not False:
+            while reply is not False and lost is None:
+                if isinstance(reply, hiredis.ReplyError):
+                    # A MOVED, a CLUSTERDOWN, a refused channel: this node will not serve us.
+                    lost = f"subscription refused: {reply}"
+                    break
                 kind = reply[0]
-                if kind == b"message":
+                if kind == b"message" or kind == b"smessage":
                     payloads.append(reply[2])
-                elif kind == b"subscribe":
-                    self._confirmed(down_since)
-                    down_since = None
-                elif kind == b"unsubscribe":
-                    finished = True
+                elif kind == b"subscribe" or kind == b"ssubscribe":
+                    confirmed += 1
+                    if confirmed == len(self._channels):
+                        self._confirmed(down_since)
+                        down_since = None
+                elif kind == b"unsubscribe" or kind == b"sunsubscribe":
+                    if unsubscribe_sent is None:
+                        lost = f"Redis ended the subscription to {reply[1].decode()} (slot moved)"
+                        break
+                    finished = reply[2] == 0
                 reply = reader.gets()
             if payloads:
                 self.received += len(payloads)
                 deliver(payloads)
+            if lost is not None:
+                raise redis.ConnectionError(lost)
+
+    def _check_location(self) -> None:
+        """Raises a connection error when another node serves our channel's slot now.
+
+        A failover does not always end our connection: an old primary that is restarted comes
+        back as a replica, and one demoted in a manual failover keeps its clients; either way the
+        new primary's subscribers are the ones ``SPUBLISH`` reaches.
+        """
+        assert self._locate is not None
+        try:
+            url = self._locate()
+        except CONNECTION_ERRORS:
+            return  # the cluster is not answering: keep what we have, ask again later
+        if url != self._url:
+            raise redis.ConnectionError(
+                f"the channel's slot is served by {urlsplit(url).netloc.rpartition('@')[2]} now"
+            )
 
     def _confirmed(self, down_since: int | None) -> None:
         self._backoff.reset()
@@ -217,3 +287,94 @@ class Subscriber(WatchedThread):
             self._on_gap(gap)
         else:
             log.debug("%s subscribed", self._context())
+
+
+def _primary_locator(settings: RedisSettings, channel: str) -> Callable[[], str]:
+    cluster = ClusterMap(settings)
+    slot = slot_of(channel)
+    return lambda: cluster.url(cluster.primary(slot))
+
+
+class Subscribers:
+    """A consumer's subscriptions: one reader on a single Redis, one per partition on a cluster.
+
+    Every consumer reads every partition, so the ownership strategies and takeovers work as on
+    one Redis; each reader reports its own gaps.
+    """
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        keys: Keys,
+        deliver: Callable[[list[bytes]], None],
+        on_gap: Callable[[Gap], None],
+        context: Callable[[], str],
+        backoff_max_s: float,
+        on_failure: OnFailure,
+    ) -> None:
+        channels = [partition.channel for partition in keys.partitions]
+        if not keys.cluster:
+            self.readers = [
+                Subscriber(settings, channels, deliver, on_gap, context, backoff_max_s, on_failure)
+            ]
+            return
+        self.readers = [
+            Subscriber(
+                settings,
+                [channel],
+                deliver,
+                on_gap,
+                context,
+                backoff_max_s,
+                on_failure,
+                locate=_primary_locator(settings, channel),
+                name=f"subscriber-{index}",
+            )
+            for index, channel in enumerate(channels)
+        ]
+
+    def start(self) -> None:
+        for reader in self.readers:
+            reader.start()
+
+    def stop(self) -> None:
+        for reader in self.readers:
+            reader.stop()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for reader in self.readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+
+    def reset(self) -> None:
+        for reader in self.readers:
+            reader.reset()
+
+    def is_subscribed(self) -> bool:
+        return all(reader.subscribed.is_set() for reader in self.readers)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        return all(
+            reader.subscribed.wait(max(0.0, deadline - time.monotonic())) for reader in self.readers
+        )
+
+    @property
+    def received(self) -> int:
+        return sum(reader.received for reader in self.readers)
+
+    @property
+    def gaps(self) -> int:
+        return sum(reader.gaps for reader in self.readers)
+
+    @property
+    def gap_seconds(self) -> float:
+        return sum(reader.gap_seconds for reader in self.readers)
+
+    def connections(self) -> list[tuple[tuple[str, int] | None, int]]:
+        """(node, client id) of each live subscription; node None on a single Redis."""
+        return [
+            (reader.address, reader.client_id)
+            for reader in self.readers
+            if reader.client_id is not None
+        ]

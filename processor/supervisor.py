@@ -68,13 +68,16 @@ class Supervisor:
         self._live: Any = None
         self._target: Any = None
         self._restarts: Any = None
-        # Short timeouts: an eviction must never hold up the replacement of a consumer.
-        self._client = command_client(settings, name="processor-supervisor", timeout_s=1.0)
-        self._leave = leave_script(self._client)
         self._slots: list[Slot] = []
         self._local_count = settings.consumers_count
-        self._steering = Steering(settings, self._client, self._keys)
         self._order = Order(None)
+
+    def _connect(self) -> None:
+        """Made once Redis answers: a cluster client reads the layout as it is made."""
+        # Short timeouts: an eviction must never hold up the replacement of a consumer.
+        self._client = command_client(self.settings, name="processor-supervisor", timeout_s=1.0)
+        self._leave = leave_script(self._client)
+        self._steering = Steering(self.settings, self._client, self._keys)
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -90,6 +93,7 @@ class Supervisor:
         if self.stop.is_set():
             log.info("daemon stopped before Redis was reachable")
             return EXIT_OK
+        self._connect()
         try:
             mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
         except (redis.RedisError, OSError) as error:

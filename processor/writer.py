@@ -9,15 +9,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis
+from redis.cluster import RedisCluster
 
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage
 from processor.dedup import Window, digest
 from processor.keys import Keys
-from processor.messages import Entry
+from processor.messages import DEAD, Entry
 from processor.scripts import load_script
 from processor.threads import OnFailure, WatchedThread
 
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 # How often a blocked submit or wait checks that the write thread still lives.
 _POLL_S = 0.1
+# How long a write waits for WAIT_REPLICAS replicas; a partition whose replicas fell short
+# is written without waiting for UNPROTECTED_S (no replica in sync: do not stall on it).
+WAIT_TIMEOUT_MS = 1000
+UNPROTECTED_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,9 @@ class Writer:
     """Writes batches through ``dedup_append.lua``, retrying until Redis takes them.
 
     A retry after a dropped connection or a timeout is safe: if the first call ran, the ids it
-    wrote are remembered and the retry skips them.
+    wrote are remembered and the retry skips them. On a cluster a batch is split by partition,
+    one script call on each partition's primary; after an error the layout is read again, so a
+    retry goes to the replica that took over.
     """
 
     def __init__(
@@ -54,17 +61,22 @@ class Writer:
         stop: threading.Event,
         grace_s: float,
         maxlen: int = 0,
+        wait_replicas: int = 0,
     ) -> None:
         self._client = client
         self._maxlen = maxlen
         self._keys = keys
         self._window = Window.for_ttl(lock_ttl_ms)
+        self._wait_replicas = wait_replicas
         self._source = load_script("dedup_append.lua")
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
         self._backoff = Backoff(0.05, backoff_max_s)
         self._outage = Outage("Redis (writes)", context)
+        self._context = context
         self._stop = stop
         self._grace_s = grace_s
+        # Per partition: until when writes skip WAIT after replicas fell short (monotonic).
+        self._unprotected_until: dict[int, float] = {}
 
     def write(self, entries: Sequence[Entry], consumer_id: str, fence: str) -> WriteResult | None:
         """Writes the batch; retries connection failures until it succeeds.
@@ -72,31 +84,65 @@ class Writer:
         Returns None only when the consumer was asked to stop and Redis stayed unreachable for
         the grace period after that: the caller reports the batch as lost.
         """
+        keys = self._keys
+        if len(keys.partitions) == 1:
+            return self._write_partition(0, entries, consumer_id, fence)
+        by_partition: dict[int, list[int]] = {}
+        for index, entry in enumerate(entries):
+            by_partition.setdefault(keys.partition_of(entry.lock_id), []).append(index)
+        written = dead = skipped = 0
+        flags: dict[int, str] = {}
+        for partition, indices in sorted(by_partition.items()):
+            part = [entries[index] for index in indices]
+            result = self._write_partition(partition, part, consumer_id, fence)
+            if result is None or result.fenced:
+                return result
+            written, dead, skipped = (
+                written + result.written,
+                dead + result.dead,
+                skipped + result.skipped,
+            )
+            dead_indices = [index for index in indices if entries[index].kind == DEAD]
+            flags.update(zip(dead_indices, result.dead_flags, strict=True))
+        dead_flags = "".join(flag for _, flag in sorted(flags.items()))
+        return WriteResult(written, dead, skipped, dead_flags=dead_flags)
+
+    def _write_partition(
+        self, partition: int, entries: Sequence[Entry], consumer_id: str, fence: str
+    ) -> WriteResult | None:
         keys, window = self._keys, self._window
+        part = keys.partitions[partition]
         args: list[str | bytes | int] = [
-            keys.seen_prefix,
+            part.seen_prefix,
             window.width_ms,
             window.buckets_checked,
             consumer_id,
             fence,
             self._maxlen,
-            keys.lock_prefix,
+            part.lock_prefix,
         ]
         for entry in entries:
             args.extend((entry.kind, digest(entry.lock_id), entry.lock_id, entry.a, entry.b))
         script_keys = [
-            keys.output,
-            keys.dead,
-            keys.stats,
-            keys.heartbeat(consumer_id),
-            keys.legacy_locks,
+            part.output,
+            part.dead,
+            part.stats,
+            keys.fence(partition, consumer_id),
+            part.legacy_locks,
         ]
         give_up_at: float | None = None
         while True:
+            wait = self._wait_replicas
+            if wait and time.monotonic() < self._unprotected_until.get(partition, 0.0):
+                wait = 0
             try:
-                reply = self._evalsha(script_keys, args)
+                reply = evalsha_packed(
+                    self._node(part.output), self._sha, self._source, script_keys, args, wait
+                )
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
+                if self._keys.cluster:
+                    self._relocate()
                 if self._stop.is_set():
                     give_up_at = give_up_at or time.monotonic() + self._grace_s
                     if time.monotonic() >= give_up_at:
@@ -105,19 +151,53 @@ class Writer:
                 continue
             self._backoff.reset()
             self._outage.recovered()
+            if wait and reply[4] < wait:
+                self._unprotected_until[partition] = time.monotonic() + UNPROTECTED_S
+                log.warning(
+                    "%s %d of %d replicas confirmed a write to %s within %d ms: writing there "
+                    "without waiting for %g s (a failover now could lose what they lack)",
+                    self._context(),
+                    reply[4],
+                    wait,
+                    part.output,
+                    WAIT_TIMEOUT_MS,
+                    UNPROTECTED_S,
+                )
             written, dead, skipped = (int(value) for value in reply[:3])
             if written < 0:
                 return WriteResult(0, 0, 0, fenced=True)
             return WriteResult(written, dead, skipped, dead_flags=reply[3].decode())
 
-    def _evalsha(self, keys: list[str], args: list[str | bytes | int]) -> list[Any]:
-        return evalsha_packed(self._client, self._sha, self._source, keys, args)
+    def _node(self, key: str) -> redis.Redis:
+        """The client of the primary serving ``key``: the client itself on a single Redis."""
+        if not self._keys.cluster:
+            return self._client
+        node = cast(RedisCluster, self._client).get_node_from_key(key)  # type: ignore[no-untyped-call]
+        client: redis.Redis | None = node.redis_connection if node is not None else None
+        if client is None:
+            raise redis.exceptions.ClusterDownError(f"no primary known for {key}")
+        return client
+
+    def _relocate(self) -> None:
+        """Reads the cluster's layout again (a failover may have moved our partitions)."""
+        try:
+            cast(RedisCluster, self._client).nodes_manager.initialize()
+        except CONNECTION_ERRORS as error:
+            log.debug("cluster layout not read: %s", error)
 
 
 def evalsha_packed(
-    client: redis.Redis, sha: str, source: str, keys: list[str], args: Sequence[Any]
+    client: redis.Redis,
+    sha: str,
+    source: str,
+    keys: list[str],
+    args: Sequence[Any],
+    wait_replicas: int = 0,
 ) -> list[Any]:
-    """EVALSHA packed by hiredis in one call; loads ``source`` once if Redis lost it.
+    """EVALSHA packed by hiredis in one call; loads ``source`` once if Redis lost it (a
+    restart, a flush, or a replica promoted by a failover: the script cache is not replicated).
+    With ``wait_replicas``, then WAITs on the same connection for that many replicas to have
+    the write (WAIT_TIMEOUT_MS at most) and appends how many did to the reply.
 
     redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
     per message); hiredis.pack_command packs the tuple in C.
@@ -137,6 +217,9 @@ def evalsha_packed(
             connection.read_response()
             send([packed], check_health=False)
             reply = connection.read_response()
+        if wait_replicas:
+            connection.send_command("WAIT", wait_replicas, WAIT_TIMEOUT_MS)
+            reply = [*reply, int(connection.read_response())]
         return reply
     except BaseException:
         connection.disconnect()

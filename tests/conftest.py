@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerNotFound
 from tests.helpers import wait_until
 
@@ -147,3 +148,17 @@ def seed(request: pytest.FixtureRequest) -> int:
     value = int(os.environ.get("FAULT_SEED") or time.time_ns() % 1_000_000_007)
     print(f"\n{request.node.nodeid}: FAULT_SEED={value}")
     return value
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    """A throwaway Redis Cluster: three primaries with a replica each, node timeout 1 s."""
+    local = LocalCluster()
+    try:
+        local.start()
+    except ClusterUnavailable as error:
+        pytest.skip(str(error))
+    try:
+        yield local
+    finally:
+        local.stop()

@@ -4,28 +4,12 @@ fails a killed primary over to its replica (the facts the cluster mode is design
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 
-from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from tests.helpers import wait_until
 
 CHANNEL = "messages:published:{p0}"
-
-
-@pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    local = LocalCluster()
-    try:
-        local.start()
-    except ClusterUnavailable as error:
-        pytest.skip(str(error))
-    try:
-        yield local
-    finally:
-        local.stop()
 
 
 def test_a_local_cluster_carries_sharded_pub_sub_and_fails_a_killed_primary_over(cluster):

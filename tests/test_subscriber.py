@@ -47,6 +47,7 @@ def start_subscriber() -> Iterator[StartSubscriber]:
         received = Received()
         subscriber = Subscriber(
             Settings(redis_url=url),
+            [CHANNEL],
             deliver=received.deliver,
             on_gap=received.gaps.append,
             context=lambda: "[t]",
@@ -225,6 +226,7 @@ def test_an_unexpected_error_in_the_reader_is_reported_not_swallowed(
 
     subscriber = Subscriber(
         Settings(redis_url=redis_url),
+        [CHANNEL],
         deliver=deliver,
         on_gap=lambda gap: None,
         context=lambda: "[t]",

@@ -1,0 +1,198 @@
+"""The cluster bench: ``python demo/cluster_bench.py`` (or ``make bench-cluster``).
+
+Runs the same workload (the daemon with two consumers, the default handler, the publisher at a
+steady rate) on one private redis-server and then on a local Redis Cluster of three primaries
+with a replica each (PARTITIONS=3), without and with WAIT_REPLICAS=1, and measures each node's
+CPU (``INFO cpu``) per message written. Every node shares this machine's cores, so the cluster
+cannot show its gain in msg/s here: the figures feed the model instead. One Redis saturates at
+one core, so it carries about 1e6 / c msg/s for c µs of its CPU per message; a cluster carries
+about 1e6 / c_max, c_max being the busiest primary's µs per message of the whole stream, which
+for S evenly loaded shards is S x 1e6 / (the primaries' sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from demo.benchmark.measure import redis_cpu_us
+from demo.redis_cluster import ClusterUnavailable, LocalCluster
+from demo.redis_server import RedisServer
+from processor.config import Settings
+from processor.connection import command_client
+from processor.counters import read_counters
+from processor.keys import Keys
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 3
+CONSUMERS = 2
+START_TIMEOUT_S = 30.0
+SETTLE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Run:
+    name: str
+    written: int
+    elapsed_s: float
+    # Per node: (role, µs of Redis CPU per message written).
+    nodes: list[tuple[str, float]]
+
+    def primaries_us(self) -> list[float]:
+        return [cost for role, cost in self.nodes if role == "primary"]
+
+
+def settings_for(url: str, cluster: bool, wait_replicas: int = 0) -> dict[str, str]:
+    env = {
+        "REDIS_URL": url,
+        "CONSUMERS_COUNT": str(CONSUMERS),
+        "MONITORING_INTERVAL": "3600",
+        "LOGLEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "WAIT_REPLICAS": str(wait_replicas),
+    }
+    if cluster:
+        env |= {"REDIS_CLUSTER": "true", "PARTITIONS": str(PARTITIONS)}
+    return env
+
+
+def poll(condition: object, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def daemon(env: dict[str, str], log: Path) -> Iterator[None]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "demo" / "consume.py")],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def measure(
+    name: str, env: dict[str, str], nodes: list[tuple[str, str]], rate: int, seconds: float
+) -> Run:
+    settings = Settings(
+        redis_url=env["REDIS_URL"],
+        redis_cluster=env.get("REDIS_CLUSTER") == "true",
+        partitions=int(env.get("PARTITIONS", "1")),
+    )
+    keys = Keys.from_settings(settings)
+    client = command_client(settings, name="cluster-bench")
+    node_clients = [(role, redis.Redis.from_url(url)) for role, url in nodes]
+    log = ROOT / "bench-results" / "cluster-bench.log"
+    log.parent.mkdir(exist_ok=True)
+    try:
+        with daemon(env, log):
+            poll(lambda: client.llen(keys.consumers) == CONSUMERS, "the consumers", START_TIMEOUT_S)
+            time.sleep(1.5)  # past the newcomers' hand-over grace
+            before = [redis_cpu_us(node) for _, node in node_clients]
+            written_before = read_counters(client, keys)["written"]
+            started = time.monotonic()
+            publisher = [
+                sys.executable, str(ROOT / "demo" / "publish.py"), "--rate", str(rate),
+                "--target-duration-s", str(seconds), "--batch-size", "100",
+            ]  # fmt: skip
+            subprocess.run(publisher, env={**os.environ, **env}, check=True, capture_output=True)
+            expected = written_before + int(rate * seconds)
+            poll(
+                lambda: read_counters(client, keys)["written"] >= expected * 0.999,
+                "the writes",
+                SETTLE_TIMEOUT_S,
+            )
+            elapsed = time.monotonic() - started
+            written = read_counters(client, keys)["written"] - written_before
+            after = [redis_cpu_us(node) for _, node in node_clients]
+    finally:
+        client.close()
+        for _, node in node_clients:
+            node.close()
+    costs = [
+        (role, (end - start) / max(written, 1))
+        for (role, _), start, end in zip(node_clients, before, after, strict=True)
+    ]
+    return Run(name, written, elapsed, costs)
+
+
+def roles(cluster: LocalCluster) -> list[tuple[str, str]]:
+    found = []
+    for node in cluster.nodes:
+        with redis.Redis.from_url(node.url) as client:
+            role = client.execute_command("ROLE")[0]
+        found.append(("primary" if role == b"master" else "replica", node.url))
+    return found
+
+
+def report(runs: list[Run]) -> None:
+    single = runs[0]
+    base = single.primaries_us()[0]
+    print(f"\n{'run':<28} {'written':>8}  Redis CPU per message written, µs")
+    for run in runs:
+        primaries = run.primaries_us()
+        replicas = [cost for role, cost in run.nodes if role == "replica"]
+        line = " + ".join(f"{cost:.1f}" for cost in primaries)
+        extra = f"  (replicas {' + '.join(f'{cost:.1f}' for cost in replicas)})" if replicas else ""
+        total = f" = {sum(primaries):.1f}" if len(primaries) > 1 else ""
+        print(f"{run.name:<28} {run.written:>8,}  primaries {line}{total}{extra}")
+    print("\nmodel: msg/s one core per primary carries (1e6 / busiest primary's µs per message)")
+    print(f"  one Redis:                         {1e6 / base:>10,.0f} msg/s")
+    for run in runs[1:]:
+        primaries = run.primaries_us()
+        carried = 1e6 / max(primaries)
+        even = len(primaries) * 1e6 / sum(primaries)
+        print(
+            f"  {run.name:<34}{carried:>10,.0f} msg/s as measured, {even:,.0f} if even "
+            f"({carried / (1e6 / base):.2f}x one Redis); sum of primaries "
+            f"{sum(primaries) / base:.2f}x one Redis's cost"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=10_000, help="msg/s offered")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of publishing")
+    args = parser.parse_args()
+    runs = []
+    with RedisServer() as server:
+        env = settings_for(server.url, cluster=False)
+        runs.append(measure("one Redis", env, [("primary", server.url)], args.rate, args.seconds))
+    try:
+        with LocalCluster() as cluster:
+            nodes = roles(cluster)
+            for wait in (0, 1):
+                name = f"cluster, {PARTITIONS} partitions" + (", WAIT 1" if wait else "")
+                env = settings_for(cluster.url, cluster=True, wait_replicas=wait)
+                runs.append(measure(name, env, nodes, args.rate, args.seconds))
+    except ClusterUnavailable as error:
+        print(f"cluster runs skipped: {error}")
+    report(runs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
