@@ -1,9 +1,10 @@
 """The cluster bench: ``python demo/cluster_bench.py`` (or ``make bench-cluster``).
 
 Runs the same workload (the daemon with two consumers, the default handler, the publisher at a
-steady rate) on one private redis-server and then on a local Redis Cluster of three primaries
-with a replica each (PARTITIONS=3), without and with WAIT_REPLICAS=1, and measures each node's
-CPU (``INFO cpu``) per message written. Every node shares this machine's cores, so the cluster
+steady rate) on one private redis-server with a replica and then on a local Redis Cluster of
+three primaries with a replica each (PARTITIONS=3), without and with WAIT_REPLICAS=1, and
+measures each node's CPU (``INFO cpu``) per message written, above what it spends idle, and the
+commands it spent it in. Every node shares this machine's cores, so the cluster
 cannot show its gain in msg/s here: the figures feed the model instead. One Redis saturates at
 one core, so it carries about 1e6 / c msg/s for c µs of its CPU per message; a cluster carries
 about 1e6 / c_max, c_max being the busiest primary's µs per message of the whole stream, which
@@ -13,8 +14,10 @@ for S evenly loaded shards is S x 1e6 / (the primaries' sum).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +50,12 @@ class Run:
     name: str
     written: int
     elapsed_s: float
-    # Per node: (role, µs of Redis CPU per message written).
+    # Per node: (role, µs of Redis CPU per message written, above what it spends idle).
     nodes: list[tuple[str, float]]
+    # Per node: µs of CPU per second with the daemon running and nothing published.
+    idle: list[float]
+    # Per node: the commands Redis spent most time in (INFO commandstats), µs per message.
+    top: list[list[tuple[str, float]]]
 
     def primaries_us(self) -> list[float]:
         return [cost for role, cost in self.nodes if role == "primary"]
@@ -111,7 +118,14 @@ def measure(
         with daemon(env, log):
             poll(lambda: client.llen(keys.consumers) == CONSUMERS, "the consumers", START_TIMEOUT_S)
             time.sleep(1.5)  # past the newcomers' hand-over grace
+            # What each node spends with nothing published (heartbeats, cron, cluster bus): it
+            # is taken off the run's figures, so they are the cost of the messages.
+            idle_start = [redis_cpu_us(node) for _, node in node_clients]
+            time.sleep(seconds)
             before = [redis_cpu_us(node) for _, node in node_clients]
+            for _, node in node_clients:
+                node.config_resetstat()
+            idle = [(end - start) / seconds for start, end in zip(idle_start, before, strict=True)]
             written_before = read_counters(client, keys)["written"]
             started = time.monotonic()
             publisher = [
@@ -128,15 +142,33 @@ def measure(
             elapsed = time.monotonic() - started
             written = read_counters(client, keys)["written"] - written_before
             after = [redis_cpu_us(node) for _, node in node_clients]
+            top = [top_commands(node, max(written, 1)) for _, node in node_clients]
     finally:
         client.close()
         for _, node in node_clients:
             node.close()
     costs = [
-        (role, (end - start) / max(written, 1))
-        for (role, _), start, end in zip(node_clients, before, after, strict=True)
+        (role, (end - start - idle_us * elapsed) / max(written, 1))
+        for (role, _), start, end, idle_us in zip(node_clients, before, after, idle, strict=True)
     ]
-    return Run(name, written, elapsed, costs)
+    return Run(name, written, elapsed, costs, idle, top)
+
+
+def top_commands(client: redis.Redis, written: int) -> list[tuple[str, float]]:
+    stats = client.info("commandstats")
+    spent = [
+        (name.removeprefix("cmdstat_"), int(stat["usec"]) / written) for name, stat in stats.items()
+    ]
+    return sorted(spent, key=lambda item: -item[1])[:4]
+
+
+def replica_of(server: RedisServer) -> dict[str, str]:
+    return {"replicaof": f"127.0.0.1 {server.port}"}
+
+
+def replica_in_sync(replica: RedisServer) -> bool:
+    with redis.Redis.from_url(replica.url) as client:
+        return bool(client.info("replication").get("master_link_status") == "up")
 
 
 def roles(cluster: LocalCluster) -> list[tuple[str, str]]:
@@ -148,17 +180,23 @@ def roles(cluster: LocalCluster) -> list[tuple[str, str]]:
     return found
 
 
-def report(runs: list[Run]) -> None:
+def report(runs: list[Run], repeat: int) -> None:
     single = runs[0]
     base = single.primaries_us()[0]
-    print(f"\n{'run':<28} {'written':>8}  Redis CPU per message written, µs")
+    print(f"\nmedians of {repeat} interleaved runs of each setup")
+    print(f"{'run':<30} {'written':>8}  Redis CPU per message written above idle, µs")
     for run in runs:
         primaries = run.primaries_us()
         replicas = [cost for role, cost in run.nodes if role == "replica"]
         line = " + ".join(f"{cost:.1f}" for cost in primaries)
         extra = f"  (replicas {' + '.join(f'{cost:.1f}' for cost in replicas)})" if replicas else ""
         total = f" = {sum(primaries):.1f}" if len(primaries) > 1 else ""
-        print(f"{run.name:<28} {run.written:>8,}  primaries {line}{total}{extra}")
+        idle = ", ".join(f"{cost / 1e4:.1f}" for cost in run.idle)
+        print(f"{run.name:<30} {run.written:>8,}  primaries {line}{total}{extra}")
+        print(f"{'':<30} {'':>8}  idle, % of a core per node: {idle}")
+        for (role, _), top in zip(run.nodes, run.top, strict=True):
+            spent = ", ".join(f"{command} {cost:.2f}" for command, cost in top)
+            print(f"{'':<30} {'':>8}    {role}: {spent}")
     print("\nmodel: msg/s one core per primary carries (1e6 / busiest primary's µs per message)")
     print(f"  one Redis:                         {1e6 / base:>10,.0f} msg/s")
     for run in runs[1:]:
@@ -172,25 +210,71 @@ def report(runs: list[Run]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    env: dict[str, str]
+    nodes: list[tuple[str, str]]
+
+
+def median_run(runs: list[Run]) -> Run:
+    """Each node's median cost over the repeats; the commands of the run with the median total."""
+    middle = sorted(runs, key=lambda run: sum(run.primaries_us()))[len(runs) // 2]
+    nodes = [
+        (role, statistics.median(run.nodes[index][1] for run in runs))
+        for index, (role, _) in enumerate(runs[0].nodes)
+    ]
+    idle = [
+        statistics.median(run.idle[index] for run in runs) for index in range(len(runs[0].idle))
+    ]
+    return Run(middle.name, middle.written, middle.elapsed_s, nodes, idle, middle.top)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=10_000, help="msg/s offered")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of publishing")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each setup, interleaved")
     args = parser.parse_args()
-    runs = []
-    with RedisServer() as server:
-        env = settings_for(server.url, cluster=False)
-        runs.append(measure("one Redis", env, [("primary", server.url)], args.rate, args.seconds))
-    try:
-        with LocalCluster() as cluster:
+    # One Redis with a replica, like each shard of the cluster: replication is part of the cost.
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(RedisServer())
+        replica = stack.enter_context(RedisServer(extra_config=replica_of(server)))
+        poll(lambda: replica_in_sync(replica), "the replica", START_TIMEOUT_S)
+        setups = [
+            Setup(
+                "one Redis",
+                settings_for(server.url, cluster=False),
+                [("primary", server.url), ("replica", replica.url)],
+            )
+        ]
+        try:
+            cluster = stack.enter_context(LocalCluster())
+        except ClusterUnavailable as error:
+            print(f"cluster runs skipped: {error}")
+        else:
             nodes = roles(cluster)
-            for wait in (0, 1):
-                name = f"cluster, {PARTITIONS} partitions" + (", WAIT 1" if wait else "")
-                env = settings_for(cluster.url, cluster=True, wait_replicas=wait)
-                runs.append(measure(name, env, nodes, args.rate, args.seconds))
-    except ClusterUnavailable as error:
-        print(f"cluster runs skipped: {error}")
-    report(runs)
+            name = f"cluster, {PARTITIONS} partitions"
+            setups += [
+                Setup(name, settings_for(cluster.url, cluster=True), nodes),
+                Setup(
+                    f"{name}, WAIT 1",
+                    settings_for(cluster.url, cluster=True, wait_replicas=1),
+                    nodes,
+                ),
+                Setup(
+                    f"{name}, batches of 100",
+                    settings_for(cluster.url, cluster=True)
+                    | {"PROCESSING_BATCH_SIZE": str(100 // PARTITIONS)},
+                    nodes,
+                ),
+            ]
+        results: dict[str, list[Run]] = {setup.name: [] for setup in setups}
+        for _ in range(args.repeat):
+            for setup in setups:
+                run = measure(setup.name, setup.env, setup.nodes, args.rate, args.seconds)
+                results[setup.name].append(run)
+    report([median_run(runs) for runs in results.values()], args.repeat)
     return 0
 
 

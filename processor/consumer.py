@@ -71,6 +71,13 @@ class Consumer:
         self._busy = BusyMeter()
         self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
 
+    @property
+    def _batch_size(self) -> int:
+        """Messages per batch: PROCESSING_BATCH_SIZE per partition, since a batch is written
+        with one script call per partition (measured: a 3-partition cluster spends 1.47x one
+        Redis's CPU per message with 100 per batch, 1.23x with 300)."""
+        return self.settings.processing_batch_size * len(self.keys.partitions)
+
     def context(self) -> str:
         return f"[{self._membership.consumer_id or 'joining'} pid={os.getpid()}]"
 
@@ -188,7 +195,7 @@ class Consumer:
             self.context(),
             ",".join(partition.channel for partition in self.keys.partitions),
             self._strategy.name,
-            self.settings.processing_batch_size,
+            self._batch_size,
             self.settings.batch_window_ms,
             self.settings.handler_concurrency,
         )
@@ -215,7 +222,7 @@ class Consumer:
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
         payloads = self._inbox.take(
-            self.settings.processing_batch_size, self.settings.batch_window_ms / 1000, IDLE_WAIT_S
+            self._batch_size, self.settings.batch_window_ms / 1000, IDLE_WAIT_S
         )
         if payloads:
             self._handle(payloads, received_at=self._inbox.oldest_taken)
@@ -233,7 +240,7 @@ class Consumer:
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
         pending = self._inbox.drain()
-        size = self.settings.processing_batch_size
+        size = self._batch_size
         for start in range(0, len(pending), size):
             self._handle(pending[start : start + size])
         self._writes.wait_idle()
@@ -420,7 +427,7 @@ class Consumer:
         self._totals["taken_over"] += len(payloads)
         if self.stats is not None:
             self.stats.add("taken_over", len(payloads))
-        size = self.settings.processing_batch_size
+        size = self._batch_size
         for start in range(0, len(payloads), size):
             self._handle(payloads[start : start + size], skip_written=True)
 

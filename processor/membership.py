@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
+from processor.connection import CONNECTION_ERRORS
 from processor.keys import Keys
 from processor.scripts import load_script
 
@@ -108,8 +109,13 @@ class Membership:
         )
         view = parse_view(reply)
         if view.alive:
-            self._refresh_fences()
             self.last_beat_ms = sent_ms
+            try:
+                self._refresh_fences()
+            except CONNECTION_ERRORS as error:
+                # A partition's primary is down (a failover): the view is still ours to act on,
+                # and the fence's TTL outlives the heartbeat's for this.
+                log.debug("fences not refreshed: %s", error)
         return view
 
     def _refresh_fences(self) -> None:

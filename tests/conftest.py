@@ -150,9 +150,10 @@ def seed(request: pytest.FixtureRequest) -> int:
     return value
 
 
-@pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    """A throwaway Redis Cluster: three primaries with a replica each, node timeout 1 s."""
+@contextlib.contextmanager
+def _local_cluster() -> Iterator[LocalCluster]:
+    """A throwaway Redis Cluster: three primaries with a replica each, node timeout 1 s; the
+    test skips, saying what to install, where no Redis 7 cluster can run."""
     local = LocalCluster()
     try:
         local.start()
@@ -162,3 +163,17 @@ def cluster() -> Iterator[LocalCluster]:
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    """A cluster of the test's own, which it may fail over."""
+    with _local_cluster() as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def module_cluster() -> Iterator[LocalCluster]:
+    """A cluster shared by a module's tests, which must each use keys of their own."""
+    with _local_cluster() as local:
+        yield local

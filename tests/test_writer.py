@@ -405,3 +405,21 @@ def test_the_set_of_a_bucket_no_longer_checked_is_unlinked_by_the_next_write(
     result = writer.write(_entries(0, 2), CONSUMER, "")
     assert result == WriteResult(written=1, dead=0, skipped=1)  # m-0 forgotten, m-1 not
     assert not r.exists(stale) and r.exists(kept)
+
+
+def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a_while(
+    client: redis.Redis, keys: Keys, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WAIT_REPLICAS on a Redis without replicas: the write stands (it is on the primary), one
+    warning says the partition is unprotected, and the next writes do not wait again."""
+    writer = Writer(
+        client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0, wait_replicas=1
+    )
+    with caplog.at_level("WARNING", logger="processor.writer"):
+        for start in range(0, 30, 10):
+            result = writer.write(_entries(start, start + 10), CONSUMER, "")
+            assert result is not None and result.written == 10
+    assert _ids(r, keys.output) == [f"m-{index}" for index in range(30)]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "0 of 1 replicas confirmed a write to messages:processed" in warnings[0]

@@ -17,7 +17,7 @@
 -- The heartbeat is extended with PEXPIRE, never recreated, so an expired consumer cannot quietly come back: the
 -- others may already have taken over its share. Ids are removed only when their heartbeat key is
 -- gone, so a daemon never removes a live consumer it does not own. Heartbeat keys are built
--- from the ids here, which is fine on one Redis instance (not Redis Cluster).
+-- from the ids here: on Redis Cluster they share the group's hash tag with KEYS (keys.py).
 
 local prefix, me, ttl, info_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local refreshed = 0
