@@ -113,20 +113,19 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             refusals = _probe(settings, keys)
-        except redis.AuthenticationError as error:
-            raise ConfigError(
-                f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {error}"
-            ) from None
         except CONNECTION_ERRORS as error:
-            if _tls_refused(error):
-                raise ConfigError(
-                    f"TLS with {settings.safe_url} failed: {error} (check REDIS_URL and "
-                    "REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE)"
-                ) from None
+            problem = _configuration_problem(settings, error)
+            if problem is not None:
+                raise problem from None
             outage.failed(error)
             stop.wait(backoff.next_delay())
             continue
         outage.recovered()
+        if any(reason.startswith("MOVED") for reason in refusals):
+            raise ConfigError(
+                f"invalid REDIS_CLUSTER: {settings.safe_url} is a Redis Cluster node (it answers "
+                "MOVED for our keys); set REDIS_CLUSTER=true"
+            )
         if refusals:
             raise ConfigError(
                 f"Redis at {settings.safe_url} refuses what the daemon needs: "
@@ -134,6 +133,29 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
                 + ": grant these to the Redis user (see the README's ACL line)"
             )
         return
+
+
+def _configuration_problem(settings: Settings, error: BaseException) -> ConfigError | None:
+    """What no retry can mend: refused credentials, a failed TLS handshake, REDIS_CLUSTER set
+    for a node that is not in a cluster. The cluster client wraps what its nodes answered, so
+    the cause is looked at too."""
+    cause = error.__cause__
+    if isinstance(error, redis.AuthenticationError) or isinstance(cause, redis.AuthenticationError):
+        refused = error if isinstance(error, redis.AuthenticationError) else cause
+        return ConfigError(
+            f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {refused}"
+        )
+    if _tls_refused(error):
+        return ConfigError(
+            f"TLS with {settings.safe_url} failed: {error} (check REDIS_URL and "
+            "REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE)"
+        )
+    if isinstance(error, redis.exceptions.RedisClusterException) and "not enabled" in str(error):
+        return ConfigError(
+            f"invalid REDIS_CLUSTER: {settings.safe_url} is not a Redis Cluster node (cluster "
+            "mode is not enabled there); unset REDIS_CLUSTER for a single Redis"
+        )
+    return None
 
 
 def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
@@ -175,7 +197,10 @@ def _dry_run(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
             try:
                 connection.read_response()
             except redis.ResponseError as error:
-                refusals.setdefault(str(error), []).append(_describe(command, keys))
+                # redis-py keeps only "<slot> <node>" of a MOVED reply as the message.
+                moved = isinstance(error, redis.exceptions.MovedError)
+                reason = f"MOVED {error}" if moved else str(error)
+                refusals.setdefault(reason, []).append(_describe(command, keys))
         connection.send_command("DISCARD")
         connection.read_response()
     except BaseException:

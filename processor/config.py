@@ -280,8 +280,9 @@ class Settings(GroupSettings):
     wait_replicas: int = setting(
         0,
         "WAIT_REPLICAS",
-        "after each write, wait (WAIT, up to 1 s) until this many replicas have it, so a "
-        "failover loses no write; 0 = do not wait (a failover can lose the last writes)",
+        "after each write, wait (WAIT, up to 1 s) until this many replicas have it, so the "
+        "failover of a crashed primary loses no write; 0 = do not wait (it can lose the last "
+        "writes)",
         minimum=0,
     )
     metrics_port: int = setting(
@@ -391,6 +392,8 @@ def check_redis(settings: RedisSettings) -> None:
             f"invalid REDIS_URL: {settings.safe_url} is a unix socket; REDIS_CLUSTER needs a "
             "node's redis:// or rediss:// address (the other nodes are found from it)"
         )
+    if settings.redis_cluster:
+        _check_untagged("INPUT_CHANNEL", settings.input_channel)
     if not settings.tls_options:
         return
     if not settings.url.startswith("rediss://"):
@@ -409,20 +412,26 @@ def check_redis(settings: RedisSettings) -> None:
         raise ConfigError("invalid REDIS_TLS_CERT_FILE/REDIS_TLS_KEY_FILE: give both or neither")
 
 
+def _check_untagged(name: str, value: str) -> None:
+    if "{" in value or "}" in value:
+        raise ConfigError(
+            f"invalid {name}: {value!r} has a hash tag; with REDIS_CLUSTER the daemon tags "
+            "its keys itself (give the name without braces)"
+        )
+
+
 def check_group(settings: GroupSettings) -> None:
     """On a cluster the daemon adds the hash tags itself: the names must not carry their own."""
     check_redis(settings)
     if not settings.redis_cluster:
         return
     for name, value in (
+        ("OUTPUT_STREAM", settings.output_stream),
+        ("DEAD_LETTER_STREAM", settings.dead_letter_stream),
         ("KEY_PREFIX", settings.key_prefix),
         ("CONSUMERS_LIST", settings.consumers_list),
     ):
-        if "{" in value or "}" in value:
-            raise ConfigError(
-                f"invalid {name}: {value!r} has a hash tag; with REDIS_CLUSTER the daemon tags "
-                "its keys itself (give the name without braces)"
-            )
+        _check_untagged(name, value)
 
 
 def check_daemon(settings: Settings) -> None:

@@ -37,11 +37,25 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TryAgainError,
 )
 
+# Whatever a caller that must carry on (a report, a beat, a clean-up) can get from Redis or the
+# network: the cluster client's own exception is not a RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis.RedisError,
+    OSError,
+    redis.exceptions.RedisClusterException,
+)
+
 
 def command_client(
-    settings: RedisSettings, name: str = "processor", timeout_s: float = SOCKET_TIMEOUT_S
+    settings: RedisSettings,
+    name: str = "processor",
+    timeout_s: float = SOCKET_TIMEOUT_S,
+    retries: int = _INNER_RETRIES,
 ) -> redis.Redis:
     """A client for commands and scripts, with bytes replies (payloads are not always UTF-8).
+
+    ``timeout_s`` bounds each read and each connect; ``retries`` are the inner retries of a
+    command whose connection failed (0 for a caller that must never wait long).
 
     With REDIS_CLUSTER, redis-py's cluster client, which routes each command to its slot's
     primary and re-reads the layout after a failover. It is not a ``redis.Redis`` but offers the
@@ -51,8 +65,8 @@ def command_client(
         cluster = RedisCluster.from_url(
             settings.url,
             socket_timeout=timeout_s,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), _INNER_RETRIES),
+            socket_connect_timeout=min(timeout_s, CONNECT_TIMEOUT_S),
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
             client_name=name,
             protocol=2,
             **settings.tls_options,
@@ -61,8 +75,8 @@ def command_client(
     return redis.Redis.from_url(
         settings.url,
         socket_timeout=timeout_s,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), _INNER_RETRIES),
+        socket_connect_timeout=min(timeout_s, CONNECT_TIMEOUT_S),
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
         client_name=name,
         protocol=2,
         **settings.tls_options,
@@ -109,7 +123,10 @@ class Outage:
 
     def failed(self, error: BaseException) -> None:
         self._attempts += 1
-        if isinstance(error, redis.AuthenticationError):
+        # The cluster client wraps what a node answered in its own exception.
+        if isinstance(error, redis.AuthenticationError) or isinstance(
+            error.__cause__, redis.AuthenticationError
+        ):
             # Not a blip: a rotated password needs an operator, so say it on every attempt.
             self._started = self._started or time.monotonic()
             log.error(

@@ -128,11 +128,21 @@ class Consumer:
         self._client = command_client(settings, name="processor-consumer")
         self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
+        # On a cluster the heartbeat thread also talks to every partition's primary (fences,
+        # backlog checks): with a quarter of the TTL at most, so one node failing over cannot
+        # stall the beats past the TTL.
+        side_client = heartbeat_client
+        if self.keys.cluster:
+            side_timeout_s = settings.heartbeat_ttl_ms / 4000
+            side_client = command_client(
+                settings, name="processor-heartbeat-side", timeout_s=side_timeout_s, retries=0
+            )
         self._membership = Membership(
             heartbeat_client,
             self.keys,
             settings.heartbeat_ttl_ms,
             fence_ttl_ms=settings.takeover_buffer_ms,
+            fence_client=side_client,
         )
         self._strategy = make_strategy(
             settings.strategy, settings.takeover_buffer_ms / 1000, settings.takeover_buffer_max
@@ -160,6 +170,7 @@ class Consumer:
             on_takeover=self._takeovers.append,
             on_failure=self._thread_failed,
             status=self._on_beat,
+            probe_client=side_client,
         )
         writer = Writer(
             self._client,

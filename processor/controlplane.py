@@ -17,6 +17,7 @@ This module reads and writes those keys; what a daemon does with them is ``steer
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -25,8 +26,11 @@ from typing import Any
 
 import redis
 
+from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.scripts import load_script
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,27 @@ def parse_control(fields: dict[str, str], stop: str) -> Control:
         fields.get("cleared_by", ""),
         "" if desired or "desired" not in fields else fields["desired"],
     )
+
+
+def claim_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
+    """Records PARTITIONS for the group, or refuses one that differs from the live group's
+    (ConfigError). A count changed while the whole group is stopped is taken, with a warning:
+    ids written under the old layout are not remembered by the new one."""
+    script = client.register_script(load_script("claim_partitions.lua"))
+    accepted, before = script(keys=[keys.control, keys.hosts], args=[partitions])
+    recorded = _text(before)
+    if not int(accepted):
+        raise ConfigError(
+            f"invalid PARTITIONS: {partitions}, but the live group runs with {recorded}; "
+            "stop every daemon ('processor stop') to change it"
+        )
+    if recorded and recorded != str(partitions):
+        log.warning(
+            "PARTITIONS changed from %s to %d: a message written in the last LOCK_TTL_MS under "
+            "the old layout is not remembered by the new one (publish nothing old again)",
+            recorded,
+            partitions,
+        )
 
 
 def who(command: str) -> str:

@@ -73,9 +73,13 @@ class Heartbeat(WatchedThread):
         on_takeover: Callable[[list[bytes]], None],
         on_failure: OnFailure,
         status: Callable[[], Mapping[str, str | int | float]],
+        probe_client: redis.Redis | None = None,
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
+        # For the backlog checks: on a cluster a client with short timeouts and no retries, so
+        # a subscription's node that stops answering cannot hold up the beats.
+        self._probe_client = probe_client or client
         self._keys = keys
         self.membership = membership
         self._strategy = strategy
@@ -121,7 +125,12 @@ class Heartbeat(WatchedThread):
                 self._publish_gaps()
                 if time.monotonic() >= next_backlog_check:
                     next_backlog_check = time.monotonic() + BACKLOG_CHECK_S
-                    self._check_backlog()
+                    try:
+                        self._check_backlog()
+                    except CONNECTION_ERRORS as error:
+                        # On a cluster it asks the node of each subscription, which may be the
+                        # one failing over: not a failed heartbeat.
+                        log.debug("%s backlog not checked: %s", self._context(), error)
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
                 self._done.wait(self._backoff.next_delay())
@@ -217,7 +226,8 @@ class Heartbeat(WatchedThread):
             return
         # The fullest subscription: Redis cuts each connection off on its own.
         omem = max(
-            server_backlog_bytes(self._client, client_id, node) for node, client_id in connections
+            server_backlog_bytes(self._probe_client, client_id, node)
+            for node, client_id in connections
         )
         self.backlog_bytes = omem
         now = time.monotonic()

@@ -55,8 +55,8 @@ class Keys:
     hosts: str
     host_info: str
     autoscale_lock: str
-    # The counters the control plane reads for idleness. On a cluster the write counts in the
-    # partitions' own hashes and this one stays empty: idleness is judged by what is received.
+    # The counters the host beat reads for idleness. On a cluster the writes count in the
+    # partitions' own hashes and this one stays empty; the control plane sums those instead.
     group_stats: str
     partitions: tuple[PartitionKeys, ...]
     cluster: bool = False

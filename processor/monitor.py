@@ -7,10 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis
-
 from processor.config import Settings
-from processor.connection import command_client
+from processor.connection import REDIS_ERRORS, command_client
 from processor.counters import read_counters
 from processor.keys import Keys
 from processor.membership import read_view
@@ -58,7 +56,7 @@ class Monitor:
             counters = read_counters(self._client, self._keys)
             written, dead = counters["written"], counters["dead"]
             live = len(read_view(self._client, self._keys).members)
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             # A report is never worth the supervisor: whatever Redis says, say it and go on.
             self._last_group = None
             return f"group: Redis unavailable ({type(error).__name__}: {error})"
@@ -72,7 +70,7 @@ class Monitor:
     def _gaps_part(self) -> str:
         try:
             reply: Any = self._client.xread({self._keys.gaps: self._gaps_seen}, count=1000)
-        except (redis.RedisError, OSError):
+        except REDIS_ERRORS:
             return "gaps unknown"
         lengths = []
         for _, entries in reply or []:

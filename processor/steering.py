@@ -20,8 +20,9 @@ import redis
 
 from processor import autoscale
 from processor.config import Bounds, Settings
-from processor.connection import Outage
+from processor.connection import CONNECTION_ERRORS, REDIS_ERRORS, Outage
 from processor.controlplane import Beat, HostInfo, HostRegistry, set_desired
+from processor.counters import read_counters
 from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.shares import split
@@ -66,6 +67,7 @@ class Steering:
         self._shortfall = 0
         self._activity = -1
         self._active_at = time.monotonic()
+        self._partition_counts = 0
 
     def start(self, running: int, stop: threading.Event) -> Order:
         """Claims the host id and reads the first order; refuses a stopped group, or a host id
@@ -112,7 +114,7 @@ class Steering:
         try:
             beat = self._registry.beat(self._info(running), claim=not self._claimed)
             self._outage.recovered()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        except CONNECTION_ERRORS as error:
             self._outage.failed(error)
             return self._order
         except redis.RedisError as error:
@@ -134,7 +136,8 @@ class Steering:
             return self._order
         order = self._follow(beat, running)
         if not order.stop:
-            order = Order(order.size, self._idle(beat.activity + received, now))
+            activity = beat.activity + received + self._partition_activity()
+            order = Order(order.size, self._idle(activity, now))
         if not order.stop and self._bounds is not None and now >= self._next_decision:
             self._next_decision = now + self._settings.autoscale_interval_s
             self._autoscale(beat)
@@ -146,7 +149,7 @@ class Steering:
             return
         try:
             self._registry.leave(self._instance)
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             log.warning("control plane: could not deregister host %s: %s", self._host, error)
 
     # -- the pieces of a tick ----------------------------------------------------------------
@@ -235,7 +238,7 @@ class Steering:
         by = f"host {self._host}, restoring it after Redis lost it"
         try:
             restored, _ = set_desired(self._client, self._keys, desired, by, mode="restore")
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             log.warning("control plane: could not restore the desired size: %s", error)
             return
         if restored:
@@ -257,6 +260,18 @@ class Steering:
         causes += [f"host {host} joined" for host in sorted(set(beat.hosts) - old_hosts)]
         causes += [f"host {host} left" for host in sorted(old_hosts - set(beat.hosts))]
         return causes
+
+    def _partition_activity(self) -> int:
+        """The partitions' write counters, summed: on a cluster they live in the partitions'
+        slots, out of the host beat's reach, and a host whose consumers receive nothing (it runs
+        none) must still see the group write."""
+        if not self._keys.cluster or not self._settings.idle_stop_s:
+            return 0
+        try:
+            self._partition_counts = sum(read_counters(self._client, self._keys).values())
+        except REDIS_ERRORS as error:
+            log.debug("control plane: partition counters not read: %s", error)
+        return self._partition_counts
 
     def _idle(self, activity: int, now: float) -> str:
         idle_after = self._settings.idle_stop_s
@@ -314,5 +329,5 @@ class Steering:
             )
             if applied:
                 log.info("autoscale (host %s decides for the group): %s", self._host, note)
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             log.warning("autoscale: no decision this interval: %s", error)

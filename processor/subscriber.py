@@ -118,6 +118,10 @@ class Subscriber(WatchedThread):
         self._last_alive = 0
         self._outage = Outage("Pub/Sub subscription", context)
 
+    @property
+    def sharded(self) -> bool:
+        return self._locate is not None
+
     def stop(self) -> None:
         """Unsubscribes, delivers what Redis sent before that, and ends the thread."""
         self._stop_requested.set()
@@ -140,11 +144,17 @@ class Subscriber(WatchedThread):
                 self._read(sock, down_since)
                 down_since = None  # stopped, or reset on purpose: not a gap
             except CONNECTION_ERRORS as error:
+                self._outage.failed(error)
                 if self.subscribed.is_set():
                     down_since = self._last_alive
-                    self._outage.failed(error)
+                else:
+                    # Refused before it was confirmed (CLUSTERDOWN, MOVED, NOPERM): back off as
+                    # after a failed connect, rather than ask again at once.
+                    self._stop_requested.wait(self._backoff.next_delay())
             finally:
                 self.subscribed.clear()
+                self.client_id = None
+                self.address = None
                 connection.disconnect()
 
     def _connect(self) -> tuple[Any, socket.socket]:
@@ -158,23 +168,27 @@ class Subscriber(WatchedThread):
             **self._settings.tls_options,
         )
         connection: Any = pool.make_connection()
-        connection.connect()
-        connection.send_command("CLIENT", "ID")
-        self.client_id = int(connection.read_response())
-        if self._locate is not None:
-            connection.send_command("ROLE")
-            role = connection.read_response()[0]
-            if role != b"master":
-                connection.disconnect()
-                raise redis.ConnectionError(f"{url} is a {role.decode()} now, not the primary")
-            parts = urlsplit(url)
-            self.address = (parts.hostname or "", parts.port or 6379)
+        try:
+            connection.connect()
+            if self._locate is not None:
+                connection.send_command("ROLE")
+                role = connection.read_response()[0]
+                if role != b"master":
+                    raise redis.ConnectionError(f"{url} is a {role.decode()} now, not the primary")
+            connection.send_command("CLIENT", "ID")
+            client_id = int(connection.read_response())
+            connection.send_command(*self._subscribe)
+            sock = connection._sock
+            if sock is None:
+                raise redis.ConnectionError("connection has no socket")
+            sock.settimeout(READ_TIMEOUT_S)
+        except BaseException:
+            connection.disconnect()
+            raise
+        parts = urlsplit(url)
+        self.client_id = client_id
+        self.address = (parts.hostname or "", parts.port or 6379) if self._locate else None
         self._url = url
-        connection.send_command(*self._subscribe)
-        sock = connection._sock
-        if sock is None:
-            raise redis.ConnectionError("connection has no socket")
-        sock.settimeout(READ_TIMEOUT_S)
         return connection, sock
 
     def _read(self, sock: socket.socket, down_since: int | None) -> None:
@@ -373,8 +387,12 @@ class Subscribers:
 
     def connections(self) -> list[tuple[tuple[str, int] | None, int]]:
         """(node, client id) of each live subscription; node None on a single Redis."""
-        return [
-            (reader.address, reader.client_id)
-            for reader in self.readers
-            if reader.client_id is not None
-        ]
+        found = []
+        for reader in self.readers:
+            # Read once: the reader clears both when its connection ends.
+            address, client_id = reader.address, reader.client_id
+            if client_id is None or (reader.sharded and address is None):
+                continue
+            if reader.subscribed.is_set():
+                found.append((address, client_id))
+        return found

@@ -27,12 +27,11 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
-import redis
-
 from processor.access import check_access
 from processor.config import Settings
-from processor.connection import Backoff, command_client
+from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
+from processor.controlplane import claim_partitions
 from processor.dedup import mark_legacy_locks
 from processor.errors import ConfigError
 from processor.health import HealthServer
@@ -72,12 +71,26 @@ class Supervisor:
         self._local_count = settings.consumers_count
         self._order = Order(None)
 
-    def _connect(self) -> None:
-        """Made once Redis answers: a cluster client reads the layout as it is made."""
-        # Short timeouts: an eviction must never hold up the replacement of a consumer.
-        self._client = command_client(self.settings, name="processor-supervisor", timeout_s=1.0)
-        self._leave = leave_script(self._client)
-        self._steering = Steering(self.settings, self._client, self._keys)
+    def _connect(self) -> bool:
+        """Made once Redis answers (a cluster client reads the layout as it is made, so a
+        cluster that went away since the start-up check is waited for); False if stopped."""
+        outage = Outage("Redis (supervisor)")
+        backoff = Backoff(0.1, self.settings.reconnect_backoff_max_s)
+        while not self.stop.is_set():
+            try:
+                # Short timeouts: an eviction must never hold up the replacement of a consumer.
+                self._client = command_client(
+                    self.settings, name="processor-supervisor", timeout_s=1.0
+                )
+            except REDIS_ERRORS as error:
+                outage.failed(error)
+                self.stop.wait(backoff.next_delay())
+                continue
+            outage.recovered()
+            self._leave = leave_script(self._client)
+            self._steering = Steering(self.settings, self._client, self._keys)
+            return True
+        return False
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -90,13 +103,18 @@ class Supervisor:
             signal.signal(signum, self._on_control)
         log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
         check_access(self.settings, self.stop)  # raises ConfigError: the entry point reports it
-        if self.stop.is_set():
+        if self.stop.is_set() or not self._connect():
             log.info("daemon stopped before Redis was reachable")
             return EXIT_OK
-        self._connect()
+        if self._keys.cluster:
+            try:
+                # Raises ConfigError (exit 2) when the live group runs with another PARTITIONS.
+                claim_partitions(self._client, self._keys, self.settings.partitions)
+            except REDIS_ERRORS as error:
+                log.warning("could not check PARTITIONS against the group's: %s", error)
         try:
             mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             log.warning("could not look for the previous write path's locks: %s", error)
         try:
             self._order = self._steering.start(0, self.stop)
@@ -108,7 +126,7 @@ class Supervisor:
             )
             self._client.close()
             return EXIT_OK
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             # The beats retry (and claim the host id) once Redis answers again.
             log.warning("control plane not reached at start (%s): starting CONSUMERS_COUNT", error)
         if self.stop.is_set():
@@ -426,7 +444,7 @@ class Supervisor:
         reason = f"exited with code {process.exitcode}"
         try:
             removed = evict_process(self._leave, self._keys, process.pid, index, reason)
-        except (redis.RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             # Never fatal to the supervisor (a refused command, a script from another version):
             # the heartbeat's expiry still takes the consumer out of the group.
             log.warning(

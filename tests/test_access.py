@@ -87,6 +87,29 @@ def test_a_wrong_password_is_a_config_error_that_names_redis_url(procs, secured)
     assert "invalid username-password pair" in line, line
 
 
+def test_a_wrong_password_for_a_cluster_is_a_config_error_too(procs, secured):
+    """The cluster client wraps the node's refusal in its own exception; it is still one line."""
+    url = url_for(secured, "default", "wrong-password")
+    proc = procs.start(
+        ["demo/consume.py"],
+        env={**FAST_SETTINGS, "REDIS_URL": url, "REDIS_CLUSTER": "true"},
+    )
+    assert proc.wait(timeout=EXIT_WITHIN_S) == EXIT_CONFIG, procs.output(proc)[-3000:]
+    output = procs.output(proc)
+    assert "consume.py: error: Redis refused the credentials in REDIS_URL" in output, output
+    assert "wrong-password" not in output
+
+
+def test_redis_cluster_against_a_single_redis_is_a_config_error(procs, redis_url):
+    proc = procs.start(
+        ["demo/consume.py"],
+        env={**FAST_SETTINGS, "REDIS_URL": redis_url, "REDIS_CLUSTER": "true"},
+    )
+    assert proc.wait(timeout=EXIT_WITHIN_S) == EXIT_CONFIG, procs.output(proc)[-3000:]
+    assert "error: invalid REDIS_CLUSTER: " in procs.output(proc)
+    assert "is not a Redis Cluster node" in procs.output(proc)
+
+
 def test_no_password_at_all_is_a_config_error(procs, secured):
     line = refused_at_start(procs, f"redis://127.0.0.1:{secured.port}/0", PASSWORD)
     assert "REDIS_URL" in line, line

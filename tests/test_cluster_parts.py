@@ -6,6 +6,7 @@ partition."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,12 +16,16 @@ from redis.cluster import RedisCluster
 from demo.redis_cluster import LocalCluster
 from processor.config import Settings
 from processor.connection import command_client
+from processor.controlplane import claim_partitions
 from processor.dedup import SeenCheck, Window
+from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.messages import Entry, dead_letter
 from processor.subscriber import Gap, Subscribers
 from processor.writer import Writer
+from tests.conftest import Processes
 from tests.helpers import wait_until
+from tests.test_access import refused_at_start
 
 PARTITIONS = 3
 
@@ -127,3 +132,39 @@ def _replica_of(node: object) -> int | None:
     with redis.Redis.from_url(node.url) as direct:  # type: ignore[attr-defined]
         role = direct.execute_command("ROLE")
     return int(role[2]) if role[0] == b"slave" else None
+
+
+def test_a_cluster_node_without_redis_cluster_is_a_config_error(
+    module_cluster: LocalCluster, procs: Processes
+) -> None:
+    line = refused_at_start(procs, module_cluster.url, secret="none")
+    assert "invalid REDIS_CLUSTER" in line and "set REDIS_CLUSTER=true" in line, line
+
+
+def test_a_daemon_with_other_partitions_than_the_live_group_is_refused(
+    module_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    def keys_with(partitions: int) -> Keys:
+        settings = Settings(
+            redis_url=module_cluster.url,
+            redis_cluster=True,
+            partitions=partitions,
+            key_prefix="claim-test",
+        )
+        return Keys.from_settings(settings)
+
+    client = command_client(Settings(redis_url=module_cluster.url, redis_cluster=True))
+    try:
+        keys = keys_with(3)
+        claim_partitions(client, keys, 3)
+        claim_partitions(client, keys, 3)
+        client.zadd(keys.hosts, {"host-a": int(time.time() * 1000) + 60_000})
+        with pytest.raises(ConfigError, match="PARTITIONS: 6, but the live group runs with 3"):
+            claim_partitions(client, keys_with(6), 6)
+        client.zrem(keys.hosts, "host-a")
+        with caplog.at_level("WARNING", logger="processor.controlplane"):
+            claim_partitions(client, keys_with(6), 6)
+        assert "PARTITIONS changed from 3 to 6" in caplog.text
+        assert client.hget(keys.control, "partitions") == b"6"
+    finally:
+        client.close()

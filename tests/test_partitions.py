@@ -100,6 +100,9 @@ def test_names_of_one_partition_are_refused_when_there_are_several():
         ),
         (["--redis-cluster", "--key-prefix", "{app}"], "invalid KEY_PREFIX: '{app}' has a hash"),
         (["--redis-cluster", "--consumers-list", "ids{x}"], "invalid CONSUMERS_LIST"),
+        (["--redis-cluster", "--output-stream", "out:{a}"], "invalid OUTPUT_STREAM"),
+        (["--redis-cluster", "--dead-letter-stream", "dead}"], "invalid DEAD_LETTER_STREAM"),
+        (["--redis-cluster", "--input-channel", "in:{a}"], "invalid INPUT_CHANNEL"),
         (["--wait-replicas", "-1"], "WAIT_REPLICAS"),
     ],
 )
@@ -113,3 +116,5 @@ def test_the_publisher_takes_the_cluster_settings_from_the_environment():
     assert (settings.redis_cluster, settings.partitions) == (True, 4)
     with pytest.raises(ConfigError, match="REDIS_CLUSTER"):
         load_publisher_settings([], environ={"PARTITIONS": "4"})
+    with pytest.raises(ConfigError, match="invalid INPUT_CHANNEL"):
+        load_publisher_settings([], environ={"REDIS_CLUSTER": "1", "INPUT_CHANNEL": "a{b}"})
