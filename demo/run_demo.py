@@ -1,7 +1,9 @@
 """The one-command demo: Redis, the daemon, the publisher, then a check that nothing was lost.
 
 Uses the Redis configured by REDIS_URL or REDIS_HOST/REDIS_PORT when it answers, under stream
-names of its own; otherwise starts a throwaway redis-server. ``python demo/run_demo.py --help``.
+names of its own; otherwise starts a throwaway redis-server. With ``--cluster``, a throwaway
+Redis Cluster (three primaries with a replica each) and three partitions instead.
+``python demo/run_demo.py --help``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, exit_cleanly_on_sigterm, find_redis_server
-from processor.config import RedisSettings
+from processor.config import RedisSettings, load_status_settings
+from processor.keys import Keys
 
 DEMO_DIR = Path(__file__).resolve().parent
 WAIT_S = 30.0
+CLUSTER_PARTITIONS = 3
 INVALID_PAYLOADS = [b"not json at all", b'{"text": "no message_id"}', b'{"message_id": ""}']
 
 
@@ -70,7 +77,7 @@ def wait_for(what: str, done: Callable[[], bool], daemon: subprocess.Popen[bytes
     return True
 
 
-def stream_ids(client: redis.Redis, stream: str) -> Iterator[str]:
+def stream_ids(client: Any, stream: str) -> Iterator[str]:
     start = "-"
     while entries := client.xrange(stream, start, "+", count=10_000):
         for _, fields in entries:
@@ -94,9 +101,16 @@ def stop(proc: subprocess.Popen[bytes] | None) -> int | None:
 
 
 def run(args: argparse.Namespace, url: str, names: dict[str, str], record: Path) -> bool:
-    client = redis.Redis.from_url(url, decode_responses=True)
     env = {**os.environ, **names, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
     env |= {"CONSUMERS_COUNT": str(args.consumers), "MONITORING_INTERVAL": "2"}
+    if args.cluster:
+        env |= {"REDIS_CLUSTER": "true", "PARTITIONS": str(CLUSTER_PARTITIONS)}
+        client: Any = RedisCluster.from_url(url, decode_responses=True)
+    else:
+        client = redis.Redis.from_url(url, decode_responses=True)
+    keys = Keys.from_settings(load_status_settings([], environ=env))
+    outputs = [partition.output for partition in keys.partitions]
+    deads = [partition.dead for partition in keys.partitions]
     python = sys.executable
     # Sessions of their own: a Ctrl-C reaches only us, and the finally below stops them in order.
     daemon = subprocess.Popen(
@@ -106,7 +120,7 @@ def run(args: argparse.Namespace, url: str, names: dict[str, str], record: Path)
     try:
 
         def listed() -> bool:
-            return client.llen(names["CONSUMERS_LIST"]) == args.consumers
+            return bool(client.llen(keys.consumers) == args.consumers)
 
         if not wait_for(f"{args.consumers} consumers to register", listed, daemon):
             return False
@@ -117,22 +131,24 @@ def run(args: argparse.Namespace, url: str, names: dict[str, str], record: Path)
         if publisher.wait() != 0:
             say(f"the publisher exited with code {publisher.returncode}")
             return False
-        for payload in INVALID_PAYLOADS:
-            client.publish(names["INPUT_CHANNEL"], payload)
+        for number, payload in enumerate(INVALID_PAYLOADS):
+            channel = keys.partitions[number % len(keys.partitions)].channel
+            (client.spublish if args.cluster else client.publish)(channel, payload)
         published = {line.split()[0] for line in record.read_text().splitlines()}
         expected_dead = len(INVALID_PAYLOADS)
 
         def all_arrived() -> bool:
-            dead = client.xlen(names["DEAD_LETTER_STREAM"])
-            return client.xlen(names["OUTPUT_STREAM"]) >= len(published) and dead >= expected_dead
+            dead = sum(client.xlen(stream) for stream in deads)
+            written = sum(client.xlen(stream) for stream in outputs)
+            return bool(written >= len(published) and dead >= expected_dead)
 
         wait_for("every message to be written", all_arrived, daemon)
         say("stopping the daemon with SIGTERM")
         code = stop(daemon)
-        ids = list(stream_ids(client, names["OUTPUT_STREAM"]))
+        ids = [item for stream in outputs for item in stream_ids(client, stream)]
         written = set(ids)
-        dead = client.xlen(names["DEAD_LETTER_STREAM"])
-        left = client.llen(names["CONSUMERS_LIST"])
+        dead = sum(client.xlen(stream) for stream in deads)
+        left = client.llen(keys.consumers)
         checks = {
             f"published     {len(published):>8,}": bool(published),
             f"written       {len(written):>8,} (unique)": written == published,
@@ -156,15 +172,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=15.0, help="seconds to publish for")
     parser.add_argument("--consumers", type=int, default=3, help="consumer processes")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"on a throwaway Redis Cluster with {CLUSTER_PARTITIONS} partitions",
+    )
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
-    url = configured_url()
-    server = None
+    url = None if args.cluster else configured_url()
+    server: RedisServer | LocalCluster | None = None
     names = {"INPUT_CHANNEL": "messages:published", "OUTPUT_STREAM": "messages:processed"}
     names |= {"DEAD_LETTER_STREAM": "messages:dead", "CONSUMERS_LIST": "consumer:ids"}
     names["KEY_PREFIX"] = "processor"
     try:
-        if url is None:
+        if args.cluster:
+            say(f"starting a throwaway Redis Cluster ({find_redis_server()}, 3 x (1 + 1))")
+            server = LocalCluster()
+            server.start()
+            url = server.url
+        elif url is None:
             say(f"starting a throwaway redis-server ({find_redis_server()})")
             server = RedisServer()
             server.start()
@@ -179,10 +205,13 @@ def main() -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except ClusterUnavailable as error:
+        say(str(error))
+        return 1
     finally:
         if server is not None:
             server.stop()
-            say("throwaway redis-server stopped")
+            say("throwaway Redis stopped")
     say("all good" if ok else "verification FAILED")
     return 0 if ok else 1
 
