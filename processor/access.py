@@ -38,6 +38,23 @@ ACL_RULES = (
     "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange"
 )
 
+# The same on Redis Cluster, set on every node (ACLs are per node): the tagged key names, the
+# sharded channel commands, ROLE and CLUSTER SLOTS for the readers, COMMAND for redis-py's
+# cluster client, WAIT for WAIT_REPLICAS, ZCOUNT for the PARTITIONS check, and SPUBLISH for
+# `processor publish` (tests/test_cluster_parts.py runs the daemon, the publisher and status as
+# this user).
+CLUSTER_ACL_RULES = (
+    "resetkeys resetchannels -@all "
+    "~messages:processed:* ~messages:dead:* ~consumer:ids:* ~processor:* ~{processor}:* "
+    "&messages:published:* "
+    "+ping +client|setname +client|id +client|list +ssubscribe +sunsubscribe +spublish +role "
+    "+cluster|slots +command +evalsha +script|load +multi +exec +discard +wait "
+    "+get +set +mget +del +unlink +exists +pexpire +pexpireat +time "
+    "+lrange +lrem +rpush +llen +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall "
+    "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore +zcount "
+    "+xadd +xread +xlen +xrevrange"
+)
+
 
 def required_commands(keys: Keys) -> list[tuple[str, ...]]:
     """Every command the daemon sends, on the keys and channel it sends them to."""

@@ -5,16 +5,21 @@ partition."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
-from processor.config import Settings
+from processor.access import CLUSTER_ACL_RULES
+from processor.config import Settings, load_daemon_settings
 from processor.connection import command_client
 from processor.controlplane import claim_partitions
 from processor.dedup import SeenCheck, Window
@@ -23,7 +28,8 @@ from processor.keys import Keys
 from processor.messages import Entry, dead_letter
 from processor.subscriber import Gap, Subscribers
 from processor.writer import Writer
-from tests.conftest import Processes
+from tests.conftest import REPO_ROOT, Processes
+from tests.faults_support import FAST_SETTINGS
 from tests.helpers import wait_until
 from tests.test_access import refused_at_start
 
@@ -166,5 +172,69 @@ def test_a_daemon_with_other_partitions_than_the_live_group_is_refused(
             claim_partitions(client, keys_with(6), 6)
         assert "PARTITIONS changed from 3 to 6" in caplog.text
         assert client.hget(keys.control, "partitions") == b"6"
+    finally:
+        client.close()
+
+
+def test_the_documented_cluster_user_runs_the_daemon_the_publisher_and_status(
+    module_cluster: LocalCluster, procs: Processes, tmp_path: Path
+) -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert CLUSTER_ACL_RULES in " ".join(readme.split()), "README's cluster ACL line differs"
+    for node in module_cluster.nodes:
+        with redis.Redis.from_url(node.url) as direct:
+            direct.execute_command(
+                "ACL", "SETUSER", "processor", "on", ">c-pass", *CLUSTER_ACL_RULES.split()
+            )
+    url = module_cluster.url.replace("redis://", "redis://processor:c-pass@", 1)
+    env = {
+        **FAST_SETTINGS,
+        "REDIS_URL": url,
+        "REDIS_CLUSTER": "true",
+        "PARTITIONS": str(PARTITIONS),
+        "CONSUMERS_COUNT": "1",
+        "KEY_PREFIX": "processor",
+        "OUTPUT_STREAM": "messages:processed:acl",
+        "DEAD_LETTER_STREAM": "messages:dead:acl",
+        "INPUT_CHANNEL": "messages:published:acl",
+        "CONSUMERS_LIST": "consumer:ids:acl",
+        "WAIT_REPLICAS": "1",
+    }
+    keys = Keys.from_settings(load_daemon_settings([], environ=env))
+    daemon = procs.start(["demo/consume.py"], env=env)
+    client = RedisCluster.from_url(module_cluster.url)
+    try:
+        wait_until(
+            lambda: client.llen(keys.consumers) == 1,
+            30,
+            message=f"the daemon did not start as the ACL user:\n{procs.output(daemon)[-3000:]}",
+        )
+        record = tmp_path / "record.txt"
+        publish = ["demo/publish.py", "--rate", "1000", "--target-duration-s", "1"]
+        publisher = procs.start([*publish, "--record", str(record)], env=env)
+        assert publisher.wait(timeout=60) == 0, procs.output(publisher)[-2000:]
+        published = {line.split()[0] for line in record.read_text().splitlines()}
+
+        def written() -> set[str]:
+            return {
+                fields[b"message_id"].decode()
+                for partition in keys.partitions
+                for _, fields in client.xrange(partition.output)
+            }
+
+        wait_until(lambda: written() == published, 30, message="not all written as the ACL user")
+        status = subprocess.run(
+            [sys.executable, "-m", "processor", "status"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        for partition in keys.partitions:
+            length = client.xlen(partition.output)
+            assert f"{partition.output} {length:,}" in status.stdout, status.stdout
+        assert "NOPERM" not in procs.output(daemon), procs.output(daemon)[-3000:]
     finally:
         client.close()
