@@ -20,7 +20,7 @@ from types import TracebackType
 
 import redis
 
-from demo.redis_server import HOST, RedisServer, find_redis_server
+from demo.redis_server import HOST, RedisServer, TlsFiles, find_redis_server
 
 FORM_TIMEOUT_S = 30.0
 _POLL_S = 0.05
@@ -61,15 +61,25 @@ def free_cluster_port() -> int:
 class LocalCluster:
     """``primaries`` primaries with ``replicas`` replicas each, and ``cluster-node-timeout``."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        primaries: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self._primaries = primaries
         self._replicas = replicas
+        self._tls = tls
         self._config = {
             "cluster-enabled": "yes",
             "cluster-config-file": "nodes.conf",
             "cluster-node-timeout": str(node_timeout_ms),
             "repl-diskless-sync-delay": "0",
         }
+        if tls is not None:
+            # TLS only: clients, the cluster bus and replication alike.
+            self._config |= {"tls-cluster": "yes", "tls-replication": "yes"}
         self.nodes: list[RedisServer] = []
 
     @property
@@ -81,7 +91,9 @@ class LocalCluster:
         cli = find_redis_cli()
         try:
             for _ in range(self._primaries * (1 + self._replicas)):
-                node = RedisServer(port=free_cluster_port(), extra_config=self._config)
+                node = RedisServer(
+                    port=free_cluster_port(), extra_config=self._config, tls=self._tls
+                )
                 self.nodes.append(node)
                 node.start()
             with self._client(self.nodes[0]) as client:
@@ -92,8 +104,13 @@ class LocalCluster:
                     "apt-get install redis-server, which `make system-redis` does as root)"
                 )
             addresses = [f"{HOST}:{node.port}" for node in self.nodes]
+            tls_flags = []
+            if self._tls is not None:
+                tls = self._tls
+                tls_flags = ["--tls", "--cacert", str(tls.ca), "--cert", str(tls.client_cert),
+                             "--key", str(tls.client_key)]  # fmt: skip
             subprocess.run(
-                [cli, "--cluster", "create", *addresses, "--cluster-replicas",
+                [cli, *tls_flags, "--cluster", "create", *addresses, "--cluster-replicas",
                  str(self._replicas), "--cluster-yes"],
                 check=True,
                 capture_output=True,
@@ -153,7 +170,7 @@ class LocalCluster:
 
     @staticmethod
     def _client(node: RedisServer) -> redis.Redis:
-        return redis.Redis(host=HOST, port=node.port, socket_timeout=2)
+        return node.client(timeout_s=2)
 
     def __enter__(self) -> LocalCluster:
         self.start()

@@ -288,7 +288,7 @@ class RedisServer:
 
     def _wait_until_ready(self, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        client = self._client(timeout_s=0.5)
+        client = self.client(timeout_s=0.5)
         try:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
@@ -315,7 +315,7 @@ class RedisServer:
     def _shutdown_saving(self) -> None:
         # SHUTDOWN SAVE rather than SAVE then SIGTERM: nothing written by a live client between
         # the two can be lost, because the save and the exit are one step inside the server.
-        client = self._client(timeout_s=STOP_TIMEOUT_S)
+        client = self.client(timeout_s=STOP_TIMEOUT_S)
         try:
             client.shutdown(save=True)
         except redis.RedisError as exc:
@@ -349,9 +349,12 @@ class RedisServer:
                 proc.wait()
         log.debug("redis-server pid=%d exited with code %s", proc.pid, proc.returncode)
 
-    def _client(self, timeout_s: float) -> redis.Redis:
-        # No retries: the callers poll or fail on their own terms, and redis-py's default
-        # backoff would stretch every refused connection into seconds.
+    def client(self, timeout_s: float) -> redis.Redis:
+        """A client of this server as its admin (TLS with the client certificate if any).
+
+        No retries: the callers poll or fail on their own terms, and redis-py's default
+        backoff would stretch every refused connection into seconds.
+        """
         tls: dict[str, object] = {}
         if self._tls is not None:
             tls = {

@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
+from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerFailed, TlsFiles
+from processor.config import load_daemon_settings
 from processor.errors import EXIT_CONFIG
+from processor.keys import Keys
 from tests.conftest import REPO_ROOT
 from tests.faults_support import (
     FAST_SETTINGS,
@@ -28,6 +32,7 @@ from tests.faults_support import (
     publish_invalid,
     settle,
 )
+from tests.helpers import wait_until
 
 INSTALL_HINT = (
     "TLS tests need openssl and a redis-server built with TLS on PATH or in REDIS_SERVER_BIN "
@@ -154,3 +159,69 @@ def test_tls_files_without_a_rediss_url_are_refused(procs, tls_server):
     proc = procs.start(["demo/consume.py"], env=env)
     assert proc.wait(timeout=30) == EXIT_CONFIG
     assert "not a rediss:// URL" in procs.output(proc)
+
+
+def test_a_tls_cluster_carries_the_daemon_the_publisher_and_status(procs, tmp_path: Path):
+    """TLS to every node of a Redis Cluster (clients, bus and replication), client certificates
+    required: the readers' own connections, the cluster client and the layout reads all use
+    REDIS_TLS_*."""
+    if shutil.which("openssl") is None:
+        pytest.skip(INSTALL_HINT)
+    files = make_certificates(tmp_path)
+    cluster = LocalCluster(tls=files)
+    try:
+        cluster.start()
+    except (ClusterUnavailable, RedisServerFailed) as error:
+        pytest.skip(f"{INSTALL_HINT}: {str(error).splitlines()[0]}")
+    try:
+        env = {
+            **FAST_SETTINGS,
+            "REDIS_URL": cluster.url,
+            "REDIS_CLUSTER": "true",
+            "PARTITIONS": "3",
+            "CONSUMERS_COUNT": "2",
+            "REDIS_TLS_CA_FILE": str(files.ca),
+            "REDIS_TLS_CERT_FILE": str(files.client_cert),
+            "REDIS_TLS_KEY_FILE": str(files.client_key),
+        }
+        keys = Keys.from_settings(load_daemon_settings([], environ=env))
+        admin = RedisCluster.from_url(
+            cluster.url,
+            ssl_ca_certs=str(files.ca),
+            ssl_certfile=str(files.client_cert),
+            ssl_keyfile=str(files.client_key),
+        )
+        daemon = procs.start(["demo/consume.py"], env=env)
+        wait_until(
+            lambda: admin.llen(keys.consumers) == 2,
+            30,
+            message=f"consumers did not start over TLS:\n{procs.output(daemon)[-3000:]}",
+        )
+        record = tmp_path / "record.txt"
+        publish = ["demo/publish.py", "--rate", "1000", "--target-duration-s", "1"]
+        publisher = procs.start([*publish, "--record", str(record)], env=env)
+        assert publisher.wait(timeout=60) == 0, procs.output(publisher)
+        published = {line.split()[0] for line in record.read_text().splitlines()}
+
+        def written() -> list[str]:
+            return [
+                fields[b"message_id"].decode()
+                for partition in keys.partitions
+                for _, fields in admin.xrange(partition.output)
+            ]
+
+        wait_until(lambda: set(written()) == published, 30, message="not all written over TLS")
+        assert len(written()) == len(published) == 1000
+        status = subprocess.run(
+            [sys.executable, "-m", "processor", "status"],
+            cwd=REPO_ROOT,
+            env={**env, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert status.returncode == 0, status.stderr
+        assert "group: 2 live consumers | written 1,000" in status.stdout, status.stdout
+        admin.close()
+    finally:
+        cluster.stop()
