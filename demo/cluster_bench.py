@@ -30,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
-from demo.benchmark.measure import redis_cpu_us
+from demo.benchmark.measure import poll, redis_cpu_us
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer
-from processor.config import Settings
+from processor.config import DAEMON_OPTIONS, Settings
 from processor.connection import command_client
 from processor.counters import read_counters
 from processor.keys import Keys
+from processor.ownership import HANDOVER_GRACE_S
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 3
@@ -76,12 +77,10 @@ def settings_for(url: str, cluster: bool, wait_replicas: int = 0) -> dict[str, s
     return env
 
 
-def poll(condition: object, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+def clean_environment() -> dict[str, str]:
+    """The caller's environment without the daemon's settings: each run sets its own."""
+    settings = {option.env for option in DAEMON_OPTIONS}
+    return {name: value for name, value in os.environ.items() if name not in settings}
 
 
 @contextmanager
@@ -89,7 +88,7 @@ def daemon(env: dict[str, str], log: Path) -> Iterator[None]:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "demo" / "consume.py")],
-            env={**os.environ, **env},
+            env={**clean_environment(), **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -117,7 +116,7 @@ def measure(
     try:
         with daemon(env, log):
             poll(lambda: client.llen(keys.consumers) == CONSUMERS, "the consumers", START_TIMEOUT_S)
-            time.sleep(1.5)  # past the newcomers' hand-over grace
+            time.sleep(HANDOVER_GRACE_S)  # past the newcomers' hand-over grace
             # What each node spends with nothing published (heartbeats, cron, cluster bus): it
             # is taken off the run's figures, so they are the cost of the messages.
             idle_start = [redis_cpu_us(node) for _, node in node_clients]
@@ -132,7 +131,9 @@ def measure(
                 sys.executable, str(ROOT / "demo" / "publish.py"), "--rate", str(rate),
                 "--target-duration-s", str(seconds), "--batch-size", "100",
             ]  # fmt: skip
-            subprocess.run(publisher, env={**os.environ, **env}, check=True, capture_output=True)
+            subprocess.run(
+                publisher, env={**clean_environment(), **env}, check=True, capture_output=True
+            )
             expected = written_before + int(rate * seconds)
             poll(
                 lambda: read_counters(client, keys)["written"] >= expected * 0.999,
