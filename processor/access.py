@@ -18,7 +18,13 @@ from typing import Any
 import redis
 
 from processor.config import Settings
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.connection import (
+    CONNECTION_ERRORS,
+    Backoff,
+    Outage,
+    command_client,
+    refused_credentials,
+)
 from processor.errors import ConfigError
 from processor.keys import Keys
 
@@ -156,9 +162,8 @@ def _configuration_problem(settings: Settings, error: BaseException) -> ConfigEr
     """What no retry can mend: refused credentials, a failed TLS handshake, REDIS_CLUSTER set
     for a node that is not in a cluster. The cluster client wraps what its nodes answered, so
     the cause is looked at too."""
-    cause = error.__cause__
-    if isinstance(error, redis.AuthenticationError) or isinstance(cause, redis.AuthenticationError):
-        refused = error if isinstance(error, redis.AuthenticationError) else cause
+    refused = refused_credentials(error)
+    if refused is not None:
         return ConfigError(
             f"Redis refused the credentials in REDIS_URL ({settings.safe_url}): {refused}"
         )

@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -61,26 +61,35 @@ def command_client(
     primary and re-reads the layout after a failover. It is not a ``redis.Redis`` but offers the
     same commands, scripts and pipelines for the keys we give it (one slot per call).
     """
-    if settings.redis_cluster:
-        cluster = RedisCluster.from_url(
-            settings.url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=min(timeout_s, CONNECT_TIMEOUT_S),
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
-            client_name=name,
-            protocol=2,
-            **settings.tls_options,
-        )
-        return cast(redis.Redis, cluster)
-    return redis.Redis.from_url(
-        settings.url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=min(timeout_s, CONNECT_TIMEOUT_S),
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
-        client_name=name,
-        protocol=2,
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": min(timeout_s, CONNECT_TIMEOUT_S),
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
+        "client_name": name,
+        "protocol": 2,
         **settings.tls_options,
-    )
+    }
+    if settings.redis_cluster:
+        return cast(redis.Redis, RedisCluster.from_url(settings.url, **options))
+    return redis.Redis.from_url(settings.url, **options)
+
+
+def reread_layout(client: redis.Redis) -> None:
+    """Makes a cluster client read the layout again (after an error, or a message that reached
+    no subscriber: a failover may have moved a slot without the client hearing of it)."""
+    try:
+        cast(RedisCluster, client).nodes_manager.initialize()
+    except CONNECTION_ERRORS as error:
+        log.debug("cluster layout not read: %s", error)
+
+
+def refused_credentials(error: BaseException) -> redis.AuthenticationError | None:
+    """The refusal of our credentials in ``error``, also where the cluster client wrapped what
+    a node answered in its own exception."""
+    for candidate in (error, error.__cause__):
+        if isinstance(candidate, redis.AuthenticationError):
+            return candidate
+    return None
 
 
 class Backoff:
@@ -123,10 +132,7 @@ class Outage:
 
     def failed(self, error: BaseException) -> None:
         self._attempts += 1
-        # The cluster client wraps what a node answered in its own exception.
-        if isinstance(error, redis.AuthenticationError) or isinstance(
-            error.__cause__, redis.AuthenticationError
-        ):
+        if refused_credentials(error) is not None:
             # Not a blip: a rotated password needs an operator, so say it on every attempt.
             self._started = self._started or time.monotonic()
             log.error(

@@ -62,11 +62,8 @@ class SeenCheck:
         self._script = client.register_script(load_script("seen.lua"))
 
     def seen(self, dedup_ids: list[str]) -> list[bool]:
-        by_partition: dict[int, list[int]] = {}
-        for index, dedup_id in enumerate(dedup_ids):
-            by_partition.setdefault(self._keys.partition_of(dedup_id), []).append(index)
         flags = [False] * len(dedup_ids)
-        for partition, indices in by_partition.items():
+        for partition, indices in self._keys.by_partition(dedup_ids).items():
             found = self._seen_in(partition, [dedup_ids[index] for index in indices])
             for index, flag in zip(indices, found, strict=True):
                 flags[index] = flag

@@ -12,6 +12,7 @@ one shard: ``messages:processed:{p0.1}``, ``processor:{p0.1}:seen:<bucket>``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from processor.config import GroupSettings, RedisSettings
@@ -161,6 +162,13 @@ class Keys:
 
     def partition_of(self, dedup_id: str) -> int:
         return partition_of(dedup_id, len(self.partitions))
+
+    def by_partition(self, dedup_ids: Sequence[str]) -> dict[int, list[int]]:
+        """The positions of ``dedup_ids`` grouped by partition, in partition order."""
+        groups: dict[int, list[int]] = {}
+        for index, dedup_id in enumerate(dedup_ids):
+            groups.setdefault(self.partition_of(dedup_id), []).append(index)
+        return dict(sorted(groups.items()))
 
     def heartbeat(self, consumer_id: str) -> str:
         return self.heartbeat_prefix + consumer_id

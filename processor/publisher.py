@@ -22,13 +22,12 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import TextIO, cast
+from typing import TextIO
 
 import redis
-from redis.cluster import RedisCluster
 
 from processor.config import PublisherSettings
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client, reread_layout
 from processor.keys import channels
 from processor.partitions import partition_of
 
@@ -146,7 +145,7 @@ class Publisher:
         now = time.monotonic()
         if self._sharded and 0 in receivers and now - self._layout_read_at >= LAYOUT_EVERY_S:
             self._layout_read_at = now
-            self._read_layout()
+            reread_layout(self._client)
         if record is not None:
             record.write(
                 "".join(
@@ -165,12 +164,6 @@ class Publisher:
             self.report.published += len(burst)
         else:
             self.report.republished += len(burst)
-
-    def _read_layout(self) -> None:
-        try:
-            cast(RedisCluster, self._client).nodes_manager.initialize()
-        except CONNECTION_ERRORS as error:
-            log.debug("cluster layout not read: %s", error)
 
     def _retry_due(self, record: TextIO | None) -> None:
         now = time.monotonic()

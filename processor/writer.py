@@ -15,7 +15,7 @@ import hiredis
 import redis
 from redis.cluster import RedisCluster
 
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage, reread_layout
 from processor.dedup import Window, digest
 from processor.keys import Keys
 from processor.messages import DEAD, Entry
@@ -87,12 +87,10 @@ class Writer:
         keys = self._keys
         if len(keys.partitions) == 1:
             return self._write_partition(0, entries, consumer_id, fence)
-        by_partition: dict[int, list[int]] = {}
-        for index, entry in enumerate(entries):
-            by_partition.setdefault(keys.partition_of(entry.lock_id), []).append(index)
+        by_partition = keys.by_partition([entry.lock_id for entry in entries])
         written = dead = skipped = 0
         flags: dict[int, str] = {}
-        for partition, indices in sorted(by_partition.items()):
+        for partition, indices in by_partition.items():
             part = [entries[index] for index in indices]
             result = self._write_partition(partition, part, consumer_id, fence)
             if result is None or result.fenced:
@@ -142,7 +140,7 @@ class Writer:
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
                 if self._keys.cluster:
-                    self._relocate()
+                    reread_layout(self._client)
                 if self._stop.is_set():
                     give_up_at = give_up_at or time.monotonic() + self._grace_s
                     if time.monotonic() >= give_up_at:
@@ -177,13 +175,6 @@ class Writer:
         if client is None:
             raise redis.exceptions.ClusterDownError(f"no primary known for {key}")
         return client
-
-    def _relocate(self) -> None:
-        """Reads the cluster's layout again (a failover may have moved our partitions)."""
-        try:
-            cast(RedisCluster, self._client).nodes_manager.initialize()
-        except CONNECTION_ERRORS as error:
-            log.debug("cluster layout not read: %s", error)
 
 
 def evalsha_packed(
