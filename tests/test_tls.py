@@ -33,6 +33,7 @@ from tests.faults_support import (
     settle,
 )
 from tests.helpers import wait_until
+from tests.test_cluster import publish_and_wait_written
 
 INSTALL_HINT = (
     "TLS tests need openssl and a redis-server built with TLS on PATH or in REDIS_SERVER_BIN "
@@ -198,20 +199,9 @@ def test_a_tls_cluster_carries_the_daemon_the_publisher_and_status(procs, tmp_pa
             message=f"consumers did not start over TLS:\n{procs.output(daemon)[-3000:]}",
         )
         record = tmp_path / "record.txt"
-        publish = ["demo/publish.py", "--rate", "1000", "--target-duration-s", "1"]
-        publisher = procs.start([*publish, "--record", str(record)], env=env)
-        assert publisher.wait(timeout=60) == 0, procs.output(publisher)
-        published = {line.split()[0] for line in record.read_text().splitlines()}
-
-        def written() -> list[str]:
-            return [
-                fields[b"message_id"].decode()
-                for partition in keys.partitions
-                for _, fields in admin.xrange(partition.output)
-            ]
-
-        wait_until(lambda: set(written()) == published, 30, message="not all written over TLS")
-        assert len(written()) == len(published) == 1000
+        published, written = publish_and_wait_written(procs, env, admin, keys, record)
+        assert set(written) == published
+        assert sum(written.values()) == len(published) == 1000
         status = subprocess.run(
             [sys.executable, "-m", "processor", "status"],
             cwd=REPO_ROOT,
