@@ -23,6 +23,8 @@ import redis
 from demo.redis_server import HOST, RedisServer, TlsFiles, find_redis_server
 
 FORM_TIMEOUT_S = 30.0
+# A manual failover Redis has not completed in this long (it gives one 5 s) is asked again.
+MANUAL_FAILOVER_ROUND_S = 7.0
 _POLL_S = 0.05
 
 
@@ -135,6 +137,34 @@ class LocalCluster:
     def kill(self, node: RedisServer) -> None:
         """``kill -9``: no shutdown, no save; the cluster fails it over to a replica."""
         os.kill(node.pid, signal.SIGKILL)
+
+    def fail_over(self, key: str, timeout_s: float) -> RedisServer:
+        """``CLUSTER FAILOVER`` on a replica of ``key``'s primary: the old primary is demoted
+        with its clients' connections left open. Returns the new primary.
+
+        Redis gives a manual failover 5 s and then drops it without a word (a replica still
+        catching up, a busy node), so a round that changed nothing is asked again.
+        """
+        old = self.primary_of(key)
+        replica = next(
+            node for node in self.nodes if node is not old and self._replica_of(node) == old.port
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._client(replica) as client:
+                client.execute_command("CLUSTER", "FAILOVER")
+            round_s = min(MANUAL_FAILOVER_ROUND_S, max(0.0, deadline - time.monotonic()))
+            try:
+                return self.wait_for_primary_change(key, old, round_s)
+            except RuntimeError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _replica_of(self, node: RedisServer) -> int | None:
+        """The port of the primary ``node`` replicates, or None if it is a primary."""
+        with self._client(node) as client:
+            role = client.execute_command("ROLE")
+        return int(role[2]) if role[0] == b"slave" else None
 
     def wait_for_primary_change(self, key: str, old: RedisServer, timeout_s: float) -> RedisServer:
         """Waits until a live node other than ``old`` serves ``key``'s slot; returns it."""
