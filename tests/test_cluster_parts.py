@@ -26,6 +26,7 @@ from processor.dedup import SeenCheck, Window
 from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.messages import Entry, dead_letter
+from processor.steering import Steering
 from processor.subscriber import Gap, Subscribers
 from processor.writer import Writer
 from tests.conftest import REPO_ROOT, Processes
@@ -113,15 +114,7 @@ def test_a_reader_follows_its_slot_to_the_new_primary_after_a_manual_failover(
     try:
         assert readers.wait_subscribed(10)
         channel = keys.partitions[0].channel
-        old = module_cluster.primary_of(channel)
-        replica = next(
-            node
-            for node in module_cluster.nodes
-            if node is not old and _replica_of(node) == old.port
-        )
-        with redis.Redis.from_url(replica.url) as direct:
-            direct.execute_command("CLUSTER", "FAILOVER")
-        module_cluster.wait_for_primary_change(channel, old, timeout_s=20)
+        module_cluster.fail_over(channel, timeout_s=30)
 
         def delivered() -> bool:
             # As processor publish does: a 0 re-reads the layout, since the node asked first
@@ -137,12 +130,6 @@ def test_a_reader_follows_its_slot_to_the_new_primary_after_a_manual_failover(
         readers.stop()
         readers.join(5)
         publisher.close()
-
-
-def _replica_of(node: object) -> int | None:
-    with redis.Redis.from_url(node.url) as direct:  # type: ignore[attr-defined]
-        role = direct.execute_command("ROLE")
-    return int(role[2]) if role[0] == b"slave" else None
 
 
 def test_a_cluster_node_without_redis_cluster_is_a_config_error(
@@ -232,3 +219,33 @@ def test_the_documented_cluster_user_runs_the_daemon_the_publisher_and_status(
         assert "NOPERM" not in procs.output(daemon), procs.output(daemon)[-3000:]
     finally:
         client.close()
+
+
+def test_idle_stop_on_a_cluster_counts_the_writes_of_every_partition(
+    module_cluster: LocalCluster, cluster_client: redis.Redis
+) -> None:
+    """A host whose consumers receive nothing (it runs none) must not stop while the group
+    writes: on a cluster the write counters live in the partitions' slots."""
+    settings = Settings(
+        redis_url=module_cluster.url,
+        redis_cluster=True,
+        partitions=PARTITIONS,
+        key_prefix="idle-test",
+        host_id="host-idle",
+        idle_stop_s=5.0,
+        heartbeat_ttl_ms=300,
+        heartbeat_interval_ms=100,
+    )
+    keys = Keys.from_settings(settings)
+    steering = Steering(settings, cluster_client, keys)
+    t0 = time.monotonic() + 3600  # beats are due by the time given, well after the start
+    steering.start(0, threading.Event())
+    try:
+        assert not steering.tick(0, 0, now=t0 + 10.0).stop
+        for second, partition in ((14.0, 1), (18.0, 2)):
+            cluster_client.hincrby(keys.partitions[partition].stats, "written", 5)
+            assert not steering.tick(0, 0, now=t0 + second).stop  # the group wrote: active
+        assert not steering.tick(0, 0, now=t0 + 22.0).stop
+        assert "idle" in steering.tick(0, 0, now=t0 + 23.5).stop
+    finally:
+        steering.leave()
