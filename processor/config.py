@@ -372,6 +372,9 @@ class PublisherSettings(RedisSettings):
     )
 
 
+# Lua's unpack() returns at most about 8,000 values: the write script unpacks a batch's digests.
+MAX_BATCH_SIZE = 5000
+
 DAEMON_OPTIONS = options_of(Settings)
 PUBLISHER_OPTIONS = options_of(PublisherSettings)
 
@@ -438,6 +441,11 @@ def check_daemon(settings: Settings) -> None:
     """Cross-field rules: the takeover buffer must outlive a dead consumer's detection."""
     check_group(settings)
     parse_bounds(settings.autoscale)
+    if settings.processing_batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(
+            f"invalid PROCESSING_BATCH_SIZE: {settings.processing_batch_size} is more than "
+            f"{MAX_BATCH_SIZE} (the write script passes a batch's digests to one Redis command)"
+        )
     if settings.heartbeat_ttl_ms <= settings.heartbeat_interval_ms:
         raise ConfigError(
             f"invalid HEARTBEAT_TTL_MS: {settings.heartbeat_ttl_ms} must be greater than "

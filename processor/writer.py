@@ -110,6 +110,7 @@ class Writer:
     ) -> WriteResult | None:
         keys, window = self._keys, self._window
         part = keys.partitions[partition]
+        layout = _ScriptLayout(entries)
         args: list[str | bytes | int] = [
             part.seen_prefix,
             window.width_ms,
@@ -118,9 +119,8 @@ class Writer:
             fence,
             self._maxlen,
             part.lock_prefix,
+            *layout.args(),
         ]
-        for entry in entries:
-            args.extend((entry.kind, digest(entry.lock_id), entry.lock_id, entry.a, entry.b))
         script_keys = [
             part.output,
             part.dead,
@@ -164,7 +164,7 @@ class Writer:
             written, dead, skipped = (int(value) for value in reply[:3])
             if written < 0:
                 return WriteResult(0, 0, 0, fenced=True)
-            return WriteResult(written, dead, skipped, dead_flags=reply[3].decode())
+            return WriteResult(written, dead, skipped, dead_flags=layout.dead_flags(reply[3]))
 
     def _node(self, key: str) -> redis.Redis:
         """The client of the primary serving ``key``: the client itself on a single Redis."""
@@ -175,6 +175,44 @@ class Writer:
         if client is None:
             raise redis.exceptions.ClusterDownError(f"no primary known for {key}")
         return client
+
+
+class _ScriptLayout:
+    """A batch as ``dedup_append.lua`` takes it: first occurrences of each dedup id, outputs then
+    dead letters, digests first; repeats inside the batch are counted here as skipped."""
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self.outputs: list[tuple[bytes, Entry]] = []
+        self.dead: list[tuple[bytes, Entry]] = []
+        self.repeats = 0
+        # Per dead letter of the batch, in order: its place in self.dead, or None for a repeat.
+        self._dead_slots: list[int | None] = []
+        firsts: set[bytes] = set()
+        for entry in entries:
+            key = digest(entry.lock_id)
+            repeat = key in firsts
+            firsts.add(key)
+            self.repeats += repeat
+            if entry.kind == DEAD:
+                self._dead_slots.append(None if repeat else len(self.dead))
+            if not repeat:
+                (self.dead if entry.kind == DEAD else self.outputs).append((key, entry))
+
+    def args(self) -> list[str | bytes | int]:
+        args: list[str | bytes | int] = [len(self.outputs), len(self.dead), self.repeats]
+        args += [key for key, _ in self.outputs]
+        args += [key for key, _ in self.dead]
+        for _, entry in self.outputs:
+            args += (entry.lock_id, entry.a)
+        for _, entry in self.dead:
+            args += (entry.lock_id, entry.a, entry.b)
+        return args
+
+    def dead_flags(self, script_flags: bytes) -> str:
+        """The script's flags (one per first occurrence) widened to every dead letter: "0" for
+        a repeat inside the batch, which was not appended."""
+        flags = script_flags.decode()
+        return "".join("0" if slot is None else flags[slot] for slot in self._dead_slots)
 
 
 def evalsha_packed(

@@ -156,6 +156,12 @@ def test_negative_batch_size_names_the_env_var() -> None:
         load_daemon_settings([], {"PROCESSING_BATCH_SIZE": "0"})
 
 
+def test_batch_size_above_what_one_script_call_takes_is_refused() -> None:
+    assert load_daemon_settings([], {"PROCESSING_BATCH_SIZE": "5000"}).processing_batch_size == 5000
+    with pytest.raises(ConfigError, match="PROCESSING_BATCH_SIZE: 5001 is more than 5000"):
+        load_daemon_settings([], {"PROCESSING_BATCH_SIZE": "5001"})
+
+
 def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
     path = _toml(tmp_path, "consumers_count = 2\nconsumer_count = 3\n")
     with pytest.raises(ConfigError, match="consumer_count") as caught:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from demo.redis_server import RedisServer
-from processor.config import Settings
+from processor.config import MAX_BATCH_SIZE, Settings
 from processor.connection import command_client
 from processor.dedup import DIGEST_BYTES, SeenCheck, Window, digest, mark_legacy_locks
 from processor.keys import Keys
@@ -91,6 +91,39 @@ def test_duplicates_inside_one_batch_are_written_once(
     result = writer.write([*entries, *entries], CONSUMER, "")
     assert result == WriteResult(written=5, dead=0, skipped=5)
     assert r.xlen(keys.output) == 5
+    assert r.hgetall(keys.stats) == {"written": "5", "skipped": "5"}
+
+
+def test_repeats_inside_one_batch_first_one_wins_whatever_its_kind(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    junk = parse(b"junk", 64)
+    message_a = parse(b'{"message_id": "a"}', 64)
+    assert isinstance(junk, Entry) and isinstance(message_a, Message)
+    failed_a = output_entry(message_a, "not a dict", 64)  # a dead letter with the id "a"
+    assert failed_a.kind == DEAD and failed_a.lock_id == "a"
+    output_a = Entry(OUTPUT, "a", '{"message_id": "a"}')
+    batch = [junk, failed_a, output_a, junk, *_entries(0, 2)]
+    result = writer.write(batch, CONSUMER, "")
+    # The dead letter for "a" came first, so the output "a" is its repeat; so is the second junk.
+    assert result == WriteResult(written=2, dead=2, skipped=2, dead_flags="110")
+    assert _ids(r, keys.output) == ["m-0", "m-1"]
+    assert r.xlen(keys.dead) == 2
+    # Only repeats (and what is already written): nothing appended, all counted.
+    again = writer.write([junk, junk, output_a], CONSUMER, "")
+    assert again == WriteResult(written=0, dead=0, skipped=3, dead_flags="00")
+    assert r.hgetall(keys.stats) == {"written": "2", "dead": "2", "skipped": "5"}
+
+
+def test_the_largest_batch_allowed_is_written_in_one_call(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    entries = [*_entries(0, MAX_BATCH_SIZE - 1), parse(b"junk", 64)]
+    result = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
+    assert result == WriteResult(MAX_BATCH_SIZE - 1, 1, 0, dead_flags="1")
+    assert r.xlen(keys.output) == MAX_BATCH_SIZE - 1
+    again = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
+    assert again == WriteResult(0, 0, MAX_BATCH_SIZE, dead_flags="0")
 
 
 def test_two_writers_racing_write_each_entry_once(

@@ -12,22 +12,26 @@
 -- ARGV[5]  fence token: the value KEYS[4] must hold, or "" to skip the check
 -- ARGV[6]  approximate MAXLEN of both streams (XADD MAXLEN ~), or 0 to keep everything
 -- ARGV[7]  key prefix of the previous write path's lock keys
--- ARGV[8..] five values per entry: kind ("o" output, "d" dead letter), digest (a fixed-size
---           digest of the dedup id), dedup id, a, b
---           output:      a = data (processed message as JSON), b unused; message_id = dedup id
---           dead letter: a = reason, b = raw payload
+-- ARGV[8]  n: output entries; ARGV[9] m: dead letters (dedup ids all different: the caller
+--          counts repeats inside the batch as skipped); ARGV[10] those repeats, added to skipped
+-- ARGV[11 .. 10+n+m]  the digests (fixed size) of the dedup ids: outputs, then dead letters
+-- then n pairs (message_id, data as JSON), then m triples (dedup id, reason, raw payload)
 --
 -- Returns {written, dead, skipped, dead_flags}, or {-1, 0, 0, ""} when the fence token does not
--- match. dead_flags has one character per dead-letter entry, in order: "1" appended, "0" seen.
+-- match. dead_flags has one character per dead letter, in order: "1" appended, "0" seen.
 --
 -- An id is remembered by its digest in the set of the time bucket (Redis's clock) it was
 -- written in; a batch checks the current bucket and the k before it, with one SMISMEMBER each,
 -- so an id is remembered for between k and k + 1 bucket widths; the set of the bucket before
--- those is unlinked. The check, the appends and the
--- SADD of the new digests are one script, so no id is remembered without being written, and a
--- retried batch skips what the first attempt wrote. While KEYS[5] exists (set at start-up when
--- lock keys of the previous write path were found; it expires when they have), their locks
--- count as seen too, so an upgrade in place writes nothing twice.
+-- those is unlinked. The check, the appends and the SADD of the new digests are one script, so
+-- no id is remembered without being written, and a retried batch skips what the first attempt
+-- wrote. While KEYS[5] exists (set at start-up when lock keys of the previous write path were
+-- found; it expires when they have), their locks count as seen too, so an upgrade in place
+-- writes nothing twice.
+--
+-- Per message this costs one XADD, k + 1 set lookups and one set insert: the digests go to
+-- SMISMEMBER and SADD straight from ARGV (unpack with a range), with no table built per batch
+-- unless something was already seen.
 
 if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then
     return {-1, 0, 0, ''}
@@ -35,82 +39,101 @@ end
 
 local prefix, width, k = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local consumer, maxlen = ARGV[4], tonumber(ARGV[6])
+local outputs, deads = tonumber(ARGV[8]), tonumber(ARGV[9])
+local written, dead, skipped = 0, 0, tonumber(ARGV[10])
+local first, last = 11, 10 + outputs + deads
+if last < first then
+    -- Only repeats inside the batch (or nothing): count them.
+    if skipped > 0 then redis.call('HINCRBY', KEYS[3], 'skipped', skipped) end
+    return {0, 0, skipped, ''}
+end
 local time = redis.call('TIME')
-local bucket = math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
+local bucket =
+    math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
 
-local digests = {}
-for i = 8, #ARGV, 5 do
-    digests[#digests + 1] = ARGV[i + 1]
-end
-if #digests == 0 then
-    return {0, 0, 0, ''}
-end
-
-local seen = {}
+local seen, any_seen = {}, false
 for b = bucket - k, bucket do
-    local flags = redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(digests))
+    local flags =
+        redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, first, last))
     for j = 1, #flags do
         if flags[j] == 1 then
-            seen[j] = true
+            seen[j], any_seen = true, true
         end
     end
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
-    local locks = {}
-    for i = 8, #ARGV, 5 do
-        locks[#locks + 1] = ARGV[7] .. ARGV[i + 2]
+    local locks, at = {}, last + 1
+    for j = 1, outputs do
+        locks[j], at = ARGV[7] .. ARGV[at], at + 2
+    end
+    for j = outputs + 1, outputs + deads do
+        locks[j], at = ARGV[7] .. ARGV[at], at + 3
     end
     local values = redis.call('MGET', unpack(locks))
     for j = 1, #values do
         if values[j] then
-            seen[j] = true
+            seen[j], any_seen = true, true
         end
     end
 end
 
-local function append(stream, ...)
+local function append(stream, f1, v1, f2, v2, f3, v3)
     if maxlen > 0 then
-        return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', f1, v1, f2, v2, f3, v3)
+    else
+        redis.call('XADD', stream, '*', f1, v1, f2, v2, f3, v3)
     end
-    return redis.call('XADD', stream, '*', ...)
 end
 
-local written, dead, skipped = 0, 0, 0
-local dead_flags, new, in_batch = {}, {}, {}
-local j = 0
-for i = 8, #ARGV, 5 do
-    j = j + 1
-    local digest = ARGV[i + 1]
-    local fresh = not seen[j] and not in_batch[digest]
-    if fresh then
-        in_batch[digest] = true
-        new[#new + 1] = digest
-    end
-    if ARGV[i] == 'o' then
-        if fresh then
-            append(KEYS[1], 'message_id', ARGV[i + 2], 'consumer_id', consumer, 'data', ARGV[i + 3])
-            written = written + 1
-        else
-            skipped = skipped + 1
-        end
-    elseif fresh then
-        append(KEYS[2], 'reason', ARGV[i + 3], 'raw', ARGV[i + 4], 'consumer_id', consumer)
-        dead = dead + 1
-        dead_flags[#dead_flags + 1] = '1'
+-- The outputs' XADD spelled out, not through append(): measured 0.3 µs less per message.
+local output, at = KEYS[1], last + 1
+for j = 1, outputs do
+    if seen[j] then
+        skipped = skipped + 1
+    elseif maxlen > 0 then
+        redis.call('XADD', output, 'MAXLEN', '~', maxlen, '*',
+            'message_id', ARGV[at], 'consumer_id', consumer, 'data', ARGV[at + 1])
+        written = written + 1
     else
+        redis.call('XADD', output, '*',
+            'message_id', ARGV[at], 'consumer_id', consumer, 'data', ARGV[at + 1])
+        written = written + 1
+    end
+    at = at + 2
+end
+local dead_flags = {}
+for j = outputs + 1, outputs + deads do
+    if seen[j] then
         skipped = skipped + 1
         dead_flags[#dead_flags + 1] = '0'
+    else
+        append(KEYS[2], 'reason', ARGV[at + 1], 'raw', ARGV[at + 2], 'consumer_id', consumer)
+        dead = dead + 1
+        dead_flags[#dead_flags + 1] = '1'
     end
+    at = at + 3
 end
-if #new > 0 then
+
+if written + dead > 0 then
     local key = prefix .. string.format('%.0f', bucket)
-    redis.call('SADD', key, unpack(new))
-    -- Checked by the k buckets after it. The first write of a later bucket UNLINKs it (freed off
-    -- the main thread: a set can hold millions of digests); the expiry is the backstop.
+    if any_seen then
+        local new = {}
+        for j = 1, outputs + deads do
+            if not seen[j] then
+                new[#new + 1] = ARGV[first + j - 1]
+            end
+        end
+        redis.call('SADD', key, unpack(new))
+    else
+        redis.call('SADD', key, unpack(ARGV, first, last))
+    end
+    -- Checked by the k buckets after it. The first write of a later bucket UNLINKs it (freed
+    -- off the main thread: a set can hold millions of digests); the expiry is the backstop.
     redis.call('PEXPIREAT', key, string.format('%.0f', (bucket + k + 2) * width))
 end
 redis.call('UNLINK', prefix .. string.format('%.0f', bucket - k - 1))
+dead_flags = table.concat(dead_flags)
 if written > 0 then redis.call('HINCRBY', KEYS[3], 'written', written) end
 if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dead', dead) end
 if skipped > 0 then redis.call('HINCRBY', KEYS[3], 'skipped', skipped) end
-return {written, dead, skipped, table.concat(dead_flags)}
+return {written, dead, skipped, dead_flags}
