@@ -182,35 +182,45 @@ class _ScriptLayout:
     dead letters, digests first; repeats inside the batch are counted here as skipped."""
 
     def __init__(self, entries: Sequence[Entry]) -> None:
-        self.outputs: list[tuple[bytes, Entry]] = []
-        self.dead: list[tuple[bytes, Entry]] = []
-        self.repeats = 0
-        # Per dead letter of the batch, in order: its place in self.dead, or None for a repeat.
+        self._output_digests: list[bytes] = []
+        self._outputs: list[str | bytes] = []  # message_id, data
+        self._dead_digests: list[bytes] = []
+        self._dead: list[str | bytes] = []  # dedup id, reason, raw
+        self._repeats = 0
+        # Per dead letter of the batch, in order: its place among the dead letters sent, or
+        # None for a repeat.
         self._dead_slots: list[int | None] = []
         firsts: set[bytes] = set()
         for entry in entries:
             key = digest(entry.lock_id)
-            repeat = key in firsts
+            if key in firsts:
+                self._repeats += 1
+                if entry.kind == DEAD:
+                    self._dead_slots.append(None)
+                continue
             firsts.add(key)
-            self.repeats += repeat
             if entry.kind == DEAD:
-                self._dead_slots.append(None if repeat else len(self.dead))
-            if not repeat:
-                (self.dead if entry.kind == DEAD else self.outputs).append((key, entry))
+                self._dead_slots.append(len(self._dead_digests))
+                self._dead_digests.append(key)
+                self._dead += (entry.lock_id, entry.a, entry.b)
+            else:
+                self._output_digests.append(key)
+                self._outputs += (entry.lock_id, entry.a)
 
     def args(self) -> list[str | bytes | int]:
-        args: list[str | bytes | int] = [len(self.outputs), len(self.dead), self.repeats]
-        args += [key for key, _ in self.outputs]
-        args += [key for key, _ in self.dead]
-        for _, entry in self.outputs:
-            args += (entry.lock_id, entry.a)
-        for _, entry in self.dead:
-            args += (entry.lock_id, entry.a, entry.b)
-        return args
+        return [
+            len(self._output_digests),
+            len(self._dead_digests),
+            self._repeats,
+            *self._output_digests,
+            *self._dead_digests,
+            *self._outputs,
+            *self._dead,
+        ]
 
     def dead_flags(self, script_flags: bytes) -> str:
-        """The script's flags (one per first occurrence) widened to every dead letter: "0" for
-        a repeat inside the batch, which was not appended."""
+        """The script's flags (one per dead letter sent) widened to every dead letter of the
+        batch: "0" for a repeat inside it, which was not appended."""
         flags = script_flags.decode()
         return "".join("0" if slot is None else flags[slot] for slot in self._dead_slots)
 
