@@ -8,6 +8,9 @@ writes the same batches (100 messages of about 150 bytes of JSON each, unique id
   (``demo/benchmark/lock_and_append.lua``, kept here as the baseline);
 - ``pipelines``: the seed's design, a pipeline of ``SET NX PX`` then a pipeline of ``XADD`` for
   the locks won (not atomic: a crash between the two loses the batch);
+- ``lookups``: today's script without its ``SADD``: it checks every id against the bucket sets
+  (filled by today's script beforehand) but remembers none (not exactly once: a reference that
+  splits today's cost between looking ids up and remembering them);
 - ``append``: the same appends with no deduplication at all, the floor of any design that
   appends one stream entry per message (not exactly once: a reference only).
 
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import redis
@@ -41,11 +45,14 @@ from processor.config import Settings
 from processor.connection import command_client
 from processor.keys import Keys
 from processor.messages import OUTPUT, Entry
+from processor.scripts import load_script
 from processor.writer import Writer
 
 BATCH = 100
 CONSUMER = "bench-consumer"
 BASELINE = Path(__file__).resolve().parent / "benchmark" / "lock_and_append.lua"
+# Taken out of today's script for the ``lookups`` reference.
+NO_INSERT = "redis.call('SADD', key, unpack(ARGV, first, last))"
 # The floor: the same appends with no deduplication at all (not exactly once; a reference).
 APPEND_ONLY = """
 for i = 2, #ARGV, 2 do
@@ -72,9 +79,21 @@ class Design:
         self._client = client
         self._keys = keys
         self._write: Callable[[list[Entry]], Any]
+        writer = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
+        # What fills the window before the measured batches: the design itself, except for
+        # ``lookups``, which looks up what today's script remembered.
+        self.prefill: Callable[[list[Entry]], Any] = self.write
         if name == "dedup":
-            writer = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
             self._write = lambda batch: writer.write(batch, CONSUMER, "")
+        elif name == "lookups":
+            source = load_script("dedup_append.lua")
+            assert NO_INSERT in source, "the bench's copy of the script's SADD is out of date"
+            with mock.patch(
+                "processor.writer.load_script", return_value=source.replace(NO_INSERT, "")
+            ):
+                checker = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
+            self._write = lambda batch: checker.write(batch, CONSUMER, "")
+            self.prefill = lambda batch: writer.write(batch, CONSUMER, "")
         elif name == "locks":
             script = client.register_script(BASELINE.read_text())
             # ARGV as that script took it (its last version: with MAXLEN 0 in ARGV[5]).
@@ -150,15 +169,15 @@ def measure(
     client.flushall()
     # A window already full of remembered ids, as in a daemon that has run for a while.
     for batch in prefill:
-        design.write(batch)
+        design.prefill(batch)
     client.delete(keys.output)
     before_memory = float(client.info("memory")["used_memory"])
     results: dict[str, float] = {}
     # All new, then the last tenth again (all already written, as after a takeover; recent
     # enough to be inside the window).
     phases = [("new", batches), ("seen", batches[-max(1, len(batches) // 10) :])]
-    if design.name == "append":
-        phases = phases[:1]  # it would append them again
+    if design.name in ("append", "lookups"):
+        phases = phases[:1]  # they would append them again
     for phase, sent in phases:
         sent_count = sum(len(batch) for batch in sent)
         client.config_resetstat()
@@ -174,7 +193,8 @@ def measure(
                 float(client.info("memory")["used_memory"]) - before_memory
             ) / count
         assert client.xlen(keys.output) == count, f"{design.name}: {client.xlen(keys.output)}"
-    results["dedup_b"] = dedup_bytes_per_id(client, keys)
+    # ``lookups`` remembers nothing: the sets are the prefill's.
+    results["dedup_b"] = math.nan if design.name == "lookups" else dedup_bytes_per_id(client, keys)
     return results
 
 
@@ -207,7 +227,7 @@ def main() -> int:
         prefill = make_batches(args.prefill, prefix="pre-")
         designs = [
             Design(name, client, keys, args.window_ms)
-            for name in ("dedup", "locks", "pipelines", "append")
+            for name in ("dedup", "locks", "pipelines", "lookups", "append")
         ]
         samples: dict[str, list[dict[str, float]]] = {d.name: [] for d in designs}
         for _ in range(args.rounds):

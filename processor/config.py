@@ -189,7 +189,8 @@ class Settings(GroupSettings):
     processing_batch_size: int = setting(
         100,
         "PROCESSING_BATCH_SIZE",
-        "messages written per script call at most (a batch holds this many per partition)",
+        "messages written per script call at most, up to 5000 (a batch holds this many per "
+        "partition)",
         minimum=1,
     )
     batch_window_ms: int = setting(
