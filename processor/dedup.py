@@ -78,8 +78,8 @@ class SeenCheck:
             window.buckets_checked,
             part.lock_prefix,
         ]
-        for dedup_id in dedup_ids:
-            args += [digest(dedup_id), dedup_id]
+        args += [digest(dedup_id) for dedup_id in dedup_ids]
+        args += dedup_ids
         reply = self._script(keys=[part.legacy_locks], args=args)
         return [int(flag) == 1 for flag in reply]
 
