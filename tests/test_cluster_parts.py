@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
 from processor.access import CLUSTER_ACL_RULES
-from processor.config import Settings, load_daemon_settings
+from processor.config import MAX_BATCH_SIZE, Settings, load_daemon_settings
 from processor.connection import command_client, reread_layout
 from processor.controlplane import claim_partitions
 from processor.dedup import SeenCheck, Window
@@ -84,6 +84,23 @@ def test_a_batch_over_partitions_is_written_once_each_entry_in_its_own_partition
     assert seen.seen([entry.lock_id for entry in entries] + ["never-written"]) == [True] * 64 + [
         False
     ]
+
+
+def test_ids_crowding_into_one_partition_are_written_in_calls_the_script_can_take(
+    settings: Settings, cluster_client: redis.Redis
+) -> None:
+    # A batch holds PROCESSING_BATCH_SIZE per partition on average only: a publisher's ids can
+    # all land in one partition, beyond what one script call unpacks.
+    keys = Keys.from_settings(settings)
+    writer = Writer(cluster_client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0)
+    crowded = (f"crowd-{n}" for n in range(100_000))
+    ids = [item for item in crowded if keys.partition_of(item) == 1][: MAX_BATCH_SIZE * 2 + 10]
+    entries = [Entry("o", item, "{}") for item in ids]
+    result = writer.write(entries, "consumer-c", "")
+    assert result is not None and (result.written, result.skipped) == (len(ids), 0)
+    assert cluster_client.xlen(keys.partitions[1].output) >= len(ids)
+    seen = SeenCheck(cluster_client, keys, Window.for_ttl(60_000))
+    assert seen.seen([*ids, "crowd-never"]) == [True] * len(ids) + [False]
 
 
 def test_a_write_with_a_stale_fence_is_refused_in_every_partition(

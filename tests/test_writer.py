@@ -115,6 +115,21 @@ def test_repeats_inside_one_batch_first_one_wins_whatever_its_kind(
     assert r.hgetall(keys.stats) == {"written": "2", "dead": "2", "skipped": "5"}
 
 
+def test_a_batch_larger_than_one_call_takes_is_written_in_several_exactly_once(
+    writer: Writer, client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    entries = _entries(0, 2 * MAX_BATCH_SIZE + 10)
+    # Repeats that fall in another call than their first occurrence, and a repeated dead letter.
+    batch = [*entries, parse(b"junk", 64), entries[0], entries[-1], parse(b"junk", 64)]
+    result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]
+    assert result == WriteResult(len(entries), 1, 3, dead_flags="10")
+    assert _ids(r, keys.output) == [entry.lock_id for entry in entries]
+    seen = SeenCheck(client, keys, Window.for_ttl(60_000))
+    assert seen.seen([*(entry.lock_id for entry in entries), "m-never"]) == [True] * len(
+        entries
+    ) + [False]
+
+
 def test_the_largest_batch_allowed_is_written_in_one_call(
     writer: Writer, keys: Keys, r: redis.Redis
 ) -> None:
