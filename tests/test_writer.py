@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import redis
@@ -17,7 +18,7 @@ from processor.connection import command_client
 from processor.dedup import DIGEST_BYTES, SeenCheck, Window, digest, mark_legacy_locks
 from processor.keys import Keys
 from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
-from processor.writer import Writer, WriteResult
+from processor.writer import Writer, WriteResult, evalsha_packed
 from tests.helpers import wait_until
 
 CONSUMER = "test-consumer-1"
@@ -119,10 +120,19 @@ def test_a_batch_larger_than_one_call_takes_is_written_in_several_exactly_once(
     writer: Writer, client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:
     entries = _entries(0, 2 * MAX_BATCH_SIZE + 10)
-    # Repeats that fall in another call than their first occurrence, and a repeated dead letter.
-    batch = [*entries, parse(b"junk", 64), entries[0], entries[-1], parse(b"junk", 64)]
+    assert writer.write([parse(b"old junk", 64)], CONSUMER, "").dead == 1  # type: ignore[list-item, union-attr]
+    # A dead letter already written in the first call, a new one in the third; repeats that
+    # fall in another call than their first occurrence, and a repeated dead letter.
+    batch = [
+        parse(b"old junk", 64),
+        *entries,
+        parse(b"junk", 64),
+        entries[0],
+        entries[-1],
+        parse(b"junk", 64),
+    ]
     result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]
-    assert result == WriteResult(len(entries), 1, 3, dead_flags="10")
+    assert result == WriteResult(len(entries), 1, 4, dead_flags="010")
     assert _ids(r, keys.output) == [entry.lock_id for entry in entries]
     seen = SeenCheck(client, keys, Window.for_ttl(60_000))
     assert seen.seen([*(entry.lock_id for entry in entries), "m-never"]) == [True] * len(
@@ -134,7 +144,9 @@ def test_the_largest_batch_allowed_is_written_in_one_call(
     writer: Writer, keys: Keys, r: redis.Redis
 ) -> None:
     entries = [*_entries(0, MAX_BATCH_SIZE - 1), parse(b"junk", 64)]
-    result = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
+    with mock.patch("processor.writer.evalsha_packed", wraps=evalsha_packed) as spy:
+        result = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
+    assert spy.call_count == 1
     assert result == WriteResult(MAX_BATCH_SIZE - 1, 1, 0, dead_flags="1")
     assert r.xlen(keys.output) == MAX_BATCH_SIZE - 1
     again = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
@@ -301,6 +313,29 @@ def test_locks_of_the_previous_write_path_count_as_written_for_one_window(
     r.delete(keys.legacy_locks, *r.keys(keys.lock_prefix + "*"))
     assert not mark_legacy_locks(client, keys, 60_000)  # no old locks: no marker, no cost
     assert not r.exists(keys.legacy_locks)
+
+
+def test_outputs_and_dead_letters_are_each_checked_against_their_own_ids(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    # Seen and new outputs and dead letters interleaved, some seen through the bucket sets and
+    # some through lock keys of the previous write path, so that a flag read for the wrong
+    # entry (outputs' for dead letters, or a lock key read at the wrong place) shows.
+    writer = _writer(client, keys, 60_000, "[mixed]")
+    junk_a, junk_b, junk_c, junk_d = (parse(f"junk-{n}".encode(), 64) for n in "abcd")
+    assert writer.write([*_entries(0, 2), junk_a], CONSUMER, "") == WriteResult(  # type: ignore[list-item]
+        2, 1, 0, dead_flags="1"
+    )
+    r.set(keys.lock("m-2"), 1, px=60_000)
+    r.set(keys.lock(junk_b.lock_id), 1, px=60_000)  # type: ignore[union-attr]
+    assert mark_legacy_locks(client, keys, 60_000)
+    m0, m2, m3 = _entries(0, 1)[0], _entries(2, 3)[0], _entries(3, 4)[0]
+    batch = [m0, junk_c, m2, junk_a, m3, junk_b, junk_d]
+    result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]
+    assert result == WriteResult(written=1, dead=2, skipped=4, dead_flags="1001")
+    assert _ids(r, keys.output) == ["m-0", "m-1", "m-3"]
+    raws = [fields["raw"] for _, fields in r.xrange(keys.dead)]
+    assert raws == ["junk-a", "junk-c", "junk-d"]
 
 
 def test_stats_hash_counts(writer: Writer, keys: Keys, r: redis.Redis) -> None:
