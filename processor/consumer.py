@@ -511,5 +511,7 @@ class Consumer:
             old_id,
         )
         held, self._unwritten = self._unwritten, []
-        if held:
-            self._writes.submit(held)
+        # Batch by batch, as received: a batch is one script call on a single Redis, written
+        # whole or refused whole by a fence, so a refusal never strands a written part here.
+        for start in range(0, len(held), self._batch_size):
+            self._writes.submit(held[start : start + self._batch_size])
