@@ -105,7 +105,7 @@ class GroupSettings(RedisSettings):
     dead_letter_stream: str = setting(
         "messages:dead",
         "DEAD_LETTER_STREAM",
-        "stream for invalid messages",
+        "stream for invalid messages (not OUTPUT_STREAM)",
     )
     consumers_list: str = setting(
         "consumer:ids",
@@ -425,8 +425,14 @@ def _check_untagged(name: str, value: str) -> None:
 
 
 def check_group(settings: GroupSettings) -> None:
-    """On a cluster the daemon adds the hash tags itself: the names must not carry their own."""
+    """Two streams, not one; on a cluster the daemon adds the hash tags itself: the names must
+    not carry their own."""
     check_redis(settings)
+    if settings.dead_letter_stream == settings.output_stream:
+        raise ConfigError(
+            f"invalid DEAD_LETTER_STREAM: {settings.dead_letter_stream!r} is OUTPUT_STREAM too; "
+            "dead letters would mix with the output (give it a name of its own)"
+        )
     if not settings.redis_cluster:
         return
     for name, value in (

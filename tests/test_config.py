@@ -156,6 +156,13 @@ def test_negative_batch_size_names_the_env_var() -> None:
         load_daemon_settings([], {"PROCESSING_BATCH_SIZE": "0"})
 
 
+def test_dead_letters_need_a_stream_of_their_own() -> None:
+    environ = {"OUTPUT_STREAM": "out", "DEAD_LETTER_STREAM": "out"}
+    with pytest.raises(ConfigError, match="invalid DEAD_LETTER_STREAM: 'out' is OUTPUT_STREAM"):
+        load_daemon_settings([], environ)
+    assert load_daemon_settings([], {"DEAD_LETTER_STREAM": "out"}).dead_letter_stream == "out"
+
+
 def test_batch_size_above_what_one_script_call_takes_is_refused() -> None:
     assert load_daemon_settings([], {"PROCESSING_BATCH_SIZE": "5000"}).processing_batch_size == 5000
     with pytest.raises(ConfigError, match="PROCESSING_BATCH_SIZE: 5001 is more than 5000"):
