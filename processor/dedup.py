@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.config import MAX_BATCH_SIZE
 from processor.keys import Keys
 from processor.scripts import load_script
 
@@ -64,13 +63,10 @@ class SeenCheck:
 
     def seen(self, dedup_ids: list[str]) -> list[bool]:
         flags = [False] * len(dedup_ids)
-        for partition, all_indices in self._keys.by_partition(dedup_ids).items():
-            # At most MAX_BATCH_SIZE ids per call, as for writes (Lua's unpack limit).
-            for start in range(0, len(all_indices), MAX_BATCH_SIZE):
-                indices = all_indices[start : start + MAX_BATCH_SIZE]
-                found = self._seen_in(partition, [dedup_ids[index] for index in indices])
-                for index, flag in zip(indices, found, strict=True):
-                    flags[index] = flag
+        for partition, indices in self._keys.script_calls(dedup_ids):
+            found = self._seen_in(partition, [dedup_ids[index] for index in indices])
+            for index, flag in zip(indices, found, strict=True):
+                flags[index] = flag
         return flags
 
     def _seen_in(self, partition: int, dedup_ids: list[str]) -> list[bool]:

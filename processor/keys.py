@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from processor.config import GroupSettings, RedisSettings
+from processor.config import MAX_BATCH_SIZE, GroupSettings, RedisSettings
 from processor.partitions import hash_tag, partition_of
 
 
@@ -163,12 +163,19 @@ class Keys:
     def partition_of(self, dedup_id: str) -> int:
         return partition_of(dedup_id, len(self.partitions))
 
-    def by_partition(self, dedup_ids: Sequence[str]) -> dict[int, list[int]]:
-        """The positions of ``dedup_ids`` grouped by partition, in partition order."""
+    def script_calls(self, dedup_ids: Sequence[str]) -> list[tuple[int, list[int]]]:
+        """The positions of ``dedup_ids`` as script calls, in partition order: one partition a
+        call (it runs on that partition's primary) and at most MAX_BATCH_SIZE ids (Lua's unpack
+        limit; on a cluster a batch holds that many per partition only on average, and ids can
+        crowd into one partition)."""
         groups: dict[int, list[int]] = {}
         for index, dedup_id in enumerate(dedup_ids):
             groups.setdefault(self.partition_of(dedup_id), []).append(index)
-        return dict(sorted(groups.items()))
+        return [
+            (partition, indices[start : start + MAX_BATCH_SIZE])
+            for partition, indices in sorted(groups.items())
+            for start in range(0, len(indices), MAX_BATCH_SIZE)
+        ]
 
     def heartbeat(self, consumer_id: str) -> str:
         return self.heartbeat_prefix + consumer_id

@@ -88,29 +88,20 @@ class Writer:
         keys = self._keys
         if len(keys.partitions) == 1 and len(entries) <= MAX_BATCH_SIZE:
             return self._write_partition(0, entries, consumer_id, fence)
-        if len(keys.partitions) == 1:
-            by_partition = {0: list(range(len(entries)))}
-        else:
-            by_partition = keys.by_partition([entry.lock_id for entry in entries])
         written = dead = skipped = 0
         flags: dict[int, str] = {}
-        for partition, all_indices in by_partition.items():
-            # One script call takes at most MAX_BATCH_SIZE entries (Lua's unpack limit). On a
-            # cluster a batch holds that many per partition only on average: ids can crowd
-            # into one partition.
-            for start in range(0, len(all_indices), MAX_BATCH_SIZE):
-                indices = all_indices[start : start + MAX_BATCH_SIZE]
-                part = [entries[index] for index in indices]
-                result = self._write_partition(partition, part, consumer_id, fence)
-                if result is None or result.fenced:
-                    return result
-                written, dead, skipped = (
-                    written + result.written,
-                    dead + result.dead,
-                    skipped + result.skipped,
-                )
-                dead_indices = [index for index in indices if entries[index].kind == DEAD]
-                flags.update(zip(dead_indices, result.dead_flags, strict=True))
+        for partition, indices in keys.script_calls([entry.lock_id for entry in entries]):
+            part = [entries[index] for index in indices]
+            result = self._write_partition(partition, part, consumer_id, fence)
+            if result is None or result.fenced:
+                return result
+            written, dead, skipped = (
+                written + result.written,
+                dead + result.dead,
+                skipped + result.skipped,
+            )
+            dead_indices = [index for index in indices if entries[index].kind == DEAD]
+            flags.update(zip(dead_indices, result.dead_flags, strict=True))
         dead_flags = "".join(flag for _, flag in sorted(flags.items()))
         return WriteResult(written, dead, skipped, dead_flags=dead_flags)
 
