@@ -88,13 +88,14 @@ local output, at = KEYS[1], last + 1
 for j = 1, outputs do
     if seen[j] then
         skipped = skipped + 1
-    elseif maxlen > 0 then
-        redis.call('XADD', output, 'MAXLEN', '~', maxlen, '*',
-            'message_id', ARGV[at], 'consumer_id', consumer, 'data', ARGV[at + 1])
-        written = written + 1
     else
-        redis.call('XADD', output, '*',
-            'message_id', ARGV[at], 'consumer_id', consumer, 'data', ARGV[at + 1])
+        if maxlen > 0 then
+            redis.call('XADD', output, 'MAXLEN', '~', maxlen, '*',
+                'message_id', ARGV[at], 'consumer_id', consumer, 'data', ARGV[at + 1])
+        else
+            redis.call('XADD', output, '*',
+                'message_id', ARGV[at], 'consumer_id', consumer, 'data', ARGV[at + 1])
+        end
         written = written + 1
     end
     at = at + 2
@@ -130,8 +131,7 @@ if written + dead > 0 then
     redis.call('PEXPIREAT', key, string.format('%.0f', (bucket + k + 2) * width))
 end
 redis.call('UNLINK', prefix .. string.format('%.0f', bucket - k - 1))
-dead_flags = table.concat(dead_flags)
 if written > 0 then redis.call('HINCRBY', KEYS[3], 'written', written) end
 if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dead', dead) end
 if skipped > 0 then redis.call('HINCRBY', KEYS[3], 'skipped', skipped) end
-return {written, dead, skipped, dead_flags}
+return {written, dead, skipped, table.concat(dead_flags)}
