@@ -90,6 +90,8 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         # The exactly-once write (inside dedup_append.lua, seen.lua) and the start-up look for
         # the previous write path's locks.
         ("TIME",),
+        ("GET", keys.single.seen_clock),
+        ("SET", keys.single.seen_clock, "1"),
         ("SMISMEMBER", seen, "x"),
         ("SADD", seen, "x"),
         ("PEXPIREAT", seen, "1"),

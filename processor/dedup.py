@@ -5,7 +5,9 @@ as a 12-byte BLAKE2b digest, whatever the id's length, in the set of the time bu
 clock) it was written in, each bucket ``LOCK_TTL_MS / BUCKETS_CHECKED`` wide. A write checks the
 current bucket and the ``BUCKETS_CHECKED`` before it, one ``SMISMEMBER`` each per batch, so an id
 is remembered for between ``LOCK_TTL_MS`` and 1.5 x ``LOCK_TTL_MS``; the set of a bucket no longer
-checked is unlinked by the next write (and expires soon after in any case).
+checked is unlinked by the next write (and expires soon after in any case). The bucket never goes
+back while Redis's clock steps back by up to 1.5 x ``LOCK_TTL_MS`` (``Keys.seen_clock``, see
+``lua/dedup_append.lua``).
 With 96-bit digests, two different ids collide with a probability of about n^2 / 2^97 for n ids
 in a window: 2e-14 for 60 million.
 
@@ -80,7 +82,7 @@ class SeenCheck:
         ]
         args += [digest(dedup_id) for dedup_id in dedup_ids]
         args += dedup_ids
-        reply = self._script(keys=[part.legacy_locks], args=args)
+        reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
         return [int(flag) == 1 for flag in reply]
 
 

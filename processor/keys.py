@@ -38,6 +38,8 @@ class PartitionKeys:
     dead: str
     stats: str
     seen_prefix: str
+    # The bucket clock: the newest dedup bucket written, so writes never go back a bucket.
+    seen_clock: str
     legacy_locks: str
     lock_prefix: str
     # Prefix of the per-partition fence keys (cluster); "" = the heartbeat key is the fence.
@@ -72,6 +74,7 @@ class Keys:
                 dead=settings.dead_letter_stream,
                 stats=f"{prefix}:stats",
                 seen_prefix=f"{prefix}:seen:",
+                seen_clock=f"{prefix}:seen-clock",
                 legacy_locks=f"{prefix}:legacy-locks",
                 lock_prefix=f"{prefix}:lock:",
                 fence_prefix="",
@@ -119,6 +122,7 @@ class Keys:
             dead=f"{settings.dead_letter_stream}:{{{tag}}}",
             stats=f"{own}:stats",
             seen_prefix=f"{own}:seen:",
+            seen_clock=f"{own}:seen-clock",
             legacy_locks=f"{own}:legacy-locks",
             lock_prefix=f"{own}:lock:",
             fence_prefix=f"{own}:fence:",

@@ -127,6 +127,7 @@ class Writer:
             part.stats,
             keys.fence(partition, consumer_id),
             part.legacy_locks,
+            part.seen_clock,
         ]
         give_up_at: float | None = None
         while True:

@@ -490,6 +490,42 @@ def test_the_set_of_a_bucket_no_longer_checked_is_unlinked_by_the_next_write(
     assert not r.exists(stale) and r.exists(kept)
 
 
+def test_ids_written_before_redis_clock_stepped_back_are_still_skipped(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """A failover to a replica whose clock is behind, or an NTP step back: the sets written
+    before are in buckets Redis's clock has not reached; writes go on into the newest one."""
+    writer = _writer(client, keys, 600_000, "[clock]")
+    window = Window.for_ttl(600_000)
+    now_bucket = int(r.time()[0] * 1000 // window.width_ms)
+    ahead = now_bucket + window.buckets_checked + 1  # the furthest step back that is followed
+    # What the old primary left: m-0 written in a bucket its clock had reached, and the clock.
+    client.sadd(f"{keys.seen_prefix}{ahead}", digest("m-0"))
+    r.set(keys.single.seen_clock, ahead)
+    result = writer.write(_entries(0, 2), CONSUMER, "")
+    assert result == WriteResult(written=1, dead=0, skipped=1)
+    assert client.smembers(f"{keys.seen_prefix}{ahead}") == {digest("m-0"), digest("m-1")}
+    seen = SeenCheck(client, keys, window).seen(["m-0", "m-1", "m-2"])
+    assert seen == [True, True, False]
+    assert r.get(keys.single.seen_clock) == str(ahead)
+
+
+def test_a_bucket_clock_further_ahead_than_the_window_is_dropped(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """A clock that far ahead was wrong, not stepped back: following it would pile every write
+    into one set until Redis's clock caught up."""
+    writer = _writer(client, keys, 600_000, "[clock]")
+    window = Window.for_ttl(600_000)
+    before = int(r.time()[0] * 1000 // window.width_ms)
+    r.set(keys.single.seen_clock, before + window.buckets_checked + 3)
+    assert writer.write(_entries(0, 1), CONSUMER, "") == WriteResult(1, 0, 0)
+    after = int(r.time()[0] * 1000 // window.width_ms)
+    bucket = int(r.get(keys.single.seen_clock) or 0)
+    assert before <= bucket <= after
+    assert client.smembers(f"{keys.seen_prefix}{bucket}") == {digest("m-0")}
+
+
 def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a_while(
     client: redis.Redis, keys: Keys, r: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,6 +5,7 @@
 -- KEYS[3]  stats hash (group counters: written, dead, skipped)
 -- KEYS[4]  heartbeat key of the writing consumer (its fence)
 -- KEYS[5]  marker that lock keys of the previous write path may still exist (see below)
+-- KEYS[6]  the bucket clock: the newest bucket written (see below)
 -- ARGV[1]  seen-set key prefix: the set of time bucket b is ARGV[1] .. b
 -- ARGV[2]  bucket width in ms
 -- ARGV[3]  how many earlier buckets are checked besides the current one (k)
@@ -29,6 +30,12 @@
 -- found; it expires when they have), their locks count as seen too, so an upgrade in place
 -- writes nothing twice.
 --
+-- The bucket is Redis's clock in bucket widths, but never earlier than the newest bucket
+-- written (KEYS[6]) while that is at most k + 1 buckets ahead: after Redis's clock steps back
+-- (a failover to a replica whose clock is behind, an NTP step), writes go on into the newest
+-- bucket, so the sets written before the step are still checked. A clock more than that far
+-- ahead was wrong, not stepped back: it is dropped, and the bucket follows Redis's clock.
+--
 -- Per message this costs one XADD, k + 1 set lookups and one set insert: the digests go to
 -- SMISMEMBER and SADD straight from ARGV (unpack with a range), with no table built per batch
 -- unless something was already seen.
@@ -48,6 +55,10 @@ end
 local time = redis.call('TIME')
 local bucket =
     math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
+local clock = tonumber(redis.call('GET', KEYS[6]))
+if clock and clock > bucket and clock - bucket <= k + 1 then
+    bucket = clock
+end
 
 local seen, any_seen = {}, false
 for b = bucket - k, bucket do
@@ -115,6 +126,9 @@ end
 
 if written + dead > 0 then
     local key = prefix .. string.format('%.0f', bucket)
+    if bucket ~= clock then
+        redis.call('SET', KEYS[6], string.format('%.0f', bucket))
+    end
     if any_seen then
         local new = {}
         for j = 1, outputs + deads do

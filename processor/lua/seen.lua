@@ -2,6 +2,7 @@
 -- handler again for messages another consumer may have written).
 --
 -- KEYS[1]  marker that lock keys of the previous write path may still exist
+-- KEYS[2]  the bucket clock (dedup_append.lua says how the bucket follows it)
 -- ARGV[1]  seen-set key prefix, ARGV[2] bucket width in ms, ARGV[3] earlier buckets checked (k),
 -- ARGV[4]  key prefix of the previous write path's lock keys
 -- ARGV[5 .. 4+n]  the digests of the n ids, then ARGV[5+n .. 4+2n] the ids, in the same order
@@ -19,6 +20,10 @@ if n == 0 then
 end
 local time = redis.call('TIME')
 local bucket = math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
+local clock = tonumber(redis.call('GET', KEYS[2]))
+if clock and clock > bucket and clock - bucket <= k + 1 then
+    bucket = clock
+end
 for b = bucket - k, bucket do
     local flags = redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, 5, 4 + n))
     for j = 1, n do
