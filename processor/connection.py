@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import redis
+from redis._parsers.base import BaseParser
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -23,7 +24,30 @@ _INNER_RETRIES = 2
 SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 
+
+class WritesRefused(redis.ResponseError):
+    """Raised when Redis refuses writes for a while: a failed save with
+    ``stop-writes-on-bgsave-error`` (MISCONF), fewer replicas than ``min-replicas-to-write``
+    (NOREPLICAS), another client's script past ``busy-reply-threshold`` (BUSY)."""
+
+
+# redis-py raises the class registered for an error reply's first word (OOM, READONLY and
+# LOADING have theirs); these would be plain ResponseErrors, which end the thread that gets one:
+# a consumer would leave with what it holds, and a whole group at once.
+for _code in ("MISCONF", "NOREPLICAS", "BUSY"):
+    BaseParser.EXCEPTION_CLASSES.setdefault(_code, WritesRefused)
+
+# Redis refusing what we send until an operator or time mends it. Retried like a dropped
+# connection, holding what is not written: nothing is refused halfway (a script is refused
+# only before its first write), and every consumer of a group gets the same refusal.
+REFUSALS: tuple[type[redis.RedisError], ...] = (
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached (with noeviction)
+    redis.exceptions.ReadOnlyError,  # a replica: the URL points at a demoted primary
+    WritesRefused,
+)
+
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    *REFUSALS,
     redis.ConnectionError,
     redis.TimeoutError,
     ConnectionError,
@@ -146,6 +170,15 @@ class Outage:
             return
         if self._started is None:
             self._started = time.monotonic()
+            if isinstance(error, REFUSALS):
+                log.error(
+                    "%s %s refused: %s %s; holding what is not written and retrying",
+                    self._context(),
+                    self._what,
+                    error.status_code,
+                    str(error).rstrip("."),
+                )
+                return
             log.warning("%s %s unavailable: %s; retrying", self._context(), self._what, error)
 
     def recovered(self) -> float:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
+from redis.cluster import RedisCluster
 
 from processor.keys import Keys
 from processor.scripts import load_script
@@ -84,6 +86,43 @@ class SeenCheck:
         args += dedup_ids
         reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
         return [int(flag) == 1 for flag in reply]
+
+
+def eviction_policies(info: dict[str, Any]) -> set[str]:
+    """The ``maxmemory-policy`` in ``INFO memory`` of one Redis, or of each of a cluster's
+    primaries (redis-py's cluster client answers by node)."""
+    if "maxmemory_policy" in info:
+        return {str(info["maxmemory_policy"])}
+    return {
+        str(node["maxmemory_policy"])
+        for node in info.values()
+        if isinstance(node, dict) and "maxmemory_policy" in node
+    }
+
+
+def warn_if_evicting(client: redis.Redis, cluster: bool) -> None:
+    """Warns when Redis may evict our keys under memory pressure: the dedup sets carry an
+    expiry, so a volatile-* policy evicts them first (their ids would be written again), and an
+    allkeys-* policy may evict the output streams too. With noeviction a full Redis refuses
+    writes instead, and the daemon holds them until it has room."""
+    try:
+        if cluster:
+            primaries = RedisCluster.PRIMARIES
+            info = cast(RedisCluster, client).info("memory", target_nodes=primaries)
+        else:
+            info = client.info("memory")
+        policies = eviction_policies(info)
+    except redis.exceptions.NoPermissionError:
+        log.debug("INFO not permitted: Redis's maxmemory-policy not checked")
+        return
+    evicting = sorted(policy for policy in policies if policy != "noeviction")
+    if evicting:
+        log.warning(
+            "Redis's maxmemory-policy is %s: when memory runs out it evicts keys, and the "
+            "dedup window (ids written again) or the output streams can go; set "
+            "maxmemory-policy noeviction",
+            ", ".join(evicting),
+        )
 
 
 def mark_legacy_locks(client: redis.Redis, keys: Keys, lock_ttl_ms: int) -> bool:

@@ -32,7 +32,7 @@ from processor.config import Settings
 from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
 from processor.controlplane import claim_partitions
-from processor.dedup import mark_legacy_locks
+from processor.dedup import mark_legacy_locks, warn_if_evicting
 from processor.errors import ConfigError
 from processor.health import HealthServer
 from processor.keys import Keys
@@ -114,8 +114,9 @@ class Supervisor:
                 log.warning("could not check PARTITIONS against the group's: %s", error)
         try:
             mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
+            warn_if_evicting(self._client, self._keys.cluster)
         except REDIS_ERRORS as error:
-            log.warning("could not look for the previous write path's locks: %s", error)
+            log.warning("could not check the dedup window's keys: %s", error)
         try:
             self._order = self._steering.start(0, self.stop)
         except GroupStopped as stopped:

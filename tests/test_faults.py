@@ -23,6 +23,7 @@ from tests.faults_support import (
     GAPS,
     INVALID_PAYLOADS,
     LINGER_S,
+    OUTPUT,
     RATE,
     RECOVER_S,
     REPLACE_S,
@@ -382,6 +383,54 @@ def test_redis_restart_is_survived_without_a_daemon_restart_and_the_gap_reported
     expected = Expected(publisher.records(), strict_unknown=False)
     try:
         finish(daemon, redis_client, expected, context)
+    finally:
+        redis_client.close()
+
+
+# Each refusal: the setting that makes Redis refuse writes, and the value that ends it.
+REFUSALS = {
+    "OOM": ("maxmemory", "1", "0"),  # maxmemory reached, noeviction (Redis's default policy)
+    "NOREPLICAS": ("min-replicas-to-write", "1", "0"),  # and no replica
+}
+
+
+@pytest.mark.parametrize("code", list(REFUSALS))
+def test_redis_refusing_writes_is_waited_out_and_nothing_held_is_lost(
+    private_redis, procs, tmp_path: Path, seed: int, code: str
+):
+    """Writes refused for seconds, longer than the heartbeat TTL: no consumer leaves or is
+    replaced, they hold what they receive meanwhile, and write it once Redis takes writes."""
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} refusal={code}"
+    url = private_redis.url
+    redis_client = client(url)
+    daemon = start_daemon(procs, url, "partitioned")
+    consumers_before = daemon.consumers()
+    publish_invalid(redis_client, context)
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, url, tmp_path / "record.txt", duration)
+
+    setting, refuse, allow = REFUSALS[code]
+    publisher.wait_published(rng.randint(total // 5, total // 3))
+    redis_client.config_set(setting, refuse)
+    try:
+        wait_for(
+            lambda: f"refused: {code} " in daemon.log(),
+            RECOVER_S,
+            f"{context}: the refusal was not logged",
+        )
+        before = redis_client.xlen(OUTPUT)
+        publisher.wait_published(rng.randint(total * 2 // 3, total * 5 // 6))
+        assert redis_client.xlen(OUTPUT) == before, f"{context}: written while refused"
+    finally:
+        redis_client.config_set(setting, allow)
+    print(context, publisher.finish())
+    assert daemon.proc.poll() is None, f"{context}: the daemon exited"
+    assert daemon.consumers() == consumers_before, f"{context}: consumers were replaced"
+    assert "thread died" not in daemon.log(), f"{context}: a thread died"
+    try:
+        finish(daemon, redis_client, Expected(publisher.records()), context)
     finally:
         redis_client.close()
 

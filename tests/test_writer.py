@@ -14,8 +14,16 @@ import redis
 
 from demo.redis_server import RedisServer
 from processor.config import MAX_BATCH_SIZE, Settings
-from processor.connection import command_client
-from processor.dedup import DIGEST_BYTES, SeenCheck, Window, digest, mark_legacy_locks
+from processor.connection import CONNECTION_ERRORS, command_client
+from processor.dedup import (
+    DIGEST_BYTES,
+    SeenCheck,
+    Window,
+    digest,
+    eviction_policies,
+    mark_legacy_locks,
+    warn_if_evicting,
+)
 from processor.keys import Keys
 from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
 from processor.writer import Writer, WriteResult, evalsha_packed
@@ -488,6 +496,66 @@ def test_the_set_of_a_bucket_no_longer_checked_is_unlinked_by_the_next_write(
     result = writer.write(_entries(0, 2), CONSUMER, "")
     assert result == WriteResult(written=1, dead=0, skipped=1)  # m-0 forgotten, m-1 not
     assert not r.exists(stale) and r.exists(kept)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "MISCONF Errors writing to the AOF file",
+        "NOREPLICAS Not enough good replicas to write.",
+        "BUSY Redis is busy running a script.",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "READONLY You can't write against a read only replica.",
+    ],
+)
+def test_a_refusal_reply_is_retried_like_an_outage(client: redis.Redis, reply: str) -> None:
+    """What Redis answers while it refuses writes reaches our loops as an outage to wait out,
+    not as an error that ends a thread."""
+    with pytest.raises(CONNECTION_ERRORS) as raised:
+        client.eval(f"return redis.error_reply({reply!r})", 0)
+    assert raised.value.status_code == reply.split()[0]  # type: ignore[attr-defined]
+
+
+def test_an_evicting_maxmemory_policy_is_warned_about_at_start(
+    client: redis.Redis, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="processor.dedup"):
+        warn_if_evicting(client, cluster=False)  # Redis's default: noeviction
+        assert caplog.records == []
+        r.config_set("maxmemory-policy", "volatile-lru")
+        try:
+            warn_if_evicting(client, cluster=False)
+        finally:
+            r.config_set("maxmemory-policy", "noeviction")
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert "maxmemory-policy is volatile-lru" in warning
+    assert "set maxmemory-policy noeviction" in warning
+
+
+def test_a_user_without_info_skips_the_eviction_check(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ACLs written before the check lack +info: the daemon starts as before."""
+    r.execute_command("ACL", "SETUSER", "no-info", "on", ">pw", "~*", "+@all", "-info")
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    user = redis.Redis.from_url(redis_url, username="no-info", password="pw")
+    try:
+        with caplog.at_level("WARNING", logger="processor.dedup"):
+            warn_if_evicting(user, cluster=False)
+    finally:
+        user.close()
+        r.config_set("maxmemory-policy", "noeviction")
+        r.execute_command("ACL", "DELUSER", "no-info")
+    assert caplog.records == []
+
+
+def test_eviction_policies_are_read_from_one_redis_or_each_cluster_node() -> None:
+    assert eviction_policies({"maxmemory_policy": "noeviction", "used_memory": 1}) == {"noeviction"}
+    nodes = {
+        "127.0.0.1:7000": {"maxmemory_policy": "noeviction"},
+        "127.0.0.1:7001": {"maxmemory_policy": "allkeys-lru"},
+    }
+    assert eviction_policies(nodes) == {"noeviction", "allkeys-lru"}
 
 
 def test_ids_written_before_redis_clock_stepped_back_are_still_skipped(
