@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -141,6 +142,41 @@ def _ignore(what: str) -> None:
 on_outage_recovered: Callable[[str], None] = _ignore
 
 
+class Downtime:
+    """How long, in this process, some Outage has been on (Redis unreachable or refusing us).
+
+    The takeover buffer ages only outside it: while writes fail here they fail for the owners
+    too, so a message received then may still be unwritten, however old.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: set[int] = set()
+        self._since = 0.0
+        self._total_s = 0.0
+
+    def begin(self, outage: object, now: float) -> None:
+        with self._lock:
+            if not self._active:
+                self._since = now
+            self._active.add(id(outage))
+
+    def end(self, outage: object, now: float) -> None:
+        with self._lock:
+            if id(outage) not in self._active:
+                return
+            self._active.discard(id(outage))
+            if not self._active:
+                self._total_s += now - self._since
+
+    def total_s(self, now: float) -> float:
+        with self._lock:
+            return self._total_s + (now - self._since if self._active else 0.0)
+
+
+DOWNTIME = Downtime()
+
+
 class Outage:
     """Logs an outage once when it starts and once when it ends, with its length."""
 
@@ -156,6 +192,8 @@ class Outage:
 
     def failed(self, error: BaseException) -> None:
         self._attempts += 1
+        if self._started is None:
+            DOWNTIME.begin(self, time.monotonic())
         if refused_credentials(error) is not None:
             # Not a blip: a rotated password needs an operator, so say it on every attempt.
             self._started = self._started or time.monotonic()
@@ -185,7 +223,9 @@ class Outage:
         """Ends the outage, if any; returns its length in seconds."""
         if self._started is None:
             return 0.0
-        length = time.monotonic() - self._started
+        now = time.monotonic()
+        DOWNTIME.end(self, now)
+        length = now - self._started
         log.warning(
             "%s %s back after %.2f s (%d failed attempts)",
             self._context(),

@@ -153,7 +153,12 @@ class Consumer:
             fence_client=side_client,
         )
         self._strategy = make_strategy(
-            settings.strategy, settings.takeover_buffer_ms / 1000, settings.takeover_buffer_max
+            settings.strategy,
+            settings.takeover_buffer_ms / 1000,
+            settings.takeover_buffer_max,
+            # Half the dedup window, as for a rejoin after a stall: a takeover of what is older
+            # could write again what its owner wrote before the window forgot it.
+            settings.lock_ttl_ms / 2000,
         )
         self._subscriber = Subscribers(
             settings,

@@ -21,7 +21,9 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+
+from processor.connection import DOWNTIME
 
 SLOTS = 1024
 _SLOT_MASK = SLOTS - 1
@@ -50,27 +52,44 @@ def assign_slots(members: Collection[str]) -> list[str | None]:
 
 
 class TakeoverBuffer:
-    """The recent payloads this consumer received but does not own, bounded by age and count."""
+    """The recent payloads this consumer received but does not own, bounded by age and count.
 
-    def __init__(self, max_age_s: float, max_count: int) -> None:
+    A payload is kept for ``max_age_s`` of time in which Redis took our commands (``downtime``
+    does not count: while Redis was away or refused writes, its owner could not write it
+    either), and never past ``max_held_s`` (a takeover then could outlive the dedup window).
+    """
+
+    def __init__(
+        self,
+        max_age_s: float,
+        max_count: int,
+        max_held_s: float,
+        downtime: Callable[[float], float],
+    ) -> None:
         self._max_age_s = max_age_s
         self._max_count = max_count
-        # Each chunk with the owners it was routed by (a view's list, never mutated).
-        self._chunks: deque[tuple[float, Owners, list[bytes]]] = deque()
+        self._max_held_s = max_held_s
+        self._downtime = downtime
+        # Each chunk: when it arrived, that moment less the downtime before it, and the owners
+        # it was routed by (a view's list, never mutated).
+        self._chunks: deque[tuple[float, float, Owners, list[bytes]]] = deque()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, chunk: list[bytes], now: float, owners: Owners) -> None:
-        self._chunks.append((now, owners, chunk))
+        uptime = now - self._downtime(now)
+        self._chunks.append((now, uptime, owners, chunk))
         self._count += len(chunk)
-        oldest_allowed = now - self._max_age_s
+        oldest_allowed = uptime - self._max_age_s
+        oldest_held = now - self._max_held_s
         while self._chunks and (
-            self._chunks[0][0] < oldest_allowed
-            or self._count - len(self._chunks[0][2]) >= self._max_count
+            self._chunks[0][1] < oldest_allowed
+            or self._chunks[0][0] < oldest_held
+            or self._count - len(self._chunks[0][3]) >= self._max_count
         ):
-            self._count -= len(self._chunks.popleft()[2])
+            self._count -= len(self._chunks.popleft()[3])
 
     def clear(self) -> int:
         count, self._count = self._count, 0
@@ -81,20 +100,22 @@ class TakeoverBuffer:
         return now - self._chunks[0][0] if self._chunks else 0.0
 
     def since(self, moment: float) -> list[bytes]:
-        return [payload for added, _, chunk in self._chunks if added >= moment for payload in chunk]
+        return [
+            payload for added, _, _, chunk in self._chunks if added >= moment for payload in chunk
+        ]
 
     def relabel(self, old: Owners, new: Owners) -> None:
         """Treats the chunks routed by view ``old`` as routed by view ``new``."""
         self._chunks = deque(
-            (added, new if owners is old else owners, chunk)
-            for added, owners, chunk in self._chunks
+            (added, uptime, new if owners is old else owners, chunk)
+            for added, uptime, owners, chunk in self._chunks
         )
 
     def routed_to(self, members: Collection[str]) -> list[bytes]:
         """The payloads that were routed to one of ``members`` when they arrived."""
         return [
             payload
-            for _, owners, chunk in self._chunks
+            for _, _, owners, chunk in self._chunks
             for payload in chunk
             if owners[zlib.crc32(payload) & _SLOT_MASK] in members
         ]
@@ -127,11 +148,17 @@ class PartitionedStrategy:
 
     name = "partitioned"
 
-    def __init__(self, buffer_age_s: float, buffer_max: int) -> None:
+    def __init__(
+        self,
+        buffer_age_s: float,
+        buffer_max: int,
+        buffer_held_s: float,
+        downtime: Callable[[float], float],
+    ) -> None:
         # One lock orders routing against view changes: a payload routed by the old view is in
         # the buffer before a takeover under the new view looks for it.
         self._lock = threading.Lock()
-        self._buffer = TakeoverBuffer(buffer_age_s, buffer_max)
+        self._buffer = TakeoverBuffer(buffer_age_s, buffer_max, buffer_held_s, downtime)
         self._owners: Owners = [None] * SLOTS
         self._mine = bytearray(SLOTS)
         # What split() routes to us: _mine, plus the slots handed to a newcomer until then.
@@ -232,8 +259,8 @@ class PartitionedStrategy:
 
 
 def make_strategy(
-    name: str, buffer_age_s: float, buffer_max: int
+    name: str, buffer_age_s: float, buffer_max: int, buffer_held_s: float
 ) -> RaceStrategy | PartitionedStrategy:
     if name == "race":
         return RaceStrategy()
-    return PartitionedStrategy(buffer_age_s, buffer_max)
+    return PartitionedStrategy(buffer_age_s, buffer_max, buffer_held_s, DOWNTIME.total_s)

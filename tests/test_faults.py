@@ -398,23 +398,26 @@ REFUSALS = {
 def test_redis_refusing_writes_is_waited_out_and_nothing_held_is_lost(
     private_redis, procs, tmp_path: Path, seed: int, code: str
 ):
-    """Writes refused for seconds, longer than the heartbeat TTL, and a consumer killed
-    meanwhile: the others stay, hold what they receive (the killed one's share in their
-    takeover buffers), and write it once Redis takes writes again."""
+    """Writes refused for seconds, longer than the heartbeat TTL and the takeover buffer, and a
+    consumer killed meanwhile: the others stay, hold what they receive (the killed one's share
+    in their takeover buffers, which do not age while Redis refuses writes), and write it once
+    Redis takes writes again."""
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed} refusal={code}"
     url = private_redis.url
     redis_client = client(url)
-    daemon = start_daemon(procs, url, "partitioned")
+    buffer_s = 2.0
+    daemon = start_daemon(procs, url, "partitioned", TAKEOVER_BUFFER_MS=int(buffer_s * 1000))
     consumers_before = daemon.consumers()
     publish_invalid(redis_client, context)
-    duration = 4.0
+    duration = 6.0
     total = int(RATE * duration)
     publisher = start_publisher(procs, url, tmp_path / "record.txt", duration)
 
     setting, refuse, allow = REFUSALS[code]
-    publisher.wait_published(rng.randint(total // 5, total // 3))
+    publisher.wait_published(rng.randint(total // 6, total // 4))
     redis_client.config_set(setting, refuse)
+    refused_at = time.monotonic()
     try:
         wait_for(
             lambda: f"refused: {code} " in daemon.log(),
@@ -425,10 +428,13 @@ def test_redis_refusing_writes_is_waited_out_and_nothing_held_is_lost(
         publisher.wait_published(total // 2)
         killed = rng.choice(sorted(consumers_before))
         os.kill(killed, signal.SIGKILL)
-        publisher.wait_published(rng.randint(total * 2 // 3, total * 5 // 6))
+        publisher.wait_published(total * 5 // 6)
         assert redis_client.xlen(OUTPUT) == before, f"{context}: written while refused"
     finally:
         redis_client.config_set(setting, allow)
+    refused_s = time.monotonic() - refused_at
+    print(f"{context}: writes refused for {refused_s:.1f} s")
+    assert refused_s > buffer_s, f"{context}: refused for {refused_s:.1f} s only"
     print(context, publisher.finish())
     assert daemon.proc.poll() is None, f"{context}: the daemon exited"
     survivors = consumers_before - {killed}

@@ -34,8 +34,12 @@ def _one_payload_per_slot() -> list[bytes]:
 PAYLOADS = _one_payload_per_slot()
 
 
+def no_downtime(now: float) -> float:
+    return 0.0
+
+
 def _strategy(members: list[str], me: str) -> PartitionedStrategy:
-    strategy = PartitionedStrategy(buffer_age_s=60.0, buffer_max=100_000)
+    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime)
     strategy.update(members, me)
     return strategy
 
@@ -96,7 +100,7 @@ def test_split_routes_owned_and_buffers_the_rest() -> None:
 
 
 def test_before_the_first_view_everything_is_buffered() -> None:
-    strategy = PartitionedStrategy(buffer_age_s=60.0, buffer_max=100_000)
+    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime)
     assert strategy.split(PAYLOADS[:10], now=0.0) == []
     assert strategy.buffered == 10
 
@@ -132,7 +136,7 @@ def test_a_newcomer_takes_nothing_over_from_existing_members() -> None:
 
 def test_slots_handed_to_a_newcomer_stay_ours_for_a_grace_period() -> None:
     me, newcomer = MEMBERS[0], "host-3-0-eeeeee"
-    strategy = PartitionedStrategy(buffer_age_s=60.0, buffer_max=100_000)
+    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime)
     strategy.update(MEMBERS, me, now=0.0)
     handed = [
         p
@@ -201,8 +205,24 @@ def test_discard_empties_the_buffer() -> None:
 OWNERS = ["x"] * SLOTS
 
 
+def test_buffer_ages_only_while_redis_takes_commands() -> None:
+    """Downtime (Redis away or refusing writes) stops the age: the owner could not write then
+    either. Never past max_held_s, though: a takeover must not outlive the dedup window."""
+    down = [0.0]
+    buffer = TakeoverBuffer(1.0, 1000, 10.0, lambda now: down[0])
+    buffer.add(PAYLOADS[0:2], now=0.0, owners=OWNERS)
+    down[0] = 5.0  # Redis refused writes from 0.5 s to 5.5 s
+    buffer.add(PAYLOADS[2:3], now=6.0, owners=OWNERS)  # 6 s old, 1 s of it with Redis up
+    assert buffer.routed_to({"x"}) == PAYLOADS[0:3]
+    buffer.add(PAYLOADS[3:4], now=6.2, owners=OWNERS)  # 1.2 s up: the first chunk goes
+    assert buffer.routed_to({"x"}) == PAYLOADS[2:4]
+    down[0] = 14.5  # down again, from 6.6 s on
+    buffer.add(PAYLOADS[4:5], now=16.1, owners=OWNERS)  # the 6.0 chunk: held 10.1 s, goes
+    assert buffer.routed_to({"x"}) == PAYLOADS[3:5]
+
+
 def test_buffer_evicts_by_age() -> None:
-    buffer = TakeoverBuffer(max_age_s=1.0, max_count=1000)
+    buffer = TakeoverBuffer(1.0, 1000, 600.0, no_downtime)
     buffer.add(PAYLOADS[0:3], now=0.0, owners=OWNERS)
     buffer.add(PAYLOADS[3:5], now=0.5, owners=OWNERS)
     assert len(buffer) == 5
@@ -215,7 +235,7 @@ def test_buffer_evicts_by_age() -> None:
 
 
 def test_buffer_evicts_the_oldest_by_count() -> None:
-    buffer = TakeoverBuffer(max_age_s=60.0, max_count=10)
+    buffer = TakeoverBuffer(60.0, 10, 600.0, no_downtime)
     for index in range(100):
         buffer.add([PAYLOADS[index]], now=index * 0.01, owners=OWNERS)
     assert len(buffer) == 10
@@ -223,7 +243,7 @@ def test_buffer_evicts_the_oldest_by_count() -> None:
 
 
 def test_buffer_count_bound_with_large_chunks() -> None:
-    buffer = TakeoverBuffer(max_age_s=60.0, max_count=100)
+    buffer = TakeoverBuffer(60.0, 100, 600.0, no_downtime)
     for start in range(0, 990, 30):
         buffer.add(PAYLOADS[start : start + 30], now=start * 0.001, owners=OWNERS)
         # Eviction is per chunk: it keeps at least the newest max_count, and less than one
@@ -235,7 +255,7 @@ def test_buffer_count_bound_with_large_chunks() -> None:
 
 
 def test_buffer_returns_what_was_routed_to_given_members() -> None:
-    buffer = TakeoverBuffer(max_age_s=60.0, max_count=10_000)
+    buffer = TakeoverBuffer(60.0, 10_000, 600.0, no_downtime)
     owners: list[str | None] = ["a" if slot % 2 else "b" for slot in range(SLOTS)]
     buffer.add(PAYLOADS, now=0.0, owners=owners)
     assert buffer.routed_to({"a"}) == [PAYLOADS[slot] for slot in range(1, SLOTS, 2)]
@@ -249,9 +269,9 @@ def test_buffer_returns_what_was_routed_to_given_members() -> None:
 
 
 def test_race_strategy_tries_everything_and_takes_nothing_over() -> None:
-    strategy = make_strategy("race", 1.0, 10)
+    strategy = make_strategy("race", 1.0, 10, 600.0)
     assert isinstance(strategy, RaceStrategy)
     assert strategy.split(PAYLOADS[:5], now=0.0) == PAYLOADS[:5]
     assert strategy.update(MEMBERS[1:], MEMBERS[1]) == []
     assert strategy.gap_reported(MEMBERS[0]) == []
-    assert isinstance(make_strategy("partitioned", 1.0, 10), PartitionedStrategy)
+    assert isinstance(make_strategy("partitioned", 1.0, 10, 600.0), PartitionedStrategy)
