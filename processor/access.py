@@ -20,6 +20,7 @@ import redis
 from processor.config import Settings
 from processor.connection import (
     CONNECTION_ERRORS,
+    REFUSALS,
     Backoff,
     Outage,
     command_client,
@@ -174,6 +175,11 @@ def _configuration_problem(settings: Settings, error: BaseException) -> ConfigEr
             f"TLS with {settings.safe_url} failed: {error} (check REDIS_URL and "
             "REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE)"
         )
+    if isinstance(error, redis.exceptions.ReadOnlyError):
+        return ConfigError(
+            f"Redis at {settings.safe_url} is a read-only replica (READONLY): point REDIS_URL "
+            "at the primary"
+        )
     if isinstance(error, redis.exceptions.RedisClusterException) and "not enabled" in str(error):
         return ConfigError(
             f"invalid REDIS_CLUSTER: {settings.safe_url} is not a Redis Cluster node (cluster "
@@ -210,9 +216,14 @@ def _tls_refused(error: BaseException) -> bool:
 
 def _dry_run(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
     """Queues every required command in MULTI and discards it; returns what Redis refused,
-    grouped by its reason."""
+    grouped by its reason.
+
+    Redis refuses a write it would refuse to run (a full Redis, a replica, ...) when it is
+    queued: that is raised, not returned, as the state of the server, not of our permissions.
+    """
     connection: Any = client.connection_pool.get_connection()
     refusals: dict[str, list[str]] = {}
+    refused: redis.RedisError | None = None
     try:
         connection.send_command("MULTI")
         connection.read_response()
@@ -220,6 +231,8 @@ def _dry_run(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
             connection.send_command(*command)
             try:
                 connection.read_response()
+            except REFUSALS as error:
+                refused = refused or error
             except redis.ResponseError as error:
                 # redis-py keeps only "<slot> <node>" of a MOVED reply as the message.
                 moved = isinstance(error, redis.exceptions.MovedError)
@@ -232,6 +245,8 @@ def _dry_run(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
         raise
     finally:
         client.connection_pool.release(connection)
+    if refused is not None:
+        raise refused
     return refusals
 
 

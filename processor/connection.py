@@ -210,7 +210,7 @@ class Outage:
             self._started = time.monotonic()
             if isinstance(error, REFUSALS):
                 log.error(
-                    "%s %s refused: %s %s; holding what is not written and retrying",
+                    "%s %s refused: %s %s; retrying until Redis takes writes again",
                     self._context(),
                     self._what,
                     error.status_code,

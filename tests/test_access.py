@@ -221,3 +221,32 @@ def test_an_acl_user_without_hset_is_refused_at_start_not_in_its_first_heartbeat
     )
     line = refused_at_start(procs, url_for(secured, "nohset", "h-pass"), "h-pass")
     assert "HSET on 'processor:consumer:access-check'" in line, line
+
+
+def test_a_replica_is_a_config_error_that_names_the_primary(procs, redis_server):
+    replica = RedisServer(extra_config={"replicaof": f"127.0.0.1 {redis_server.port}"})
+    replica.start()
+    try:
+        line = refused_at_start(procs, replica.url, "no secret here")
+    finally:
+        replica.stop()
+    assert "is a read-only replica (READONLY): point REDIS_URL at the primary" in line
+
+
+def test_a_full_redis_at_start_is_waited_for_not_refused(procs, redis_url, r):
+    """Queued in MULTI, a write is refused as it would be run (OOM): the state of the server,
+    not our permissions. The daemon waits, then starts."""
+    r.config_set("maxmemory", "1")
+    try:
+        proc = start(procs, redis_url)
+        wait_until(
+            lambda: "Redis (start-up check) refused: OOM " in procs.output(proc),  # type: ignore[arg-type]
+            EXIT_WITHIN_S,
+        )
+        assert proc.poll() is None  # type: ignore[attr-defined]
+        assert "consumer slot" not in procs.output(proc)  # type: ignore[arg-type]
+    finally:
+        r.config_set("maxmemory", "0")
+    wait_until(lambda: r.llen("consumer:ids") == 1, EXIT_WITHIN_S)
+    os.killpg(proc.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+    assert proc.wait(timeout=EXIT_WITHIN_S) == 0  # type: ignore[attr-defined]
