@@ -79,10 +79,14 @@ class TakeoverBuffer:
         return self._count
 
     def add(self, chunk: list[bytes], now: float, owners: Owners) -> None:
-        uptime = now - self._downtime(now)
-        self._chunks.append((now, uptime, owners, chunk))
+        self._chunks.append((now, now - self._downtime(now), owners, chunk))
         self._count += len(chunk)
-        oldest_allowed = uptime - self._max_age_s
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Drops what is too old or too much. Also before every read: on a quiet channel no
+        add() comes, and a takeover must not retry what the dedup window has forgotten."""
+        oldest_allowed = now - self._downtime(now) - self._max_age_s
         oldest_held = now - self._max_held_s
         while self._chunks and (
             self._chunks[0][1] < oldest_allowed
@@ -96,10 +100,8 @@ class TakeoverBuffer:
         self._chunks.clear()
         return count
 
-    def oldest_age_s(self, now: float) -> float:
-        return now - self._chunks[0][0] if self._chunks else 0.0
-
-    def since(self, moment: float) -> list[bytes]:
+    def since(self, moment: float, now: float) -> list[bytes]:
+        self._prune(now)
         return [
             payload for added, _, _, chunk in self._chunks if added >= moment for payload in chunk
         ]
@@ -111,8 +113,9 @@ class TakeoverBuffer:
             for added, uptime, owners, chunk in self._chunks
         )
 
-    def routed_to(self, members: Collection[str]) -> list[bytes]:
+    def routed_to(self, members: Collection[str], now: float) -> list[bytes]:
         """The payloads that were routed to one of ``members`` when they arrived."""
+        self._prune(now)
         return [
             payload
             for _, _, owners, chunk in self._chunks
@@ -133,7 +136,7 @@ class RaceStrategy:
     def update(self, members: Collection[str], me: str, now: float | None = None) -> list[bytes]:
         return []
 
-    def gap_reported(self, member: str) -> list[bytes]:
+    def gap_reported(self, member: str, now: float | None = None) -> list[bytes]:
         return []
 
     def discard(self) -> int:
@@ -202,12 +205,12 @@ class PartitionedStrategy:
         with self._lock:
             newcomers = live - self._members - {me}
             if self._members:
-                taken = self._buffer.routed_to(self._members - live)
+                taken = self._buffer.routed_to(self._members - live, now)
             else:
                 # Everything buffered so far was routed to nobody: count it as routed by this
                 # view, so our share is tried now and the rest if its owner departs.
                 self._buffer.relabel(self._owners, owners)
-                taken = self._buffer.routed_to({me})
+                taken = self._buffer.routed_to({me}, now)
             mine = bytearray(owner == me for owner in owners)
             handed = [
                 slot
@@ -230,7 +233,7 @@ class PartitionedStrategy:
             self._mine = mine
             return taken
 
-    def gap_reported(self, member: str) -> list[bytes]:
+    def gap_reported(self, member: str, now: float | None = None) -> list[bytes]:
         """Buffered payloads routed to ``member``, which this consumer must try for it.
 
         ``member`` missed messages while its subscription was down, but it is still live, so
@@ -241,7 +244,7 @@ class PartitionedStrategy:
         with self._lock:
             if member == self._me or self._me not in self._members:
                 return []
-            return self._buffer.routed_to({member})
+            return self._buffer.routed_to({member}, time.monotonic() if now is None else now)
 
     def discard(self) -> int:
         """Empties the takeover buffer; returns how many payloads it held."""
@@ -255,7 +258,7 @@ class PartitionedStrategy:
         whose owners had already unsubscribed; nobody else will take those over.
         """
         with self._lock:
-            return self._buffer.since(since)
+            return self._buffer.since(since, time.monotonic())
 
 
 def make_strategy(
