@@ -14,7 +14,7 @@ import redis
 
 from processor import controlplane
 from processor.config import load_group_command
-from processor.connection import CONNECTION_ERRORS, command_client
+from processor.connection import CONNECTION_ERRORS, REFUSALS, command_client
 from processor.keys import Keys
 
 EXIT_OK = 0
@@ -49,6 +49,10 @@ def _run(
         print(action(client, Keys.from_settings(settings), args), flush=True)
     except redis.AuthenticationError as error:
         return _failed(prog, f"Redis refused the credentials in REDIS_URL: {error}")
+    except REFUSALS as error:
+        return _failed(
+            prog, f"Redis at {settings.safe_url} refuses writes: {error.status_code} {error}"
+        )
     except CONNECTION_ERRORS as error:
         return _failed(prog, f"Redis at {settings.safe_url} unreachable: {error}")
     except redis.ResponseError as error:

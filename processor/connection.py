@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import re
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import redis
@@ -46,6 +49,35 @@ REFUSALS: tuple[type[redis.RedisError], ...] = (
     redis.exceptions.ReadOnlyError,  # a replica: the URL points at a demoted primary
     WritesRefused,
 )
+
+# What redis-py's Retry reconnects on by default.
+_RECONNECT_ON = (redis.ConnectionError, redis.TimeoutError, socket.timeout)
+
+# Redis before 7 reports a command refused inside a script as the script's error: "Error running
+# script (call to f_<sha>): @user_script:107: @user_script: 107: -OOM command not allowed ...".
+_REFUSED_IN_SCRIPT = re.compile(
+    r"^Error running script .*?: -(OOM|READONLY|MISCONF|NOREPLICAS|BUSY) "
+)
+_REFUSAL_CLASSES: dict[str, type[redis.RedisError]] = {
+    "OOM": redis.exceptions.OutOfMemoryError,
+    "READONLY": redis.exceptions.ReadOnlyError,
+}
+
+
+@contextlib.contextmanager
+def script_refusals() -> Iterator[None]:
+    """Raises a refusal inside a Redis 6 script error as Redis 7 replies it, so that our loops
+    wait it out alike (a plain ResponseError ends the thread that gets it)."""
+    try:
+        yield
+    except redis.ResponseError as error:
+        found = _REFUSED_IN_SCRIPT.match(str(error))
+        if found is None:
+            raise
+        code = found.group(1)
+        refusal = _REFUSAL_CLASSES.get(code, WritesRefused)
+        raise refusal(str(error)[found.end() :], status_code=code) from error
+
 
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     *REFUSALS,
@@ -89,7 +121,13 @@ def command_client(
     options: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": min(timeout_s, CONNECT_TIMEOUT_S),
-        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
+        "retry": Retry(
+            ExponentialWithJitterBackoff(cap=0.5, base=0.05),
+            retries,
+            # READONLY: the node was demoted. The retry's new connection may reach the new
+            # primary (a DNS name or address that moved); the old one never would.
+            supported_errors=(*_RECONNECT_ON, redis.exceptions.ReadOnlyError),
+        ),
         "client_name": name,
         "protocol": 2,
         **settings.tls_options,

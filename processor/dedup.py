@@ -26,6 +26,7 @@ from typing import Any, cast
 import redis
 from redis.cluster import RedisCluster
 
+from processor.connection import script_refusals
 from processor.keys import Keys
 from processor.scripts import load_script
 
@@ -84,19 +85,22 @@ class SeenCheck:
         ]
         args += [digest(dedup_id) for dedup_id in dedup_ids]
         args += dedup_ids
-        reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
+        with script_refusals():
+            reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
         return [int(flag) == 1 for flag in reply]
 
 
-def eviction_policies(info: dict[str, Any]) -> set[str]:
-    """The ``maxmemory-policy`` in ``INFO memory`` of one Redis, or of each of a cluster's
-    primaries (redis-py's cluster client answers by node)."""
-    if "maxmemory_policy" in info:
-        return {str(info["maxmemory_policy"])}
+def evicting_policies(info: dict[str, Any]) -> set[str]:
+    """The ``maxmemory-policy`` that evicts keys, in ``INFO memory`` of one Redis or of each of
+    a cluster's primaries (redis-py's cluster client answers by node): any but noeviction, on
+    a node with a ``maxmemory`` (without one, nothing is evicted)."""
+    nodes = [info] if "maxmemory_policy" in info else list(info.values())
     return {
         str(node["maxmemory_policy"])
-        for node in info.values()
-        if isinstance(node, dict) and "maxmemory_policy" in node
+        for node in nodes
+        if isinstance(node, dict)
+        and node.get("maxmemory_policy", "noeviction") != "noeviction"
+        and int(node.get("maxmemory", 0)) > 0
     }
 
 
@@ -111,11 +115,10 @@ def warn_if_evicting(client: redis.Redis, cluster: bool) -> None:
             info = cast(RedisCluster, client).info("memory", target_nodes=primaries)
         else:
             info = client.info("memory")
-        policies = eviction_policies(info)
+        evicting = sorted(evicting_policies(info))
     except redis.exceptions.NoPermissionError:
         log.debug("INFO not permitted: Redis's maxmemory-policy not checked")
         return
-    evicting = sorted(policy for policy in policies if policy != "noeviction")
     if evicting:
         log.warning(
             "Redis's maxmemory-policy is %s: when memory runs out it evicts keys, and the "

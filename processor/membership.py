@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.connection import CONNECTION_ERRORS
+from processor.connection import CONNECTION_ERRORS, script_refusals
 from processor.keys import Keys
 from processor.scripts import load_script
 
@@ -105,16 +105,17 @@ class Membership:
         pairs: list[str | int | float] = ["beat_ms", sent_ms]
         for name, value in (status or {}).items():
             pairs += [name, value]
-        reply = self._script(
-            keys=[self._keys.consumers, self._keys.info(self.consumer_id)],
-            args=[
-                self._keys.heartbeat_prefix,
-                self.consumer_id,
-                self._ttl_ms,
-                self._keys.info_prefix,
-                *pairs,
-            ],
-        )
+        with script_refusals():
+            reply = self._script(
+                keys=[self._keys.consumers, self._keys.info(self.consumer_id)],
+                args=[
+                    self._keys.heartbeat_prefix,
+                    self.consumer_id,
+                    self._ttl_ms,
+                    self._keys.info_prefix,
+                    *pairs,
+                ],
+            )
         view = parse_view(reply)
         if view.alive:
             self.last_beat_ms = sent_ms

@@ -114,9 +114,12 @@ class Supervisor:
                 log.warning("could not check PARTITIONS against the group's: %s", error)
         try:
             mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
+        except REDIS_ERRORS as error:
+            log.warning("could not look for the previous write path's locks: %s", error)
+        try:
             warn_if_evicting(self._client, self._keys.cluster)
         except REDIS_ERRORS as error:
-            log.warning("could not check the dedup window's keys: %s", error)
+            log.warning("could not check Redis's maxmemory-policy: %s", error)
         try:
             self._order = self._steering.start(0, self.stop)
         except GroupStopped as stopped:

@@ -16,7 +16,13 @@ import redis
 from redis.cluster import RedisCluster
 
 from processor.config import MAX_BATCH_SIZE
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage, reread_layout
+from processor.connection import (
+    CONNECTION_ERRORS,
+    Backoff,
+    Outage,
+    reread_layout,
+    script_refusals,
+)
 from processor.dedup import Window, digest
 from processor.keys import Keys
 from processor.messages import DEAD, Entry
@@ -249,14 +255,15 @@ def evalsha_packed(
     try:
         send = connection.send_packed_command
         send([packed], check_health=False)
-        try:
-            reply: list[Any] = connection.read_response()
-        except redis.exceptions.NoScriptError:
-            # A restarted or flushed Redis lost the script: load it, then call it again.
-            connection.send_command("SCRIPT", "LOAD", source)
-            connection.read_response()
-            send([packed], check_health=False)
-            reply = connection.read_response()
+        with script_refusals():
+            try:
+                reply: list[Any] = connection.read_response()
+            except redis.exceptions.NoScriptError:
+                # A restarted or flushed Redis lost the script: load it, then call it again.
+                connection.send_command("SCRIPT", "LOAD", source)
+                connection.read_response()
+                send([packed], check_health=False)
+                reply = connection.read_response()
         if wait_replicas:
             connection.send_command("WAIT", wait_replicas, WAIT_TIMEOUT_MS)
             reply = [*reply, int(connection.read_response())]

@@ -105,3 +105,15 @@ def test_control_commands_name_the_unreachable_server_without_a_secret():
         line = result.stderr.strip()
         assert line.startswith(f"python -m processor {args[0]}: error: Redis at redis://user:***@")
         assert "hunter2" not in line and "\n" not in line
+
+
+def test_a_control_command_against_a_full_redis_says_it_refuses_writes(redis_url, r):
+    r.config_set("maxmemory", "1")
+    try:
+        result = run("scale", "3", "--redis-url", redis_url)
+    finally:
+        r.config_set("maxmemory", "0")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("python -m processor scale: error: Redis at redis://127.0.0.1:"), line
+    assert "refuses writes: OOM command not allowed when used memory" in line

