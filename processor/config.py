@@ -256,7 +256,8 @@ class Settings(GroupSettings):
     takeover_buffer_ms: int = setting(
         10_000,
         "TAKEOVER_BUFFER_MS",
-        "how long a consumer keeps messages it does not own",
+        "how long a consumer keeps messages it does not own (time Redis was away or refusing "
+        "writes does not count)",
         minimum=100,
     )
     takeover_buffer_max: int = setting(
