@@ -26,9 +26,8 @@ from typing import Any, cast
 import redis
 from redis.cluster import RedisCluster
 
-from processor.connection import script_refusals
 from processor.keys import Keys
-from processor.scripts import load_script
+from processor.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class SeenCheck:
     def __init__(self, client: redis.Redis, keys: Keys, window: Window) -> None:
         self._keys = keys
         self._window = window
-        self._script = client.register_script(load_script("seen.lua"))
+        self._script = Script(client, "seen.lua")
 
     def seen(self, dedup_ids: list[str]) -> list[bool]:
         flags = [False] * len(dedup_ids)
@@ -85,8 +84,7 @@ class SeenCheck:
         ]
         args += [digest(dedup_id) for dedup_id in dedup_ids]
         args += dedup_ids
-        with script_refusals():
-            reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
+        reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
         return [int(flag) == 1 for flag in reply]
 
 

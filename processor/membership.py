@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.connection import CONNECTION_ERRORS, script_refusals
+from processor.connection import CONNECTION_ERRORS
 from processor.keys import Keys
-from processor.scripts import load_script
+from processor.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Membership:
         self._keys = keys
         self._ttl_ms = heartbeat_ttl_ms
         self._fence_ttl_ms = max(fence_ttl_ms, heartbeat_ttl_ms)
-        self._script = client.register_script(load_script("membership.lua"))
+        self._script = Script(client, "membership.lua")
         self._leave = leave_script(client)
         self.consumer_id = ""
         self.token = ""
@@ -105,17 +105,16 @@ class Membership:
         pairs: list[str | int | float] = ["beat_ms", sent_ms]
         for name, value in (status or {}).items():
             pairs += [name, value]
-        with script_refusals():
-            reply = self._script(
-                keys=[self._keys.consumers, self._keys.info(self.consumer_id)],
-                args=[
-                    self._keys.heartbeat_prefix,
-                    self.consumer_id,
-                    self._ttl_ms,
-                    self._keys.info_prefix,
-                    *pairs,
-                ],
-            )
+        reply = self._script(
+            keys=[self._keys.consumers, self._keys.info(self.consumer_id)],
+            args=[
+                self._keys.heartbeat_prefix,
+                self.consumer_id,
+                self._ttl_ms,
+                self._keys.info_prefix,
+                *pairs,
+            ],
+        )
         view = parse_view(reply)
         if view.alive:
             self.last_beat_ms = sent_ms
@@ -166,15 +165,13 @@ class Membership:
                     pipe.execute()
 
 
-def leave_script(client: redis.Redis) -> redis.commands.core.Script:
+def leave_script(client: redis.Redis) -> Script:
     """``leave.lua``, registered once by whoever removes consumers (themselves, or their
     supervisor), so it is read from disk once per process."""
-    return client.register_script(load_script("leave.lua"))
+    return Script(client, "leave.lua")
 
 
-def remove(
-    script: redis.commands.core.Script, keys: Keys, match: str, is_prefix: bool, reason: str
-) -> list[str]:
+def remove(script: Script, keys: Keys, match: str, is_prefix: bool, reason: str) -> list[str]:
     reply = script(
         keys=[keys.consumers, keys.departures],
         args=[
@@ -189,9 +186,7 @@ def remove(
     return [item.decode() for item in reply]
 
 
-def evict_process(
-    script: redis.commands.core.Script, keys: Keys, pid: int, slot: int, reason: str
-) -> list[str]:
+def evict_process(script: Script, keys: Keys, pid: int, slot: int, reason: str) -> list[str]:
     """Removes every id a dead consumer process registered under; returns them.
 
     The supervisor calls this (with ``leave_script``) the moment it sees a consumer exit, so the

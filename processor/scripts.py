@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
+
+import redis
+
+from processor.connection import script_refusals
 
 
 def load_script(name: str) -> str:
     return resources.files("processor").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class Script:
+    """One of our scripts on ``client``, called as redis-py's Script is (EVALSHA, loaded again
+    if Redis lost it). A write Redis refuses inside it is raised as Redis 7 replies it, on
+    Redis 6 too, so the callers' loops wait it out."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        self._script = client.register_script(load_script(name))
+
+    def __call__(
+        self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: redis.Redis | None = None
+    ) -> Any:
+        with script_refusals():
+            return self._script(keys=list(keys), args=list(args), client=client)

