@@ -55,28 +55,22 @@ _RECONNECT_ON = (redis.ConnectionError, redis.TimeoutError, socket.timeout)
 
 # Redis before 7 reports a command refused inside a script as the script's error: "Error running
 # script (call to f_<sha>): @user_script:107: @user_script: 107: -OOM command not allowed ...".
-_REFUSED_IN_SCRIPT = re.compile(
-    r"^Error running script .*?: -(OOM|READONLY|MISCONF|NOREPLICAS|BUSY) "
-)
-_REFUSAL_CLASSES: dict[str, type[redis.RedisError]] = {
-    "OOM": redis.exceptions.OutOfMemoryError,
-    "READONLY": redis.exceptions.ReadOnlyError,
-}
+_ERROR_IN_SCRIPT = re.compile(r"^Error running script .*?: -([A-Z]+ .*)", re.DOTALL)
 
 
 @contextlib.contextmanager
 def script_refusals() -> Iterator[None]:
-    """Raises a refusal inside a Redis 6 script error as Redis 7 replies it, so that our loops
-    wait it out alike (a plain ResponseError ends the thread that gets it)."""
+    """Raises a refusal inside a Redis 6 script error as Redis 7 replies it (parsed as redis-py
+    parses a reply), so that our loops wait it out alike (a plain ResponseError ends the thread
+    that gets it)."""
     try:
         yield
     except redis.ResponseError as error:
-        found = _REFUSED_IN_SCRIPT.match(str(error))
-        if found is None:
+        found = _ERROR_IN_SCRIPT.match(str(error))
+        inner = BaseParser.parse_error(found.group(1)) if found else None  # type: ignore[no-untyped-call]
+        if not isinstance(inner, REFUSALS):
             raise
-        code = found.group(1)
-        refusal = _REFUSAL_CLASSES.get(code, WritesRefused)
-        raise refusal(str(error)[found.end() :], status_code=code) from error
+        raise inner from error
 
 
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
@@ -230,11 +224,12 @@ class Outage:
 
     def failed(self, error: BaseException) -> None:
         self._attempts += 1
-        if self._started is None:
-            DOWNTIME.begin(self, time.monotonic())
+        starting = self._started is None
+        if starting:
+            self._started = time.monotonic()
+            DOWNTIME.begin(self, self._started)
         if refused_credentials(error) is not None:
             # Not a blip: a rotated password needs an operator, so say it on every attempt.
-            self._started = self._started or time.monotonic()
             log.error(
                 "%s %s refused our credentials (attempt %d): %s; fix REDIS_URL's password "
                 "and restart, or restore the old one; retrying",
@@ -244,17 +239,17 @@ class Outage:
                 str(error).rstrip("."),
             )
             return
-        if self._started is None:
-            self._started = time.monotonic()
-            if isinstance(error, REFUSALS):
-                log.error(
-                    "%s %s refused: %s %s; retrying until Redis takes writes again",
-                    self._context(),
-                    self._what,
-                    error.status_code,
-                    str(error).rstrip("."),
-                )
-                return
+        if not starting:
+            return
+        if isinstance(error, REFUSALS):
+            log.error(
+                "%s %s refused: %s %s; retrying until Redis takes writes again",
+                self._context(),
+                self._what,
+                error.status_code,
+                str(error).rstrip("."),
+            )
+        else:
             log.warning("%s %s unavailable: %s; retrying", self._context(), self._what, error)
 
     def recovered(self) -> float:
