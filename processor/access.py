@@ -42,7 +42,7 @@ ACL_RULES = (
     "+evalsha +script|load +multi +exec +discard "
     "+get +set +mget +del +unlink +exists +scan +pexpire +pexpireat +time +info "
     "+lrange +lrem +rpush +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall +sadd +smismember "
-    "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange"
+    "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange +type"
 )
 
 # The same on Redis Cluster, set on every node (ACLs are per node): the tagged key names, the
@@ -59,7 +59,7 @@ CLUSTER_ACL_RULES = (
     "+get +set +mget +del +unlink +exists +pexpire +pexpireat +time +info "
     "+lrange +lrem +rpush +llen +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall "
     "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore +zcount "
-    "+xadd +xread +xlen +xrevrange"
+    "+xadd +xread +xlen +xrevrange +type"
 )
 
 
@@ -104,6 +104,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("XADD", keys.output, "*", "message_id", _PROBE),
         ("XADD", keys.dead, "*", "reason", _PROBE),
         ("HINCRBY", keys.stats, "written", "0"),
+        ("TYPE", keys.output),  # the write script's check, and the start-up check of every key
         # The control plane (inside host_beat.lua; autoscale; processor status, scale, stop).
         ("ZRANGEBYSCORE", keys.hosts, "-inf", "0"),
         ("ZREM", keys.hosts, _PROBE),

@@ -429,11 +429,7 @@ def check_group(settings: GroupSettings) -> None:
     """Two streams, not one; on a cluster the daemon adds the hash tags itself: the names must
     not carry their own."""
     check_redis(settings)
-    if settings.dead_letter_stream == settings.output_stream:
-        raise ConfigError(
-            f"invalid DEAD_LETTER_STREAM: {settings.dead_letter_stream!r} is OUTPUT_STREAM too; "
-            "dead letters would mix with the output (give it a name of its own)"
-        )
+    _check_distinct_keys(settings)
     if not settings.redis_cluster:
         return
     for name, value in (
@@ -443,6 +439,28 @@ def check_group(settings: GroupSettings) -> None:
         ("CONSUMERS_LIST", settings.consumers_list),
     ):
         _check_untagged(name, value)
+
+
+def _check_distinct_keys(settings: GroupSettings) -> None:
+    """Each key the daemon writes is named by one setting: two settings naming one key would
+    write a stream into a list (WRONGTYPE on every write) or mix dead letters into the output."""
+    named = [
+        ("OUTPUT_STREAM", settings.output_stream),
+        ("DEAD_LETTER_STREAM", settings.dead_letter_stream),
+        ("CONSUMERS_LIST", settings.consumers_list),
+    ]
+    own = f"{settings.key_prefix}:"
+    for index, (name, value) in enumerate(named):
+        for other, other_value in named[:index]:
+            if value == other_value:
+                raise ConfigError(
+                    f"invalid {name}: {value!r} is {other} too; each needs a key of its own"
+                )
+        if value.startswith(own):
+            raise ConfigError(
+                f"invalid {name}: {value!r} is under KEY_PREFIX ({settings.key_prefix!r}), "
+                "where the daemon keeps its own keys; give it a name outside that prefix"
+            )
 
 
 def check_daemon(settings: Settings) -> None:

@@ -41,6 +41,16 @@ class WritesRefused(redis.ResponseError):
 for _code in ("MISCONF", "NOREPLICAS", "BUSY"):
     BaseParser.EXCEPTION_CLASSES.setdefault(_code, WritesRefused)
 
+
+class WrongType(redis.ResponseError):
+    """Raised when a key the daemon writes holds another type of value (WRONGTYPE): someone
+    else's key under one of our names, set while the daemon runs. The write script checks its
+    keys' types before its first write and replies WRONGTYPE naming the key, so a batch is never
+    half-written; the batch is held and retried until the key is deleted or renamed."""
+
+
+BaseParser.EXCEPTION_CLASSES.setdefault("WRONGTYPE", WrongType)
+
 # Redis refusing what we send until an operator or time mends it. Retried like a dropped
 # connection, holding what is not written: nothing is refused halfway (a script is refused
 # only before its first write), and every consumer of a group gets the same refusal.
@@ -48,6 +58,7 @@ REFUSALS: tuple[type[redis.RedisError], ...] = (
     redis.exceptions.OutOfMemoryError,  # maxmemory reached (with noeviction)
     redis.exceptions.ReadOnlyError,  # a replica: the URL points at a demoted primary
     WritesRefused,
+    WrongType,
 )
 
 # What redis-py's Retry reconnects on by default.

@@ -19,6 +19,7 @@ from typing import TypeVar
 from processor import connection
 from processor.config import Settings
 from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.counters import record_unwritten
 from processor.dedup import SeenCheck, Window
 from processor.errors import ConsumerFailed
 from processor.handlers import Failure, Runner, load_handler, make_runner
@@ -67,12 +68,21 @@ class Consumer:
         self._takeovers: deque[list[bytes]] = deque()
         self._inbox = Inbox()
         self._unwritten: list[Entry] = []
+        # Messages in the batch the handler is running on (set by this loop only).
+        self._in_hand = 0
         self._flushed = threading.Event()
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
         self._rate = RateMeter()
         self._busy = BusyMeter()
-        self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
+        self._totals = {
+            "written": 0,
+            "dead": 0,
+            "skipped": 0,
+            "taken_over": 0,
+            "lost": 0,
+            "left_to_takeover": 0,
+        }
 
     @property
     def _batch_size(self) -> int:
@@ -292,17 +302,75 @@ class Consumer:
                 self.context(),
                 len(self._unwritten),
             )
+        self._count_unwritten()
         totals = self._totals
         log.info(
-            "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d gaps=%d",
+            "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
+            "left_to_takeover=%d gaps=%d",
             self.context(),
             totals["written"],
             totals["dead"],
             totals["skipped"],
             totals["taken_over"],
             totals["lost"],
+            totals["left_to_takeover"],
             self._subscriber.gaps,
         )
+
+    def _held(self) -> int:
+        """Messages received and not written yet: owned ones waiting for the handler or the
+        write, and takeovers waiting to be tried (the fenced ones are counted apart)."""
+        takeovers = sum(len(chunk) for chunk in list(self._takeovers))
+        return len(self._inbox) + self._in_hand + takeovers + self._writes.holding()
+
+    def _count_unwritten(self) -> None:
+        """What we still hold once every thread has stopped, counted where operators read it.
+
+        After a failure we left the group before writing it: the live consumers' takeover
+        buffers hold a copy of everything published while they were subscribed, and they try it
+        now. Otherwise (no one else live, or a stop that could not write it) it is lost.
+        """
+        unwritten = self._held()
+        if not unwritten:
+            self._report_unwritten()
+            return
+        others = self._heartbeat.members - {self._membership.consumer_id}
+        if self._failure is not None and others:
+            self._totals["left_to_takeover"] += unwritten
+            log.error(
+                "%s left the group holding %d unwritten messages: the %d live consumers try "
+                "them from their takeover buffers",
+                self.context(),
+                unwritten,
+                len(others),
+            )
+        else:
+            self._totals["lost"] += unwritten
+            log.error(
+                "%s stopped holding %d unwritten messages, with no live consumer to take them "
+                "over: lost",
+                self.context(),
+                unwritten,
+            )
+        self._report_unwritten()
+
+    def _report_unwritten(self) -> None:
+        """Adds our lost and left counts to /metrics and to the group's counters in Redis
+        (``processor status``); a Redis that is away loses only this report."""
+        lost, left = self._totals["lost"], self._totals["left_to_takeover"]
+        self._metrics.unwritten(lost, left)
+        if not lost and not left:
+            return
+        try:
+            record_unwritten(self._client, self.keys, lost=lost, left_to_takeover=left)
+        except CONNECTION_ERRORS as error:
+            log.warning(
+                "%s lost=%d left_to_takeover=%d not added to the group's counters: %s",
+                self.context(),
+                lost,
+                left,
+                error,
+            )
 
     def _leave(self, reason: str) -> None:
         try:
@@ -331,6 +399,7 @@ class Consumer:
     ) -> None:
         """Validates, processes and submits one batch for writing, in the order received."""
         started = time.monotonic()
+        self._in_hand = len(payloads)
         max_bytes = self.settings.max_message_bytes
         entries: list[Entry | None] = []
         messages: list[tuple[int, Message]] = []
@@ -356,6 +425,7 @@ class Consumer:
         self._busy.add(time.monotonic() - started)
         if batch:
             self._writes.submit(batch, received_at)
+        self._in_hand = 0
 
     def _written(self, batch: Batch, result: WriteResult | None, started: float) -> None:
         """Called by the write thread after each batch."""
@@ -393,8 +463,11 @@ class Consumer:
     def _on_beat(self) -> dict[str, str | int | float]:
         """Called by the heartbeat thread before each beat: the metrics that are not recorded
         per batch are synced at its cadence, and our status goes out with the beat."""
-        self._sync_metrics()
-        return self._status()
+        status = self._status()
+        self._sync_metrics(int(status["held"]))
+        if self.stats is not None:
+            self.stats.set(held=int(status["held"]))
+        return status
 
     def _status(self) -> dict[str, str | int | float]:
         """What ``processor status`` shows of us; written to Redis with every heartbeat."""
@@ -410,6 +483,7 @@ class Consumer:
             "skipped": totals["skipped"],
             "taken_over": totals["taken_over"],
             "buffered": self._strategy.buffered,
+            "held": self._held(),
             "gaps": self._subscriber.gaps,
             "rate": round(self._rate.rate(totals["written"]), 1),
             "subscribed": int(self._subscriber.is_subscribed()),
@@ -418,7 +492,7 @@ class Consumer:
             "busy": round(self._busy.share(), 3),
         }
 
-    def _sync_metrics(self) -> None:
+    def _sync_metrics(self, held: int) -> None:
         subscriber = self._subscriber
         totals = {
             "received": subscriber.received,
@@ -426,7 +500,7 @@ class Consumer:
             "gaps": subscriber.gaps,
             "gap_seconds": subscriber.gap_seconds,
         }
-        self._metrics.sync(totals, self._strategy.buffered, self._heartbeat.backlog_bytes)
+        self._metrics.sync(totals, self._strategy.buffered, held, self._heartbeat.backlog_bytes)
 
     def _account(self) -> None:
         if self.stats is not None:

@@ -139,6 +139,11 @@ class Heartbeat(WatchedThread):
             self._backoff.reset()
             self._outage.recovered()
 
+    @property
+    def members(self) -> frozenset[str]:
+        """The live consumers at the last beat, ourselves included."""
+        return self._members
+
     def _check_supervisor(self) -> None:
         if os.getppid() != self._parent_pid and not self._stopping.is_set():
             log.error("%s supervisor is gone: stopping", self._context())

@@ -63,6 +63,16 @@ class ConsumerMetrics:
             "processor_messages_taken_over",
             "Buffered messages tried for a consumer that left, died or reported a gap",
         )
+        self._lost = Counter(
+            "processor_messages_lost",
+            "Messages a consumer held unwritten when it exited, with no live consumer to take "
+            "them over (or a stop that could not write them)",
+        )
+        self._left = Counter(
+            "processor_messages_left_to_takeover",
+            "Messages a consumer held unwritten when it left the group after a failure; the live "
+            "consumers try them from their takeover buffers",
+        )
         self._gaps = Counter(
             "processor_subscription_gaps", "Times a consumer's subscription was lost and restored"
         )
@@ -90,6 +100,12 @@ class ConsumerMetrics:
         self._buffered = Gauge(
             "processor_takeover_buffer_messages",
             "Messages a consumer keeps for takeovers",
+            multiprocess_mode="liveall",
+        )
+        self._held = Gauge(
+            "processor_messages_held",
+            "Messages a consumer received and has not written yet (waiting for the handler or "
+            "for Redis to take the write)",
             multiprocess_mode="liveall",
         )
         self._backlog = Gauge(
@@ -122,7 +138,16 @@ class ConsumerMetrics:
         if self.enabled:
             self._reconnects.labels(connection).inc()
 
-    def sync(self, totals: dict[str, float], buffered: int, backlog_bytes: int) -> None:
+    def unwritten(self, lost: int, left_to_takeover: int) -> None:
+        """Once, as the consumer exits: what it held unwritten."""
+        if not self.enabled:
+            return
+        if lost:
+            self._lost.inc(lost)
+        if left_to_takeover:
+            self._left.inc(left_to_takeover)
+
+    def sync(self, totals: dict[str, float], buffered: int, held: int, backlog_bytes: int) -> None:
         """Per heartbeat: counters that grow elsewhere, as deltas since the last sync."""
         if not self.enabled:
             return
@@ -138,4 +163,5 @@ class ConsumerMetrics:
                 counter.inc(delta)
                 self._synced[name] = totals[name]
         self._buffered.set(buffered)
+        self._held.set(held)
         self._backlog.set(backlog_bytes)

@@ -8,7 +8,19 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 # "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz).
-FIELDS = ("received", "written", "dead", "skipped", "taken_over", "gaps", "buffered", "ready")
+# "held": messages received and not written yet, as of the consumer's last step (what a forced
+# stop of it loses).
+FIELDS = (
+    "received",
+    "written",
+    "dead",
+    "skipped",
+    "taken_over",
+    "gaps",
+    "buffered",
+    "held",
+    "ready",
+)
 
 
 class ConsumerStats:

@@ -22,7 +22,7 @@ import redis
 from processor.config import StatusSettings, load_status_settings
 from processor.connection import CONNECTION_ERRORS, command_client
 from processor.controlplane import Control, HostInfo, read_control
-from processor.counters import COUNTERS, read_counters
+from processor.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.keys import Keys
 
 EXIT_NO_CONSUMER = 1
@@ -42,6 +42,7 @@ class ConsumerView:
     dead: int = 0
     received: int = 0
     buffered: int = 0
+    held: int = 0
     gaps: int = 0
     subscribed: bool = False
     backlog_bytes: int = 0
@@ -55,6 +56,9 @@ class GroupView:
     written: int = 0
     dead: int = 0
     skipped: int = 0
+    # What consumers held unwritten when they exited: lost, or tried by the others.
+    lost: int = 0
+    left_to_takeover: int = 0
     streams: dict[str, int] = field(default_factory=dict)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
@@ -114,6 +118,7 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
                 dead=_int(info.get("dead")),
                 received=_int(info.get("received")),
                 buffered=_int(info.get("buffered")),
+                held=_int(info.get("held")),
                 gaps=_int(info.get("gaps")),
                 subscribed=_int(info.get("subscribed")) == 1,
                 backlog_bytes=_int(info.get("backlog_bytes")),
@@ -121,6 +126,7 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
         )
     gaps, *per_partition = replies[2 * len(ids) :]
     view.written, view.dead, view.skipped = (counters[name] for name in COUNTERS)
+    view.lost, view.left_to_takeover = (counters[name] for name in UNWRITTEN)
     recent_dead: list[tuple[bytes | str, dict[Any, Any]]] = []
     for index, partition in enumerate(keys.partitions):
         output_length, dead_length, dead_entries = per_partition[3 * index : 3 * index + 3]
@@ -200,12 +206,24 @@ def render(view: GroupView) -> str:
         f"processor status  {view.url}  {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"group: {len(view.consumers)} live consumers | written {view.written:,} | "
         f"dead-lettered {view.dead:,} | skipped as already written {view.skipped:,}",
+        f"held unwritten by consumers that exited: lost {view.lost:,} | "
+        f"left to a takeover {view.left_to_takeover:,}",
         "streams: " + " | ".join(f"{name} {length:,}" for name, length in view.streams.items()),
         *_control_lines(view),
         "",
     ]
     if view.consumers:
-        header = ("CONSUMER", "HOST", "PID", "AGE", "STRATEGY", "RATE", "LAST BEAT", "STATE")
+        header = (
+            "CONSUMER",
+            "HOST",
+            "PID",
+            "AGE",
+            "STRATEGY",
+            "RATE",
+            "HELD",
+            "LAST BEAT",
+            "STATE",
+        )
         rows = [header]
         for consumer in sorted(view.consumers, key=lambda c: c.consumer_id):
             beat_age = (view.now_ms - consumer.beat_ms) / 1000 if consumer.beat_ms else None
@@ -217,6 +235,7 @@ def render(view: GroupView) -> str:
                     _age((view.now_ms - consumer.registered_ms) / 1000),
                     consumer.strategy,
                     f"{consumer.rate:,.0f}/s",
+                    f"{consumer.held:,}",
                     "?" if beat_age is None else f"{beat_age:.1f} s ago",
                     "subscribed" if consumer.subscribed else "NOT SUBSCRIBED",
                 )

@@ -22,7 +22,7 @@ from processor import autoscale
 from processor.config import Bounds, Settings
 from processor.connection import CONNECTION_ERRORS, REDIS_ERRORS, Outage
 from processor.controlplane import Beat, HostInfo, HostRegistry, set_desired
-from processor.counters import read_counters
+from processor.counters import COUNTERS, read_counters
 from processor.errors import ConfigError
 from processor.keys import Keys
 from processor.shares import split
@@ -268,7 +268,8 @@ class Steering:
         if not self._keys.cluster or not self._settings.idle_stop_s:
             return 0
         try:
-            self._partition_counts = sum(read_counters(self._client, self._keys).values())
+            counts = read_counters(self._client, self._keys)
+            self._partition_counts = sum(counts[name] for name in COUNTERS)
         except REDIS_ERRORS as error:
             log.debug("control plane: partition counters not read: %s", error)
         return self._partition_counts

@@ -32,10 +32,12 @@ from processor.config import Settings
 from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
 from processor.controlplane import claim_partitions
+from processor.counters import record_unwritten
 from processor.dedup import mark_legacy_locks, warn_if_evicting
 from processor.errors import ConfigError
 from processor.health import HealthServer
 from processor.keys import Keys
+from processor.keytypes import check_key_types
 from processor.membership import evict_process, leave_script
 from processor.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.monitor import Monitor
@@ -106,6 +108,10 @@ class Supervisor:
         if self.stop.is_set() or not self._connect():
             log.info("daemon stopped before Redis was reachable")
             return EXIT_OK
+        try:
+            check_key_types(self._client, self._keys)  # raises ConfigError, as check_access
+        except REDIS_ERRORS as error:
+            log.warning("could not check the types of the daemon's keys: %s", error)
         if self._keys.cluster:
             try:
                 # Raises ConfigError (exit 2) when the live group runs with another PARTITIONS.
@@ -248,7 +254,12 @@ class Supervisor:
             log.info("%s received: stopping consumers gracefully", name)
             self.stop.set()
         else:
-            log.warning("%s received again: killing consumers now", name)
+            log.warning(
+                "%s received again: killing consumers now; they held %d unwritten messages at "
+                "their last step (lost)",
+                name,
+                sum(slot.stats.get("held") for slot in self._slots if slot.process is not None),
+            )
             for slot in self._slots:
                 if slot.process is not None and slot.process.pid:
                     _kill(slot.process.pid, signal.SIGKILL)
@@ -465,17 +476,29 @@ class Supervisor:
     def _shut_down(self) -> int:
         """Forwards the stop to every consumer, waits for their flush, kills stragglers."""
         self._steering.leave()  # the other hosts take our share while ours drain
-        running = [slot.process for slot in self._slots if slot.process is not None]
-        for process in running:
-            if process.pid:
-                _kill(process.pid, signal.SIGTERM)
+        running = [slot for slot in self._slots if slot.process is not None]
+        for slot in running:
+            if slot.process is not None and slot.process.pid:
+                _kill(slot.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        for process in running:
-            process.join(max(0.0, deadline - time.monotonic()))
+        for slot in running:
+            if slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
         code = EXIT_OK
-        for process in running:
+        killed_holding = 0
+        for slot in running:
+            process = slot.process
+            if process is None:
+                continue
             if process.is_alive():
-                log.error("consumer pid %s did not stop in time: killing it", process.pid)
+                held = slot.stats.get("held")
+                killed_holding += held
+                log.error(
+                    "consumer pid %s did not stop in time: killing it; it held %d unwritten "
+                    "messages at its last step (lost)",
+                    process.pid,
+                    held,
+                )
                 if process.pid:
                     _kill(process.pid, signal.SIGKILL)
                 process.join(5)
@@ -483,6 +506,11 @@ class Supervisor:
             elif process.exitcode != 0:
                 log.error("consumer pid %s exited with code %s", process.pid, process.exitcode)
                 code = EXIT_CONSUMER_ERROR
+        if killed_holding:
+            try:
+                record_unwritten(self._client, self._keys, lost=killed_holding, left_to_takeover=0)
+            except REDIS_ERRORS as error:
+                log.warning("lost=%d not added to the group's counters: %s", killed_holding, error)
         log.info(
             "daemon stopped: consumers=%d restarts=%d",
             len(self._slots),

@@ -306,6 +306,8 @@ class WriteThread(WatchedThread):
         self._identity = identity
         self._on_done = on_done
         self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
+        # The batch being written (set and cleared by the write thread only).
+        self._current: Batch | None = None
 
     def submit(self, entries: list[Entry], received_at: float | None = None) -> None:
         """Queues a batch; ``received_at`` is when its oldest message arrived, if known."""
@@ -317,6 +319,13 @@ class WriteThread(WatchedThread):
         with done:
             while self._queue.unfinished_tasks and self.is_alive():
                 done.wait(_POLL_S)
+
+    def holding(self) -> int:
+        """Entries submitted and not written yet: queued, or in the call being retried."""
+        with self._queue.mutex:
+            queued = sum(len(batch.entries) for batch in self._queue.queue if batch is not None)
+        current = self._current
+        return queued + (len(current.entries) if current is not None else 0)
 
     def close(self) -> None:
         if self.is_alive():
@@ -339,9 +348,11 @@ class WriteThread(WatchedThread):
             try:
                 if batch is None:
                     return
+                self._current = batch
                 consumer_id, fence = self._identity()
                 started = time.monotonic()
                 result = self._writer.write(batch.entries, consumer_id, fence)
                 self._on_done(batch, result, started)
+                self._current = None
             finally:
                 self._queue.task_done()

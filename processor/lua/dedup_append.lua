@@ -19,7 +19,8 @@
 -- then n pairs (message_id, data as JSON), then m triples (dedup id, reason, raw payload)
 --
 -- Returns {written, dead, skipped, dead_flags}, or {-1, 0, 0, ""} when the fence token does not
--- match. dead_flags has one character per dead letter, in order: "1" appended, "0" seen.
+-- match, or a WRONGTYPE error naming the key, before any write, when KEYS[1], KEYS[2] or KEYS[3]
+-- holds another type. dead_flags has one character per dead letter, in order: "1" appended, "0" seen.
 --
 -- An id is remembered by its digest in the set of the time bucket (Redis's clock) it was
 -- written in; a batch checks the current bucket and the k before it, with one SMISMEMBER each,
@@ -51,6 +52,17 @@ local written, dead, skipped = 0, 0, tonumber(ARGV[10])
 local first, last = 11, 10 + outputs + deads
 if last < first then
     return {0, 0, 0, ''} -- an empty batch (a repeat's first occurrence is always in its call)
+end
+-- Someone else's key under one of our names would fail an XADD or HINCRBY halfway through the
+-- batch, after earlier appends and before the SADD that remembers them: a retry would write
+-- those again. So the keys written after the first append are checked first (a set of the
+-- wrong type fails at SMISMEMBER, before any write), and the reply names the key.
+for i, kind in ipairs({'stream', 'stream', 'hash'}) do
+    local found = redis.call('TYPE', KEYS[i])['ok']
+    if found ~= kind and found ~= 'none' then
+        return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. found ..
+            ' where the daemon writes a ' .. kind .. ': delete or rename that key')
+    end
 end
 local time = redis.call('TIME')
 local bucket =

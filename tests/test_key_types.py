@@ -1,0 +1,177 @@
+"""A key of the wrong type: refused at start with one line, waited out at run time.
+
+The daemon runs as a process against the suite's redis-server. At start a key it writes that
+holds another type is a wrong setting (exit 2, one line naming the key, its type and the
+setting); set while the daemon runs, it is an outage: every consumer holds what it received,
+retries, and writes it all once the key is gone, with no consumer replaced.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import REPO_ROOT
+from tests.faults_support import (
+    Expected,
+    check_streams,
+    client,
+    daemon_env,
+    publish_invalid,
+    settle,
+    start_daemon,
+    start_publisher,
+)
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _consume(redis_url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = daemon_env(redis_url, "partitioned", 2, {})
+    return subprocess.run(
+        [sys.executable, "demo/consume.py", *flags],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+
+@pytest.mark.parametrize(
+    ("prepare", "key", "held", "setting"),
+    [
+        (
+            lambda r: r.set("messages:processed", "x"),
+            "messages:processed",
+            "string",
+            "OUTPUT_STREAM",
+        ),
+        (lambda r: r.hset("consumer:ids", "a", "b"), "consumer:ids", "hash", "CONSUMERS_LIST"),
+        (lambda r: r.rpush("messages:dead", "x"), "messages:dead", "list", "DEAD_LETTER_STREAM"),
+        (lambda r: r.rpush("processor:stats", "x"), "processor:stats", "list", "KEY_PREFIX"),
+    ],
+    ids=["output-string", "consumers-hash", "dead-list", "prefix-stats-list"],
+)
+def test_a_key_of_the_wrong_type_at_start_exits_2_naming_it(
+    redis_url: str,
+    r: redis.Redis,
+    prepare: Callable[[redis.Redis], object],
+    key: str,
+    held: str,
+    setting: str,
+) -> None:
+    prepare(r)
+    done = _consume(redis_url)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    assert f"invalid {setting}: key '{key}' holds a {held}" in lines[-1], lines
+    assert not r.keys("processor:heartbeat:*"), "a consumer started"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--output-stream", "consumer:ids"], "invalid CONSUMERS_LIST: 'consumer:ids' is "),
+        (["--dead-letter-stream", "consumer:ids"], "invalid CONSUMERS_LIST: 'consumer:ids' is "),
+        (["--output-stream", "processor:out"], "invalid OUTPUT_STREAM: 'processor:out' is under"),
+    ],
+)
+def test_two_settings_naming_one_key_are_refused(
+    redis_url: str, flags: list[str], message: str
+) -> None:
+    done = _consume(redis_url, *flags)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
+def _stop_lines(log: str) -> list[dict[str, int]]:
+    return [
+        {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", line)}
+        for line in log.splitlines()
+        if "consumer stopped:" in line
+    ]
+
+
+@pytest.mark.parametrize("key", ["messages:processed", "messages:dead"])
+def test_a_key_overwritten_while_running_is_waited_out_and_every_message_written_once(
+    procs, redis_url: str, r: redis.Redis, tmp_path: Path, key: str
+) -> None:
+    """With the dead-letter stream overwritten, each batch's outputs could be appended before
+    its dead letters fail: the write script checks the types first, so a retry never writes an
+    output twice."""
+    daemon = start_daemon(procs, redis_url, "partitioned", count=2)
+    r.set(key, "someone else's value")
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 1.0, rate=300)
+    for number in range(5):
+        publish_invalid(r, f"while {key} is a string {number}")
+    wait_until(
+        lambda: daemon.log().count(f"WRONGTYPE {key} holds a string") >= 1,
+        20,
+        message="no consumer logged the refusal",
+    )
+    refused_at = time.monotonic()
+    publisher.finish()
+    wait_until(lambda: time.monotonic() - refused_at >= 4, 10)
+    r.delete(key)
+
+    expected = Expected(publisher.records())
+    assert len(expected.to_write) >= 250, len(expected.to_write)
+    bclient = client(redis_url)
+    settled = settle(bclient, expected, timeout=30)
+    summary = check_streams(bclient, expected, f"{key} overwritten")
+    dead = bclient.xrange("messages:dead")
+    bclient.close()
+    assert settled, summary
+    assert len(dead) == 5, dead
+    log = daemon.log()
+    assert "exited with code" not in log, log[-3000:]
+    assert "thread died" not in log, log[-3000:]
+    daemon.stop(f"{key} overwritten")
+    stops = _stop_lines(daemon.log())
+    assert len(stops) == 2, stops
+    assert all(stop["lost"] == 0 and stop["left_to_takeover"] == 0 for stop in stops), stops
+
+
+def test_a_stop_that_outlasts_the_grace_logs_what_the_killed_consumers_held(
+    procs, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """A handler that hangs past SHUTDOWN_GRACE: the supervisor kills its consumer, says how
+    many messages it held (from its last status) and counts them as lost in the group."""
+    env = daemon_env(
+        redis_url,
+        "partitioned",
+        1,
+        {
+            "HANDLER": "tests.handlers_for_tests:sleeps_forever",
+            "HANDLER_TIMEOUT": "0",
+            "SHUTDOWN_GRACE": "1",
+        },
+    )
+    daemon = procs.start(["demo/consume.py"], env=env)
+    wait_until(lambda: r.llen("consumer:ids") == 1, 20, message="consumer not listed")
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 0.5, rate=100)
+    publisher.finish()
+    wait_until(
+        lambda: int(r.hget(f"processor:consumer:{r.lindex('consumer:ids', 0)}", "held")) > 0,
+        10,
+        message="the consumer never reported what it holds",
+    )
+    daemon.send_signal(15)
+    assert daemon.wait(timeout=30) == 1
+    log = procs.output(daemon)
+    found = re.search(r"did not stop in time: killing it; it held (\d+) unwritten messages", log)
+    assert found, log[-3000:]
+    held = int(found.group(1))
+    assert held > 0
+    assert int(r.hget("processor:stats", "lost") or 0) == held
