@@ -259,6 +259,7 @@ class Consumer:
             self._batch_size, self.settings.batch_window_ms / 1000, IDLE_WAIT_S
         )
         if payloads:
+            self._in_hand = len(payloads)  # out of the inbox, not submitted yet
             self._handle(payloads, received_at=self._inbox.oldest_taken)
         self._account()
 
@@ -295,13 +296,6 @@ class Consumer:
         if self._failure is None:
             self._leave("stopped")
         self._runner.close()
-        if self._unwritten:
-            self._totals["lost"] += len(self._unwritten)
-            log.error(
-                "%s stopped while fenced: %d received messages not written",
-                self.context(),
-                len(self._unwritten),
-            )
         self._count_unwritten()
         totals = self._totals
         log.info(
@@ -326,16 +320,18 @@ class Consumer:
     def _count_unwritten(self) -> None:
         """What we still hold once every thread has stopped, counted where operators read it.
 
-        After a failure we left the group before writing it: the live consumers' takeover
-        buffers hold a copy of everything published while they were subscribed, and they try it
-        now. Otherwise (no one else live, or a stop that could not write it) it is lost.
+        After a failure we left the group before writing it, and writes refused by the fence
+        were made after the group declared us dead: either way the live consumers' takeover
+        buffers hold a copy of everything published while they were subscribed, and they try
+        it. Otherwise (no one else live, or a stop that could not write it) it is lost.
         """
-        unwritten = self._held()
+        fenced = len(self._unwritten)
+        unwritten = self._held() + fenced
         if not unwritten:
             self._report_unwritten()
             return
         others = self._heartbeat.members - {self._membership.consumer_id}
-        if self._failure is not None and others:
+        if (self._failure is not None or fenced) and others:
             self._totals["left_to_takeover"] += unwritten
             log.error(
                 "%s left the group holding %d unwritten messages: the %d live consumers try "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -132,6 +133,17 @@ def test_a_thread_that_dies_makes_its_consumer_leave_and_the_survivor_writes_its
     assert f"{thread} thread failed" in departures[0][b"reason"].decode()
     died = [record for record in caplog.records if "thread died" in record.getMessage()]
     assert len(died) == 1 and died[0].exc_info is not None, [r.getMessage() for r in died]
+    # What it held unwritten is counted as left to the survivor's takeover, never as lost=0
+    # with nothing said: a writer that died holds the batch it was writing, a loop that died
+    # the batch it was handling.
+    stopped = [r.getMessage() for r in caplog.records if "consumer stopped:" in r.getMessage()]
+    assert len(stopped) == 1, stopped
+    counts = dict(re.findall(r"(\w+)=(\d+)", stopped[0]))
+    assert counts["lost"] == "0", stopped
+    left = int(counts["left_to_takeover"])
+    if thread in ("writer", "consumer"):
+        assert left > 0, stopped
+    assert int(bclient.hget("processor:stats", "left_to_takeover") or 0) == left
 
     print(thread, publisher.finish())
     expected = Expected(publisher.records())
