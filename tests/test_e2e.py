@@ -216,7 +216,8 @@ def test_invalid_messages_are_dead_lettered_once_and_the_daemon_carries_on(procs
 
 
 def test_consumers_list_holds_the_live_consumers_and_is_emptied_on_sigterm(procs, redis_url, r):
-    daemon, ids = start_daemon(procs, redis_url, 2)
+    # A line per report though idle: the lines count the reports.
+    daemon, ids = start_daemon(procs, redis_url, 2, MONITORING_IDLE_INTERVAL="1")
     wait_until(lambda: len(ready_ids(procs, daemon)) == 2, WAIT_S, message="no ready lines")
     assert ids == ready_ids(procs, daemon)
     for consumer_id in ids:
