@@ -205,6 +205,13 @@ class Settings(GroupSettings):
         "seconds between throughput reports",
         minimum=0.1,
     )
+    monitor_idle_interval_s: float = setting(
+        60.0,
+        "MONITORING_IDLE_INTERVAL",
+        "seconds between throughput reports while nothing is received, written or dead and "
+        "the line does not change",
+        minimum=0.1,
+    )
     handler: str = setting(
         "processor.handlers:add_random_score",
         "HANDLER",

@@ -22,7 +22,7 @@ from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_cli
 from processor.counters import record_unwritten
 from processor.dedup import SeenCheck, Window
 from processor.errors import ConsumerFailed
-from processor.handlers import Failure, Runner, load_handler, make_runner
+from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
 from processor.heartbeat import Heartbeat
 from processor.inbox import Inbox
 from processor.keys import Keys
@@ -143,6 +143,7 @@ class Consumer:
         # The built-in handler cannot hang: skip the two timer syscalls per message.
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
         self._runner: Runner = make_runner(handler, timeout_s, settings.handler_concurrency)
+        self._failures = FailureLog(settings.monitor_interval_s, self.context)
         self._client = command_client(settings, name="processor-consumer")
         self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
@@ -261,6 +262,7 @@ class Consumer:
         if payloads:
             self._in_hand = len(payloads)  # out of the inbox, not submitted yet
             self._handle(payloads, received_at=self._inbox.oldest_taken)
+        self._failures.report()
         self._account()
 
     def _flush(self) -> None:
@@ -277,6 +279,7 @@ class Consumer:
         for batch in self._batches(self._inbox.drain()):
             self._handle(batch)
         self._writes.wait_idle()
+        self._failures.report(final=True)
         self._account()
 
     def _tear_down(self) -> None:
@@ -413,8 +416,12 @@ class Consumer:
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):
                     entries[position] = handler_failed(message, result.reason, max_bytes)
-                else:
-                    entries[position] = output_entry(message, result, max_bytes)
+                    self._failures.failed(message.message_id, result.reason, result.error)
+                    continue
+                entry = output_entry(message, result, max_bytes)
+                if entry.kind == DEAD:
+                    self._failures.failed(message.message_id, str(entry.a))
+                entries[position] = entry
         batch = [entry for entry in entries if entry is not None]
         # Busy until the batch is ready: a wait for the write queue (Redis is the bottleneck)
         # is not work more consumers would share.

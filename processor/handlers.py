@@ -17,11 +17,13 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
 from processor.errors import HandlerLoadError, HandlerTimeout
+from processor.messages import reason_kind
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,14 @@ def load_handler(spec: str) -> Handler:
 
 
 class Failure:
-    """A handler call that did not produce a result: the reason goes to the dead-letter stream."""
+    """A handler call that did not produce a result: the reason goes to the dead-letter stream,
+    the exception it raised (none for a timeout) to the log."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("error", "reason")
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, error: BaseException | None = None) -> None:
         self.reason = reason
+        self.error = error
 
 
 def _describe(error: BaseException) -> str:
@@ -105,7 +109,7 @@ class InlineRunner:
             except HandlerTimeout:
                 results.append(Failure(f"handler timed out after {self._timeout_s:g} s"))
             except Exception as error:
-                results.append(Failure(_describe(error)))
+                results.append(Failure(_describe(error), error))
         return results
 
     def close(self) -> None:
@@ -170,7 +174,7 @@ class ThreadedRunner:
                 future.cancel()
                 return Failure(f"handler timed out after {self._timeout_s:g} s")
             except Exception as error:
-                return Failure(_describe(error))
+                return Failure(_describe(error), error)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -192,7 +196,7 @@ class AsyncRunner:
             except TimeoutError:
                 return Failure(f"handler timed out after {self._timeout_s:g} s")
             except Exception as error:
-                return Failure(_describe(error))
+                return Failure(_describe(error), error)
 
     async def _all(self, messages: Sequence[dict[str, Any]]) -> list[object]:
         gate = asyncio.Semaphore(self._concurrency)
@@ -206,6 +210,68 @@ class AsyncRunner:
 
 
 Runner = InlineRunner | ThreadedRunner | AsyncRunner
+
+# Failures that raised nothing, named in the count line by their dead-letter reason's kind.
+_KIND_NAMES = {"handler_timeout": "timeout", "handler_result": "bad result"}
+
+
+class FailureLog:
+    """Handler failures in the log, never a line per message: the first of each kind (the
+    exception's type, or ``timeout``, ``bad result``) with its traceback, then a count line
+    per ``interval_s`` in which there were any. Used by one thread."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        context: Callable[[], str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval_s = interval_s
+        self._context = context
+        self._clock = clock
+        self._logged: set[str] = set()
+        self._counts: Counter[str] = Counter()
+        self._since = 0.0
+
+    def failed(self, message_id: str, reason: str, error: BaseException | None = None) -> None:
+        if error is not None:
+            kind = type(error).__name__
+        else:
+            kind = _KIND_NAMES.get(reason_kind(reason), reason_kind(reason))
+        if not self._counts:
+            self._since = self._clock()
+        self._counts[kind] += 1
+        if kind in self._logged:
+            return
+        self._logged.add(kind)
+        log.error(
+            "%s handler failed (%s) on message_id %r: %s; later failures are counted, "
+            "not logged one by one",
+            self._context(),
+            kind,
+            message_id,
+            reason,
+            exc_info=error,
+        )
+
+    def report(self, final: bool = False) -> None:
+        """The count line, once ``interval_s`` has passed since the first failure it counts
+        (``final``: whatever is counted, now)."""
+        if not self._counts:
+            return
+        elapsed = self._clock() - self._since
+        if elapsed < self._interval_s and not final:
+            return
+        total = self._counts.total()
+        kinds = ", ".join(f"{kind} {count:,}" for kind, count in self._counts.most_common())
+        log.warning(
+            "%s handler failed %s in the last %.1f s (%s); the first of each kind is logged above",
+            self._context(),
+            f"{total:,} times" if total != 1 else "1 time",
+            elapsed,
+            kinds,
+        )
+        self._counts.clear()
 
 
 def make_runner(handler: Handler, timeout_s: float, concurrency: int) -> Runner:

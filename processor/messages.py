@@ -13,6 +13,9 @@ import orjson
 
 OUTPUT = "o"
 DEAD = "d"
+# orjson reads 1,024 levels of nesting but writes only 254: one limit for both, checked on
+# input, so a message we accept is one we can write.
+MAX_DEPTH = 254
 
 
 # Tuples rather than dataclasses: these are built for every message on the hot path.
@@ -65,7 +68,27 @@ def parse(raw: bytes, max_bytes: int) -> Message | Entry:
         )
     if not message_id:
         return dead_letter("empty message_id", raw, max_bytes)
+    # Nesting needs one bracket per level: most payloads are cleared by a count in C.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        return dead_letter(
+            f"nested deeper than {MAX_DEPTH} levels", raw, max_bytes, lock_id=message_id
+        )
     return Message(message_id, body, raw)
+
+
+def _deeper_than(body: dict[str, Any], limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels (``body`` is level 1)."""
+    # A loop, not recursion: orjson's 1,024 levels are past Python's recursion limit.
+    pending: list[tuple[dict[str, Any] | list[Any], int]] = [(body, 1)]
+    while pending:
+        container, depth = pending.pop()
+        children = container.values() if isinstance(container, dict) else container
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth == limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
@@ -95,6 +118,7 @@ _REASON_KINDS = (
     ("missing message_id", "missing_message_id"),
     ("message_id is not", "bad_message_id"),
     ("empty message_id", "bad_message_id"),
+    ("nested deeper than", "too_deep"),
     ("handler raised", "handler_error"),
     ("handler timed out", "handler_timeout"),
     ("handler returned", "handler_result"),

@@ -16,30 +16,52 @@ from processor.stats import ConsumerStats
 
 log = logging.getLogger(__name__)
 
+# What a consumer's counters move with: a change in any of them is not idle.
+_ACTIVITY = ("received", "written", "dead")
+
 
 class Monitor:
-    """Turns counters into per-second rates over each interval, and lists subscription gaps."""
+    """Turns counters into per-second rates over each interval, and lists subscription gaps.
 
-    def __init__(self, settings: Settings, local: Callable[[], Sequence[ConsumerStats]]) -> None:
+    At idle (nothing received, written or dead since the last report, and the line unchanged:
+    same buffered counts, members, gaps) the same line every MONITORING_INTERVAL says nothing
+    new: it is logged once every MONITORING_IDLE_INTERVAL instead.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        local: Callable[[], Sequence[ConsumerStats]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._keys = Keys.from_settings(settings)
         self._client = command_client(settings, name="processor-monitor")
         self._local = local
-        self._last_time = time.monotonic()
+        self._clock = clock
+        # Less half a report interval: reports come on a grid, and one a hair early must not
+        # put the idle line off by a whole interval.
+        self._idle_report_s = settings.monitor_idle_interval_s - settings.monitor_interval_s / 2
+        self._last_time = clock()
         self._last_group: tuple[int, int] | None = None
+        self._logged_line = ""
+        self._logged_at = 0.0
         # By slot object: slots come and go with SIGTTIN and SIGTTOU.
         self._last_local = {id(stats): stats.snapshot() for stats in local()}
         self._gaps_seen = f"{int(time.time() * 1000)}-0"
 
     def report(self, final: bool = False) -> None:
-        now = time.monotonic()
+        now = self._clock()
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
+        group_before = self._last_group
         parts = [self._group_part(elapsed)]
+        moved = self._last_group != group_before
         local_parts = []
         for index, stats in enumerate(self._local()):
             current = stats.snapshot()
             previous = self._last_local.get(id(stats), current)
             self._last_local[id(stats)] = current
+            moved = moved or any(current[name] != previous[name] for name in _ACTIVITY)
             rate = (current["written"] - previous["written"]) / elapsed
             dead = current["dead"] - previous["dead"]
             name = stats.consumer_id or f"slot{index}"
@@ -49,7 +71,12 @@ class Monitor:
             local_parts.append(f"{name}={rate:,.0f}/s{extra}")
         parts.append("local " + " ".join(local_parts))
         parts.append(self._gaps_part())
-        log.info("%sthroughput %s", "final " if final else "", " | ".join(parts))
+        line = " | ".join(parts)
+        idle = not moved and line == self._logged_line
+        if idle and not final and now - self._logged_at < self._idle_report_s:
+            return
+        self._logged_line, self._logged_at = line, now
+        log.info("%sthroughput %s", "final " if final else "", line)
 
     def _group_part(self, elapsed: float) -> str:
         try:

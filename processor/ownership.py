@@ -78,6 +78,11 @@ class TakeoverBuffer:
     def __len__(self) -> int:
         return self._count
 
+    def held(self, now: float) -> int:
+        """How many payloads it still holds at ``now``, what has aged out dropped first."""
+        self._prune(now)
+        return self._count
+
     def add(self, chunk: list[bytes], now: float, owners: Owners) -> None:
         self._chunks.append((now, now - self._downtime(now), owners, chunk))
         self._count += len(chunk)
@@ -157,7 +162,9 @@ class PartitionedStrategy:
         buffer_max: int,
         buffer_held_s: float,
         downtime: Callable[[float], float],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         # One lock orders routing against view changes: a payload routed by the old view is in
         # the buffer before a takeover under the new view looks for it.
         self._lock = threading.Lock()
@@ -173,7 +180,10 @@ class PartitionedStrategy:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """What the takeover buffer holds now: after traffic stops, it drains as entries age
+        out, though no split() comes to prune it."""
+        with self._lock:
+            return self._buffer.held(self._clock())
 
     def split(self, chunk: list[bytes], now: float) -> list[bytes]:
         """The payloads of ``chunk`` this consumer owns; the rest go to the takeover buffer."""

@@ -216,7 +216,8 @@ def test_invalid_messages_are_dead_lettered_once_and_the_daemon_carries_on(procs
 
 
 def test_consumers_list_holds_the_live_consumers_and_is_emptied_on_sigterm(procs, redis_url, r):
-    daemon, ids = start_daemon(procs, redis_url, 2)
+    # A line per report though idle: the lines count the reports.
+    daemon, ids = start_daemon(procs, redis_url, 2, MONITORING_IDLE_INTERVAL="1")
     wait_until(lambda: len(ready_ids(procs, daemon)) == 2, WAIT_S, message="no ready lines")
     assert ids == ready_ids(procs, daemon)
     for consumer_id in ids:
@@ -336,6 +337,38 @@ def test_handler_exception_dead_letters_the_message_and_the_daemon_carries_on(pr
     assert "invalid JSON" in by_raw["not json"]
     assert r.xlen(OUTPUT) == 0
     assert int(r.hget(STATS, "dead")) == len(payloads) + 1
+
+
+FAILURE_COUNT = re.compile(r"handler failed (\d+) times? in the last [\d.]+ s \(ValueError \d+\)")
+
+
+def test_handler_failures_are_logged_once_with_a_traceback_then_counted(procs, redis_url, r):
+    daemon, _ = start_daemon(
+        procs, redis_url, 1, args=["--handler", "tests.handlers_for_tests:raises"]
+    )
+    failing = [f"fails-{n}" for n in range(30)]
+    for message_id in failing:
+        assert r.publish(CHANNEL, json.dumps({"message_id": message_id})) == 1
+    # Deeper than the output can be written: dead-lettered on input, the handler never runs.
+    deep = '{"message_id":"deep","x":' + "[" * 299 + "]" * 299 + "}"
+    assert r.publish(CHANNEL, deep) == 1
+
+    def counted() -> int:
+        return sum(int(n) for n in FAILURE_COUNT.findall(procs.output(daemon)))
+
+    wait_until(lambda: counted() >= len(failing), WAIT_S, message="no count line")
+    assert_no_consumer_died(procs, daemon)
+    stop_daemon(daemon)
+
+    log = procs.output(daemon)
+    assert counted() == len(failing), log
+    assert log.count("Traceback (most recent call last)") == 1, log
+    assert log.count("handler failed (ValueError) on message_id 'fails-0'") == 1, log
+    assert "boom for fails-0" in log
+    assert not any(f"boom for {message_id}" in log for message_id in failing[1:]), log
+    reasons = {fields["raw"]: fields["reason"] for _, fields in r.xrange(DEAD)}
+    assert len(reasons) == len(failing) + 1
+    assert reasons[deep] == "nested deeper than 254 levels"
 
 
 def test_toml_file_is_honoured_and_env_then_flags_override_it(procs, redis_url, r, tmp_path):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -12,7 +13,9 @@ from processor.errors import ConfigError, HandlerLoadError
 from processor.handlers import (
     AsyncRunner,
     Failure,
+    FailureLog,
     InlineRunner,
+    Runner,
     ThreadedRunner,
     add_random_score,
     load_handler,
@@ -269,3 +272,120 @@ def test_non_dict_result_is_passed_back_for_the_consumer_to_dead_letter() -> Non
         assert runner.run(_messages(1)) == [["m-0"]]
     finally:
         runner.close()
+
+
+# -- failures in the log ----------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _raised(count: int) -> list[Failure]:
+    runner = InlineRunner(th.raises, timeout_s=0)
+    try:
+        results = runner.run(_messages(count))
+    finally:
+        runner.close()
+    assert all(isinstance(result, Failure) for result in results)
+    return results  # type: ignore[return-value]
+
+
+def _failure_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "processor.handlers"]
+
+
+def test_the_first_failure_of_each_kind_is_logged_with_its_traceback_then_only_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    failures = FailureLog(3.0, lambda: "[c-1 pid=1]", clock)
+    caplog.set_level(logging.INFO, logger="processor.handlers")
+
+    raised = _raised(50)
+    for index, failure in enumerate(raised):
+        failures.failed(f"m-{index}", failure.reason, failure.error)
+    for index in range(7):
+        failures.failed(f"t-{index}", "handler timed out after 5 s")
+    failures.failed("r-0", "handler returned list, not a dict")
+    clock.now += 2.9
+    failures.report()
+
+    first, timeout, result = _failure_lines(caplog)
+    assert first.levelno == logging.ERROR
+    assert first.getMessage().startswith("[c-1 pid=1] handler failed (ValueError) on message_id")
+    assert "'m-0': handler raised ValueError: boom for m-0" in first.getMessage()
+    assert first.exc_info is not None and first.exc_info[1] is raised[0].error
+    assert 'raise ValueError(f"boom for' in caplog.text  # the handler's own line
+    assert "(timeout) on message_id 't-0': handler timed out after 5 s" in timeout.getMessage()
+    assert timeout.exc_info is None
+    assert "(bad result) on message_id 'r-0'" in result.getMessage()
+
+    caplog.clear()
+    clock.now += 0.1
+    failures.report()
+    (counted,) = _failure_lines(caplog)
+    assert counted.levelno == logging.WARNING
+    assert counted.getMessage() == (
+        "[c-1 pid=1] handler failed 58 times in the last 3.0 s "
+        "(ValueError 50, timeout 7, bad result 1); the first of each kind is logged above"
+    )
+
+    # Nothing failed since: no line. The same kinds again: counted, never logged one by one.
+    caplog.clear()
+    clock.now += 10
+    failures.report()
+    assert not _failure_lines(caplog)
+    for index, failure in enumerate(_raised(5)):
+        failures.failed(f"again-{index}", failure.reason, failure.error)
+    assert not _failure_lines(caplog)
+    clock.now += 3
+    failures.report()
+    assert [record.getMessage() for record in _failure_lines(caplog)] == [
+        "[c-1 pid=1] handler failed 5 times in the last 3.0 s (ValueError 5); "
+        "the first of each kind is logged above"
+    ]
+
+
+def test_a_final_report_counts_what_is_left_before_the_interval_is_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    failures = FailureLog(3.0, lambda: "[c-1 pid=1]", clock)
+    caplog.set_level(logging.INFO, logger="processor.handlers")
+    failures.failed("m-0", "handler timed out after 5 s")
+    clock.now += 0.5
+    failures.report()
+    assert len(_failure_lines(caplog)) == 1
+    failures.report(final=True)
+    assert (
+        _failure_lines(caplog)[-1]
+        .getMessage()
+        .startswith("[c-1 pid=1] handler failed 1 time in the last 0.5 s (timeout 1)")
+    )
+
+
+@pytest.mark.parametrize(
+    "runner",
+    [
+        lambda: InlineRunner(th.raises, timeout_s=0),
+        lambda: ThreadedRunner(th.raises, timeout_s=1.0, concurrency=2),
+        lambda: AsyncRunner(th.async_raises, timeout_s=1.0, concurrency=2),
+    ],
+    ids=["inline", "threaded", "async"],
+)
+def test_every_runner_hands_back_the_exception_for_its_traceback(
+    runner: Callable[[], Runner],
+) -> None:
+    instance = runner()
+    try:
+        (failure,) = instance.run(_messages(1))
+    finally:
+        instance.close()
+    assert isinstance(failure, Failure)
+    assert isinstance(failure.error, ValueError)
+    assert failure.error.__traceback__ is not None

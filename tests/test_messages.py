@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import orjson
 import pytest
 
 from processor.handlers import add_random_score
 from processor.messages import (
     DEAD,
+    MAX_DEPTH,
     OUTPUT,
     Entry,
     Message,
@@ -16,6 +18,7 @@ from processor.messages import (
     output_entry,
     parse,
     payload_lock_id,
+    reason_kind,
 )
 
 LIMIT = 1024
@@ -139,3 +142,60 @@ def test_handler_failed_truncates_raw_and_keeps_the_reason() -> None:
     assert isinstance(parsed, Message)
     entry = handler_failed(parsed, "handler raised ValueError: boom", 64)
     assert entry == Entry(DEAD, "m-9", "handler raised ValueError: boom", raw[:64])
+
+
+def _nested(depth: int) -> bytes:
+    """A message whose arrays and objects nest ``depth`` levels, the message itself included."""
+    levels = depth - 1
+    opening = "".join('{"a":' if n % 2 else "[" for n in range(levels))
+    closing = "".join("}" if n % 2 else "]" for n in reversed(range(levels)))
+    return f'{{"message_id":"deep","x":{opening}0{closing}}}'.encode()
+
+
+def _depth_of(raw: bytes) -> int:
+    depth = deepest = 0
+    for byte in raw:
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH])
+def test_a_message_nested_to_the_limit_is_valid_and_its_output_is_written(depth: int) -> None:
+    raw = _nested(depth)
+    assert _depth_of(raw) == depth
+    parsed = parse(raw, 1_048_576)
+    assert isinstance(parsed, Message)
+    entry = output_entry(parsed, add_random_score(parsed.body), 1_048_576)
+    assert entry.kind == OUTPUT
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 300, 1024])
+def test_a_message_nested_past_what_can_be_written_is_dead_lettered_on_input(depth: int) -> None:
+    raw = _nested(depth)
+    assert _depth_of(raw) == depth
+    entry = _dead(raw, limit=1_048_576)
+    assert entry.a == f"nested deeper than {MAX_DEPTH} levels"
+    assert reason_kind(entry.a) == "too_deep"
+    assert entry.lock_id == "deep"  # a valid id: deduplicated by it, as a handler failure is
+    assert entry.b == raw
+
+
+def test_brackets_in_strings_and_wide_structures_are_not_depth() -> None:
+    brackets = json.dumps({"message_id": "m", "text": "[{" * 500}).encode()
+    wide = json.dumps({"message_id": "m", "rows": [{"n": [n]} for n in range(500)]}).encode()
+    for raw in (brackets, wide):
+        assert isinstance(parse(raw, 1_048_576), Message)
+
+
+def test_the_depth_limit_is_what_orjson_writes() -> None:
+    # If orjson's limit moves, MAX_DEPTH must follow it.
+    at_limit = parse(_nested(MAX_DEPTH), 1_048_576)
+    assert isinstance(at_limit, Message)
+    orjson.dumps(at_limit.body)
+    past_limit = orjson.loads(_nested(MAX_DEPTH + 1))
+    with pytest.raises(orjson.JSONEncodeError, match="Recursion limit"):
+        orjson.dumps(past_limit)

@@ -38,8 +38,13 @@ def no_downtime(now: float) -> float:
     return 0.0
 
 
+def at_zero() -> float:
+    """The clock of strategies driven with explicit times from 0."""
+    return 0.0
+
+
 def _strategy(members: list[str], me: str) -> PartitionedStrategy:
-    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime)
+    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime, at_zero)
     strategy.update(members, me, now=0.0)
     return strategy
 
@@ -100,7 +105,7 @@ def test_split_routes_owned_and_buffers_the_rest() -> None:
 
 
 def test_before_the_first_view_everything_is_buffered() -> None:
-    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime)
+    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime, at_zero)
     assert strategy.split(PAYLOADS[:10], now=0.0) == []
     assert strategy.buffered == 10
 
@@ -188,6 +193,26 @@ def test_gap_reported_by_a_stranger_covers_nothing() -> None:
     strategy = _strategy(MEMBERS, MEMBERS[0])
     strategy.split(PAYLOADS, now=0.0)
     assert strategy.gap_reported("not-a-member", now=1.0) == []
+
+
+def test_buffered_counts_only_what_is_still_held_without_new_traffic() -> None:
+    """The count reported after traffic stops: what aged out is gone, though no split() came
+    to prune it (a takeover would not find it either)."""
+    clock = [0.0]
+    strategy = PartitionedStrategy(10.0, 100_000, 600.0, no_downtime, lambda: clock[0])
+    strategy.update(MEMBERS, MEMBERS[0], now=0.0)
+    strategy.split(PAYLOADS[:512], now=0.0)
+    first = strategy.buffered
+    strategy.split(PAYLOADS[512:], now=5.0)
+    total = strategy.buffered
+    assert 0 < first < total
+    clock[0] = 9.9
+    assert strategy.buffered == total
+    clock[0] = 10.1
+    assert strategy.buffered == total - first
+    clock[0] = 40.0
+    assert strategy.buffered == 0
+    assert strategy.update(MEMBERS[1:], MEMBERS[1], now=40.0) == []
 
 
 def test_discard_empties_the_buffer() -> None:
