@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from processor.config import Settings
-from processor.connection import command_client
+from processor.connection import WrongType, command_client
 from processor.keys import Keys
 from processor.membership import (
     Membership,
@@ -198,3 +198,22 @@ def test_consumer_ids_are_unique_and_say_where_they_run() -> None:
     assert len(ids) == 100
     one = next(iter(ids))
     assert one.startswith(f"{socket.gethostname()}-{os.getpid()}-0-")
+
+
+def test_a_live_consumer_lists_itself_again_when_the_list_is_deleted_or_overwritten(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """Else a view without the live consumers gives their share to no one: the messages
+    published meanwhile are only buffered, and lost once the buffers age."""
+    first, second = _member(client, keys, "c-1"), _member(client, keys, "c-2")
+    r.delete(keys.consumers)
+    assert set(first.beat().members) == {"c-1"}
+    assert set(second.beat().members) == {"c-1", "c-2"}
+    r.delete(keys.consumers)
+    r.set(keys.consumers, "someone else's")
+    with pytest.raises(WrongType):
+        first.beat()
+    r.delete(keys.consumers)
+    first.beat()
+    assert set(second.beat().members) == {"c-1", "c-2"}
+    assert sorted(r.lrange(keys.consumers, 0, -1)) == ["c-1", "c-2"]

@@ -9,6 +9,8 @@
 -- ARGV[4]  status hash key prefix (the hashes of pruned ids are deleted with them)
 -- ARGV[5..] field, value pairs written to KEYS[2] when the heartbeat was refreshed
 --
+-- A live consumer missing from the list (deleted or overwritten under the group) is listed again.
+--
 -- Returns {refreshed, id1, value1, id2, value2, ...}: refreshed is 1 when this consumer's
 -- heartbeat was still alive and has been extended, 0 when it had expired (the group declared it
 -- dead, so it must rejoin under a new id) or when ARGV[2] is "". The values are the heartbeat
@@ -28,15 +30,24 @@ if me ~= '' then
         redis.call('PEXPIRE', KEYS[2], ttl)
     end
 end
-local result = {refreshed}
+local result, listed = {refreshed}, false
 for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
     local value = redis.call('GET', prefix .. id)
     if value then
         result[#result + 1] = id
         result[#result + 1] = value
+        listed = listed or id == me
     else
         redis.call('LREM', KEYS[1], 0, id)
         redis.call('DEL', info_prefix .. id)
     end
+end
+if refreshed == 1 and not listed then
+    -- Alive but not listed: the list was deleted or overwritten under us. Listing ourselves
+    -- again keeps every live consumer in every view (a view without them gives their share to
+    -- no one).
+    redis.call('RPUSH', KEYS[1], me)
+    result[#result + 1] = me
+    result[#result + 1] = redis.call('GET', prefix .. me)
 end
 return result
