@@ -3,7 +3,8 @@ and the control plane's ``scale``, ``stop`` and ``start``.
 
 Each subcommand parses its own flags (``processor consume --help``) and names itself in help and
 error lines as the user typed it. Wrong settings and refused credentials exit with code 2 and
-one line; anything else is the subcommand's own exit code.
+one line; a daemon that gave up waiting for Redis at start (STARTUP_TIMEOUT) exits with code 4;
+anything else is the subcommand's own exit code.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from processor.errors import EXIT_CONFIG, ConfigError
+from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT, ConfigError, StartupTimeout
 
 USAGE = """usage: {prog} COMMAND [options]
 
@@ -47,6 +48,9 @@ def consume(argv: Sequence[str], prog: str) -> int:
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except StartupTimeout as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_STARTUP_TIMEOUT
 
 
 def publish(argv: Sequence[str], prog: str) -> int:
