@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -26,7 +27,7 @@ from processor.connection import (
     command_client,
     refused_credentials,
 )
-from processor.errors import ConfigError
+from processor.errors import ConfigError, StartupTimeout
 from processor.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,14 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
     ]
 
 
-def check_access(settings: Settings, stop: threading.Event) -> None:
+def check_access(settings: Settings, stop: threading.Event, deadline: float | None = None) -> None:
     """Returns once Redis accepts our credentials and every command; raises ConfigError if not.
 
-    A Redis that is not reachable yet is waited for (logged once), until ``stop`` is set.
+    A Redis that is not reachable yet is waited for (logged as an Outage), until ``stop`` is set
+    or past ``deadline`` (monotonic; see :func:`startup_deadline`), which raises StartupTimeout.
     """
     keys = Keys.from_settings(settings)
-    outage = Outage("Redis (start-up check)")
+    outage = Outage("Redis (start-up check)", url=settings.url)
     backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
     while not stop.is_set():
         try:
@@ -145,7 +147,7 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
             if problem is not None:
                 raise problem from None
             outage.failed(error)
-            stop.wait(backoff.next_delay())
+            wait_before_retry(settings, outage, backoff, stop, deadline)
             continue
         outage.recovered()
         if any(reason.startswith("MOVED") for reason in refusals):
@@ -160,6 +162,35 @@ def check_access(settings: Settings, stop: threading.Event) -> None:
                 + ": grant these to the Redis user (see the README's ACL line)"
             )
         return
+
+
+def startup_deadline(settings: Settings) -> float | None:
+    """When the daemon gives up waiting for Redis (monotonic); None to wait forever."""
+    if not settings.startup_timeout_s:
+        return None
+    return time.monotonic() + settings.startup_timeout_s
+
+
+def wait_before_retry(
+    settings: Settings,
+    outage: Outage,
+    backoff: Backoff,
+    stop: threading.Event,
+    deadline: float | None,
+) -> None:
+    """The back-off before the next attempt at start-up, never past ``deadline``: the last
+    attempt is made at it. Raises StartupTimeout once an attempt failed past it."""
+    delay = backoff.next_delay()
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            waited = time.monotonic() - (deadline - settings.startup_timeout_s)
+            raise StartupTimeout(
+                f"Redis at {settings.safe_url} not reachable within STARTUP_TIMEOUT "
+                f"({settings.startup_timeout_s:g} s; waited {waited:.1f} s): {outage.describe()}"
+            )
+        delay = min(delay, left)
+    stop.wait(delay)
 
 
 def _configuration_problem(settings: Settings, error: BaseException) -> ConfigError | None:
@@ -195,7 +226,9 @@ def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
     On a cluster only the credentials are checked (a PING through the cluster client, which
     reads the layout from the nodes): MULTI cannot span the slots of every key we use.
     """
-    client = command_client(settings, name="processor-access-check")
+    # No inner retries: the caller's loop retries, and logs the first failure without waiting
+    # out two more (a TLS handshake that gets no answer takes SOCKET_TIMEOUT_S each).
+    client = command_client(settings, name="processor-access-check", retries=0)
     try:
         if keys.cluster:
             client.ping()

@@ -3,7 +3,9 @@ and the control plane's ``scale``, ``stop`` and ``start``.
 
 Each subcommand parses its own flags (``processor consume --help``) and names itself in help and
 error lines as the user typed it. Wrong settings and refused credentials exit with code 2 and
-one line; anything else is the subcommand's own exit code.
+one line; a daemon that gave up waiting for Redis at start (STARTUP_TIMEOUT) exits with code 4,
+a publisher that could publish nothing because Redis was unreachable with code 1; anything else
+is the subcommand's own exit code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from processor.errors import EXIT_CONFIG, ConfigError
+from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT, ConfigError, StartupTimeout
+
+# Exit code of ``publish`` when Redis was unreachable (or refused it) for its whole run.
+EXIT_UNREACHABLE = 1
 
 USAGE = """usage: {prog} COMMAND [options]
 
@@ -47,6 +52,9 @@ def consume(argv: Sequence[str], prog: str) -> int:
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except StartupTimeout as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_STARTUP_TIMEOUT
 
 
 def publish(argv: Sequence[str], prog: str) -> int:
@@ -69,7 +77,9 @@ def publish(argv: Sequence[str], prog: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     report = Publisher(settings, stop).run()
     print(report.line(), flush=True)
-    return 0
+    # A run that reached Redis now and then did its best (the line counts it); one that never
+    # did published nothing.
+    return EXIT_UNREACHABLE if report.unavailable and not report.published else 0
 
 
 def status(argv: Sequence[str], prog: str) -> int:

@@ -14,7 +14,7 @@ import redis
 
 from processor import controlplane
 from processor.config import load_group_command
-from processor.connection import CONNECTION_ERRORS, REFUSALS, command_client
+from processor.connection import CONNECTION_ERRORS, REFUSALS, command_client, explain
 from processor.keys import Keys
 
 EXIT_OK = 0
@@ -54,7 +54,9 @@ def _run(
             prog, f"Redis at {settings.safe_url} refuses writes: {error.status_code} {error}"
         )
     except CONNECTION_ERRORS as error:
-        return _failed(prog, f"Redis at {settings.safe_url} unreachable: {error}")
+        return _failed(
+            prog, f"Redis at {settings.safe_url} unreachable: {explain(error, settings.url)}"
+        )
     except redis.ResponseError as error:
         return _failed(prog, f"Redis refused the command: {error}")
     finally:

@@ -323,6 +323,13 @@ class Settings(GroupSettings):
         "longest pause between reconnect attempts",
         minimum=0.01,
     )
+    startup_timeout_s: float = setting(
+        0.0,
+        "STARTUP_TIMEOUT",
+        "seconds to wait for Redis at start, before any consumer starts; past it the daemon "
+        "exits with code 4; 0 = wait forever",
+        minimum=0,
+    )
 
     @property
     def autoscale_bounds(self) -> Bounds | None:

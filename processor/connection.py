@@ -220,48 +220,152 @@ class Downtime:
 DOWNTIME = Downtime()
 
 
-class Outage:
-    """Logs an outage once when it starts and once when it ends, with its length."""
+# While an outage lasts, a line this often (seconds): an operator watching the log sees that
+# we still wait, for what and why, without a line per retry. A variable, so tests shorten it.
+OUTAGE_REPEAT_S = 30.0
 
-    def __init__(self, what: str, context: Callable[[], str] = lambda: "") -> None:
+_TLS_ONLY = "probably a TLS mismatch: the URL is redis:// but the server speaks only TLS"
+_NOT_TLS = "probably a TLS mismatch: the URL is rediss:// but the server does not speak TLS"
+
+
+def explain(error: BaseException, url: str = "") -> str:
+    """The error as our lines show it, naming a TLS mismatch with the server at ``url``.
+
+    Neither side says so: a rediss:// client's handshake waits for an answer a plaintext Redis
+    never sends (a timeout), and a TLS-only Redis drops a redis:// client that talks RESP to it
+    (a reset, or a close, before the first reply).
+    """
+    text = str(error).rstrip(".")
+    causes = list(_chain(error))
+    if url.startswith("rediss://") and any("handshake" in str(seen) for seen in causes):
+        return f"{text}; {_NOT_TLS}"
+    dropped = any(
+        isinstance(seen, (ConnectionResetError, BrokenPipeError))
+        or "Connection closed by server" in str(seen)
+        for seen in causes
+    )
+    if url.startswith("redis://") and dropped:
+        return f"{text}; {_TLS_ONLY}"
+    return text
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+class Outage:
+    """Logs an outage when it starts, every OUTAGE_REPEAT_S while it lasts, and when it ends.
+
+    ``detail`` adds what the caller holds meanwhile (for example "holding 120 messages") to the
+    start and repeat lines; ``url`` lets them name a TLS mismatch (see :func:`explain`).
+    """
+
+    def __init__(
+        self,
+        what: str,
+        context: Callable[[], str] = lambda: "",
+        detail: Callable[[], str] | None = None,
+        url: str = "",
+    ) -> None:
         self._what = what
         self._context = context
+        self._detail = detail
+        self._url = url
         self._started: float | None = None
+        self._logged_at = 0.0
         self._attempts = 0
+        self.error: BaseException | None = None
 
     @property
     def active(self) -> bool:
         return self._started is not None
 
+    def length_s(self) -> float:
+        """How long the outage on has lasted so far (0 when none is on)."""
+        return 0.0 if self._started is None else time.monotonic() - self._started
+
+    def describe(self) -> str:
+        """How many attempts failed and the last error: for a caller that gives up waiting."""
+        error = "" if self.error is None else explain(self.error, self._url)
+        plural = "" if self._attempts == 1 else "s"
+        return f"{self._attempts} failed attempt{plural}; the last: {error}"
+
     def failed(self, error: BaseException) -> None:
         self._attempts += 1
+        self.error = error
+        now = time.monotonic()
         starting = self._started is None
-        if starting:
-            self._started = time.monotonic()
-            DOWNTIME.begin(self, self._started)
+        if self._started is None:
+            self._started = now
+            DOWNTIME.begin(self, now)
         if refused_credentials(error) is not None:
             # Not a blip: a rotated password needs an operator, so say it on every attempt.
             log.error(
                 "%s %s refused our credentials (attempt %d): %s; fix REDIS_URL's password "
-                "and restart, or restore the old one; retrying",
+                "and restart, or restore the old one; retrying%s",
                 self._context(),
                 self._what,
                 self._attempts,
                 str(error).rstrip("."),
+                self._details(),
             )
             return
-        if not starting:
+        if starting:
+            self._log_start(error)
+        elif now - self._logged_at >= OUTAGE_REPEAT_S:
+            self._log_repeat(error, now - self._started)
+        else:
             return
+        self._logged_at = now
+
+    def _details(self) -> str:
+        text = self._detail() if self._detail is not None else ""
+        return f"; {text}" if text else ""
+
+    def _log_start(self, error: BaseException) -> None:
         if isinstance(error, REFUSALS):
             log.error(
-                "%s %s refused: %s %s; retrying until Redis takes writes again",
+                "%s %s refused: %s %s; retrying until Redis takes writes again%s",
                 self._context(),
                 self._what,
                 error.status_code,
                 str(error).rstrip("."),
+                self._details(),
             )
         else:
-            log.warning("%s %s unavailable: %s; retrying", self._context(), self._what, error)
+            log.warning(
+                "%s %s unavailable: %s; retrying%s",
+                self._context(),
+                self._what,
+                explain(error, self._url),
+                self._details(),
+            )
+
+    def _log_repeat(self, error: BaseException, length_s: float) -> None:
+        if isinstance(error, REFUSALS):
+            log.error(
+                "%s %s still refused after %.0f s (%d failed attempts): %s %s; retrying%s",
+                self._context(),
+                self._what,
+                length_s,
+                self._attempts,
+                error.status_code,
+                str(error).rstrip("."),
+                self._details(),
+            )
+        else:
+            log.warning(
+                "%s %s still unavailable after %.0f s (%d failed attempts): %s; retrying%s",
+                self._context(),
+                self._what,
+                length_s,
+                self._attempts,
+                explain(error, self._url),
+                self._details(),
+            )
 
     def recovered(self) -> float:
         """Ends the outage, if any; returns its length in seconds."""
@@ -279,5 +383,6 @@ class Outage:
         )
         self._started = None
         self._attempts = 0
+        self.error = None
         on_outage_recovered(self._what)
         return length

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 # Exit code of an entry point stopped by a wrong setting.
 EXIT_CONFIG = 2
+# Exit code of the daemon that gave up waiting for Redis at start-up (STARTUP_TIMEOUT).
+EXIT_STARTUP_TIMEOUT = 4
 
 
 class ProcessorError(Exception):
@@ -12,6 +14,10 @@ class ProcessorError(Exception):
 
 class ConfigError(ProcessorError):
     """Raised when a setting has a wrong value, from a flag, the environment or the file."""
+
+
+class StartupTimeout(ProcessorError):
+    """Raised when Redis was not reachable within ``startup_timeout_s`` of the daemon's start."""
 
 
 class HandlerLoadError(ConfigError):

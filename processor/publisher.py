@@ -47,6 +47,8 @@ class PublishReport:
     republished: int = 0
     still_unreceived: int = 0
     elapsed_s: float = 0.0
+    # Why the run ended without Redis (unreachable, or refusing us); empty if it ended with it.
+    unavailable: str = ""
 
     @property
     def rate(self) -> float:
@@ -82,7 +84,7 @@ class Publisher:
         self._rng = random.Random()
         self._retries: deque[tuple[float, str, bytes]] = deque()
         self._backoff = Backoff(0.05, 2.0)
-        self._outage = Outage("Redis (publish)", lambda: "[publisher]")
+        self._outage = Outage("Redis (publish)", lambda: "[publisher]", url=settings.url)
         self.report = PublishReport()
 
     def run(self) -> PublishReport:
@@ -95,8 +97,8 @@ class Publisher:
         try:
             while not self.stop.is_set() and time.monotonic() < ends_at:
                 burst = [make_message(self._rng) for _ in range(settings.batch_size)]
-                self._publish(burst, record, first_time=True)
-                self._retry_due(record)
+                if self._publish(burst, record, first_time=True, until=ends_at):
+                    self._retry_due(record, until=ends_at)
                 next_burst = self._next_burst(next_burst)
                 if time.monotonic() >= next_progress:
                     next_progress += settings.progress_interval_s
@@ -104,7 +106,10 @@ class Publisher:
                     log.info("progress: %s", self.report.line())
                 self.stop.wait(max(0.0, min(next_burst, ends_at) - time.monotonic()))
             self.report.elapsed_s = time.monotonic() - started
-            self._retry_tail(record)
+            if self._outage.active:
+                self._gave_up()
+            else:
+                self._retry_tail(record)
         finally:
             if record is not None:
                 record.close()
@@ -121,9 +126,21 @@ class Publisher:
         pause_ms = self._rng.uniform(settings.pause_min_ms, settings.pause_max_ms)
         return time.monotonic() + pause_ms / 1000
 
+    def _gave_up(self) -> None:
+        """The run ended while Redis was away or refusing us: say why nothing more went out."""
+        self.report.unavailable = self._outage.describe()
+        log.error(
+            "[publisher] stopped with Redis unavailable for %.1f s (%s): messages due meanwhile "
+            "were not published",
+            self._outage.length_s(),
+            self.report.unavailable,
+        )
+
     def _publish(
-        self, burst: list[tuple[str, bytes]], record: TextIO | None, first_time: bool
-    ) -> None:
+        self, burst: list[tuple[str, bytes]], record: TextIO | None, first_time: bool, until: float
+    ) -> bool:
+        """Publishes ``burst``, retrying while Redis is away until ``until`` (monotonic) or a
+        stop; False if it gave up (``burst`` not published)."""
         partitions = len(self._channels)
         while True:
             try:
@@ -138,8 +155,9 @@ class Publisher:
                 break
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
-                if self.stop.wait(self._backoff.next_delay()):
-                    return
+                left = until - time.monotonic()
+                if left <= 0 or self.stop.wait(min(self._backoff.next_delay(), left)):
+                    return False
         self._backoff.reset()
         self._outage.recovered()
         now = time.monotonic()
@@ -164,19 +182,20 @@ class Publisher:
             self.report.published += len(burst)
         else:
             self.report.republished += len(burst)
+        return True
 
-    def _retry_due(self, record: TextIO | None) -> None:
+    def _retry_due(self, record: TextIO | None, until: float) -> None:
         now = time.monotonic()
         due: list[tuple[str, bytes]] = []
         while self._retries and self._retries[0][0] <= now:
             _, message_id, payload = self._retries.popleft()
             due.append((message_id, payload))
         if due:
-            self._publish(due, record, first_time=False)
+            self._publish(due, record, first_time=False, until=until)
 
     def _retry_tail(self, record: TextIO | None) -> None:
         """After the run, keeps re-publishing unreceived messages for a while."""
         deadline = time.monotonic() + RETRY_TAIL_S
         while self._retries and time.monotonic() < deadline and not self.stop.is_set():
             self.stop.wait(max(0.0, self._retries[0][0] - time.monotonic()))
-            self._retry_due(record)
+            self._retry_due(record, until=deadline)

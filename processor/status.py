@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from processor.config import StatusSettings, load_status_settings
-from processor.connection import CONNECTION_ERRORS, command_client
+from processor.connection import CONNECTION_ERRORS, command_client, explain
 from processor.controlplane import Control, HostInfo, read_control
 from processor.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.keys import Keys
@@ -262,7 +262,8 @@ def main(argv: Sequence[str], prog: str) -> int:
         view = read_group(client, settings)
     except CONNECTION_ERRORS as error:
         print(
-            f"{prog}: error: cannot read the group from {settings.safe_url}: {error}",
+            f"{prog}: error: cannot read the group from {settings.safe_url}: "
+            f"{explain(error, settings.url)}",
             file=sys.stderr,
         )
         return EXIT_NO_CONSUMER

@@ -27,7 +27,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
-from processor.access import check_access
+from processor.access import check_access, startup_deadline, wait_before_retry
 from processor.config import Settings
 from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
@@ -73,10 +73,11 @@ class Supervisor:
         self._local_count = settings.consumers_count
         self._order = Order(None)
 
-    def _connect(self) -> bool:
+    def _connect(self, deadline: float | None) -> bool:
         """Made once Redis answers (a cluster client reads the layout as it is made, so a
-        cluster that went away since the start-up check is waited for); False if stopped."""
-        outage = Outage("Redis (supervisor)")
+        cluster that went away since the start-up check is waited for); False if stopped.
+        Raises StartupTimeout past ``deadline``."""
+        outage = Outage("Redis (supervisor)", url=self.settings.url)
         backoff = Backoff(0.1, self.settings.reconnect_backoff_max_s)
         while not self.stop.is_set():
             try:
@@ -86,7 +87,7 @@ class Supervisor:
                 )
             except REDIS_ERRORS as error:
                 outage.failed(error)
-                self.stop.wait(backoff.next_delay())
+                wait_before_retry(self.settings, outage, backoff, self.stop, deadline)
                 continue
             outage.recovered()
             self._leave = leave_script(self._client)
@@ -104,8 +105,10 @@ class Supervisor:
         for signum in CONTROL_SIGNALS:
             signal.signal(signum, self._on_control)
         log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
-        check_access(self.settings, self.stop)  # raises ConfigError: the entry point reports it
-        if self.stop.is_set() or not self._connect():
+        deadline = startup_deadline(self.settings)
+        # Both raise (ConfigError, StartupTimeout): the entry point reports it.
+        check_access(self.settings, self.stop, deadline)
+        if self.stop.is_set() or not self._connect(deadline):
             log.info("daemon stopped before Redis was reachable")
             return EXIT_OK
         try:

@@ -2,24 +2,29 @@
 
 Refused at start: one line naming the setting and the cause (never the secret), exit code 2.
 Refused after a successful start (a rotated password): an error on every attempt, retried with
-back-off, and the daemon carries on once the password works again.
+back-off, and the daemon carries on once the password works again. Not reachable at start within
+STARTUP_TIMEOUT: one line naming the cause, exit code 4.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from demo.redis_server import RedisServer
+from demo.redis_server import RedisServer, free_port
 from processor.access import ACL_RULES
-from processor.errors import EXIT_CONFIG
+from processor.config import Settings
+from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT, StartupTimeout
+from processor.supervisor import Supervisor
 from tests.conftest import REPO_ROOT, Processes
 from tests.faults_support import (
     CHANNEL,
@@ -250,3 +255,31 @@ def test_a_full_redis_at_start_is_waited_for_not_refused(procs, redis_url, r):
     wait_until(lambda: r.llen("consumer:ids") == 1, EXIT_WITHIN_S)
     os.killpg(proc.pid, signal.SIGTERM)  # type: ignore[attr-defined]
     assert proc.wait(timeout=EXIT_WITHIN_S) == 0  # type: ignore[attr-defined]
+
+
+def test_redis_unreachable_past_the_startup_timeout_is_one_line_and_exit_4(procs):
+    port = free_port()  # nothing listens there
+    env = {**FAST_SETTINGS, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "STARTUP_TIMEOUT": "3"}
+    began = time.monotonic()
+    proc = procs.start(["demo/consume.py"], env=env)
+    assert proc.wait(timeout=15) == EXIT_STARTUP_TIMEOUT, procs.output(proc)[-3000:]
+    assert time.monotonic() - began >= 3
+    output = procs.output(proc)
+    errors = [line for line in output.splitlines() if line.startswith("consume.py: error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert re.fullmatch(
+        rf"consume\.py: error: Redis at redis://127\.0\.0\.1:{port}/0 not reachable within "
+        r"STARTUP_TIMEOUT \(3 s; waited \d+\.\d s\): \d+ failed attempts; the last: "
+        rf"Error 111 connecting to 127\.0\.0\.1:{port}\. Connection refused",
+        errors[0],
+    ), errors[0]
+    assert "consumer slot" not in output
+
+
+def test_the_startup_timeout_also_bounds_the_supervisors_own_connection():
+    """A cluster that went away after the start-up check: the supervisor's cluster client
+    cannot read the layout, and gives up at the same deadline."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    supervisor = Supervisor(Settings(redis_url=url, redis_cluster=True, startup_timeout_s=1))
+    with pytest.raises(StartupTimeout, match=r"not reachable within STARTUP_TIMEOUT \(1 s"):
+        supervisor._connect(deadline=time.monotonic() + 0.5)

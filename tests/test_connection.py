@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import redis
+from redis._parsers.base import BaseParser
 
 from demo.redis_server import RedisServer
+from processor import connection
 from processor.config import Settings
-from processor.connection import Downtime, command_client
+from processor.connection import Downtime, Outage, command_client
+
+REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+
+def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == connection.__name__]
 
 
 def test_downtime_counts_the_time_some_outage_was_on_once() -> None:
@@ -39,3 +50,56 @@ def test_a_readonly_reply_drops_the_connection_so_the_retry_can_reach_a_new_prim
     finally:
         client.close()
         replica.stop()
+
+
+def test_an_outage_says_every_repeat_interval_what_is_unavailable_why_and_for_how_long(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "OUTAGE_REPEAT_S", 0.0)  # each retry is past the interval
+    outage = Outage("Redis (writes)", lambda: "[c1]", detail=lambda: "holding 120 messages")
+    caplog.set_level(logging.WARNING, logger=connection.__name__)
+    for _ in range(3):
+        outage.failed(REFUSED)
+    outage.recovered()
+    start, *repeats, back = outage_lines(caplog)
+    assert start == (
+        "[c1] Redis (writes) unavailable: Error 111 connecting to 127.0.0.1:1. Connection "
+        "refused; retrying; holding 120 messages"
+    )
+    assert len(repeats) == 2
+    for attempts, line in enumerate(repeats, start=2):
+        assert re.fullmatch(
+            rf"\[c1\] Redis \(writes\) still unavailable after \d+ s "
+            rf"\({attempts} failed attempts\): Error 111 connecting to 127\.0\.0\.1:1\. "
+            r"Connection refused; retrying; holding 120 messages",
+            line,
+        ), line
+    assert back.startswith("[c1] Redis (writes) back after ")
+
+
+def test_within_the_repeat_interval_an_outage_logs_only_its_start(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "OUTAGE_REPEAT_S", 3600.0)
+    outage = Outage("Redis (heartbeat)")
+    caplog.set_level(logging.WARNING, logger=connection.__name__)
+    for _ in range(5):
+        outage.failed(REFUSED)
+    assert len(outage_lines(caplog)) == 1
+
+
+def test_a_refusal_that_lasts_is_repeated_as_a_refusal(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "OUTAGE_REPEAT_S", 0.0)
+    outage = Outage("Redis (writes)", detail=lambda: "")  # nothing held: nothing appended
+    caplog.set_level(logging.WARNING, logger=connection.__name__)
+    full = BaseParser.parse_error("OOM command not allowed when used memory > 'maxmemory'.")  # type: ignore[no-untyped-call]
+    outage.failed(full)
+    outage.failed(full)
+    repeat = outage_lines(caplog)[1].strip()  # no context: the line starts with a space
+    assert re.fullmatch(
+        r"Redis \(writes\) still refused after \d+ s \(2 failed attempts\): OOM command not "
+        r"allowed when used memory > 'maxmemory'; retrying",
+        repeat,
+    ), repeat

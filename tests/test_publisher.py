@@ -12,6 +12,7 @@ import pytest
 import redis
 from redis.client import PubSub
 
+from demo.redis_server import RedisServer, free_port
 from processor.config import PublisherSettings
 from processor.publisher import Publisher, PublishReport
 from tests.conftest import Processes
@@ -190,3 +191,58 @@ def test_publish_script_prints_the_final_line(procs: Processes, redis_url: str) 
     assert match, output
     assert match.group(1) == match.group(2)  # nobody was listening
     assert int(match.group(1).replace(",", "")) >= 20
+
+
+# A publisher stops at TARGET_DURATION whatever Redis does: a retry already under way (a refused
+# connection, a refused password) ends within a few seconds of it.
+STOPS_WITHIN_S = 15
+
+
+def _publish_for_2_s(procs: Processes, url: str) -> tuple[int, str]:
+    """Runs ``demo/publish.py --target-duration-s 2``; its exit code and output."""
+    proc = procs.start(["demo/publish.py", "--target-duration-s", "2"], env={"REDIS_URL": url})
+    code = proc.wait(timeout=STOPS_WITHIN_S)
+    return code, procs.output(proc)
+
+
+def test_the_publisher_stops_at_its_duration_when_redis_is_unreachable(procs: Processes) -> None:
+    port = free_port()  # nothing listens there
+    code, output = _publish_for_2_s(procs, f"redis://127.0.0.1:{port}/0")
+    assert code == 1, output  # published nothing
+    assert re.search(
+        r"\[publisher\] stopped with Redis unavailable for [\d.]+ s \(\d+ failed attempts; the "
+        rf"last: Error 111 connecting to 127\.0\.0\.1:{port}\. Connection refused\): messages "
+        r"due meanwhile were not published",
+        output,
+    ), output
+    assert "published 0 messages in " in output
+
+
+def test_the_publisher_stops_at_its_duration_when_redis_refuses_its_password(
+    procs: Processes,
+) -> None:
+    server = RedisServer(extra_config={"requirepass": "right"})
+    server.start()
+    try:
+        code, output = _publish_for_2_s(procs, f"redis://:wrong@127.0.0.1:{server.port}/0")
+    finally:
+        server.stop()
+    assert code == 1, output
+    assert "refused our credentials" in output
+    assert "[publisher] stopped with Redis unavailable for " in output
+
+
+def test_a_publisher_whose_redis_goes_down_mid_run_stops_at_its_duration(
+    procs: Processes, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    record = tmp_path / "record.txt"
+    proc = procs.start(
+        ["demo/publish.py", "--target-duration-s", "4", "--record", str(record)],
+        env={"REDIS_URL": private_redis.url},
+    )
+    wait_until(lambda: record.exists() and record.stat().st_size > 0, timeout=10)
+    private_redis.stop()
+    assert proc.wait(timeout=STOPS_WITHIN_S) == 0  # it published some: its line counts them
+    output = procs.output(proc)
+    assert "[publisher] stopped with Redis unavailable for " in output, output
+    assert re.search(r"published [1-9][\d,]* messages in ", output), output

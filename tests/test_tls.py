@@ -20,7 +20,7 @@ from redis.cluster import RedisCluster
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerFailed, TlsFiles
 from processor.config import load_daemon_settings
-from processor.errors import EXIT_CONFIG
+from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT
 from processor.keys import Keys
 from tests.conftest import REPO_ROOT
 from tests.faults_support import (
@@ -160,6 +160,45 @@ def test_tls_files_without_a_rediss_url_are_refused(procs, tls_server):
     proc = procs.start(["demo/consume.py"], env=env)
     assert proc.wait(timeout=30) == EXIT_CONFIG
     assert "not a rediss:// URL" in procs.output(proc)
+
+
+def startup_error(procs, url: str) -> str:
+    """Runs the daemon with STARTUP_TIMEOUT=3, which must exit 4; returns its error line."""
+    proc = procs.start(
+        ["demo/consume.py"], env={**FAST_SETTINGS, "REDIS_URL": url, "STARTUP_TIMEOUT": "3"}
+    )
+    # One attempt against a plaintext server waits out a handshake timeout (5 s).
+    assert proc.wait(timeout=30) == EXIT_STARTUP_TIMEOUT, procs.output(proc)[-3000:]
+    return procs.output(proc).strip().splitlines()[-1]
+
+
+def test_a_rediss_url_against_a_plaintext_server_names_the_tls_mismatch(procs, redis_server):
+    line = startup_error(procs, redis_server.url.replace("redis://", "rediss://"))
+    assert line.startswith("consume.py: error: Redis at rediss://127.0.0.1:"), line
+    assert line.endswith(
+        "the last: Timeout connecting to server; probably a TLS mismatch: the URL is rediss:// "
+        "but the server does not speak TLS"
+    ), line
+
+
+def test_a_redis_url_against_a_tls_only_server_names_the_tls_mismatch(procs, tls_server):
+    server, _ = tls_server
+    url = server.url.replace("rediss://", "redis://")
+    hint = "probably a TLS mismatch: the URL is redis:// but the server speaks only TLS"
+    line = startup_error(procs, url)
+    assert line.startswith("consume.py: error: Redis at redis://127.0.0.1:"), line
+    assert line.endswith(hint), line
+    for command in (["status"], ["stop"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "processor", *command],
+            cwd=REPO_ROOT,
+            env={"REDIS_URL": url, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().endswith(hint), result.stderr
 
 
 def test_a_tls_cluster_carries_the_daemon_the_publisher_and_status(procs, tmp_path: Path):
