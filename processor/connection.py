@@ -327,12 +327,18 @@ class Outage:
 
     def _log_start(self, error: BaseException) -> None:
         if isinstance(error, REFUSALS):
+            mended = (
+                "that key is deleted or renamed"
+                if isinstance(error, WrongType)
+                else "Redis takes writes again"
+            )
             log.error(
-                "%s %s refused: %s %s; retrying until Redis takes writes again%s",
+                "%s %s refused: %s %s; retrying until %s%s",
                 self._context(),
                 self._what,
                 error.status_code,
                 str(error).rstrip("."),
+                mended,
                 self._details(),
             )
         else:

@@ -206,6 +206,7 @@ class Consumer:
             grace_s=settings.shutdown_grace_s * 0.5,
             maxlen=settings.output_maxlen,
             wait_replicas=settings.wait_replicas,
+            holding=self._held,
         )
         self._writes = WriteThread(
             writer,

@@ -69,6 +69,7 @@ class Writer:
         grace_s: float,
         maxlen: int = 0,
         wait_replicas: int = 0,
+        holding: Callable[[], int] | None = None,
     ) -> None:
         self._client = client
         self._maxlen = maxlen
@@ -78,7 +79,11 @@ class Writer:
         self._source = load_script("dedup_append.lua")
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
         self._backoff = Backoff(0.05, backoff_max_s)
-        self._outage = Outage("Redis (writes)", context)
+        self._outage = Outage(
+            "Redis (writes)",
+            context,
+            detail=None if holding is None else lambda: f"holding {holding()} messages",
+        )
         self._context = context
         self._stop = stop
         self._grace_s = grace_s
