@@ -20,7 +20,7 @@ from typing import Any, cast
 import redis
 from redis.cluster import RedisCluster
 
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage
+from processor.connection import CONNECTION_ERRORS, Backoff, Outage, WrongType
 from processor.keys import Keys
 from processor.membership import Membership, now_ms
 from processor.ownership import PartitionedStrategy, RaceStrategy
@@ -101,6 +101,7 @@ class Heartbeat(WatchedThread):
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
         self._outage = Outage("Redis (heartbeat)", context)
+        self._events_outage = Outage("Redis (group events)", context)
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
         self._backoff = Backoff(0.05, interval_s)
         self._backlog_warned = 0.0
@@ -113,7 +114,7 @@ class Heartbeat(WatchedThread):
         # that expired mid-flush would fence every write left.
         while not self._done.is_set():
             try:
-                departed = self._wait_for_events(next_beat - time.monotonic())
+                departed = self._events_or_wait(next_beat - time.monotonic())
                 due = time.monotonic() >= next_beat
                 if self._done.is_set() or not (due or departed):
                     continue
@@ -165,6 +166,19 @@ class Heartbeat(WatchedThread):
             log.info("%s group changed: %d live consumers", self._context(), len(members))
             if taken:
                 self._on_takeover(taken)
+
+    def _events_or_wait(self, timeout_s: float) -> bool:
+        """As :meth:`_wait_for_events`; with the gaps or departures stream overwritten by
+        another type, waits instead (logged as an outage of its own), so that the beats go on:
+        a consumer that stops beating is declared dead and its share taken over."""
+        try:
+            departed = self._wait_for_events(timeout_s)
+        except WrongType as error:
+            self._events_outage.failed(error)
+            self._done.wait(max(0.0, timeout_s))
+            return False
+        self._events_outage.recovered()
+        return departed
 
     def _wait_for_events(self, timeout_s: float) -> bool:
         """Reads gaps and departures, blocking up to ``timeout_s`` for the next one.

@@ -103,26 +103,39 @@ def _stop_lines(log: str) -> list[dict[str, int]]:
     ]
 
 
-@pytest.mark.parametrize("key", ["messages:processed", "messages:dead"])
+WRITES_REFUSED = (
+    r"Redis \(writes\) refused: WRONGTYPE {key} holds a string .*retrying until that key is "
+    r"deleted or renamed; holding \d+ messages"
+)
+
+
+@pytest.mark.parametrize(
+    ("key", "refusal"),
+    [
+        ("messages:processed", WRITES_REFUSED),
+        ("messages:dead", WRITES_REFUSED),
+        # The heartbeats go on (no consumer is declared dead), and the consumers list
+        # themselves again once it is deleted.
+        ("consumer:ids", r"Redis \(heartbeat\) refused: WRONGTYPE"),
+        ("processor:departures", r"Redis \(group events\) refused: WRONGTYPE"),
+    ],
+)
 def test_a_key_overwritten_while_running_is_waited_out_and_every_message_written_once(
-    procs, redis_url: str, r: redis.Redis, tmp_path: Path, key: str
+    procs, redis_url: str, r: redis.Redis, tmp_path: Path, key: str, refusal: str
 ) -> None:
     """With the dead-letter stream overwritten, each batch's outputs could be appended before
     its dead letters fail: the write script checks the types first, so a retry never writes an
     output twice."""
     daemon = start_daemon(procs, redis_url, "partitioned", count=2)
+    r.delete(key)
     r.set(key, "someone else's value")
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 1.0, rate=300)
     for number in range(5):
         publish_invalid(r, f"while {key} is a string {number}")
     wait_until(
-        lambda: re.search(
-            f"WRONGTYPE {key} holds a string .*retrying until that key is deleted or renamed; "
-            r"holding \d+ messages",
-            daemon.log(),
-        ),
+        lambda: re.search(refusal.format(key=key), daemon.log()),
         20,
-        message="no consumer logged the refusal with what it holds",
+        message="no consumer logged the refusal",
     )
     refused_at = time.monotonic()
     publisher.finish()
@@ -141,6 +154,8 @@ def test_a_key_overwritten_while_running_is_waited_out_and_every_message_written
     log = daemon.log()
     assert "exited with code" not in log, log[-3000:]
     assert "thread died" not in log, log[-3000:]
+    assert "declared us dead" not in log, log[-3000:]
+    wait_until(lambda: len(daemon.listed()) == 2, 10, message="the consumers were not relisted")
     daemon.stop(f"{key} overwritten")
     stops = _stop_lines(daemon.log())
     assert len(stops) == 2, stops
