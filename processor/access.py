@@ -25,6 +25,7 @@ from processor.connection import (
     Outage,
     command_client,
     refused_credentials,
+    refused_database,
 )
 from processor.errors import ConfigError
 from processor.keys import Keys
@@ -196,10 +197,11 @@ def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
     """
     client = command_client(settings, name="processor-access-check")
     try:
-        if keys.cluster:
-            client.ping()
-            return {}
-        return _dry_run(client, keys)
+        with refused_database(settings):
+            if keys.cluster:
+                client.ping()
+                return {}
+            return _dry_run(client, keys)
     finally:
         client.close()
 

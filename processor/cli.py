@@ -67,7 +67,11 @@ def publish(argv: Sequence[str], prog: str) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    report = Publisher(settings, stop).run()
+    try:
+        report = Publisher(settings, stop).run()
+    except ConfigError as error:  # known only once connected: a database Redis does not have
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     print(report.line(), flush=True)
     return 0
 

@@ -14,7 +14,7 @@ import redis
 
 from processor import controlplane
 from processor.config import load_group_command
-from processor.connection import CONNECTION_ERRORS, REFUSALS, command_client
+from processor.connection import CONNECTION_ERRORS, REFUSALS, command_client, refused_database
 from processor.keys import Keys
 
 EXIT_OK = 0
@@ -46,7 +46,8 @@ def _run(
     try:
         # Inside: a cluster client reads the layout as it is made.
         client = command_client(settings, name=prog.replace(" ", "-"), timeout_s=5.0)
-        print(action(client, Keys.from_settings(settings), args), flush=True)
+        with refused_database(settings):
+            print(action(client, Keys.from_settings(settings), args), flush=True)
     except redis.AuthenticationError as error:
         return _failed(prog, f"Redis refused the credentials in REDIS_URL: {error}")
     except REFUSALS as error:
