@@ -32,8 +32,14 @@ commands:
 '{prog} COMMAND --help' describes a command's options.
 """
 
+# The daemon's signals (processor.slot.BLOCKED): held from its first moment until the supervisor
+# has its handlers in, so a SIGTERM while it imports and checks its settings still stops it
+# gracefully (exit 0) instead of killing it.
+DAEMON_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP)
+
 
 def consume(argv: Sequence[str], prog: str) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     from processor.config import load_daemon_settings
     from processor.handlers import load_handler
     from processor.logs import configure_logging

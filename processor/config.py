@@ -29,6 +29,10 @@ STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PORT = 65535
+# The most consumer processes one daemon runs: far above what any host has cores for (each is a
+# Python process with its own connections), low enough that a typo (CONSUMERS_COUNT=100000)
+# cannot fork-bomb the host or exhaust Redis's clients.
+MAX_CONSUMERS_PER_HOST = 256
 
 
 def _secret_free(url: str) -> str:
@@ -103,6 +107,15 @@ def database(url: str) -> int:
 def _parsed(url: str) -> dict[str, object]:
     """redis-py's reading of a URL into the client's keyword arguments."""
     return dict(parse_url(url))  # type: ignore[no-untyped-call]
+
+
+def _consumer_count_problem(count: int) -> str | None:
+    if count <= MAX_CONSUMERS_PER_HOST:
+        return None
+    return (
+        f"{count} is more than {MAX_CONSUMERS_PER_HOST}, the most consumer processes one "
+        "daemon runs (run more hosts instead)"
+    )
 
 
 @dataclass(frozen=True)
@@ -211,8 +224,9 @@ class Settings(GroupSettings):
         2,
         "CONSUMERS_COUNT",
         "consumer processes on this host while the group has no desired size in Redis "
-        "(set by 'processor scale', which then wins)",
+        f"(set by 'processor scale', which then wins); at most {MAX_CONSUMERS_PER_HOST}",
         minimum=1,
+        check=_consumer_count_problem,
     )
     host_id: str = setting(
         "",
@@ -220,10 +234,12 @@ class Settings(GroupSettings):
         "this daemon's id among the group's hosts (default: the machine's host name)",
     )
     max_consumers: int = setting(
-        os.cpu_count() or 1,
+        min(os.cpu_count() or 1, MAX_CONSUMERS_PER_HOST),
         "MAX_CONSUMERS",
-        "most consumers this host runs for the group's desired size",
+        f"most consumers this host runs for the group's desired size; at most "
+        f"{MAX_CONSUMERS_PER_HOST}",
         minimum=1,
+        check=_consumer_count_problem,
     )
     idle_stop_s: float = setting(
         0.0,

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from processor.config import MAX_CONSUMERS_PER_HOST
 from tests.conftest import REPO_ROOT
 
 
@@ -202,3 +203,25 @@ def test_a_metrics_port_out_of_range_is_one_line_and_exit_2(redis_url):
         "python -m processor consume: error: invalid METRICS_PORT (from environment): "
         "'70000' must be <= 65535"
     )
+
+
+def test_scale_refuses_a_size_the_live_hosts_could_never_run(redis_url, r):
+    over = run_until_exit(["scale", str(MAX_CONSUMERS_PER_HOST + 1)], REDIS_URL=redis_url)
+    assert over.returncode == 2, over.stderr
+    assert over.stderr.strip() == (
+        f"python -m processor scale: error: invalid size: {MAX_CONSUMERS_PER_HOST + 1} is more "
+        f"than {MAX_CONSUMERS_PER_HOST}, the most one host may run (at most "
+        f"{MAX_CONSUMERS_PER_HOST} consumers per host; start more hosts first)"
+    )
+    assert r.hget("processor:control", "desired") is None
+    # Two live hosts (their registry entries expire a minute from now, by Redis's clock).
+    seconds, microseconds = r.time()
+    expires_ms = seconds * 1000 + microseconds // 1000 + 60_000
+    r.zadd("processor:hosts", {"vm-1": expires_ms, "vm-2": expires_ms})
+    twice = 2 * MAX_CONSUMERS_PER_HOST
+    over = run_until_exit(["scale", str(twice + 1)], REDIS_URL=redis_url)
+    assert over.returncode == 2, over.stderr
+    assert f"is more than {twice}, the most the 2 live hosts may run" in over.stderr
+    within = run_until_exit(["scale", str(twice)], REDIS_URL=redis_url)
+    assert within.returncode == 0, within.stderr
+    assert r.hget("processor:control", "desired") == str(twice)

@@ -14,6 +14,7 @@ import pytest
 
 from processor.config import (
     DAEMON_OPTIONS,
+    MAX_CONSUMERS_PER_HOST,
     PUBLISHER_OPTIONS,
     PublisherSettings,
     Settings,
@@ -335,6 +336,16 @@ def test_a_cluster_url_selects_database_0_only() -> None:
     environ = {"REDIS_URL": "redis://node:7000/3", "REDIS_CLUSTER": "true"}
     with pytest.raises(ConfigError, match="selects database 3; a Redis Cluster has database 0"):
         load_daemon_settings([], environ)
+
+
+def test_consumer_counts_have_a_per_host_bound() -> None:
+    assert load_daemon_settings([], {"CONSUMERS_COUNT": "16"}).consumers_count == 16
+    limit = MAX_CONSUMERS_PER_HOST
+    assert load_daemon_settings([], {"CONSUMERS_COUNT": str(limit)}).consumers_count == limit
+    for name in ("CONSUMERS_COUNT", "MAX_CONSUMERS"):
+        with pytest.raises(ConfigError, match=f"invalid {name} \\(from environment\\): 100000"):
+            load_daemon_settings([], {name: "100000"})
+    assert Settings().max_consumers <= limit  # the default (the CPU count) is capped too
 
 
 def test_check_daemon_rejects_direct_construction() -> None:
