@@ -26,6 +26,7 @@ from processor.connection import (
     Outage,
     command_client,
     refused_credentials,
+    refused_database,
 )
 from processor.errors import ConfigError, StartupTimeout
 from processor.keys import Keys
@@ -230,10 +231,11 @@ def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
     # out two more (a TLS handshake that gets no answer takes SOCKET_TIMEOUT_S each).
     client = command_client(settings, name="processor-access-check", retries=0)
     try:
-        if keys.cluster:
-            client.ping()
-            return {}
-        return _dry_run(client, keys)
+        with refused_database(settings):
+            if keys.cluster:
+                client.ping()
+                return {}
+            return _dry_run(client, keys)
     finally:
         client.close()
 

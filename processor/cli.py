@@ -37,8 +37,14 @@ commands:
 '{prog} COMMAND --help' describes a command's options.
 """
 
+# The daemon's signals (processor.slot.BLOCKED): held from its first moment until the supervisor
+# has its handlers in, so a SIGTERM while it imports and checks its settings still stops it
+# gracefully (exit 0) instead of killing it.
+DAEMON_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP)
+
 
 def consume(argv: Sequence[str], prog: str) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     from processor.config import load_daemon_settings
     from processor.handlers import load_handler
     from processor.logs import configure_logging
@@ -75,7 +81,11 @@ def publish(argv: Sequence[str], prog: str) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    report = Publisher(settings, stop).run()
+    try:
+        report = Publisher(settings, stop).run()
+    except ConfigError as error:  # known only once connected: a database Redis does not have
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     print(report.line(), flush=True)
     # A run that reached Redis now and then did its best (the line counts it); one that never
     # did published nothing.

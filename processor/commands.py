@@ -13,8 +13,15 @@ from collections.abc import Callable, Sequence
 import redis
 
 from processor import controlplane
-from processor.config import load_group_command
-from processor.connection import CONNECTION_ERRORS, REFUSALS, command_client, explain
+from processor.config import MAX_CONSUMERS_PER_HOST, load_group_command
+from processor.connection import (
+    CONNECTION_ERRORS,
+    REFUSALS,
+    command_client,
+    explain,
+    refused_database,
+)
+from processor.errors import ConfigError
 from processor.keys import Keys
 
 EXIT_OK = 0
@@ -46,7 +53,8 @@ def _run(
     try:
         # Inside: a cluster client reads the layout as it is made.
         client = command_client(settings, name=prog.replace(" ", "-"), timeout_s=5.0)
-        print(action(client, Keys.from_settings(settings), args), flush=True)
+        with refused_database(settings):
+            print(action(client, Keys.from_settings(settings), args), flush=True)
     except redis.AuthenticationError as error:
         return _failed(prog, f"Redis refused the credentials in REDIS_URL: {error}")
     except REFUSALS as error:
@@ -77,6 +85,21 @@ def _hosts(client: redis.Redis, keys: Keys) -> str:
     return "live hosts: " + ", ".join(sorted(hosts))
 
 
+def _check_size(client: redis.Redis, keys: Keys, size: int) -> None:
+    """No host runs more than MAX_CONSUMERS_PER_HOST: a size the live hosts (one, before any
+    has started) could never run is a typo, refused rather than left as a shortfall."""
+    if size <= MAX_CONSUMERS_PER_HOST:
+        return  # within what one host may run: no need to count them
+    hosts = len(controlplane.read_control(client, keys)[1])
+    most = MAX_CONSUMERS_PER_HOST * max(hosts, 1)
+    if size > most:
+        runners = f"the {hosts} live hosts" if hosts > 1 else "one host"
+        raise ConfigError(
+            f"invalid size: {size} is more than {most}, the most {runners} may run "
+            f"(at most {MAX_CONSUMERS_PER_HOST} consumers per host; start more hosts first)"
+        )
+
+
 def scale(argv: Sequence[str], prog: str) -> int:
     def arguments(parser: argparse.ArgumentParser) -> None:
         choice = parser.add_mutually_exclusive_group(required=True)
@@ -94,6 +117,7 @@ def scale(argv: Sequence[str], prog: str) -> int:
             by = controlplane.who("processor scale --clear")
             previous = controlplane.clear_desired(client, keys, by)
             return f"desired size cleared (was {previous or 'unset'}): hosts run CONSUMERS_COUNT"
+        _check_size(client, keys, args.size)
         by = controlplane.who("processor scale")
         _, previous = controlplane.set_desired(client, keys, args.size, by)
         return f"desired {previous or 'unset'} -> {args.size}; {_hosts(client, keys)}"

@@ -10,12 +10,16 @@ environment < command-line flags and validates it. Nothing else in the package r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.connection import parse_url
 
 from processor.errors import ConfigError
 from processor.options import load, load_with_args, options_of, setting
@@ -23,6 +27,12 @@ from processor.partitions import MAX_PARTITIONS
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+URL_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_PORT = 65535
+# The most consumer processes one daemon runs: far above what any host has cores for (each is a
+# Python process with its own connections), low enough that a typo (CONSUMERS_COUNT=100000)
+# cannot fork-bomb the host or exhaust Redis's clients.
+MAX_CONSUMERS_PER_HOST = 256
 
 
 def _secret_free(url: str) -> str:
@@ -43,17 +53,83 @@ def _secret_free(url: str) -> str:
     return masked
 
 
+def _shown(url: str) -> str:
+    """The URL for an error line, password masked even where it does not parse."""
+    if url.startswith(URL_SCHEMES):
+        with contextlib.suppress(ValueError):
+            return _secret_free(url)
+    # Not a URL we can take apart: whatever comes before an "@" may hold a password.
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest.partition('?')[0]}"
+
+
+def url_problem(url: str) -> str | None:
+    """Why redis-py cannot use ``url``, or would read it as something else; None if fine."""
+    if not url:
+        return None  # REDIS_HOST and REDIS_PORT then
+    shown = _shown(url)
+    if not url.startswith(URL_SCHEMES):
+        return f"{shown!r} is not a redis://, rediss:// or unix:// URL"
+    try:
+        _parsed(url)  # what redis-py's from_url would refuse: port, brackets, query values
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        return f"{shown!r}: {str(error).rstrip('.')}"
+    if parts.scheme == "unix":
+        if parts.hostname or not parts.path:
+            return f"{shown!r}: give the socket's absolute path (unix:///path/to/redis.sock)"
+        return None
+    if port == 0:
+        return f"{shown!r}: port 0 is not a port Redis listens on"
+    # redis-py ignores a path that is not a number, and reads /1/2 as database 12.
+    if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]+", parts.path):
+        return f"{shown!r}: the path {parts.path!r} is not a database number (redis://HOST:PORT/DB)"
+    return None
+
+
+def _host_problem(host: str) -> str | None:
+    if url_problem(f"redis://{host}:{MAX_PORT}/0") is None and host.strip():
+        return None
+    return f"{host!r} is not a host name or address (an IPv6 address goes in brackets: [::1])"
+
+
+def database(url: str) -> int:
+    """The database number a valid URL selects."""
+    db = _parsed(url).get("db", 0)
+    return db if isinstance(db, int) else 0
+
+
+def _parsed(url: str) -> dict[str, object]:
+    """redis-py's reading of a URL into the client's keyword arguments."""
+    return dict(parse_url(url))  # type: ignore[no-untyped-call]
+
+
+def _consumer_count_problem(count: int) -> str | None:
+    if count <= MAX_CONSUMERS_PER_HOST:
+        return None
+    return (
+        f"{count} is more than {MAX_CONSUMERS_PER_HOST}, the most consumer processes one "
+        "daemon runs (run more hosts instead)"
+    )
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     """How to reach Redis; shared by the daemon, the publisher and the tools."""
 
-    redis_host: str = setting("localhost", "REDIS_HOST", "Redis host")
-    redis_port: int = setting(6379, "REDIS_PORT", "Redis port", minimum=1)
+    redis_host: str = setting("localhost", "REDIS_HOST", "Redis host", check=_host_problem)
+    redis_port: int = setting(6379, "REDIS_PORT", "Redis port", minimum=1, maximum=MAX_PORT)
     redis_url: str = setting(
         "",
         "REDIS_URL",
         "redis://, rediss:// (TLS) or unix:// URL with user/password; overrides host and port",
         secret=True,
+        check=url_problem,
     )
     redis_tls_ca_file: str = setting(
         "", "REDIS_TLS_CA_FILE", "CA certificate(s) to verify the server with (rediss:// URLs)"
@@ -148,8 +224,9 @@ class Settings(GroupSettings):
         2,
         "CONSUMERS_COUNT",
         "consumer processes on this host while the group has no desired size in Redis "
-        "(set by 'processor scale', which then wins)",
+        f"(set by 'processor scale', which then wins); at most {MAX_CONSUMERS_PER_HOST}",
         minimum=1,
+        check=_consumer_count_problem,
     )
     host_id: str = setting(
         "",
@@ -157,10 +234,12 @@ class Settings(GroupSettings):
         "this daemon's id among the group's hosts (default: the machine's host name)",
     )
     max_consumers: int = setting(
-        os.cpu_count() or 1,
+        min(os.cpu_count() or 1, MAX_CONSUMERS_PER_HOST),
         "MAX_CONSUMERS",
-        "most consumers this host runs for the group's desired size",
+        f"most consumers this host runs for the group's desired size; at most "
+        f"{MAX_CONSUMERS_PER_HOST}",
         minimum=1,
+        check=_consumer_count_problem,
     )
     idle_stop_s: float = setting(
         0.0,
@@ -299,6 +378,7 @@ class Settings(GroupSettings):
         "METRICS_PORT",
         "serve Prometheus metrics, /healthz and /readyz on this port; 0 = off",
         minimum=0,
+        maximum=MAX_PORT,
     )
     metrics_addr: str = setting(
         "127.0.0.1",
@@ -410,6 +490,11 @@ def check_redis(settings: RedisSettings) -> None:
         raise ConfigError(
             f"invalid REDIS_URL: {settings.safe_url} is a unix socket; REDIS_CLUSTER needs a "
             "node's redis:// or rediss:// address (the other nodes are found from it)"
+        )
+    if settings.redis_cluster and database(settings.url) != 0:
+        raise ConfigError(
+            f"invalid REDIS_URL: {settings.safe_url} selects database "
+            f"{database(settings.url)}; a Redis Cluster has database 0 only"
         )
     if settings.redis_cluster:
         _check_untagged("INPUT_CHANNEL", settings.input_channel)

@@ -18,7 +18,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from processor.config import RedisSettings
+from processor.config import RedisSettings, database
+from processor.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,22 @@ def reread_layout(client: redis.Redis) -> None:
         cast(RedisCluster, client).nodes_manager.initialize()
     except CONNECTION_ERRORS as error:
         log.debug("cluster layout not read: %s", error)
+
+
+@contextlib.contextmanager
+def refused_database(settings: RedisSettings) -> Iterator[None]:
+    """Raises Redis's refusal of the database REDIS_URL selects (it has fewer, per its
+    ``databases`` setting) as the ConfigError it is: no retry mends it. Known only once a
+    connection sends its SELECT, so the commands' first connection is wrapped in this."""
+    try:
+        yield
+    except redis.ResponseError as error:
+        if not str(error).startswith("DB index is out of range"):
+            raise
+        raise ConfigError(
+            f"invalid REDIS_URL: Redis at {settings.safe_url} has no database "
+            f"{database(settings.url)} ({error}; see its 'databases' setting)"
+        ) from None
 
 
 def refused_credentials(error: BaseException) -> redis.AuthenticationError | None:

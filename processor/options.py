@@ -1,9 +1,9 @@
 """How a setting is declared, and how settings are read: TOML file < environment < flags.
 
 A setting is a dataclass field made by :func:`setting`, which records its environment variable,
-help, bounds and choices in the field's metadata; its flag is the field's name with dashes. The
-loader, the ``--help`` text and the config-file reader all work from those fields, so a setting
-cannot drift between them.
+help, bounds, choices and validator in the field's metadata; its flag is the field's name with
+dashes. The loader, the ``--help`` text and the config-file reader all work from those fields,
+so a setting cannot drift between them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 
 from processor.errors import ConfigError
 
+# A setting's own validator: what is wrong with a value already of the right type, or None.
+Check = Callable[[Any], str | None]
+
 
 @dataclass(frozen=True)
 class Option:
@@ -28,6 +31,8 @@ class Option:
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] = ()
+    maximum: float | None = None
+    check: Check | None = None
 
     @property
     def flag(self) -> str:
@@ -40,6 +45,8 @@ class _Declared:
     help: str
     minimum: float | None
     choices: tuple[str, ...]
+    maximum: float | None
+    check: Check | None
 
 
 def setting(
@@ -50,9 +57,15 @@ def setting(
     minimum: float | None = None,
     choices: tuple[str, ...] = (),
     secret: bool = False,
+    maximum: float | None = None,
+    check: Check | None = None,
 ) -> Any:
-    """A settings field: its default and everything the loader needs to read it."""
-    declared = _Declared(env, help, minimum, choices)
+    """A settings field: its default and everything the loader needs to read it.
+
+    ``check`` is called with every value the loader reads (not the default) and returns why it
+    is wrong, or None; the loader names the setting and the value's source in front of it.
+    """
+    declared = _Declared(env, help, minimum, choices, maximum, check)
     return field(default=default, repr=not secret, metadata={"setting": declared})
 
 
@@ -65,7 +78,14 @@ def options_of(cls: type) -> list[Option]:
             kind = type(item.default)
             options.append(
                 Option(
-                    item.name, declared.env, kind, declared.help, declared.minimum, declared.choices
+                    item.name,
+                    declared.env,
+                    kind,
+                    declared.help,
+                    declared.minimum,
+                    declared.choices,
+                    declared.maximum,
+                    declared.check,
                 )
             )
     return options
@@ -110,8 +130,13 @@ def _convert(option: Option, raw: object, source: str) -> object:
         value = raw.upper() if option.name == "loglevel" else raw
     if option.minimum is not None and value < option.minimum:  # type: ignore[operator]
         raise ConfigError(f"invalid {where}: {raw!r} must be >= {option.minimum:g}")
+    if option.maximum is not None and value > option.maximum:  # type: ignore[operator]
+        raise ConfigError(f"invalid {where}: {raw!r} must be <= {option.maximum:g}")
     if option.choices and value not in option.choices:
         raise ConfigError(f"invalid {where}: {raw!r} must be one of {', '.join(option.choices)}")
+    problem = option.check(value) if option.check is not None else None
+    if problem is not None:
+        raise ConfigError(f"invalid {where}: {problem}")
     return value
 
 

@@ -27,7 +27,14 @@ from typing import TextIO
 import redis
 
 from processor.config import PublisherSettings
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client, reread_layout
+from processor.connection import (
+    CONNECTION_ERRORS,
+    Backoff,
+    Outage,
+    command_client,
+    refused_database,
+    reread_layout,
+)
 from processor.keys import channels
 from processor.partitions import partition_of
 
@@ -147,7 +154,7 @@ class Publisher:
                 if self._client is None:
                     # Made here, inside the retry: a cluster client reads the layout as it is made.
                     self._client = command_client(self.settings, name="processor-publisher")
-                with self._client.pipeline(transaction=False) as pipe:
+                with refused_database(self.settings), self._client.pipeline(False) as pipe:
                     publish = pipe.spublish if self._sharded else pipe.publish
                     for message_id, payload in burst:
                         publish(self._channels[partition_of(message_id, partitions)], payload)

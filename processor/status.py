@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from processor.config import StatusSettings, load_status_settings
-from processor.connection import CONNECTION_ERRORS, command_client, explain
+from processor.connection import CONNECTION_ERRORS, command_client, explain, refused_database
 from processor.controlplane import Control, HostInfo, read_control
 from processor.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.keys import Keys
@@ -259,7 +259,8 @@ def main(argv: Sequence[str], prog: str) -> int:
     try:
         # Inside: a cluster client reads the layout as it is made.
         client = command_client(settings, name="processor-status", timeout_s=2.0)
-        view = read_group(client, settings)
+        with refused_database(settings):
+            view = read_group(client, settings)
     except CONNECTION_ERRORS as error:
         print(
             f"{prog}: error: cannot read the group from {settings.safe_url}: "

@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from processor.access import check_access, startup_deadline, wait_before_retry
-from processor.config import Settings
+from processor.config import MAX_CONSUMERS_PER_HOST, Settings
 from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
 from processor.controlplane import claim_partitions
@@ -104,6 +104,8 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         for signum in CONTROL_SIGNALS:
             signal.signal(signum, self._on_control)
+        # The entry point held them until now: one that came meanwhile is handled here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
         deadline = startup_deadline(self.settings)
         # Both raise (ConfigError, StartupTimeout): the entry point reports it.
@@ -288,6 +290,12 @@ class Supervisor:
         if request == "remove" and self._local_count <= 1:
             log.warning("SIGTTOU ignored: the last consumer stays (stop the daemon instead)")
             return
+        if request == "add" and self._local_count >= MAX_CONSUMERS_PER_HOST:
+            log.warning(
+                "SIGTTIN ignored: %d consumers is the most one daemon runs (run more hosts)",
+                self._local_count,
+            )
+            return
         before = self._local_count
         self._local_count += 1 if request == "add" else -1
         log.info("%s: consumers %d -> %d", signame, before, self._local_count)
@@ -310,6 +318,8 @@ class Supervisor:
         target = self._target_count()
         serving = self._serving()
         for _ in range(target - len(serving)):
+            if self.stop.is_set():
+                return  # each start takes a while: a signal meanwhile must not wait for them all
             taken = {slot.index for slot in self._slots}
             slot = self._new_slot(min(set(range(len(taken) + 1)) - taken))
             self._slots.append(slot)
@@ -375,6 +385,10 @@ class Supervisor:
             name=f"consumer-{slot.index}",
         )
         # Blocked across the start so a signal cannot reach the child before its handler is in.
+        # The first start would also start multiprocessing's resource tracker, which unblocks
+        # SIGINT and SIGTERM once it is up: before the consumer forks, which a SIGTERM then
+        # kills. So the tracker is made sure of first.
+        multiprocessing.resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
             process.start()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
+import pytest
+
+from processor.config import MAX_CONSUMERS_PER_HOST
 from tests.conftest import REPO_ROOT
 
 
@@ -117,3 +122,106 @@ def test_a_control_command_against_a_full_redis_says_it_refuses_writes(redis_url
     line = result.stderr.strip()
     assert line.startswith("python -m processor scale: error: Redis at redis://127.0.0.1:"), line
     assert "refuses writes: OOM command not allowed when used memory" in line
+
+
+# -- malformed addresses: one line and exit 2 in every command ---------------------------------
+
+# Generous on a shared machine: a well-formed run of any of them takes a fraction of a second.
+EXIT_WITHIN_S = 15.0
+ANY_COMMAND = (("consume",), ("status",), ("publish",), ("scale", "3"), ("stop",), ("start",))
+# Arguments, REDIS_URL ({server}: the test server's address) and what the line must name.
+BAD_ADDRESSES = {
+    "garbage": ([], "garbage", "invalid REDIS_URL (from environment): 'garbage'"),
+    "http": ([], "http://{server}/0", "is not a redis://, rediss:// or unix:// URL"),
+    "port-not-a-number": ([], "redis://127.0.0.1:notaport/0", "'notaport'"),
+    "ipv6-unclosed": ([], "redis://[::1", "Invalid IPv6 URL"),
+    # Once read as database 0 by redis-py, silently.
+    "path-not-a-database": ([], "redis://{server}/abc", "'/abc' is not a database number"),
+    # Only the server knows how many databases it has (16 here): refused when first connected.
+    "database-out-of-range": ([], "redis://{server}/99", "invalid REDIS_URL: Redis at"),
+    "port-flag-too-high": (
+        ["--redis-port", "99999"],
+        "",
+        "invalid REDIS_PORT (from flag --redis-port): '99999' must be <= 65535",
+    ),
+}
+
+
+def run_until_exit(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m processor ARGS`` with quiet logs, killed with its children if it overruns."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith("REDIS_")}
+    # Quiet: the one error line is then all of stderr. A publisher wrongly let through stops.
+    base.update(LOGLEVEL="WARNING", TARGET_DURATION="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "processor", *args],
+        cwd=REPO_ROOT,
+        env={**base, **{key: value for key, value in env.items() if value}},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=EXIT_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = "", f"still running after {EXIT_WITHIN_S:g} s"
+    finally:
+        # Its own session: a daemon wrongly let through takes its consumers along.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("command", ANY_COMMAND, ids=lambda command: command[0])
+@pytest.mark.parametrize("case", BAD_ADDRESSES)
+def test_a_malformed_address_is_one_line_and_exit_2(command, case, redis_server, redis_url):
+    extra, url, fragment = BAD_ADDRESSES[case]
+    url = url.format(server=f"127.0.0.1:{redis_server.port}")
+    result = run_until_exit([*command, *extra], REDIS_URL=url)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"python -m processor {command[0]}: error: invalid "), lines[0]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_database_out_of_range_line_says_which_database(redis_server):
+    result = run_until_exit(["status"], REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/99")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(
+        "/99 has no database 99 (DB index is out of range; see its 'databases' setting)"
+    )
+
+
+def test_a_metrics_port_out_of_range_is_one_line_and_exit_2(redis_url):
+    result = run_until_exit(["consume"], REDIS_URL=redis_url, METRICS_PORT="70000")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "python -m processor consume: error: invalid METRICS_PORT (from environment): "
+        "'70000' must be <= 65535"
+    )
+
+
+def test_scale_refuses_a_size_the_live_hosts_could_never_run(redis_url, r):
+    over = run_until_exit(["scale", str(MAX_CONSUMERS_PER_HOST + 1)], REDIS_URL=redis_url)
+    assert over.returncode == 2, over.stderr
+    assert over.stderr.strip() == (
+        f"python -m processor scale: error: invalid size: {MAX_CONSUMERS_PER_HOST + 1} is more "
+        f"than {MAX_CONSUMERS_PER_HOST}, the most one host may run (at most "
+        f"{MAX_CONSUMERS_PER_HOST} consumers per host; start more hosts first)"
+    )
+    assert r.hget("processor:control", "desired") is None
+    # Two live hosts (their registry entries expire a minute from now, by Redis's clock).
+    seconds, microseconds = r.time()
+    expires_ms = seconds * 1000 + microseconds // 1000 + 60_000
+    r.zadd("processor:hosts", {"vm-1": expires_ms, "vm-2": expires_ms})
+    twice = 2 * MAX_CONSUMERS_PER_HOST
+    over = run_until_exit(["scale", str(twice + 1)], REDIS_URL=redis_url)
+    assert over.returncode == 2, over.stderr
+    assert f"is more than {twice}, the most the 2 live hosts may run" in over.stderr
+    within = run_until_exit(["scale", str(twice)], REDIS_URL=redis_url)
+    assert within.returncode == 0, within.stderr
+    assert r.hget("processor:control", "desired") == str(twice)

@@ -14,6 +14,7 @@ import pytest
 
 from processor.config import (
     DAEMON_OPTIONS,
+    MAX_CONSUMERS_PER_HOST,
     PUBLISHER_OPTIONS,
     PublisherSettings,
     Settings,
@@ -252,6 +253,99 @@ def test_lock_ttl_must_exceed_twice_the_takeover_buffer() -> None:
     with pytest.raises(ConfigError, match="LOCK_TTL_MS"):
         load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "LOCK_TTL_MS": "20000"})
     load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "LOCK_TTL_MS": "20001"})
+
+
+# -- addresses and bounds: checked as read, named with their source ------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("garbage", "'garbage' is not a redis://, rediss:// or unix:// URL"),
+        ("http://host:1/0", "is not a redis://, rediss:// or unix:// URL"),
+        ("redis://host:notaport/0", "Port could not be cast to integer value as 'notaport'"),
+        ("redis://[::1", "Invalid IPv6 URL"),
+        ("redis://host:99999/0", "Port out of range"),
+        ("redis://host:0/0", "port 0"),
+        ("redis://host/abc", "the path '/abc' is not a database number"),
+        ("redis://host/1/2", "the path '/1/2' is not a database number"),
+        ("redis://host/-1", "the path '/-1' is not a database number"),
+        ("redis://host:1/0?db=x", "Invalid value for 'db' in connection URL"),
+        ("unix://", "give the socket's absolute path"),
+        ("unix://relative/redis.sock", "give the socket's absolute path"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_as_read(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_daemon_settings([], {"REDIS_URL": url})
+    assert str(caught.value).startswith("invalid REDIS_URL (from environment): "), caught.value
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://host",
+        "redis://host/",
+        "redis://host:6380/15",
+        "rediss://user:pw@host:6380/0?ssl_cert_reqs=none",
+        "redis://[::1]:6379/0",
+        "unix:///run/redis.sock?db=2",
+        "unix://user:pw@/run/redis.sock",
+    ],
+)
+def test_well_formed_redis_urls_pass(url: str) -> None:
+    assert load_daemon_settings(["--redis-url", url], {}).url == url
+
+
+def test_a_url_error_names_where_the_value_came_from(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'redis_url = "redis://host/abc"\n')
+    with pytest.raises(ConfigError, match=f"invalid REDIS_URL \\(from config file {path}\\)"):
+        load_daemon_settings(["--config", path], {})
+    with pytest.raises(ConfigError, match=r"invalid REDIS_URL \(from flag --redis-url\)"):
+        load_publisher_settings(["--redis-url", "redis://host/abc"], {})
+
+
+def test_a_malformed_url_error_never_shows_its_password() -> None:
+    for url in (
+        "redis://user:secret@[::1",
+        "redis://user:secret@host/abc",
+        "user:secret@host:6379",
+        "http://u:secret@h",
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load_daemon_settings([], {"REDIS_URL": url})
+        assert "secret" not in str(caught.value), caught.value
+
+
+def test_ports_have_an_upper_bound() -> None:
+    with pytest.raises(ConfigError, match=r"REDIS_PORT \(from flag --redis-port\): '99999'"):
+        load_daemon_settings(["--redis-port", "99999"], {})
+    with pytest.raises(ConfigError, match=r"METRICS_PORT \(from environment\): '70000' must be"):
+        load_daemon_settings([], {"METRICS_PORT": "70000"})
+    assert load_daemon_settings([], {"REDIS_PORT": "65535"}).redis_port == 65535
+
+
+def test_a_host_that_cannot_go_into_a_url_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"REDIS_HOST \(from environment\): '::1' is not a host"):
+        load_daemon_settings([], {"REDIS_HOST": "::1"})
+    assert load_daemon_settings([], {"REDIS_HOST": "[::1]"}).url == "redis://[::1]:6379/0"
+
+
+def test_a_cluster_url_selects_database_0_only() -> None:
+    environ = {"REDIS_URL": "redis://node:7000/3", "REDIS_CLUSTER": "true"}
+    with pytest.raises(ConfigError, match="selects database 3; a Redis Cluster has database 0"):
+        load_daemon_settings([], environ)
+
+
+def test_consumer_counts_have_a_per_host_bound() -> None:
+    assert load_daemon_settings([], {"CONSUMERS_COUNT": "16"}).consumers_count == 16
+    limit = MAX_CONSUMERS_PER_HOST
+    assert load_daemon_settings([], {"CONSUMERS_COUNT": str(limit)}).consumers_count == limit
+    for name in ("CONSUMERS_COUNT", "MAX_CONSUMERS"):
+        with pytest.raises(ConfigError, match=f"invalid {name} \\(from environment\\): 100000"):
+            load_daemon_settings([], {name: "100000"})
+    assert Settings().max_consumers <= limit  # the default (the CPU count) is capped too
 
 
 def test_check_daemon_rejects_direct_construction() -> None:
