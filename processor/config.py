@@ -23,6 +23,7 @@ from processor.partitions import MAX_PARTITIONS
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+WAIT_MODES = ("degrade", "strict")
 
 
 def _secret_free(url: str) -> str:
@@ -286,6 +287,14 @@ class Settings(GroupSettings):
         "failover of a crashed primary loses no write; 0 = do not wait (it can lose the last "
         "writes)",
         minimum=0,
+    )
+    wait_replicas_mode: str = setting(
+        "degrade",
+        "WAIT_REPLICAS_MODE",
+        "when fewer than WAIT_REPLICAS replicas confirm a write within 1 s: degrade = accept it "
+        "and write to that partition without waiting for 5 s (logged); strict = hold the batch "
+        "and wait again until they do (until a stop's grace is over)",
+        choices=WAIT_MODES,
     )
     metrics_port: int = setting(
         0,

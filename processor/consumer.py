@@ -72,7 +72,14 @@ class Consumer:
         self._failure_lock = threading.Lock()
         self._rate = RateMeter()
         self._busy = BusyMeter()
-        self._totals = {"written": 0, "dead": 0, "skipped": 0, "taken_over": 0, "lost": 0}
+        self._totals = {
+            "written": 0,
+            "dead": 0,
+            "skipped": 0,
+            "taken_over": 0,
+            "lost": 0,
+            "unconfirmed": 0,
+        }
 
     @property
     def _batch_size(self) -> int:
@@ -195,6 +202,7 @@ class Consumer:
             grace_s=settings.shutdown_grace_s * 0.5,
             maxlen=settings.output_maxlen,
             wait_replicas=settings.wait_replicas,
+            strict_wait=settings.wait_replicas_mode == "strict",
         )
         self._writes = WriteThread(
             writer,
@@ -294,7 +302,8 @@ class Consumer:
             )
         totals = self._totals
         log.info(
-            "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d gaps=%d",
+            "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d gaps=%d"
+            " unconfirmed=%d",
             self.context(),
             totals["written"],
             totals["dead"],
@@ -302,6 +311,7 @@ class Consumer:
             totals["taken_over"],
             totals["lost"],
             self._subscriber.gaps,
+            totals["unconfirmed"],
         )
 
     def _leave(self, reason: str) -> None:
@@ -382,6 +392,8 @@ class Consumer:
             if flag == "1"
         ]
         self._metrics.written(result.written, result.skipped, reasons)
+        self._metrics.unconfirmed(result.unconfirmed)
+        self._totals["unconfirmed"] += result.unconfirmed
         self._totals["written"] += result.written
         self._totals["dead"] += result.dead
         self._totals["skipped"] += result.skipped
