@@ -398,14 +398,12 @@ def evalsha_packed(
                 send([packed], check_health=False)
                 reply = connection.read_response()
         if wait_replicas:
-            connection.send_command("WAIT", wait_replicas, wait_timeout_ms)
-            confirmed = int(connection.read_response())
+            confirmed = _wait(connection, wait_replicas, wait_timeout_ms)
             while confirmed < wait_replicas and hold is not None:
                 timeout_ms = hold(reply, confirmed)
                 if timeout_ms is None:
                     break
-                connection.send_command("WAIT", wait_replicas, timeout_ms)
-                confirmed = int(connection.read_response())
+                confirmed = _wait(connection, wait_replicas, timeout_ms)
             reply = [*reply, confirmed]
         return reply
     except BaseException:
@@ -413,6 +411,19 @@ def evalsha_packed(
         raise
     finally:
         pool.release(connection)
+
+
+def _wait(connection: Any, replicas: int, timeout_ms: int) -> int:
+    """WAIT on ``connection``: how many replicas have its writes."""
+    connection.send_command("WAIT", replicas, timeout_ms)
+    try:
+        return int(connection.read_response())
+    except redis.ResponseError as error:
+        if not str(error).startswith("UNBLOCKED"):
+            raise
+        # The primary was demoted while we waited (it closes the connection after this reply):
+        # retried like a dropped connection, on whichever node is primary now.
+        raise redis.ConnectionError(str(error)) from error
 
 
 @dataclass(frozen=True, slots=True)

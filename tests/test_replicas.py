@@ -291,3 +291,31 @@ def test_the_daemon_in_degrade_mode_counts_unconfirmed_writes(
         20,
         message=f"not counted: {scrape(port)}",
     )
+
+
+def test_strict_rides_out_its_primary_demoted_while_it_waits(
+    replicated: Replicated, client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A primary turned replica ends the WAITs blocked on it with an UNBLOCKED error: the held
+    batch is retried like after a dropped connection, not dropped with the write thread."""
+    writer = _writer(client, keys, strict=True, stop=threading.Event())
+    caplog.set_level("WARNING")
+    replicated.pause_replica()
+    write = _Background(writer, _entries(0, 10))
+    wait_until(lambda: _logged(caplog, "holding 10 messages"), 10, message="never held")
+    admin = replicated.primary.client(timeout_s=5)
+    try:
+        admin.replicaof("127.0.0.1", free_port())  # a primary that is not there: no resync
+        wait_until(lambda: _logged(caplog, "UNBLOCKED"), 10, message="WAIT not ended")
+        wait_until(
+            lambda: "errorstat_READONLY" in admin.info("errorstats"),
+            10,
+            message="not retried on the replica it became",
+        )
+        assert not write.returned()
+        admin.replicaof("no", "one")
+    finally:
+        admin.close()
+    replicated.resume_replica()
+    assert write.result(20) == WriteResult(10, 0, 0)
+    assert _ids(replicated.primary, keys.output) == [f"m-{index}" for index in range(10)]
