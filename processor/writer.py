@@ -229,7 +229,9 @@ class Writer:
             return None  # fenced: nothing written, nothing to confirm
         now = time.monotonic()
         if hold.first_reply is None:
-            hold.first_reply, hold.since, hold.logged_at = reply, now, now
+            # Held since the WAIT that just fell short began.
+            hold.since = now - self._wait_timeout_ms / 1000
+            hold.first_reply, hold.logged_at = reply, now
             log.warning(
                 "%s holding %d messages written to %s: %d of %d replicas confirmed them within "
                 "%d ms; waiting until they do (WAIT_REPLICAS_MODE=strict)",
