@@ -19,6 +19,7 @@ from redis.cluster import RedisCluster
 from processor.config import MAX_BATCH_SIZE
 from processor.connection import (
     CONNECTION_ERRORS,
+    DOWNTIME,
     SOCKET_TIMEOUT_S,
     Backoff,
     Outage,
@@ -183,6 +184,7 @@ class Writer:
                 continue
             self._backoff.reset()
             self._outage.recovered()
+            DOWNTIME.end(hold, time.monotonic())
             confirmed = reply[4] if wait else 0
             if hold.first_reply is not None and int(reply[0]) >= 0:
                 reply = self._released(hold, reply, confirmed)
@@ -232,6 +234,9 @@ class Writer:
             # Held since the WAIT that just fell short began.
             hold.since = now - self._wait_timeout_ms / 1000
             hold.first_reply, hold.logged_at = reply, now
+            # The owners' writes to this primary are held alike: what they received meanwhile
+            # may still be unwritten, so takeover buffers must not age it out (as in an outage).
+            DOWNTIME.begin(hold, hold.since)
             log.warning(
                 "%s holding %d messages written to %s: %d of %d replicas confirmed them within "
                 "%d ms; waiting until they do (WAIT_REPLICAS_MODE=strict)",

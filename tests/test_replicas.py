@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import redis
 
 from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
-from processor.connection import command_client
+from processor.connection import DOWNTIME, command_client
 from processor.keys import Keys
 from processor.messages import OUTPUT, Entry
 from processor.writer import Writer, WriteResult
@@ -155,6 +156,7 @@ def test_strict_holds_a_batch_until_a_replica_confirms_it(
     caplog.set_level("WARNING", logger="processor.writer")
     replicated.pause_replica()
     waits_before = replicated.calls("wait")
+    downtime_before = DOWNTIME.total_s(time.monotonic())
     write = _Background(writer, _entries(0, 10))
     wait_until(lambda: _logged(caplog, "holding 10 messages"), 10, message="never held")
     # Written on the primary at once; WAIT retried there again and again while held.
@@ -169,6 +171,11 @@ def test_strict_holds_a_batch_until_a_replica_confirms_it(
     replicated.resume_replica()
     assert write.result(10) == WriteResult(10, 0, 0)
     assert _logged(caplog, "confirmed by 1 of 1 replicas")
+    # Takeover buffers did not age while held: at least the three WAITs that ran out before a
+    # fourth began (0.1, then 0.2 s each) count as downtime, and it ended with the hold.
+    held_s = DOWNTIME.total_s(time.monotonic()) - downtime_before
+    assert held_s >= 0.5
+    assert DOWNTIME.total_s(time.monotonic()) - downtime_before == held_s
     assert _ids(replicated.replica, keys.output) == [f"m-{index}" for index in range(10)]
     # Nothing degraded: the next write waits for the replica again, and gets it.
     assert writer.write(_entries(10, 20), CONSUMER, "") == WriteResult(10, 0, 0)
