@@ -33,6 +33,7 @@ MAX_PORT = 65535
 # Python process with its own connections), low enough that a typo (CONSUMERS_COUNT=100000)
 # cannot fork-bomb the host or exhaust Redis's clients.
 MAX_CONSUMERS_PER_HOST = 256
+WAIT_MODES = ("degrade", "strict")
 
 
 def _secret_free(url: str) -> str:
@@ -372,6 +373,14 @@ class Settings(GroupSettings):
         "failover of a crashed primary loses no write; 0 = do not wait (it can lose the last "
         "writes)",
         minimum=0,
+    )
+    wait_replicas_mode: str = setting(
+        "degrade",
+        "WAIT_REPLICAS_MODE",
+        "when fewer than WAIT_REPLICAS replicas confirm a write within 1 s: degrade = accept it "
+        "and write to that partition without waiting for 5 s (logged); strict = hold the batch "
+        "and wait again until they do (until a stop's grace is over)",
+        choices=WAIT_MODES,
     )
     metrics_port: int = setting(
         0,

@@ -82,6 +82,7 @@ class Consumer:
             "taken_over": 0,
             "lost": 0,
             "left_to_takeover": 0,
+            "unconfirmed": 0,
         }
 
     @property
@@ -207,6 +208,7 @@ class Consumer:
             maxlen=settings.output_maxlen,
             wait_replicas=settings.wait_replicas,
             holding=self._held,
+            strict_wait=settings.wait_replicas_mode == "strict",
         )
         self._writes = WriteThread(
             writer,
@@ -304,7 +306,7 @@ class Consumer:
         totals = self._totals
         log.info(
             "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
-            "left_to_takeover=%d gaps=%d",
+            "left_to_takeover=%d gaps=%d unconfirmed=%d",
             self.context(),
             totals["written"],
             totals["dead"],
@@ -313,6 +315,7 @@ class Consumer:
             totals["lost"],
             totals["left_to_takeover"],
             self._subscriber.gaps,
+            totals["unconfirmed"],
         )
 
     def _held(self) -> int:
@@ -456,6 +459,8 @@ class Consumer:
             if flag == "1"
         ]
         self._metrics.written(result.written, result.skipped, reasons)
+        self._metrics.unconfirmed(result.unconfirmed)
+        self._totals["unconfirmed"] += result.unconfirmed
         self._totals["written"] += result.written
         self._totals["dead"] += result.dead
         self._totals["skipped"] += result.skipped

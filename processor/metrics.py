@@ -54,6 +54,11 @@ class ConsumerMetrics:
             "processor_messages_skipped",
             "Messages not appended because another consumer (or an earlier try) had written them",
         )
+        self._unconfirmed = Counter(
+            "processor_messages_unconfirmed",
+            "Messages written (output and dead letters) that fewer than WAIT_REPLICAS replicas "
+            "had confirmed when the write was accepted",
+        )
         self._dead = Counter(
             "processor_messages_dead_lettered",
             "Entries appended to the dead-letter stream, by reason",
@@ -133,6 +138,10 @@ class ConsumerMetrics:
             self._skipped.inc(skipped)
         for reason in dead_reasons:
             self._dead.labels(reason).inc()
+
+    def unconfirmed(self, messages: int) -> None:
+        if self.enabled and messages:
+            self._unconfirmed.inc(messages)
 
     def reconnected(self, connection: str) -> None:
         if self.enabled:

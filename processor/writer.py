@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import hiredis
@@ -18,6 +19,8 @@ from redis.cluster import RedisCluster
 from processor.config import MAX_BATCH_SIZE
 from processor.connection import (
     CONNECTION_ERRORS,
+    DOWNTIME,
+    SOCKET_TIMEOUT_S,
     Backoff,
     Outage,
     reread_layout,
@@ -33,10 +36,13 @@ log = logging.getLogger(__name__)
 
 # How often a blocked submit or wait checks that the write thread still lives.
 _POLL_S = 0.1
-# How long a write waits for WAIT_REPLICAS replicas; a partition whose replicas fell short
-# is written without waiting for UNPROTECTED_S (no replica in sync: do not stall on it).
+# How long a write waits for WAIT_REPLICAS replicas; in degrade mode a partition whose
+# replicas fell short is written without waiting for UNPROTECTED_S (no replica in sync: do not
+# stall on it).
 WAIT_TIMEOUT_MS = 1000
 UNPROTECTED_S = 5.0
+# In strict mode, how often a batch still held for its replicas is logged again.
+HOLD_LOG_INTERVAL_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,9 @@ class WriteResult:
     fenced: bool = False
     # One character per dead-letter entry of the batch: "1" appended, "0" already there.
     dead_flags: str = ""
+    # Of written + dead: how many WAIT_REPLICAS replicas did not confirm before they were
+    # accepted (a failover before the replicas catch up would lose them).
+    unconfirmed: int = 0
 
 
 class Writer:
@@ -70,12 +79,22 @@ class Writer:
         maxlen: int = 0,
         wait_replicas: int = 0,
         holding: Callable[[], int] | None = None,
+        strict_wait: bool = False,
+        wait_timeout_ms: int = WAIT_TIMEOUT_MS,
     ) -> None:
         self._client = client
         self._maxlen = maxlen
         self._keys = keys
         self._window = Window.for_ttl(lock_ttl_ms)
         self._wait_replicas = wait_replicas
+        self._strict_wait = strict_wait
+        self._wait_timeout_ms = wait_timeout_ms
+        # A held batch's WAIT doubles from wait_timeout_ms up to this: a WAIT returns as soon as
+        # the replicas confirm, so a longer one only saves round trips; it stays well inside the
+        # socket timeout, and short enough to see a stop request in time.
+        self._hold_wait_max_ms = max(
+            wait_timeout_ms, int(min(backoff_max_s, SOCKET_TIMEOUT_S / 2) * 1000)
+        )
         self._source = load_script("dedup_append.lua")
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
         self._backoff = Backoff(0.05, backoff_max_s)
@@ -89,6 +108,8 @@ class Writer:
         self._grace_s = grace_s
         # Per partition: until when writes skip WAIT after replicas fell short (monotonic).
         self._unprotected_until: dict[int, float] = {}
+        # Strict mode, once stopping: when held batches are let go unconfirmed (monotonic).
+        self._hold_until: float | None = None
 
     def write(self, entries: Sequence[Entry], consumer_id: str, fence: str) -> WriteResult | None:
         """Writes the batch; retries connection failures until it succeeds.
@@ -99,7 +120,7 @@ class Writer:
         keys = self._keys
         if len(keys.partitions) == 1 and len(entries) <= MAX_BATCH_SIZE:
             return self._write_partition(0, entries, consumer_id, fence)
-        written = dead = skipped = 0
+        written = dead = skipped = unconfirmed = 0
         flags: dict[int, str] = {}
         for partition, indices in keys.script_calls([entry.lock_id for entry in entries]):
             part = [entries[index] for index in indices]
@@ -111,10 +132,11 @@ class Writer:
                 dead + result.dead,
                 skipped + result.skipped,
             )
+            unconfirmed += result.unconfirmed
             dead_indices = [index for index in indices if entries[index].kind == DEAD]
             flags.update(zip(dead_indices, result.dead_flags, strict=True))
         dead_flags = "".join(flag for _, flag in sorted(flags.items()))
-        return WriteResult(written, dead, skipped, dead_flags=dead_flags)
+        return WriteResult(written, dead, skipped, dead_flags=dead_flags, unconfirmed=unconfirmed)
 
     def _write_partition(
         self, partition: int, entries: Sequence[Entry], consumer_id: str, fence: str
@@ -141,13 +163,19 @@ class Writer:
             part.seen_clock,
         ]
         give_up_at: float | None = None
+        hold = _Hold(part.output, len(entries), self._wait_timeout_ms)
         while True:
-            wait = self._wait_replicas
-            if wait and time.monotonic() < self._unprotected_until.get(partition, 0.0):
-                wait = 0
+            wait = self._waits_for(partition)
             try:
                 reply = evalsha_packed(
-                    self._node(part.output), self._sha, self._source, script_keys, args, wait
+                    self._node(part.output),
+                    self._sha,
+                    self._source,
+                    script_keys,
+                    args,
+                    wait,
+                    self._wait_timeout_ms,
+                    partial(self._held, hold) if self._strict_wait else None,
                 )
             except CONNECTION_ERRORS as error:
                 self._outage.failed(error)
@@ -161,22 +189,117 @@ class Writer:
                 continue
             self._backoff.reset()
             self._outage.recovered()
-            if wait and reply[4] < wait:
-                self._unprotected_until[partition] = time.monotonic() + UNPROTECTED_S
-                log.warning(
-                    "%s %d of %d replicas confirmed a write to %s within %d ms: writing there "
-                    "without waiting for %g s (a failover now could lose what they lack)",
-                    self._context(),
-                    reply[4],
-                    wait,
-                    part.output,
-                    WAIT_TIMEOUT_MS,
-                    UNPROTECTED_S,
-                )
+            DOWNTIME.end(hold, time.monotonic())
+            confirmed = reply[4] if wait else 0
+            if hold.first_reply is not None and int(reply[0]) >= 0:
+                reply = self._released(hold, reply, confirmed)
+            elif wait and confirmed < wait and not self._strict_wait:
+                self._degrade(partition, confirmed)
             written, dead, skipped = (int(value) for value in reply[:3])
             if written < 0:
                 return WriteResult(0, 0, 0, fenced=True)
-            return WriteResult(written, dead, skipped, dead_flags=layout.dead_flags(reply[3]))
+            unconfirmed = written + dead if confirmed < self._wait_replicas else 0
+            return WriteResult(
+                written,
+                dead,
+                skipped,
+                dead_flags=layout.dead_flags(reply[3]),
+                unconfirmed=unconfirmed,
+            )
+
+    def _waits_for(self, partition: int) -> int:
+        """How many replicas a write waits for: none for a partition degraded a moment ago, nor
+        in strict mode once a stop's grace is over."""
+        now = time.monotonic()
+        if self._strict_wait:
+            let_go = self._hold_until is not None and now >= self._hold_until
+            return 0 if let_go else self._wait_replicas
+        return 0 if now < self._unprotected_until.get(partition, 0.0) else self._wait_replicas
+
+    def _degrade(self, partition: int, confirmed: int) -> None:
+        self._unprotected_until[partition] = time.monotonic() + UNPROTECTED_S
+        log.warning(
+            "%s %d of %d replicas confirmed a write to %s within %d ms: writing there "
+            "without waiting for %g s (a failover now could lose what they lack)",
+            self._context(),
+            confirmed,
+            self._wait_replicas,
+            self._keys.partitions[partition].output,
+            self._wait_timeout_ms,
+            UNPROTECTED_S,
+        )
+
+    def _held(self, hold: _Hold, reply: list[Any], confirmed: int) -> int | None:
+        """Strict mode, after a WAIT that fell short: the next WAIT's timeout in ms, or None to
+        let the batch go (nothing was written, or the stop's grace is over)."""
+        if int(reply[0]) < 0:
+            return None  # fenced: nothing written, nothing to confirm
+        now = time.monotonic()
+        if hold.first_reply is None:
+            # Held since the WAIT that just fell short began.
+            hold.since = now - self._wait_timeout_ms / 1000
+            hold.first_reply, hold.logged_at = reply, now
+            # The owners' writes to this primary are held alike: what they received meanwhile
+            # may still be unwritten, so takeover buffers must not age it out (as in an outage).
+            DOWNTIME.begin(hold, hold.since)
+            log.warning(
+                "%s holding %d messages written to %s: %d of %d replicas confirmed them within "
+                "%d ms; waiting until they do (WAIT_REPLICAS_MODE=strict)",
+                self._context(),
+                hold.messages,
+                hold.stream,
+                confirmed,
+                self._wait_replicas,
+                self._wait_timeout_ms,
+            )
+        elif now - hold.logged_at >= HOLD_LOG_INTERVAL_S:
+            hold.logged_at = now
+            log.warning(
+                "%s still holding %d messages written to %s after %.0f s: %d of %d replicas "
+                "confirmed them",
+                self._context(),
+                hold.messages,
+                hold.stream,
+                now - hold.since,
+                confirmed,
+                self._wait_replicas,
+            )
+        if self._stop.is_set():
+            self._hold_until = self._hold_until or now + self._grace_s
+            if now >= self._hold_until:
+                return None
+        hold.timeout_ms = min(hold.timeout_ms * 2, self._hold_wait_max_ms)
+        return hold.timeout_ms
+
+    def _released(self, hold: _Hold, reply: list[Any], confirmed: int) -> list[Any]:
+        """The end of a hold: confirmed, or let go at a stop. Returns the first run's counts
+        with the last confirmation: a re-run after a dropped connection counts what the first
+        wrote as skipped."""
+        first = cast(list[Any], hold.first_reply)
+        held_s = time.monotonic() - hold.since
+        if confirmed >= self._wait_replicas:
+            log.warning(
+                "%s %d held messages written to %s confirmed by %d of %d replicas after %.1f s",
+                self._context(),
+                hold.messages,
+                hold.stream,
+                confirmed,
+                self._wait_replicas,
+                held_s,
+            )
+        else:
+            log.warning(
+                "%s stopping: %d held messages let go unconfirmed after %.1f s, %d of %d replicas "
+                "confirmed them: they are written on the primary of %s, not lost, but a "
+                "failover before its replicas catch up would lose them",
+                self._context(),
+                hold.messages,
+                held_s,
+                confirmed,
+                self._wait_replicas,
+                hold.stream,
+            )
+        return [*first[:4], confirmed]
 
     def _node(self, key: str) -> redis.Redis:
         """The client of the primary serving ``key``: the client itself on a single Redis."""
@@ -187,6 +310,18 @@ class Writer:
         if client is None:
             raise redis.exceptions.ClusterDownError(f"no primary known for {key}")
         return client
+
+
+@dataclass(slots=True)
+class _Hold:
+    """One partition's batch in strict mode, held until its replicas confirm it."""
+
+    stream: str
+    messages: int
+    timeout_ms: int  # of the next WAIT
+    first_reply: list[Any] | None = None  # the script's reply, once a WAIT fell short
+    since: float = 0.0
+    logged_at: float = 0.0
 
 
 class _ScriptLayout:
@@ -244,11 +379,16 @@ def evalsha_packed(
     keys: list[str],
     args: Sequence[Any],
     wait_replicas: int = 0,
+    wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+    hold: Callable[[list[Any], int], int | None] | None = None,
 ) -> list[Any]:
     """EVALSHA packed by hiredis in one call; loads ``source`` once if Redis lost it (a
     restart, a flush, or a replica promoted by a failover: the script cache is not replicated).
     With ``wait_replicas``, then WAITs on the same connection for that many replicas to have
-    the write (WAIT_TIMEOUT_MS at most) and appends how many did to the reply.
+    the write (``wait_timeout_ms`` at most) and appends how many did to the reply. After a
+    WAIT that fell short, ``hold`` (given the reply and that count) returns the timeout of
+    another WAIT, or None to return the shortfall. Only this connection's WAIT confirms the
+    write: on another, WAIT counts from that connection's own last write.
 
     redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
     per message); hiredis.pack_command packs the tuple in C.
@@ -270,14 +410,32 @@ def evalsha_packed(
                 send([packed], check_health=False)
                 reply = connection.read_response()
         if wait_replicas:
-            connection.send_command("WAIT", wait_replicas, WAIT_TIMEOUT_MS)
-            reply = [*reply, int(connection.read_response())]
+            confirmed = _wait(connection, wait_replicas, wait_timeout_ms)
+            while confirmed < wait_replicas and hold is not None:
+                timeout_ms = hold(reply, confirmed)
+                if timeout_ms is None:
+                    break
+                confirmed = _wait(connection, wait_replicas, timeout_ms)
+            reply = [*reply, confirmed]
         return reply
     except BaseException:
         connection.disconnect()
         raise
     finally:
         pool.release(connection)
+
+
+def _wait(connection: Any, replicas: int, timeout_ms: int) -> int:
+    """WAIT on ``connection``: how many replicas have its writes."""
+    connection.send_command("WAIT", replicas, timeout_ms)
+    try:
+        return int(connection.read_response())
+    except redis.ResponseError as error:
+        if not str(error).startswith("UNBLOCKED"):
+            raise
+        # The primary was demoted while we waited (it closes the connection after this reply):
+        # retried like a dropped connection, on whichever node is primary now.
+        raise redis.ConnectionError(str(error)) from error
 
 
 @dataclass(frozen=True, slots=True)
