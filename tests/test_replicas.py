@@ -277,7 +277,7 @@ def test_the_daemon_in_strict_mode_holds_and_says_so_at_its_stop(
     daemon.stop("strict stop")
     log = daemon.log()
     assert "held messages let go unconfirmed" in log
-    assert "lost=0 gaps=0 unconfirmed=10" in log
+    assert "lost=0 left_to_takeover=0 gaps=0 unconfirmed=10" in log
     assert _ids(replicated.primary, "messages:processed") == [f"m-{i}" for i in range(30)]
 
 
