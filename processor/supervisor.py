@@ -507,7 +507,19 @@ class Supervisor:
             process = slot.process
             if process is None:
                 continue
-            if process.is_alive():
+            if process.is_alive() and not slot.stats.consumer_id:
+                # Still starting (importing, subscribing; a spawn of many on a loaded host can
+                # outlast the grace): never registered, so it owned nothing and holds nothing.
+                log.info(
+                    "consumer pid %s was still starting after SHUTDOWN_GRACE: stopping it "
+                    "(never registered, it holds nothing)",
+                    process.pid,
+                )
+                if process.pid:
+                    _kill(process.pid, signal.SIGKILL)
+                process.join(5)
+                self._evict(slot.index, process)
+            elif process.is_alive():
                 held = slot.stats.get("held")
                 killed_holding += held
                 log.error(

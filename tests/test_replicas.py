@@ -17,7 +17,7 @@ import redis
 
 from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
-from processor.connection import DOWNTIME, command_client
+from processor.connection import Downtime, command_client
 from processor.keys import Keys
 from processor.messages import OUTPUT, Entry
 from processor.writer import Writer, WriteResult
@@ -150,13 +150,21 @@ def _logged(caplog: pytest.LogCaptureFixture, fragment: str) -> list[str]:
 
 
 def test_strict_holds_a_batch_until_a_replica_confirms_it(
-    replicated: Replicated, client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
+    replicated: Replicated,
+    client: redis.Redis,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The process's own Downtime is shared with every Outage of the tests run before in this
+    # worker (one left on would keep it growing): this test reads one of its own.
+    downtime = Downtime()
+    monkeypatch.setattr("processor.writer.DOWNTIME", downtime)
     writer = _writer(client, keys, strict=True, stop=threading.Event())
     caplog.set_level("WARNING", logger="processor.writer")
     replicated.pause_replica()
     waits_before = replicated.calls("wait")
-    downtime_before = DOWNTIME.total_s(time.monotonic())
+    downtime_before = downtime.total_s(time.monotonic())
     write = _Background(writer, _entries(0, 10))
     wait_until(lambda: _logged(caplog, "holding 10 messages"), 10, message="never held")
     # Written on the primary at once; WAIT retried there again and again while held.
@@ -173,9 +181,9 @@ def test_strict_holds_a_batch_until_a_replica_confirms_it(
     assert _logged(caplog, "confirmed by 1 of 1 replicas")
     # Takeover buffers did not age while held: at least the three WAITs that ran out before a
     # fourth began (0.1, then 0.2 s each) count as downtime, and it ended with the hold.
-    held_s = DOWNTIME.total_s(time.monotonic()) - downtime_before
+    held_s = downtime.total_s(time.monotonic()) - downtime_before
     assert held_s >= 0.5
-    assert DOWNTIME.total_s(time.monotonic()) - downtime_before == held_s
+    assert downtime.total_s(time.monotonic()) - downtime_before == held_s
     assert _ids(replicated.replica, keys.output) == [f"m-{index}" for index in range(10)]
     # Nothing degraded: the next write waits for the replica again, and gets it.
     assert writer.write(_entries(10, 20), CONSUMER, "") == WriteResult(10, 0, 0)
