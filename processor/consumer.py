@@ -319,10 +319,12 @@ class Consumer:
         )
 
     def _held(self) -> int:
-        """Messages received and not written yet: owned ones waiting for the handler or the
-        write, and takeovers waiting to be tried (the fenced ones are counted apart)."""
-        takeovers = sum(len(chunk) for chunk in list(self._takeovers))
-        return len(self._inbox) + self._in_hand + takeovers + self._writes.holding()
+        """Messages received and not written yet, that we owned or had started to take over:
+        waiting for the handler or the write (the fenced ones are counted apart).
+
+        Not the takeovers still queued: copies of others' messages, which their owner wrote
+        (a departure announced as it stopped) or the other consumers' buffers also hold."""
+        return len(self._inbox) + self._in_hand + self._writes.holding()
 
     def _count_unwritten(self) -> None:
         """What we still hold once every thread has stopped, counted where operators read it.
@@ -332,6 +334,14 @@ class Consumer:
         buffers hold a copy of everything published while they were subscribed, and they try
         it. Otherwise (no one else live, or a stop that could not write it) it is lost.
         """
+        untried = sum(len(chunk) for chunk in self._takeovers)
+        if untried:
+            log.info(
+                "%s %d messages routed to consumers that left were not tried as we stopped: "
+                "their owners wrote them, or the live consumers' buffers hold them",
+                self.context(),
+                untried,
+            )
         fenced = len(self._unwritten)
         unwritten = self._held() + fenced
         if not unwritten:
