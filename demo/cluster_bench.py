@@ -34,10 +34,10 @@ from demo.benchmark.measure import poll, redis_cpu_us
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer
 from processor.config import DAEMON_OPTIONS, Settings
-from processor.connection import command_client
-from processor.counters import read_counters
-from processor.keys import Keys
-from processor.ownership import HANDOVER_GRACE_S
+from processor.consumer.ownership import HANDOVER_GRACE_S
+from processor.observe.counters import read_counters
+from processor.store.connection import command_client
+from processor.store.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 3

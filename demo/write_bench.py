@@ -3,7 +3,7 @@
 ``python demo/write_bench.py [--messages N] [--rounds R]``. Starts a throwaway redis-server and
 writes the same batches (100 messages of about 150 bytes of JSON each, unique ids) through:
 
-- ``dedup``: today's ``processor/lua/dedup_append.lua``, through the daemon's own ``Writer``;
+- ``dedup``: today's ``processor/store/lua/dedup_append.lua``, through the daemon's own ``Writer``;
 - ``locks``: the previous script, a ``SET NX PX`` lock key per id then ``XADD`` if won
   (``demo/benchmark/lock_and_append.lua``, kept here as the baseline);
 - ``pipelines``: the seed's design, a pipeline of ``SET NX PX`` then a pipeline of ``XADD`` for
@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.redis_server import RedisServer, exit_cleanly_on_sigterm
 from processor.config import Settings
-from processor.connection import command_client
-from processor.keys import Keys
-from processor.messages import OUTPUT, Entry
-from processor.scripts import load_script
-from processor.writer import Writer
+from processor.consumer.messages import OUTPUT, Entry
+from processor.consumer.writer import Writer
+from processor.store.connection import command_client
+from processor.store.keys import Keys
+from processor.store.scripts import load_script
 
 BATCH = 100
 CONSUMER = "bench-consumer"
@@ -89,7 +89,7 @@ class Design:
             source = load_script("dedup_append.lua")
             assert NO_INSERT in source, "the bench's copy of the script's SADD is out of date"
             with mock.patch(
-                "processor.writer.load_script", return_value=source.replace(NO_INSERT, "")
+                "processor.consumer.writer.load_script", return_value=source.replace(NO_INSERT, "")
             ):
                 checker = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
             self._write = lambda batch: checker.write(batch, CONSUMER, "")

@@ -37,18 +37,18 @@ commands:
 '{prog} COMMAND --help' describes a command's options.
 """
 
-# The daemon's signals (processor.slot.BLOCKED): held from its first moment until the supervisor
-# has its handlers in, so a SIGTERM while it imports and checks its settings still stops it
-# gracefully (exit 0) instead of killing it.
+# The daemon's signals (processor.group.slot.BLOCKED): held from its first moment until the
+# supervisor has its handlers in, so a SIGTERM while it imports and checks its settings still
+# stops it gracefully (exit 0) instead of killing it.
 DAEMON_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP)
 
 
 def consume(argv: Sequence[str], prog: str) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     from processor.config import load_daemon_settings
+    from processor.group.supervisor import run
     from processor.handlers import load_handler
-    from processor.logs import configure_logging
-    from processor.supervisor import run
+    from processor.observe.logs import configure_logging
 
     try:
         settings = load_daemon_settings(argv, prog=prog)
@@ -64,9 +64,9 @@ def consume(argv: Sequence[str], prog: str) -> int:
 
 
 def publish(argv: Sequence[str], prog: str) -> int:
+    from processor.commands.publish import Publisher
     from processor.config import load_publisher_settings
-    from processor.logs import configure_logging
-    from processor.publisher import Publisher
+    from processor.observe.logs import configure_logging
 
     try:
         settings = load_publisher_settings(argv, prog=prog)
@@ -93,7 +93,7 @@ def publish(argv: Sequence[str], prog: str) -> int:
 
 
 def status(argv: Sequence[str], prog: str) -> int:
-    from processor.status import main as status_main
+    from processor.commands.status import main as status_main
 
     try:
         return status_main(argv, prog)
@@ -111,19 +111,19 @@ def _control(command: Callable[[Sequence[str], str], int], argv: Sequence[str], 
 
 
 def scale(argv: Sequence[str], prog: str) -> int:
-    from processor import commands
+    from processor.commands import group as commands
 
     return _control(commands.scale, argv, prog)
 
 
 def stop(argv: Sequence[str], prog: str) -> int:
-    from processor import commands
+    from processor.commands import group as commands
 
     return _control(commands.stop, argv, prog)
 
 
 def start(argv: Sequence[str], prog: str) -> int:
-    from processor import commands
+    from processor.commands import group as commands
 
     return _control(commands.start, argv, prog)
 

@@ -23,7 +23,7 @@ from redis.connection import parse_url
 
 from processor.errors import ConfigError
 from processor.options import load, load_with_args, options_of, setting
-from processor.partitions import MAX_PARTITIONS
+from processor.store.partitions import MAX_PARTITIONS
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+from processor.consumer.messages import reason_kind
 from processor.errors import HandlerLoadError, HandlerTimeout
-from processor.messages import reason_kind
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import pytest
 import redis
 
 from demo.redis_server import RedisServer, free_port
-from processor.access import ACL_RULES
 from processor.config import Settings
 from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT, StartupTimeout
-from processor.supervisor import Supervisor
+from processor.group.supervisor import Supervisor
+from processor.store.access import ACL_RULES
 from tests.conftest import REPO_ROOT, Processes
 from tests.faults_support import (
     CHANNEL,

@@ -19,8 +19,8 @@ from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
 from processor.config import Settings
-from processor.keys import Keys
-from processor.partitions import partition_of
+from processor.store.keys import Keys
+from processor.store.partitions import partition_of
 from tests.faults_support import FAST_SETTINGS, INVALID_PAYLOADS, REPO_ROOT, wait_for_result
 from tests.helpers import wait_until
 

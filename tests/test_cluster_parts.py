@@ -18,17 +18,17 @@ import redis
 from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
-from processor.access import CLUSTER_ACL_RULES
 from processor.config import MAX_BATCH_SIZE, Settings, load_daemon_settings
-from processor.connection import command_client, reread_layout
-from processor.controlplane import claim_partitions
-from processor.dedup import SeenCheck, Window
+from processor.consumer.dedup import SeenCheck, Window
+from processor.consumer.messages import Entry, dead_letter
+from processor.consumer.subscriber import Gap, Subscribers
+from processor.consumer.writer import Writer
 from processor.errors import ConfigError
-from processor.keys import Keys
-from processor.messages import Entry, dead_letter
-from processor.steering import Steering
-from processor.subscriber import Gap, Subscribers
-from processor.writer import Writer
+from processor.group.controlplane import claim_partitions
+from processor.group.steering import Steering
+from processor.store.access import CLUSTER_ACL_RULES
+from processor.store.connection import command_client, reread_layout
+from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT, Processes
 from tests.faults_support import FAST_SETTINGS
 from tests.helpers import wait_until
@@ -182,7 +182,7 @@ def test_a_daemon_with_other_partitions_than_the_live_group_is_refused(
         with pytest.raises(ConfigError, match="PARTITIONS: 6, but the live group runs with 3"):
             claim_partitions(client, keys_with(6), 6)
         client.zrem(keys.hosts, "host-a")
-        with caplog.at_level("WARNING", logger="processor.controlplane"):
+        with caplog.at_level("WARNING", logger="processor.group.controlplane"):
             claim_partitions(client, keys_with(6), 6)
         assert "PARTITIONS changed from 3 to 6" in caplog.text
         assert client.hget(keys.control, "partitions") == b"6"

@@ -10,9 +10,9 @@ import redis
 from redis._parsers.base import BaseParser
 
 from demo.redis_server import RedisServer
-from processor import connection
 from processor.config import Settings
-from processor.connection import Downtime, Outage, command_client
+from processor.store import connection
+from processor.store.connection import Downtime, Outage, command_client
 
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 

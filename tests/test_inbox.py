@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from processor.inbox import Inbox
+from processor.consumer.inbox import Inbox
 
 
 def _items(start: int, stop: int) -> list[bytes]:

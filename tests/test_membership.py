@@ -10,9 +10,7 @@ import pytest
 import redis
 
 from processor.config import Settings
-from processor.connection import WrongType, command_client
-from processor.keys import Keys
-from processor.membership import (
+from processor.consumer.membership import (
     Membership,
     evict_process,
     leave_script,
@@ -21,6 +19,8 @@ from processor.membership import (
     process_id_prefix,
     read_view,
 )
+from processor.store.connection import WrongType, command_client
+from processor.store.keys import Keys
 from tests.helpers import wait_until
 
 TTL_MS = 5_000

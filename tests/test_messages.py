@@ -7,8 +7,7 @@ import json
 import orjson
 import pytest
 
-from processor.handlers import add_random_score
-from processor.messages import (
+from processor.consumer.messages import (
     DEAD,
     MAX_DEPTH,
     OUTPUT,
@@ -20,6 +19,7 @@ from processor.messages import (
     payload_lock_id,
     reason_kind,
 )
+from processor.handlers import add_random_score
 
 LIMIT = 1024
 

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from processor.config import Settings
-from processor.monitor import Monitor
-from processor.stats import ConsumerStats
+from processor.consumer.stats import ConsumerStats
+from processor.observe.monitor import Monitor
 
 INTERVAL_S = Settings().monitor_interval_s
 IDLE_INTERVAL_S = Settings().monitor_idle_interval_s
@@ -50,9 +50,13 @@ def _lines(caplog: pytest.LogCaptureFixture, monitor: Monitor, clock: FakeClock)
     """The lines one more report logs, MONITORING_INTERVAL later."""
     caplog.clear()
     clock.now += INTERVAL_S
-    with caplog.at_level(logging.INFO, logger="processor.monitor"):
+    with caplog.at_level(logging.INFO, logger="processor.observe.monitor"):
         monitor.report()
-    return [record.getMessage() for record in caplog.records if record.name == "processor.monitor"]
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "processor.observe.monitor"
+    ]
 
 
 def test_at_idle_the_line_comes_once_a_minute_not_every_interval(
@@ -112,6 +116,6 @@ def test_the_final_line_is_always_logged(
     _lines(caplog, monitor, clock)
     assert _lines(caplog, monitor, clock) == []
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="processor.monitor"):
+    with caplog.at_level(logging.INFO, logger="processor.observe.monitor"):
         monitor.report(final=True)
     assert caplog.records[-1].getMessage().startswith("final throughput group")

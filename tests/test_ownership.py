@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from processor.ownership import (
+from processor.consumer.ownership import (
     HANDOVER_GRACE_S,
     SLOTS,
     PartitionedStrategy,

@@ -10,8 +10,8 @@ from redis.crc import key_slot
 
 from processor.config import Settings, load_daemon_settings, load_publisher_settings
 from processor.errors import ConfigError
-from processor.keys import Keys, channels
-from processor.partitions import SLOTS, hash_tag, partition_of
+from processor.store.keys import Keys, channels
+from processor.store.partitions import SLOTS, hash_tag, partition_of
 
 
 def slot(key: str) -> int:

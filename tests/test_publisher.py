@@ -13,8 +13,8 @@ import redis
 from redis.client import PubSub
 
 from demo.redis_server import RedisServer, free_port
+from processor.commands.publish import Publisher, PublishReport
 from processor.config import PublisherSettings
-from processor.publisher import Publisher, PublishReport
 from tests.conftest import Processes
 from tests.helpers import wait_until
 

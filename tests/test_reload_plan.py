@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from processor.config import Settings
-from processor.control import plan_reload
+from processor.group.signals import plan_reload
 
 
 def test_live_fields_are_applied_and_the_rest_reported():

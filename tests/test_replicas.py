@@ -17,10 +17,10 @@ import redis
 
 from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
-from processor.connection import Downtime, command_client
-from processor.keys import Keys
-from processor.messages import OUTPUT, Entry
-from processor.writer import Writer, WriteResult
+from processor.consumer.messages import OUTPUT, Entry
+from processor.consumer.writer import Writer, WriteResult
+from processor.store.connection import Downtime, command_client
+from processor.store.keys import Keys
 from tests.faults_support import CHANNEL, start_daemon
 from tests.helpers import wait_until
 from tests.test_metrics import scrape
@@ -159,9 +159,9 @@ def test_strict_holds_a_batch_until_a_replica_confirms_it(
     # The process's own Downtime is shared with every Outage of the tests run before in this
     # worker (one left on would keep it growing): this test reads one of its own.
     downtime = Downtime()
-    monkeypatch.setattr("processor.writer.DOWNTIME", downtime)
+    monkeypatch.setattr("processor.consumer.writer.DOWNTIME", downtime)
     writer = _writer(client, keys, strict=True, stop=threading.Event())
-    caplog.set_level("WARNING", logger="processor.writer")
+    caplog.set_level("WARNING", logger="processor.consumer.writer")
     replicated.pause_replica()
     waits_before = replicated.calls("wait")
     downtime_before = downtime.total_s(time.monotonic())
@@ -196,7 +196,7 @@ def test_strict_reruns_the_script_after_the_held_connection_drops(
     """A WAIT confirms only its own connection's writes: after a drop the script runs again
     (skipping what it wrote) and its WAIT covers them; the counts are the first run's."""
     writer = _writer(client, keys, strict=True, stop=threading.Event())
-    caplog.set_level("WARNING", logger="processor.writer")
+    caplog.set_level("WARNING", logger="processor.consumer.writer")
     replicated.pause_replica()
     write = _Background(writer, _entries(0, 10))
     wait_until(lambda: _logged(caplog, "holding 10 messages"), 10, message="never held")
@@ -220,7 +220,7 @@ def test_strict_lets_a_held_batch_go_unconfirmed_when_the_stop_grace_is_over(
 ) -> None:
     stop = threading.Event()
     writer = _writer(client, keys, strict=True, stop=stop)
-    caplog.set_level("WARNING", logger="processor.writer")
+    caplog.set_level("WARNING", logger="processor.consumer.writer")
     replicated.pause_replica()
     write = _Background(writer, _entries(0, 10))
     wait_until(lambda: _logged(caplog, "holding 10 messages"), 10, message="never held")
@@ -238,7 +238,7 @@ def test_degrade_accepts_unconfirmed_writes_and_counts_them(
     replicated: Replicated, client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     writer = _writer(client, keys, strict=False, stop=threading.Event())
-    caplog.set_level("WARNING", logger="processor.writer")
+    caplog.set_level("WARNING", logger="processor.consumer.writer")
     assert writer.write(_entries(0, 10), CONSUMER, "") == WriteResult(10, 0, 0)
     replicated.pause_replica()
     results = [writer.write(_entries(start, start + 10), CONSUMER, "") for start in (10, 20)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from processor.shares import split
+from processor.group.shares import split
 
 
 def test_even_split_gives_the_remainder_to_the_first_hosts_by_id() -> None:

@@ -14,9 +14,9 @@ import time
 import fakeredis
 import pytest
 
+from processor.commands.status import read_group, render
 from processor.config import StatusSettings
-from processor.keys import Keys
-from processor.status import read_group, render
+from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT
 from tests.faults_support import start_daemon
 

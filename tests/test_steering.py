@@ -11,11 +11,11 @@ import time
 import pytest
 import redis
 
-from processor import controlplane
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.keys import Keys
-from processor.steering import GroupStopped, Steering
+from processor.group import controlplane
+from processor.group.steering import GroupStopped, Steering
+from processor.store.keys import Keys
 
 SETTINGS = Settings(heartbeat_ttl_ms=300, heartbeat_interval_ms=100, max_consumers=8)
 KEYS = Keys.from_settings(SETTINGS)

@@ -10,7 +10,7 @@ import redis
 
 from demo.redis_server import RedisServer
 from processor.config import Settings
-from processor.subscriber import Gap, Subscriber
+from processor.consumer.subscriber import Gap, Subscriber
 from tests.helpers import wait_until
 
 CHANNEL = "messages:published"
@@ -194,7 +194,7 @@ def test_waits_for_redis_that_is_not_up_yet(
 def test_server_backlog_of_a_subscriber_that_does_not_read_is_measured(
     redis_url: str, r: redis.Redis
 ) -> None:
-    from processor.heartbeat import server_backlog_bytes
+    from processor.consumer.heartbeat import server_backlog_bytes
 
     lazy = redis.Redis.from_url(redis_url).pubsub()
     lazy.subscribe("backlog")

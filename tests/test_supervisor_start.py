@@ -10,8 +10,8 @@ import pytest
 
 from processor.cli import DAEMON_SIGNALS
 from processor.config import DAEMON_OPTIONS, MAX_CONSUMERS_PER_HOST, Settings
-from processor.slot import BLOCKED
-from processor.supervisor import Supervisor
+from processor.group.slot import BLOCKED
+from processor.group.supervisor import Supervisor
 from tests.faults_support import Daemon, daemon_env, group_alive, group_members, wait_for_result
 from tests.helpers import wait_until
 
@@ -113,7 +113,7 @@ def test_a_stop_while_consumers_start_ends_the_start(monkeypatch):
 
 def test_sigttin_at_the_bound_is_logged_and_ignored(caplog):
     supervisor = _supervisor(MAX_CONSUMERS_PER_HOST - 1)
-    with caplog.at_level(logging.INFO, logger="processor.supervisor"):
+    with caplog.at_level(logging.INFO, logger="processor.group.supervisor"):
         supervisor._handle("add")
         supervisor._handle("add")
     assert supervisor._target_count() == MAX_CONSUMERS_PER_HOST

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from processor.config import Settings
-from processor.consumer import Consumer
+from processor.consumer.consumer import Consumer
+from processor.consumer.heartbeat import Heartbeat
+from processor.consumer.writer import Writer
 from processor.errors import ConsumerFailed
-from processor.heartbeat import Heartbeat
-from processor.writer import Writer
 from tests.conftest import REPO_ROOT
 from tests.faults_support import (
     Expected,
@@ -158,9 +158,9 @@ def test_a_consumer_process_whose_thread_dies_exits_non_zero_after_leaving(redis
     script = f"""
 import multiprocessing, sys
 from processor.config import Settings
-from processor.heartbeat import Heartbeat
-from processor.stats import ConsumerStats
-from processor.slot import consumer_process
+from processor.consumer.heartbeat import Heartbeat
+from processor.consumer.stats import ConsumerStats
+from processor.group.slot import consumer_process
 
 beats = 0
 original = Heartbeat.beat

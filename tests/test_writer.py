@@ -14,8 +14,7 @@ import redis
 
 from demo.redis_server import RedisServer
 from processor.config import MAX_BATCH_SIZE, Settings
-from processor.connection import CONNECTION_ERRORS, command_client
-from processor.dedup import (
+from processor.consumer.dedup import (
     DIGEST_BYTES,
     SeenCheck,
     Window,
@@ -24,9 +23,10 @@ from processor.dedup import (
     mark_legacy_locks,
     warn_if_evicting,
 )
-from processor.keys import Keys
-from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
-from processor.writer import Writer, WriteResult, evalsha_packed
+from processor.consumer.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
+from processor.consumer.writer import Writer, WriteResult, evalsha_packed
+from processor.store.connection import CONNECTION_ERRORS, command_client
+from processor.store.keys import Keys
 from tests.helpers import wait_until
 
 CONSUMER = "test-consumer-1"
@@ -152,7 +152,7 @@ def test_the_largest_batch_allowed_is_written_in_one_call(
     writer: Writer, keys: Keys, r: redis.Redis
 ) -> None:
     entries = [*_entries(0, MAX_BATCH_SIZE - 1), parse(b"junk", 64)]
-    with mock.patch("processor.writer.evalsha_packed", wraps=evalsha_packed) as spy:
+    with mock.patch("processor.consumer.writer.evalsha_packed", wraps=evalsha_packed) as spy:
         result = writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
     assert spy.call_count == 1
     assert result == WriteResult(MAX_BATCH_SIZE - 1, 1, 0, dead_flags="1")
@@ -550,7 +550,7 @@ def test_a_refusal_reply_is_retried_like_an_outage(client: redis.Redis, reply: s
 def test_an_evicting_maxmemory_policy_is_warned_about_at_start(
     client: redis.Redis, r: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("WARNING", logger="processor.dedup"):
+    with caplog.at_level("WARNING", logger="processor.consumer.dedup"):
         warn_if_evicting(client, cluster=False)  # Redis's default: noeviction
         assert caplog.records == []
         r.config_set("maxmemory-policy", "volatile-lru")
@@ -576,7 +576,7 @@ def test_a_user_without_info_skips_the_eviction_check(
     r.config_set("maxmemory", "1gb")
     user = redis.Redis.from_url(redis_url, username="no-info", password="pw")
     try:
-        with caplog.at_level("WARNING", logger="processor.dedup"):
+        with caplog.at_level("WARNING", logger="processor.consumer.dedup"):
             warn_if_evicting(user, cluster=False)
     finally:
         user.close()
@@ -642,7 +642,7 @@ def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a
     writer = Writer(
         client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0, wait_replicas=1
     )
-    with caplog.at_level("WARNING", logger="processor.writer"):
+    with caplog.at_level("WARNING", logger="processor.consumer.writer"):
         for start in range(0, 30, 10):
             result = writer.write(_entries(start, start + 10), CONSUMER, "")
             assert result is not None and result.written == 10

@@ -26,8 +26,8 @@ from demo.benchmark.plan import (
     HandlerCase,
 )
 from processor.config import DAEMON_OPTIONS
+from processor.consumer.ownership import HANDOVER_GRACE_S
 from processor.handlers import add_random_score
-from processor.ownership import HANDOVER_GRACE_S
 
 PLAIN_BATCH = 100  # XADD commands per pipeline of the baseline subscriber
 BASELINE_HANDLER = "demo.benchmark.write_paths:add_random_score"

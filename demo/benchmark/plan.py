@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from processor.config import Settings
-from processor.keys import Keys
+from processor.store.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULTS = Settings()

@@ -1,8 +1,8 @@
 """The bench's baseline write paths, run inside the real daemon so every other cost is the same.
 
-The daemon writes through ``processor/lua/dedup_append.lua``. To measure it against the designs
-it replaced in the same run, with the same messages and consumer counts, the bench starts the
-daemon with ``HANDLER=demo.benchmark.write_paths:add_random_score`` (the default handler) and
+The daemon writes through ``processor/store/lua/dedup_append.lua``. To measure it against the
+designs it replaced in the same run, with the same messages and consumer counts, the bench starts
+the daemon with ``HANDLER=demo.benchmark.write_paths:add_random_score`` (the default handler) and
 ``BENCH_WRITE_PATH`` naming a baseline. Importing this module (which each consumer does when it
 loads its handler) then swaps ``Writer.write`` for that baseline:
 
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from demo.benchmark.plan import DEDUP, LOCKS, PIPELINES, WRITE_PATH_ENV
-from processor.connection import CONNECTION_ERRORS
+from processor.consumer.messages import OUTPUT, Entry
+from processor.consumer.writer import Writer, WriteResult, evalsha_packed
 from processor.handlers import add_random_score
-from processor.messages import OUTPUT, Entry
-from processor.writer import Writer, WriteResult, evalsha_packed
+from processor.store.connection import CONNECTION_ERRORS
 
 LOCK_SCRIPT = (Path(__file__).resolve().parent / "lock_and_append.lua").read_text()
 LOCK_SHA = hashlib.sha1(LOCK_SCRIPT.encode()).hexdigest()

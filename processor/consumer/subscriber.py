@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 import hiredis
 import redis
 
-from processor.cluster import ClusterMap, slot_of
 from processor.config import RedisSettings
-from processor.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
-from processor.keys import Keys
-from processor.threads import OnFailure, WatchedThread
+from processor.consumer.threads import OnFailure, WatchedThread
+from processor.store.cluster import ClusterMap, slot_of
+from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
+from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

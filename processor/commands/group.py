@@ -1,7 +1,7 @@
 """``processor scale``, ``processor stop`` and ``processor start``: the control plane's commands.
 
 Each writes one thing under ``KEY_PREFIX`` and returns; the daemons on every host follow within
-a beat (about half a second). :mod:`processor.controlplane` describes the keys.
+a beat (about half a second). :mod:`processor.group.controlplane` describes the keys.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from processor import controlplane
 from processor.config import MAX_CONSUMERS_PER_HOST, load_group_command
-from processor.connection import (
+from processor.errors import ConfigError
+from processor.group import controlplane
+from processor.store.connection import (
     CONNECTION_ERRORS,
     REFUSALS,
     command_client,
     explain,
     refused_database,
 )
-from processor.errors import ConfigError
-from processor.keys import Keys
+from processor.store.keys import Keys
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1

@@ -27,8 +27,8 @@ from typing import Any
 import redis
 
 from processor.errors import ConfigError
-from processor.keys import Keys
-from processor.scripts import Script
+from processor.store.keys import Keys
+from processor.store.scripts import Script
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any, cast
 import redis
 from redis.cluster import RedisCluster
 
-from processor.keys import Keys
-from processor.scripts import Script
+from processor.store.keys import Keys
+from processor.store.scripts import Script
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import redis
 
-from processor import autoscale
 from processor.config import Bounds, Settings
-from processor.connection import CONNECTION_ERRORS, REDIS_ERRORS, Outage
-from processor.controlplane import Beat, HostInfo, HostRegistry, set_desired
-from processor.counters import COUNTERS, read_counters
 from processor.errors import ConfigError
-from processor.keys import Keys
-from processor.shares import split
+from processor.group import autoscale
+from processor.group.controlplane import Beat, HostInfo, HostRegistry, set_desired
+from processor.group.shares import split
+from processor.observe.counters import COUNTERS, read_counters
+from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS, Outage
+from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ daemon's own bookkeeping lives under ``key_prefix``.
 On a single Redis there is one partition with those names. On a Redis Cluster every key is
 hash-tagged: the group's bookkeeping (membership, control plane) shares the tag ``{KEY_PREFIX}``,
 so its scripts run on one slot, and partition p's channel, streams, dedup sets, counters and
-fences share the tag of p (:func:`~processor.partitions.hash_tag`), so its atomic write runs on
-one shard: ``messages:processed:{p0.1}``, ``processor:{p0.1}:seen:<bucket>``.
+fences share the tag of p (:func:`~processor.store.partitions.hash_tag`), so its atomic write
+runs on one shard: ``messages:processed:{p0.1}``, ``processor:{p0.1}:seen:<bucket>``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from processor.config import MAX_BATCH_SIZE, GroupSettings, RedisSettings
-from processor.partitions import hash_tag, partition_of
+from processor.store.partitions import hash_tag, partition_of
 
 
 def channels(settings: RedisSettings) -> list[str]:

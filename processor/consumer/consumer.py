@@ -16,18 +16,12 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
-from processor import connection
 from processor.config import Settings
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
-from processor.counters import record_unwritten
-from processor.dedup import SeenCheck, Window
-from processor.errors import ConsumerFailed
-from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
-from processor.heartbeat import Heartbeat
-from processor.inbox import Inbox
-from processor.keys import Keys
-from processor.membership import Membership, new_consumer_id, now_ms
-from processor.messages import (
+from processor.consumer.dedup import SeenCheck, Window
+from processor.consumer.heartbeat import Heartbeat
+from processor.consumer.inbox import Inbox
+from processor.consumer.membership import Membership, new_consumer_id, now_ms
+from processor.consumer.messages import (
     DEAD,
     Entry,
     Message,
@@ -36,11 +30,17 @@ from processor.messages import (
     parse,
     reason_kind,
 )
-from processor.metrics import ConsumerMetrics
-from processor.ownership import make_strategy
-from processor.stats import BusyMeter, ConsumerStats, RateMeter
-from processor.subscriber import Subscribers
-from processor.writer import Batch, Writer, WriteResult, WriteThread
+from processor.consumer.ownership import make_strategy
+from processor.consumer.stats import BusyMeter, ConsumerStats, RateMeter
+from processor.consumer.subscriber import Subscribers
+from processor.consumer.writer import Batch, Writer, WriteResult, WriteThread
+from processor.errors import ConsumerFailed
+from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
+from processor.observe.counters import record_unwritten
+from processor.observe.metrics import ConsumerMetrics
+from processor.store import connection
+from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,10 @@ import redis
 from redis.cluster import RedisCluster
 
 from processor.config import MAX_BATCH_SIZE
-from processor.connection import (
+from processor.consumer.dedup import Window, digest
+from processor.consumer.messages import DEAD, Entry
+from processor.consumer.threads import OnFailure, WatchedThread
+from processor.store.connection import (
     CONNECTION_ERRORS,
     DOWNTIME,
     SOCKET_TIMEOUT_S,
@@ -26,11 +29,8 @@ from processor.connection import (
     reread_layout,
     script_refusals,
 )
-from processor.dedup import Window, digest
-from processor.keys import Keys
-from processor.messages import DEAD, Entry
-from processor.scripts import load_script
-from processor.threads import OnFailure, WatchedThread
+from processor.store.keys import Keys
+from processor.store.scripts import load_script
 
 log = logging.getLogger(__name__)
 

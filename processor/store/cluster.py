@@ -14,7 +14,7 @@ import redis
 from redis.crc import key_slot
 
 from processor.config import RedisSettings
-from processor.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS
+from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS
 
 Address = tuple[str, int]
 

@@ -19,7 +19,8 @@ from typing import Any
 import redis
 
 from processor.config import Settings
-from processor.connection import (
+from processor.errors import ConfigError, StartupTimeout
+from processor.store.connection import (
     CONNECTION_ERRORS,
     REFUSALS,
     Backoff,
@@ -28,8 +29,7 @@ from processor.connection import (
     refused_credentials,
     refused_database,
 )
-from processor.errors import ConfigError, StartupTimeout
-from processor.keys import Keys
+from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

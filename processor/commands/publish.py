@@ -27,7 +27,7 @@ from typing import TextIO
 import redis
 
 from processor.config import PublisherSettings
-from processor.connection import (
+from processor.store.connection import (
     CONNECTION_ERRORS,
     Backoff,
     Outage,
@@ -35,8 +35,8 @@ from processor.connection import (
     refused_database,
     reread_layout,
 )
-from processor.keys import channels
-from processor.partitions import partition_of
+from processor.store.keys import channels
+from processor.store.partitions import partition_of
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from processor.config import Settings
-from processor.connection import REDIS_ERRORS, command_client
-from processor.counters import read_counters
-from processor.keys import Keys
-from processor.membership import read_view
-from processor.stats import ConsumerStats
+from processor.consumer.membership import read_view
+from processor.consumer.stats import ConsumerStats
+from processor.observe.counters import read_counters
+from processor.store.connection import REDIS_ERRORS, command_client
+from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

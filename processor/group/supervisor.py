@@ -1,7 +1,7 @@
 """The parent process: keeps this host's share of consumers alive and reports throughput.
 
 The share is ``CONSUMERS_COUNT`` (changed by SIGTTIN/SIGTTOU) until the group has a desired
-size in Redis; then it is what :mod:`processor.steering` computes from the control plane.
+size in Redis; then it is what :mod:`processor.group.steering` computes from the control plane.
 
 Consumers are spawned (not forked), so no Redis connection or thread crosses the process
 boundary; they get the picklable settings and build their own clients. A consumer that dies is
@@ -27,23 +27,23 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
-from processor.access import check_access, startup_deadline, wait_before_retry
 from processor.config import MAX_CONSUMERS_PER_HOST, Settings
-from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
-from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
-from processor.controlplane import claim_partitions
-from processor.counters import record_unwritten
-from processor.dedup import mark_legacy_locks, warn_if_evicting
+from processor.consumer.dedup import mark_legacy_locks, warn_if_evicting
+from processor.consumer.membership import evict_process, leave_script
+from processor.consumer.stats import ConsumerStats
 from processor.errors import ConfigError
-from processor.health import HealthServer
-from processor.keys import Keys
-from processor.keytypes import check_key_types
-from processor.membership import evict_process, leave_script
-from processor.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
-from processor.monitor import Monitor
-from processor.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
-from processor.stats import ConsumerStats
-from processor.steering import GroupStopped, Order, Steering
+from processor.group.controlplane import claim_partitions
+from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload
+from processor.group.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
+from processor.group.steering import GroupStopped, Order, Steering
+from processor.observe.counters import record_unwritten
+from processor.observe.health import HealthServer
+from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
+from processor.observe.monitor import Monitor
+from processor.store.access import check_access, startup_deadline, wait_before_retry
+from processor.store.connection import REDIS_ERRORS, Backoff, Outage, command_client
+from processor.store.keys import Keys
+from processor.store.keytypes import check_key_types
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from processor.config import Bounds
-from processor.keys import Keys
+from processor.store.keys import Keys
 
 BEHIND_INBOX = 1000  # messages a consumer holds unprocessed
 BEHIND_BYTES = 1024 * 1024  # bytes Redis holds unread for one subscriber

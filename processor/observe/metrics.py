@@ -3,8 +3,8 @@
 Off unless ``METRICS_PORT`` is set. Then the supervisor creates a directory for the metric files
 and exports it in ``PROMETHEUS_MULTIPROC_DIR`` before any process imports prometheus-client
 (which reads it at import) and before it spawns a consumer (which inherits it); each consumer
-records into its own files and the supervisor's endpoint (``processor.health``) sums them, so one
-scrape shows the whole local group, dead consumers' counts included. Nothing here runs per
+records into its own files and the supervisor's endpoint (``processor.observe.health``) sums them,
+so one scrape shows the whole local group, dead consumers' counts included. Nothing here runs per
 message: the write thread records per batch, the heartbeat thread syncs the rest per beat.
 """
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.connection import CONNECTION_ERRORS
-from processor.keys import Keys
-from processor.scripts import Script
+from processor.store.connection import CONNECTION_ERRORS
+from processor.store.keys import Keys
+from processor.store.scripts import Script
 
 log = logging.getLogger(__name__)
 

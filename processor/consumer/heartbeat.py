@@ -20,12 +20,12 @@ from typing import Any, cast
 import redis
 from redis.cluster import RedisCluster
 
-from processor.connection import CONNECTION_ERRORS, Backoff, Outage, WrongType
-from processor.keys import Keys
-from processor.membership import Membership, now_ms
-from processor.ownership import PartitionedStrategy, RaceStrategy
-from processor.subscriber import Gap
-from processor.threads import OnFailure, WatchedThread
+from processor.consumer.membership import Membership, now_ms
+from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
+from processor.consumer.subscriber import Gap
+from processor.consumer.threads import OnFailure, WatchedThread
+from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage, WrongType
+from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from processor.keys import Keys
+from processor.store.keys import Keys
 
 COUNTERS = ("written", "dead", "skipped")
 UNWRITTEN = ("lost", "left_to_takeover")

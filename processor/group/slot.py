@@ -9,10 +9,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from processor.config import Settings
-from processor.connection import Backoff
-from processor.control import CONTROL_SIGNALS
+from processor.consumer.stats import ConsumerStats
 from processor.errors import ConsumerFailed
-from processor.stats import ConsumerStats
+from processor.group.signals import CONTROL_SIGNALS
+from processor.store.connection import Backoff
 
 EXIT_CONSUMER_ERROR = 1
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -23,8 +23,8 @@ BLOCKED = (*SIGNALS, *CONTROL_SIGNALS)
 
 def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> None:
     """Entry point of a consumer process."""
-    from processor.consumer import Consumer
-    from processor.logs import configure_logging
+    from processor.consumer.consumer import Consumer
+    from processor.observe.logs import configure_logging
 
     configure_logging(settings.loglevel)
     consumer = Consumer(settings, slot, stats)

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from processor.errors import ConfigError
-from processor.keys import Keys
+from processor.store.keys import Keys
 
 
 def expected_types(keys: Keys) -> list[tuple[str, str, str]]:

@@ -20,10 +20,10 @@ from typing import Any
 import redis
 
 from processor.config import StatusSettings, load_status_settings
-from processor.connection import CONNECTION_ERRORS, command_client, explain, refused_database
-from processor.controlplane import Control, HostInfo, read_control
-from processor.counters import COUNTERS, UNWRITTEN, read_counters
-from processor.keys import Keys
+from processor.group.controlplane import Control, HostInfo, read_control
+from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
+from processor.store.connection import CONNECTION_ERRORS, command_client, explain, refused_database
+from processor.store.keys import Keys
 
 EXIT_NO_CONSUMER = 1
 RECENT = 5

@@ -1,4 +1,4 @@
-"""The Lua scripts shipped in ``processor/lua``, read from the installed package."""
+"""The Lua scripts shipped in ``processor/store/lua``, read from the installed package."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import redis
 
-from processor.connection import script_refusals
+from processor.store.connection import script_refusals
 
 
 def load_script(name: str) -> str:
-    return resources.files("processor").joinpath("lua", name).read_text(encoding="utf-8")
+    return resources.files("processor.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 class Script:

@@ -1,0 +1,3 @@
+"""The one-shot commands beside the daemon: ``processor status``, ``scale``/``stop``/``start``
+(``group``) and ``publish``.
+"""
