@@ -1,5 +1,5 @@
 """The documentation cannot drift: the README stays short, the configuration reference is what
-the settings' declarations render, and every link the docs hold leads somewhere."""
+the settings' declarations render, and every test, file and link the docs name exists."""
 
 from __future__ import annotations
 
@@ -20,11 +20,22 @@ REFERENCE = REPO_ROOT / "docs" / "configuration.md"
 DOCS = [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 350
 
+# A test named in prose: a file (test_e2e.py), a function, or a function's prefix ("test_x_...").
+TEST_NAME = re.compile(r"\b(test_\w+)(\.py)?(\.\.\.)?")
+# A repository path in prose; neither a path under another root (/etc/processor/env) nor a glob.
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:tests|demo|processor|docs)/[\w./-]*\w)(?![\w*])")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _relative(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT))
+
+
+def _test_functions() -> set[str]:
+    names: set[str] = set()
+    for path in (REPO_ROOT / "tests").glob("*.py"):
+        names.update(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+    return names
 
 
 def _prose(path: Path) -> list[str]:
@@ -90,6 +101,30 @@ def test_the_reference_lists_every_setting_of_every_command(command: str, cls: t
 def test_machine_dependent_defaults_name_real_settings() -> None:
     names = {option.name for _, cls in COMMANDS for option in options_of(cls)}
     assert set(MACHINE_DEFAULTS) <= names
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_relative)
+def test_every_test_the_docs_cite_exists(doc: Path) -> None:
+    functions = _test_functions()
+    missing = []
+    for line in _prose(doc):
+        for name, is_file, elided in TEST_NAME.findall(line):
+            if is_file:
+                found = (REPO_ROOT / "tests" / f"{name}.py").is_file()
+            elif elided:
+                found = any(function.startswith(name) for function in functions)
+            else:
+                found = name in functions
+            if not found:
+                missing.append(name + is_file)
+    assert not missing, f"{_relative(doc)} cites tests that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_relative)
+def test_every_repository_path_the_docs_cite_exists(doc: Path) -> None:
+    cited = {path for line in _prose(doc) for path in REPO_PATH.findall(line)}
+    missing = sorted(path for path in cited if not (REPO_ROOT / path).exists())
+    assert not missing, f"{_relative(doc)} cites paths that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_relative)
