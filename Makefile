@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv system-redis test lint format demo bench bench-cluster
+.PHONY: help venv system-redis test lint format docs demo bench bench-cluster
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test: lint system-redis ## lint, then the pytest suite (PYTEST_ARGS=... to narro
 format: venv ## Rewrite files with ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+docs: venv ## Regenerate docs/configuration.md from the settings' declarations
+	$(BIN)/python -m processor.reference > docs/configuration.md
 
 demo: venv ## Run demo/run_demo.py (ARGS=... passed through)
 	$(BIN)/python demo/run_demo.py $(ARGS)
