@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, exit_cleanly_on_sigterm, find_redis_server
-from processor.config import RedisSettings, load_status_settings
+from processor.config import RedisSettings
+from processor.loading import load_status_settings
 from processor.store.keys import Keys
 
 DEMO_DIR = Path(__file__).resolve().parent

@@ -45,9 +45,9 @@ DAEMON_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU,
 
 def consume(argv: Sequence[str], prog: str) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-    from processor.config import load_daemon_settings
     from processor.group.supervisor import run
     from processor.handlers import load_handler
+    from processor.loading import load_daemon_settings
     from processor.observe.logs import configure_logging
 
     try:
@@ -65,7 +65,7 @@ def consume(argv: Sequence[str], prog: str) -> int:
 
 def publish(argv: Sequence[str], prog: str) -> int:
     from processor.commands.publish import Publisher
-    from processor.config import load_publisher_settings
+    from processor.loading import load_publisher_settings
     from processor.observe.logs import configure_logging
 
     try:

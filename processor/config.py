@@ -1,113 +1,28 @@
-"""Settings of the daemon and the publisher, modelled once.
+"""Settings of the daemon, the publisher and the tools, modelled once.
 
 Every setting is one dataclass field, declared with :func:`~processor.options.setting`: its
 default, environment variable, help and bounds in one place (the flag is the field's name).
-:func:`~processor.options.load` builds the frozen dataclass from defaults < TOML file <
-environment < command-line flags and validates it. Nothing else in the package reads
-``os.environ``.
+:mod:`processor.loading` builds and checks them.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import os
-import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-from redis.connection import parse_url
 
 from processor.errors import ConfigError
-from processor.options import load, load_with_args, options_of, setting
-from processor.store.partitions import MAX_PARTITIONS
+from processor.options import options_of, setting
+from processor.urls import MAX_PORT, host_problem, secret_free, url_problem
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-URL_SCHEMES = ("redis://", "rediss://", "unix://")
-MAX_PORT = 65535
 # The most consumer processes one daemon runs: far above what any host has cores for (each is a
 # Python process with its own connections), low enough that a typo (CONSUMERS_COUNT=100000)
 # cannot fork-bomb the host or exhaust Redis's clients.
 MAX_CONSUMERS_PER_HOST = 256
 WAIT_MODES = ("degrade", "strict")
-
-
-def _secret_free(url: str) -> str:
-    """The URL with its password masked, for logs and reprs."""
-    parts = urlsplit(url)
-    # redis-py also takes ?password=... from the query string.
-    query = urlencode(
-        [(key, "***" if key == "password" else value) for key, value in parse_qsl(parts.query)],
-        safe="*",
-    )
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-    masked = urlunsplit(parts._replace(netloc=netloc, query=query))
-    if not netloc and url.startswith(f"{parts.scheme}://"):
-        # urlunsplit drops the "//" of unix:///path: keep the URL as the user wrote it.
-        masked = f"{parts.scheme}://{masked.removeprefix(parts.scheme + ':')}"
-    return masked
-
-
-def _shown(url: str) -> str:
-    """The URL for an error line, password masked even where it does not parse."""
-    if url.startswith(URL_SCHEMES):
-        with contextlib.suppress(ValueError):
-            return _secret_free(url)
-    # Not a URL we can take apart: whatever comes before an "@" may hold a password.
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
-    return f"{scheme}{sep}{rest.partition('?')[0]}"
-
-
-def url_problem(url: str) -> str | None:
-    """Why redis-py cannot use ``url``, or would read it as something else; None if fine."""
-    if not url:
-        return None  # REDIS_HOST and REDIS_PORT then
-    shown = _shown(url)
-    if not url.startswith(URL_SCHEMES):
-        return f"{shown!r} is not a redis://, rediss:// or unix:// URL"
-    try:
-        _parsed(url)  # what redis-py's from_url would refuse: port, brackets, query values
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as error:
-        return f"{shown!r}: {str(error).rstrip('.')}"
-    if parts.scheme == "unix":
-        if parts.hostname or not parts.path:
-            return f"{shown!r}: give the socket's absolute path (unix:///path/to/redis.sock)"
-        return None
-    if port == 0:
-        return f"{shown!r}: port 0 is not a port Redis listens on"
-    # redis-py ignores a path that is not a number, and reads /1/2 as database 12.
-    if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]+", parts.path):
-        return f"{shown!r}: the path {parts.path!r} is not a database number (redis://HOST:PORT/DB)"
-    return None
-
-
-def _host_problem(host: str) -> str | None:
-    if url_problem(f"redis://{host}:{MAX_PORT}/0") is None and host.strip():
-        return None
-    return f"{host!r} is not a host name or address (an IPv6 address goes in brackets: [::1])"
-
-
-def database(url: str) -> int:
-    """The database number a valid URL selects."""
-    db = _parsed(url).get("db", 0)
-    return db if isinstance(db, int) else 0
-
-
-def _parsed(url: str) -> dict[str, object]:
-    """redis-py's reading of a URL into the client's keyword arguments."""
-    return dict(parse_url(url))  # type: ignore[no-untyped-call]
 
 
 def _consumer_count_problem(count: int) -> str | None:
@@ -123,7 +38,7 @@ def _consumer_count_problem(count: int) -> str | None:
 class RedisSettings:
     """How to reach Redis; shared by the daemon, the publisher and the tools."""
 
-    redis_host: str = setting("localhost", "REDIS_HOST", "Redis host", check=_host_problem)
+    redis_host: str = setting("localhost", "REDIS_HOST", "Redis host", check=host_problem)
     redis_port: int = setting(6379, "REDIS_PORT", "Redis port", minimum=1, maximum=MAX_PORT)
     redis_url: str = setting(
         "",
@@ -171,7 +86,7 @@ class RedisSettings:
 
     @property
     def safe_url(self) -> str:
-        return _secret_free(self.url)
+        return secret_free(self.url)
 
 
 @dataclass(frozen=True)
@@ -482,185 +397,3 @@ MAX_BATCH_SIZE = 5000
 
 DAEMON_OPTIONS = options_of(Settings)
 PUBLISHER_OPTIONS = options_of(PublisherSettings)
-
-
-def check_redis(settings: RedisSettings) -> None:
-    """Partitions need a cluster; TLS files only mean something with a rediss:// URL."""
-    if settings.partitions > 1 and not settings.redis_cluster:
-        raise ConfigError(
-            f"invalid PARTITIONS: {settings.partitions} partitions spread the load over the "
-            "shards of a Redis Cluster; set REDIS_CLUSTER=true (on one Redis they only add work)"
-        )
-    if settings.partitions > MAX_PARTITIONS:
-        raise ConfigError(
-            f"invalid PARTITIONS: {settings.partitions} is more than {MAX_PARTITIONS}"
-        )
-    if settings.redis_cluster and settings.url.startswith("unix://"):
-        raise ConfigError(
-            f"invalid REDIS_URL: {settings.safe_url} is a unix socket; REDIS_CLUSTER needs a "
-            "node's redis:// or rediss:// address (the other nodes are found from it)"
-        )
-    if settings.redis_cluster and database(settings.url) != 0:
-        raise ConfigError(
-            f"invalid REDIS_URL: {settings.safe_url} selects database "
-            f"{database(settings.url)}; a Redis Cluster has database 0 only"
-        )
-    if settings.redis_cluster:
-        _check_untagged("INPUT_CHANNEL", settings.input_channel)
-    if not settings.tls_options:
-        return
-    if not settings.url.startswith("rediss://"):
-        raise ConfigError(
-            "invalid REDIS_TLS_*_FILE: TLS files are set but REDIS_URL is not a rediss:// URL "
-            f"({settings.safe_url})"
-        )
-    for name, path in (
-        ("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
-        ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
-        ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file),
-    ):
-        if path and not os.access(path, os.R_OK):
-            raise ConfigError(f"invalid {name}: cannot read {path!r}")
-    if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):
-        raise ConfigError("invalid REDIS_TLS_CERT_FILE/REDIS_TLS_KEY_FILE: give both or neither")
-
-
-def _check_untagged(name: str, value: str) -> None:
-    if "{" in value or "}" in value:
-        raise ConfigError(
-            f"invalid {name}: {value!r} has a hash tag; with REDIS_CLUSTER the daemon tags "
-            "its keys itself (give the name without braces)"
-        )
-
-
-def check_group(settings: GroupSettings) -> None:
-    """Two streams, not one; on a cluster the daemon adds the hash tags itself: the names must
-    not carry their own."""
-    check_redis(settings)
-    _check_distinct_keys(settings)
-    if not settings.redis_cluster:
-        return
-    for name, value in (
-        ("OUTPUT_STREAM", settings.output_stream),
-        ("DEAD_LETTER_STREAM", settings.dead_letter_stream),
-        ("KEY_PREFIX", settings.key_prefix),
-        ("CONSUMERS_LIST", settings.consumers_list),
-    ):
-        _check_untagged(name, value)
-
-
-def _check_distinct_keys(settings: GroupSettings) -> None:
-    """Each key the daemon writes is named by one setting: two settings naming one key would
-    write a stream into a list (WRONGTYPE on every write) or mix dead letters into the output."""
-    named = [
-        ("OUTPUT_STREAM", settings.output_stream),
-        ("DEAD_LETTER_STREAM", settings.dead_letter_stream),
-        ("CONSUMERS_LIST", settings.consumers_list),
-    ]
-    own = f"{settings.key_prefix}:"
-    for index, (name, value) in enumerate(named):
-        for other, other_value in named[:index]:
-            if value == other_value:
-                raise ConfigError(
-                    f"invalid {name}: {value!r} is {other} too; each needs a key of its own"
-                )
-        if value.startswith(own):
-            raise ConfigError(
-                f"invalid {name}: {value!r} is under KEY_PREFIX ({settings.key_prefix!r}), "
-                "where the daemon keeps its own keys; give it a name outside that prefix"
-            )
-
-
-def check_daemon(settings: Settings) -> None:
-    """Cross-field rules: the takeover buffer must outlive a dead consumer's detection."""
-    check_group(settings)
-    parse_bounds(settings.autoscale)
-    if settings.processing_batch_size > MAX_BATCH_SIZE:
-        raise ConfigError(
-            f"invalid PROCESSING_BATCH_SIZE: {settings.processing_batch_size} is more than "
-            f"{MAX_BATCH_SIZE} (the write script passes a batch's digests to one Redis command)"
-        )
-    if settings.heartbeat_ttl_ms <= settings.heartbeat_interval_ms:
-        raise ConfigError(
-            f"invalid HEARTBEAT_TTL_MS: {settings.heartbeat_ttl_ms} must be greater than "
-            f"HEARTBEAT_INTERVAL_MS ({settings.heartbeat_interval_ms})"
-        )
-    detection_ms = settings.heartbeat_ttl_ms + 2 * settings.heartbeat_interval_ms
-    if settings.takeover_buffer_ms <= detection_ms:
-        raise ConfigError(
-            f"invalid TAKEOVER_BUFFER_MS: {settings.takeover_buffer_ms} must exceed the time to "
-            "detect a dead consumer "
-            f"(HEARTBEAT_TTL_MS + 2 x HEARTBEAT_INTERVAL_MS = {detection_ms})"
-        )
-    if settings.lock_ttl_ms <= 2 * settings.takeover_buffer_ms:
-        raise ConfigError(
-            f"invalid LOCK_TTL_MS: {settings.lock_ttl_ms} must exceed twice TAKEOVER_BUFFER_MS "
-            f"({settings.takeover_buffer_ms}) so a takeover never outlives the dedup window"
-        )
-
-
-def check_publisher(settings: PublisherSettings) -> None:
-    check_redis(settings)
-    if settings.pause_max_ms < settings.pause_min_ms:
-        raise ConfigError(
-            f"invalid PAUSE_MAX_MS: {settings.pause_max_ms} is below PAUSE_MIN_MS "
-            f"({settings.pause_min_ms})"
-        )
-
-
-def load_daemon_settings(
-    argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "processor consume"
-) -> Settings:
-    return load(
-        Settings,
-        argv,
-        os.environ if environ is None else environ,
-        prog=prog,
-        description="Consume a Redis Pub/Sub channel into an exactly-once Redis Stream.",
-        extra_check=check_daemon,
-    )
-
-
-def load_status_settings(
-    argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "processor status"
-) -> StatusSettings:
-    return load(
-        StatusSettings,
-        argv,
-        os.environ if environ is None else environ,
-        prog=prog,
-        description="Show the consumer group: live consumers, counts, streams, dead letters, gaps.",
-        extra_check=check_group,
-    )
-
-
-def load_group_command(
-    argv: Sequence[str],
-    prog: str,
-    description: str,
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> tuple[GroupSettings, argparse.Namespace]:
-    """Settings and arguments of a command that steers the group (scale, stop, start)."""
-    return load_with_args(
-        GroupSettings,
-        argv,
-        os.environ if environ is None else environ,
-        prog=prog,
-        description=description,
-        extra_check=check_group,
-        add_arguments=add_arguments,
-    )
-
-
-def load_publisher_settings(
-    argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "processor publish"
-) -> PublisherSettings:
-    return load(
-        PublisherSettings,
-        argv,
-        os.environ if environ is None else environ,
-        prog=prog,
-        description="Publish bursts of JSON messages to a Redis Pub/Sub channel.",
-        extra_check=check_publisher,
-    )

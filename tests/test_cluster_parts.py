@@ -18,7 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
-from processor.config import MAX_BATCH_SIZE, Settings, load_daemon_settings
+from processor.config import MAX_BATCH_SIZE, Settings
 from processor.consumer.dedup import SeenCheck, Window
 from processor.consumer.messages import Entry, dead_letter
 from processor.consumer.subscriber import Gap, Subscribers
@@ -26,6 +26,7 @@ from processor.consumer.writer import Writer
 from processor.errors import ConfigError
 from processor.group.controlplane import claim_partitions
 from processor.group.steering import Steering
+from processor.loading import load_daemon_settings
 from processor.store.access import CLUSTER_ACL_RULES
 from processor.store.connection import command_client, reread_layout
 from processor.store.keys import Keys

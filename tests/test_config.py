@@ -18,11 +18,9 @@ from processor.config import (
     PUBLISHER_OPTIONS,
     PublisherSettings,
     Settings,
-    check_daemon,
-    load_daemon_settings,
-    load_publisher_settings,
 )
 from processor.errors import ConfigError
+from processor.loading import check_daemon, load_daemon_settings, load_publisher_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 30.0

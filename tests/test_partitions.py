@@ -8,8 +8,9 @@ import zlib
 import pytest
 from redis.crc import key_slot
 
-from processor.config import Settings, load_daemon_settings, load_publisher_settings
+from processor.config import Settings
 from processor.errors import ConfigError
+from processor.loading import load_daemon_settings, load_publisher_settings
 from processor.store.keys import Keys, channels
 from processor.store.partitions import SLOTS, hash_tag, partition_of
 

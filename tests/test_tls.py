@@ -19,8 +19,8 @@ from redis.cluster import RedisCluster
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerFailed, TlsFiles
-from processor.config import load_daemon_settings
 from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT
+from processor.loading import load_daemon_settings
 from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT
 from tests.faults_support import (

@@ -19,8 +19,9 @@ from typing import Any
 
 import redis
 
-from processor.config import StatusSettings, load_status_settings
+from processor.config import StatusSettings
 from processor.group.controlplane import Control, HostInfo, read_control
+from processor.loading import load_status_settings
 from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.store.connection import CONNECTION_ERRORS, command_client, explain, refused_database
 from processor.store.keys import Keys

@@ -18,8 +18,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from processor.config import RedisSettings, database
+from processor.config import RedisSettings
 from processor.errors import ConfigError
+from processor.urls import database
 
 log = logging.getLogger(__name__)
 
