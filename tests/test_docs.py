@@ -145,3 +145,15 @@ def test_the_readme_shows_the_acl_lines_the_start_up_check_needs() -> None:
     readme = " ".join(README.read_text().split())
     assert ACL_RULES in readme, "README's ACL line differs from processor/store/access.py ACL_RULES"
     assert CLUSTER_ACL_RULES in readme, "README's cluster ACL line differs from CLUSTER_ACL_RULES"
+
+
+def test_the_module_map_lists_every_module_and_only_those() -> None:
+    text = (REPO_ROOT / "docs" / "development.md").read_text()
+    section = text.split("## Module map", 1)[1]
+    listed = set(re.findall(r"^- `(processor/[\w/]+\.py)`", section, flags=re.M))
+    modules = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for path in (REPO_ROOT / "processor").rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert listed == modules, {"not listed": modules - listed, "gone": listed - modules}
