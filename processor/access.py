@@ -68,7 +68,6 @@ CLUSTER_ACL_RULES = (
 def required_commands(keys: Keys) -> list[tuple[str, ...]]:
     """Every command the daemon sends, on the keys and channel it sends them to."""
     heartbeat = keys.heartbeat(_PROBE)
-    lock = keys.lock(_PROBE)
     seen = keys.seen_prefix + "0"
     return [
         ("SUBSCRIBE", keys.channel),
@@ -90,8 +89,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("XADD", keys.departures, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
         ("XADD", keys.gaps, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
         ("XREAD", "COUNT", "1", "STREAMS", keys.gaps, keys.departures, "0", "0"),
-        # The exactly-once write (inside dedup_append.lua, seen.lua) and the start-up look for
-        # the previous write path's locks.
+        # The exactly-once write (inside dedup_append.lua, seen.lua).
         ("TIME",),
         ("GET", keys.single.seen_clock),
         ("SET", keys.single.seen_clock, "1"),
@@ -99,10 +97,6 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("SADD", seen, "x"),
         ("PEXPIREAT", seen, "1"),
         ("UNLINK", seen),
-        ("EXISTS", keys.legacy_locks),
-        ("SET", keys.legacy_locks, "1", "PX", "1000"),
-        ("MGET", lock),
-        ("SCAN", "0", "MATCH", keys.lock_prefix + "*", "COUNT", "1"),
         ("XADD", keys.output, "*", "message_id", _PROBE),
         ("XADD", keys.dead, "*", "reason", _PROBE),
         ("HINCRBY", keys.stats, "written", "0"),

@@ -33,7 +33,7 @@ from processor.connection import REDIS_ERRORS, Backoff, Outage, command_client
 from processor.control import CONTROL_SIGNALS, REQUESTS, plan_reload
 from processor.controlplane import claim_partitions
 from processor.counters import record_unwritten
-from processor.dedup import mark_legacy_locks, warn_if_evicting
+from processor.dedup import warn_if_evicting
 from processor.errors import ConfigError
 from processor.health import HealthServer
 from processor.keys import Keys
@@ -123,10 +123,6 @@ class Supervisor:
                 claim_partitions(self._client, self._keys, self.settings.partitions)
             except REDIS_ERRORS as error:
                 log.warning("could not check PARTITIONS against the group's: %s", error)
-        try:
-            mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
-        except REDIS_ERRORS as error:
-            log.warning("could not look for the previous write path's locks: %s", error)
         try:
             warn_if_evicting(self._client, self._keys.cluster)
         except REDIS_ERRORS as error:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -21,7 +20,6 @@ from processor.dedup import (
     Window,
     digest,
     evicting_policies,
-    mark_legacy_locks,
     warn_if_evicting,
 )
 from processor.keys import Keys
@@ -264,7 +262,6 @@ def test_ids_are_remembered_as_fixed_size_digests_in_one_bucket_set(
     long_id = "x" * 900_000  # a valid id near MAX_MESSAGE_BYTES costs what a short one does
     entries = [*_entries(0, 3), Entry(OUTPUT, long_id, "{}"), parse(b"junk", 64)]
     writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
-    assert r.keys(keys.lock_prefix + "*") == []
     (seen_key,) = r.keys(keys.seen_prefix + "*")
     members = client.smembers(seen_key)
     assert len(members) == 5
@@ -305,38 +302,20 @@ def test_an_id_is_written_again_only_once_the_window_has_passed(
     assert writer.write(_entries(0, 1), CONSUMER, "").written == 1  # type: ignore[union-attr]
 
 
-def test_locks_of_the_previous_write_path_count_as_written_for_one_window(
-    client: redis.Redis, keys: Keys, r: redis.Redis
-) -> None:
-    r.set(keys.lock("m-0"), 1, px=60_000)  # written by the old daemon, inside its window
-    r.set(keys.lock("#sha1:" + hashlib.sha1(b"junk").hexdigest()), 1, px=60_000)
-    assert mark_legacy_locks(client, keys, 60_000)
-    assert 59_000 < r.pttl(keys.legacy_locks) <= 60_000
-    writer = _writer(client, keys, 60_000, "[upgrade]")
-    result = writer.write([*_entries(0, 2), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
-    assert result == WriteResult(written=1, dead=0, skipped=2, dead_flags="0")
-    assert _ids(r, keys.output) == ["m-1"]
-    seen = SeenCheck(client, keys, Window.for_ttl(60_000))
-    assert seen.seen(["m-0", "m-1", "m-2"]) == [True, True, False]
-    r.delete(keys.legacy_locks, *r.keys(keys.lock_prefix + "*"))
-    assert not mark_legacy_locks(client, keys, 60_000)  # no old locks: no marker, no cost
-    assert not r.exists(keys.legacy_locks)
-
-
 def test_outputs_and_dead_letters_are_each_checked_against_their_own_ids(
     client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:
-    # Seen and new outputs and dead letters interleaved, some seen through the bucket sets and
-    # some through lock keys of the previous write path, so that a flag read for the wrong
-    # entry (outputs' for dead letters, or a lock key read at the wrong place) shows.
+    # Seen and new outputs and dead letters interleaved, some seen in the current bucket's set
+    # and some in an earlier bucket's, so that a flag read for the wrong entry (outputs' for
+    # dead letters, or one bucket's answer taken for another's) shows.
     writer = _writer(client, keys, 60_000, "[mixed]")
     junk_a, junk_b, junk_c, junk_d = (parse(f"junk-{n}".encode(), 64) for n in "abcd")
     assert writer.write([*_entries(0, 2), junk_a], CONSUMER, "") == WriteResult(  # type: ignore[list-item]
         2, 1, 0, dead_flags="1"
     )
-    r.set(keys.lock("m-2"), 1, px=60_000)
-    r.set(keys.lock(junk_b.lock_id), 1, px=60_000)  # type: ignore[union-attr]
-    assert mark_legacy_locks(client, keys, 60_000)
+    window = Window.for_ttl(60_000)
+    earlier = int(r.time()[0] * 1000 // window.width_ms) - 1  # checked by the next write too
+    client.sadd(f"{keys.seen_prefix}{earlier}", digest("m-2"), digest(junk_b.lock_id))  # type: ignore[union-attr]
     m0, m2, m3 = _entries(0, 1)[0], _entries(2, 3)[0], _entries(3, 4)[0]
     batch = [m0, junk_c, m2, junk_a, m3, junk_b, junk_d]
     result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]

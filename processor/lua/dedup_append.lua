@@ -4,18 +4,16 @@
 -- KEYS[2]  dead-letter stream
 -- KEYS[3]  stats hash (group counters: written, dead, skipped)
 -- KEYS[4]  heartbeat key of the writing consumer (its fence)
--- KEYS[5]  marker that lock keys of the previous write path may still exist (see below)
--- KEYS[6]  the bucket clock: the newest bucket written (see below)
+-- KEYS[5]  the bucket clock: the newest bucket written (see below)
 -- ARGV[1]  seen-set key prefix: the set of time bucket b is ARGV[1] .. b
 -- ARGV[2]  bucket width in ms
 -- ARGV[3]  how many earlier buckets are checked besides the current one (k)
 -- ARGV[4]  consumer id written into every entry
 -- ARGV[5]  fence token: the value KEYS[4] must hold, or "" to skip the check
 -- ARGV[6]  approximate MAXLEN of both streams (XADD MAXLEN ~), or 0 to keep everything
--- ARGV[7]  key prefix of the previous write path's lock keys
--- ARGV[8]  n: output entries; ARGV[9] m: dead letters (dedup ids all different: the caller
---          counts repeats inside the batch as skipped); ARGV[10] those repeats, added to skipped
--- ARGV[11 .. 10+n+m]  the digests (fixed size) of the dedup ids: outputs, then dead letters
+-- ARGV[7]  n: output entries; ARGV[8] m: dead letters (dedup ids all different: the caller
+--          counts repeats inside the batch as skipped); ARGV[9] those repeats, added to skipped
+-- ARGV[10 .. 9+n+m]  the digests (fixed size) of the dedup ids: outputs, then dead letters
 -- then n pairs (message_id, data as JSON), then m triples (dedup id, reason, raw payload)
 --
 -- Returns {written, dead, skipped, dead_flags}, or {-1, 0, 0, ""} when the fence token does not
@@ -27,12 +25,10 @@
 -- so an id is remembered for between k and k + 1 bucket widths; the set of the bucket before
 -- those is unlinked. The check, the appends and the SADD of the new digests are one script, so
 -- no id is remembered without being written, and a retried batch skips what the first attempt
--- wrote. While KEYS[5] exists (set at start-up when lock keys of the previous write path were
--- found; it expires when they have), their locks count as seen too, so an upgrade in place
--- writes nothing twice.
+-- wrote.
 --
 -- The bucket is Redis's clock in bucket widths, but never earlier than the newest bucket
--- written (KEYS[6]) while that is at most k + 1 buckets ahead: after Redis's clock steps back
+-- written (KEYS[5]) while that is at most k + 1 buckets ahead: after Redis's clock steps back
 -- (a failover to a replica whose clock is behind, an NTP step), writes go on into the newest
 -- bucket, so the sets written before the step are still checked. A clock more than that far
 -- ahead was wrong, not stepped back: it is dropped, and the bucket follows Redis's clock.
@@ -47,9 +43,9 @@ end
 
 local prefix, width, k = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local consumer, maxlen = ARGV[4], tonumber(ARGV[6])
-local outputs, deads = tonumber(ARGV[8]), tonumber(ARGV[9])
-local written, dead, skipped = 0, 0, tonumber(ARGV[10])
-local first, last = 11, 10 + outputs + deads
+local outputs, deads = tonumber(ARGV[7]), tonumber(ARGV[8])
+local written, dead, skipped = 0, 0, tonumber(ARGV[9])
+local first, last = 10, 9 + outputs + deads
 if last < first then
     return {0, 0, 0, ''} -- an empty batch (a repeat's first occurrence is always in its call)
 end
@@ -67,7 +63,7 @@ end
 local time = redis.call('TIME')
 local bucket =
     math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
-local clock = tonumber(redis.call('GET', KEYS[6]))
+local clock = tonumber(redis.call('GET', KEYS[5]))
 if clock and clock > bucket and clock - bucket <= k + 1 then
     bucket = clock
 end
@@ -78,21 +74,6 @@ for b = bucket - k, bucket do
         redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, first, last))
     for j = 1, #flags do
         if flags[j] == 1 then
-            seen[j], any_seen = true, true
-        end
-    end
-end
-if redis.call('EXISTS', KEYS[5]) == 1 then
-    local locks, at = {}, last + 1
-    for j = 1, outputs do
-        locks[j], at = ARGV[7] .. ARGV[at], at + 2
-    end
-    for j = outputs + 1, outputs + deads do
-        locks[j], at = ARGV[7] .. ARGV[at], at + 3
-    end
-    local values = redis.call('MGET', unpack(locks))
-    for j = 1, #values do
-        if values[j] then
             seen[j], any_seen = true, true
         end
     end
@@ -139,7 +120,7 @@ end
 if written + dead > 0 then
     local key = prefix .. string.format('%.0f', bucket)
     if bucket ~= clock then
-        redis.call('SET', KEYS[6], string.format('%.0f', bucket))
+        redis.call('SET', KEYS[5], string.format('%.0f', bucket))
     end
     if any_seen then
         local new = {}
