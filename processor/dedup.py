@@ -7,7 +7,7 @@ current bucket and the ``BUCKETS_CHECKED`` before it, one ``SMISMEMBER`` each pe
 is remembered for between ``LOCK_TTL_MS`` and 1.5 x ``LOCK_TTL_MS``; the set of a bucket no longer
 checked is unlinked by the next write (and expires soon after in any case). The bucket never goes
 back while Redis's clock steps back by up to 1.5 x ``LOCK_TTL_MS`` (``Keys.seen_clock``, see
-``lua/dedup_append.lua``).
+``lua/bucket.lua``, shared by both scripts).
 With 96-bit digests, two different ids collide with a probability of about n^2 / 2^97 for n ids
 in a window: 2e-14 for 60 million.
 """

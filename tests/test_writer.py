@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from processor.dedup import (
 )
 from processor.keys import Keys
 from processor.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
+from processor.scripts import load_script
 from processor.writer import Writer, WriteResult, evalsha_packed
 from tests.helpers import wait_until
 
@@ -611,6 +614,23 @@ def test_a_bucket_clock_further_ahead_than_the_window_is_dropped(
     bucket = int(r.get(keys.single.seen_clock) or 0)
     assert before <= bucket <= after
     assert client.smembers(f"{keys.seen_prefix}{bucket}") == {digest("m-0")}
+
+
+def test_both_dedup_scripts_run_the_one_bucket_fragment_under_their_composed_sha(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """bucket.lua (the current bucket and the lookups in the bucket sets) is written once and
+    put into both scripts when they are loaded; Redis knows each by its composed source."""
+    fragment = load_script("bucket.lua")
+    composed = {name: load_script(name) for name in ("dedup_append.lua", "seen.lua")}
+    for name, source in composed.items():
+        assert source.count(fragment) == 1, name
+        assert not re.search(r"^-- include:", source, re.MULTILINE), name
+    writer = _writer(client, keys, 60_000, "[fragment]")
+    assert writer.write(_entries(0, 2), CONSUMER, "") == WriteResult(2, 0, 0)
+    assert SeenCheck(client, keys, Window.for_ttl(60_000)).seen(["m-1", "m-2"]) == [True, False]
+    shas = [hashlib.sha1(source.encode()).hexdigest() for source in composed.values()]
+    assert r.script_exists(*shas) == [True, True]
 
 
 def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a_while(

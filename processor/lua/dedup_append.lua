@@ -4,7 +4,7 @@
 -- KEYS[2]  dead-letter stream
 -- KEYS[3]  stats hash (group counters: written, dead, skipped)
 -- KEYS[4]  heartbeat key of the writing consumer (its fence)
--- KEYS[5]  the bucket clock: the newest bucket written (see below)
+-- KEYS[5]  the bucket clock: the newest bucket written (see bucket.lua)
 -- ARGV[1]  seen-set key prefix: the set of time bucket b is ARGV[1] .. b
 -- ARGV[2]  bucket width in ms
 -- ARGV[3]  how many earlier buckets are checked besides the current one (k)
@@ -27,15 +27,14 @@
 -- no id is remembered without being written, and a retried batch skips what the first attempt
 -- wrote.
 --
--- The bucket is Redis's clock in bucket widths, but never earlier than the newest bucket
--- written (KEYS[5]) while that is at most k + 1 buckets ahead: after Redis's clock steps back
--- (a failover to a replica whose clock is behind, an NTP step), writes go on into the newest
--- bucket, so the sets written before the step are still checked. A clock more than that far
--- ahead was wrong, not stepped back: it is dropped, and the bucket follows Redis's clock.
+-- How the current bucket follows Redis's clock and the bucket clock (KEYS[5]), and the
+-- SMISMEMBER of each bucket checked, are bucket.lua's: included below, shared with seen.lua.
 --
 -- Per message this costs one XADD, k + 1 set lookups and one set insert: the digests go to
 -- SMISMEMBER and SADD straight from ARGV (unpack with a range), with no table built per batch
 -- unless something was already seen.
+
+-- include: bucket.lua
 
 if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then
     return {-1, 0, 0, ''}
@@ -60,24 +59,8 @@ for i, kind in ipairs({'stream', 'stream', 'hash'}) do
             ' where the daemon writes a ' .. kind .. ': delete or rename that key')
     end
 end
-local time = redis.call('TIME')
-local bucket =
-    math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
-local clock = tonumber(redis.call('GET', KEYS[5]))
-if clock and clock > bucket and clock - bucket <= k + 1 then
-    bucket = clock
-end
-
-local seen, any_seen = {}, false
-for b = bucket - k, bucket do
-    local flags =
-        redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, first, last))
-    for j = 1, #flags do
-        if flags[j] == 1 then
-            seen[j], any_seen = true, true
-        end
-    end
-end
+local bucket, clock = current_bucket(KEYS[5], width, k)
+local seen, any_seen = seen_in_buckets(prefix, bucket, k, first, last)
 
 local function append(stream, f1, v1, f2, v2, f3, v3)
     if maxlen > 0 then
