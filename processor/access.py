@@ -42,7 +42,7 @@ ACL_RULES = (
     "~messages:processed ~messages:dead ~consumer:ids ~processor:* &messages:published "
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
-    "+get +set +mget +del +unlink +exists +scan +pexpire +pexpireat +time +info "
+    "+get +set +del +unlink +pexpire +pexpireat +time +info "
     "+lrange +lrem +rpush +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall +sadd +smismember "
     "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange +type"
 )
@@ -58,7 +58,7 @@ CLUSTER_ACL_RULES = (
     "&messages:published:* "
     "+ping +client|setname +client|id +client|list +ssubscribe +sunsubscribe +spublish +role "
     "+cluster|slots +command +evalsha +script|load +multi +exec +discard +wait "
-    "+get +set +mget +del +unlink +exists +pexpire +pexpireat +time +info "
+    "+get +set +del +unlink +pexpire +pexpireat +time +info "
     "+lrange +lrem +rpush +llen +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall "
     "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore +zcount "
     "+xadd +xread +xlen +xrevrange +type"
