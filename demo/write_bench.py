@@ -40,6 +40,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo.benchmark.plan import LOCK_PREFIX
 from demo.redis_server import RedisServer, exit_cleanly_on_sigterm
 from processor.config import Settings
 from processor.consumer.messages import OUTPUT, Entry
@@ -89,7 +90,8 @@ class Design:
             source = load_script("dedup_append.lua")
             assert NO_INSERT in source, "the bench's copy of the script's SADD is out of date"
             with mock.patch(
-                "processor.consumer.writer.load_script", return_value=source.replace(NO_INSERT, "")
+                "processor.consumer.writer.load_script",
+                return_value=source.replace(NO_INSERT, ""),
             ):
                 checker = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
             self._write = lambda batch: checker.write(batch, CONSUMER, "")
@@ -99,7 +101,7 @@ class Design:
             # ARGV as that script took it (its last version: with MAXLEN 0 in ARGV[5]).
             self._write = lambda batch: script(
                 keys=[keys.output, keys.dead, keys.stats, keys.heartbeat(CONSUMER)],
-                args=[keys.lock_prefix, window_ms, CONSUMER, "", 0]
+                args=[LOCK_PREFIX, window_ms, CONSUMER, "", 0]
                 + [value for e in batch for value in (e.kind, e.lock_id, e.a, e.b)],
             )
         elif name == "append":
@@ -118,7 +120,7 @@ class Design:
         keys = self._keys
         with self._client.pipeline(transaction=False) as pipe:
             for entry in batch:
-                pipe.set(keys.lock(entry.lock_id), 1, nx=True, px=self._window_ms)
+                pipe.set(LOCK_PREFIX + entry.lock_id, 1, nx=True, px=self._window_ms)
             won = pipe.execute()
         with self._client.pipeline(transaction=False) as pipe:
             for entry, ok in zip(batch, won, strict=True):
@@ -149,7 +151,7 @@ def command_us(client: redis.Redis, design: str) -> float:
 
 def dedup_bytes_per_id(client: redis.Redis, keys: Keys) -> float:
     """Memory per remembered id: lock keys sampled, or the bucket sets whole."""
-    found = client.scan_iter(match=keys.lock_prefix + "*")
+    found = client.scan_iter(match=LOCK_PREFIX + "*")
     locks = [key for _, key in zip(range(2000), found, strict=False)]
     if locks:
         return statistics.mean(client.memory_usage(key, samples=0) or 0 for key in locks)

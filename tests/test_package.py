@@ -129,7 +129,7 @@ def test_the_wheel_installs_and_its_command_consumes_end_to_end(tmp_path: Path, 
 
 def test_the_wheel_carries_the_scripts_and_no_test_tooling(tmp_path: Path):
     names = zipfile.ZipFile(build_wheel(tmp_path)).namelist()
-    for script in ("membership.lua", "leave.lua", "dedup_append.lua", "seen.lua"):
+    for script in ("membership.lua", "leave.lua", "dedup_append.lua", "seen.lua", "bucket.lua"):
         assert f"processor/store/lua/{script}" in names
     assert not [name for name in names if name.startswith(("tests/", "demo/"))]
     assert not [name for name in names if "redis_server" in name]

@@ -60,7 +60,6 @@ def test_each_partition_s_keys_share_one_slot_and_the_group_s_keys_another():
             partition.stats,
             partition.seen_prefix + "123",
             partition.seen_clock,
-            partition.legacy_locks,
             keys.fence(index, "consumer-1"),
         ]
         assert len({slot(name) for name in names}) == 1, names

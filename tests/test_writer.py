@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -20,13 +21,20 @@ from processor.consumer.dedup import (
     Window,
     digest,
     evicting_policies,
-    mark_legacy_locks,
     warn_if_evicting,
 )
-from processor.consumer.messages import DEAD, OUTPUT, Entry, Message, output_entry, parse
+from processor.consumer.messages import (
+    DEAD,
+    OUTPUT,
+    Entry,
+    Message,
+    output_entry,
+    parse,
+)
 from processor.consumer.writer import Writer, WriteResult, evalsha_packed
 from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
+from processor.store.scripts import load_script
 from tests.helpers import wait_until
 
 CONSUMER = "test-consumer-1"
@@ -264,7 +272,6 @@ def test_ids_are_remembered_as_fixed_size_digests_in_one_bucket_set(
     long_id = "x" * 900_000  # a valid id near MAX_MESSAGE_BYTES costs what a short one does
     entries = [*_entries(0, 3), Entry(OUTPUT, long_id, "{}"), parse(b"junk", 64)]
     writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
-    assert r.keys(keys.lock_prefix + "*") == []
     (seen_key,) = r.keys(keys.seen_prefix + "*")
     members = client.smembers(seen_key)
     assert len(members) == 5
@@ -305,38 +312,20 @@ def test_an_id_is_written_again_only_once_the_window_has_passed(
     assert writer.write(_entries(0, 1), CONSUMER, "").written == 1  # type: ignore[union-attr]
 
 
-def test_locks_of_the_previous_write_path_count_as_written_for_one_window(
-    client: redis.Redis, keys: Keys, r: redis.Redis
-) -> None:
-    r.set(keys.lock("m-0"), 1, px=60_000)  # written by the old daemon, inside its window
-    r.set(keys.lock("#sha1:" + hashlib.sha1(b"junk").hexdigest()), 1, px=60_000)
-    assert mark_legacy_locks(client, keys, 60_000)
-    assert 59_000 < r.pttl(keys.legacy_locks) <= 60_000
-    writer = _writer(client, keys, 60_000, "[upgrade]")
-    result = writer.write([*_entries(0, 2), parse(b"junk", 64)], CONSUMER, "")  # type: ignore[list-item]
-    assert result == WriteResult(written=1, dead=0, skipped=2, dead_flags="0")
-    assert _ids(r, keys.output) == ["m-1"]
-    seen = SeenCheck(client, keys, Window.for_ttl(60_000))
-    assert seen.seen(["m-0", "m-1", "m-2"]) == [True, True, False]
-    r.delete(keys.legacy_locks, *r.keys(keys.lock_prefix + "*"))
-    assert not mark_legacy_locks(client, keys, 60_000)  # no old locks: no marker, no cost
-    assert not r.exists(keys.legacy_locks)
-
-
 def test_outputs_and_dead_letters_are_each_checked_against_their_own_ids(
     client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:
-    # Seen and new outputs and dead letters interleaved, some seen through the bucket sets and
-    # some through lock keys of the previous write path, so that a flag read for the wrong
-    # entry (outputs' for dead letters, or a lock key read at the wrong place) shows.
+    # Seen and new outputs and dead letters interleaved, some seen in the current bucket's set
+    # and some in an earlier bucket's, so that a flag read for the wrong entry (outputs' for
+    # dead letters, or one bucket's answer taken for another's) shows.
     writer = _writer(client, keys, 60_000, "[mixed]")
     junk_a, junk_b, junk_c, junk_d = (parse(f"junk-{n}".encode(), 64) for n in "abcd")
     assert writer.write([*_entries(0, 2), junk_a], CONSUMER, "") == WriteResult(  # type: ignore[list-item]
         2, 1, 0, dead_flags="1"
     )
-    r.set(keys.lock("m-2"), 1, px=60_000)
-    r.set(keys.lock(junk_b.lock_id), 1, px=60_000)  # type: ignore[union-attr]
-    assert mark_legacy_locks(client, keys, 60_000)
+    window = Window.for_ttl(60_000)
+    earlier = int(r.time()[0] * 1000 // window.width_ms) - 1  # checked by the next write too
+    client.sadd(f"{keys.seen_prefix}{earlier}", digest("m-2"), digest(junk_b.lock_id))  # type: ignore[union-attr]
     m0, m2, m3 = _entries(0, 1)[0], _entries(2, 3)[0], _entries(3, 4)[0]
     batch = [m0, junk_c, m2, junk_a, m3, junk_b, junk_d]
     result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]
@@ -632,6 +621,23 @@ def test_a_bucket_clock_further_ahead_than_the_window_is_dropped(
     bucket = int(r.get(keys.single.seen_clock) or 0)
     assert before <= bucket <= after
     assert client.smembers(f"{keys.seen_prefix}{bucket}") == {digest("m-0")}
+
+
+def test_both_dedup_scripts_run_the_one_bucket_fragment_under_their_composed_sha(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """bucket.lua (the current bucket and the lookups in the bucket sets) is written once and
+    put into both scripts when they are loaded; Redis knows each by its composed source."""
+    fragment = load_script("bucket.lua")
+    composed = {name: load_script(name) for name in ("dedup_append.lua", "seen.lua")}
+    for name, source in composed.items():
+        assert source.count(fragment) == 1, name
+        assert not re.search(r"^-- include:", source, re.MULTILINE), name
+    writer = _writer(client, keys, 60_000, "[fragment]")
+    assert writer.write(_entries(0, 2), CONSUMER, "") == WriteResult(2, 0, 0)
+    assert SeenCheck(client, keys, Window.for_ttl(60_000)).seen(["m-1", "m-2"]) == [True, False]
+    shas = [hashlib.sha1(source.encode()).hexdigest() for source in composed.values()]
+    assert r.script_exists(*shas) == [True, True]
 
 
 def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a_while(

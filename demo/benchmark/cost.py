@@ -18,7 +18,7 @@ from demo.benchmark.measure import (
     redis_cpu_us,
     redis_write_us,
 )
-from demo.benchmark.plan import DEDUP, KEYS, PIPELINES, TRIVIAL
+from demo.benchmark.plan import DEDUP, KEYS, LOCK_PREFIX, PIPELINES, TRIVIAL
 
 
 @dataclass
@@ -96,7 +96,7 @@ def measure_memory(client: redis.Redis, used_delta: int, written: int, path: str
     stream = int(client.memory_usage(KEYS.output, samples=0) or 0)
     per_id = (used_delta - stream) / max(written, 1)
     if path != DEDUP:
-        locks = itertools.islice(client.scan_iter(match=KEYS.lock_prefix + "*", count=1000), 1000)
+        locks = itertools.islice(client.scan_iter(match=LOCK_PREFIX + "*", count=1000), 1000)
         sizes = [int(client.memory_usage(key, samples=0) or 0) for key in locks]
         return Memory(used_delta, stream, per_id, sum(sizes) / max(len(sizes), 1))
     sets = list(client.scan_iter(match=KEYS.seen_prefix + "*"))

@@ -18,6 +18,8 @@ STOP_TIMEOUT_S = 30.0
 # The daemon's write path and the two it is measured against (demo/benchmark/write_paths.py).
 DEDUP, LOCKS, PIPELINES = "dedup", "locks", "pipelines"
 BASELINE_PATHS = (LOCKS, PIPELINES)
+# Where both baselines keep their lock key per id (the daemon keeps none).
+LOCK_PREFIX = f"{DEFAULTS.key_prefix}:lock:"
 WRITE_PATH_ENV = "BENCH_WRITE_PATH"
 PATH_LABELS = {
     DEDUP: "today's write",

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from demo.benchmark.plan import DEDUP, LOCKS, PIPELINES, WRITE_PATH_ENV
+from demo.benchmark.plan import DEDUP, LOCK_PREFIX, LOCKS, PIPELINES, WRITE_PATH_ENV
 from processor.consumer.messages import OUTPUT, Entry
 from processor.consumer.writer import Writer, WriteResult, evalsha_packed
 from processor.handlers import add_random_score
@@ -41,7 +41,7 @@ def write_with_locks(
 ) -> WriteResult | None:
     keys = self._keys
     ttl_ms = self._window.width_ms * self._window.buckets_checked
-    args: list[Any] = [keys.lock_prefix, ttl_ms, consumer_id, fence, self._maxlen]
+    args: list[Any] = [LOCK_PREFIX, ttl_ms, consumer_id, fence, self._maxlen]
     for entry in entries:
         args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
     script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
@@ -66,7 +66,7 @@ def write_with_pipelines(
         try:
             locks = self._client.pipeline(transaction=False)
             for entry in entries:
-                locks.set(keys.lock_prefix + entry.lock_id, 1, nx=True, px=ttl_ms)
+                locks.set(LOCK_PREFIX + entry.lock_id, 1, nx=True, px=ttl_ms)
             won = locks.execute()
             appends = self._client.pipeline(transaction=False)
             written = dead = 0

@@ -7,13 +7,9 @@ current bucket and the ``BUCKETS_CHECKED`` before it, one ``SMISMEMBER`` each pe
 is remembered for between ``LOCK_TTL_MS`` and 1.5 x ``LOCK_TTL_MS``; the set of a bucket no longer
 checked is unlinked by the next write (and expires soon after in any case). The bucket never goes
 back while Redis's clock steps back by up to 1.5 x ``LOCK_TTL_MS`` (``Keys.seen_clock``, see
-``lua/dedup_append.lua``).
+``lua/bucket.lua``, shared by both scripts).
 With 96-bit digests, two different ids collide with a probability of about n^2 / 2^97 for n ids
 in a window: 2e-14 for 60 million.
-
-The previous write path kept one lock key per id (``<prefix>:lock:<id>``). A daemon that finds
-such keys at start sets a marker for one window, and while it exists the scripts count those
-locks as written too, so an upgrade in place writes nothing twice.
 """
 
 from __future__ import annotations
@@ -80,11 +76,9 @@ class SeenCheck:
             part.seen_prefix,
             window.width_ms,
             window.buckets_checked,
-            part.lock_prefix,
+            *(digest(dedup_id) for dedup_id in dedup_ids),
         ]
-        args += [digest(dedup_id) for dedup_id in dedup_ids]
-        args += dedup_ids
-        reply = self._script(keys=[part.legacy_locks, part.seen_clock], args=args)
+        reply = self._script(keys=[part.seen_clock], args=args)
         return [int(flag) == 1 for flag in reply]
 
 
@@ -124,22 +118,3 @@ def warn_if_evicting(client: redis.Redis, cluster: bool) -> None:
             "maxmemory-policy noeviction",
             ", ".join(evicting),
         )
-
-
-def mark_legacy_locks(client: redis.Redis, keys: Keys, lock_ttl_ms: int) -> bool:
-    """Sets the legacy-locks marker for one window if any lock key of the old path exists.
-
-    Not on a cluster: the previous write path never ran on one.
-    """
-    if keys.cluster:
-        return False
-    for _ in client.scan_iter(match=keys.lock_prefix + "*", count=1000):
-        client.set(keys.legacy_locks, 1, px=lock_ttl_ms)
-        log.warning(
-            "found dedup locks of the previous write path (%s*): honouring them for the next "
-            "%.0f s (the dedup window)",
-            keys.lock_prefix,
-            lock_ttl_ms / 1000,
-        )
-        return True
-    return False

@@ -151,7 +151,6 @@ class Writer:
             consumer_id,
             fence,
             self._maxlen,
-            part.lock_prefix,
             *layout.args(),
         ]
         script_keys = [
@@ -159,7 +158,6 @@ class Writer:
             part.dead,
             part.stats,
             keys.fence(partition, consumer_id),
-            part.legacy_locks,
             part.seen_clock,
         ]
         give_up_at: float | None = None

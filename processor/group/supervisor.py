@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from processor.config import MAX_CONSUMERS_PER_HOST, Settings
-from processor.consumer.dedup import mark_legacy_locks, warn_if_evicting
+from processor.consumer.dedup import warn_if_evicting
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
 from processor.errors import ConfigError
@@ -123,10 +123,6 @@ class Supervisor:
                 claim_partitions(self._client, self._keys, self.settings.partitions)
             except REDIS_ERRORS as error:
                 log.warning("could not check PARTITIONS against the group's: %s", error)
-        try:
-            mark_legacy_locks(self._client, self._keys, self.settings.lock_ttl_ms)
-        except REDIS_ERRORS as error:
-            log.warning("could not look for the previous write path's locks: %s", error)
         try:
             warn_if_evicting(self._client, self._keys.cluster)
         except REDIS_ERRORS as error:

@@ -42,9 +42,10 @@ ACL_RULES = (
     "~messages:processed ~messages:dead ~consumer:ids ~processor:* &messages:published "
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
-    "+get +set +mget +del +unlink +exists +scan +pexpire +pexpireat +time +info "
-    "+lrange +lrem +rpush +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall +sadd +smismember "
-    "+zadd +zrange +zrangebyscore +zrem +zscore +xadd +xread +xlen +xrevrange +type"
+    "+get +set +del +unlink +pexpire +pexpireat +time +info "
+    "+lrange +lrem +rpush +hset +hsetnx +hget +hexists +hdel +hincrby +hmget +hgetall "
+    "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore "
+    "+xadd +xread +xlen +xrevrange +type"
 )
 
 # The same on Redis Cluster, set on every node (ACLs are per node): the tagged key names, the
@@ -58,8 +59,8 @@ CLUSTER_ACL_RULES = (
     "&messages:published:* "
     "+ping +client|setname +client|id +client|list +ssubscribe +sunsubscribe +spublish +role "
     "+cluster|slots +command +evalsha +script|load +multi +exec +discard +wait "
-    "+get +set +mget +del +unlink +exists +pexpire +pexpireat +time +info "
-    "+lrange +lrem +rpush +llen +hset +hsetnx +hget +hdel +hincrby +hmget +hgetall "
+    "+get +set +del +unlink +pexpire +pexpireat +time +info "
+    "+lrange +lrem +rpush +llen +hset +hsetnx +hget +hexists +hdel +hincrby +hmget +hgetall "
     "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore +zcount "
     "+xadd +xread +xlen +xrevrange +type"
 )
@@ -68,7 +69,6 @@ CLUSTER_ACL_RULES = (
 def required_commands(keys: Keys) -> list[tuple[str, ...]]:
     """Every command the daemon sends, on the keys and channel it sends them to."""
     heartbeat = keys.heartbeat(_PROBE)
-    lock = keys.lock(_PROBE)
     seen = keys.seen_prefix + "0"
     return [
         ("SUBSCRIBE", keys.channel),
@@ -90,8 +90,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("XADD", keys.departures, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
         ("XADD", keys.gaps, "MAXLEN", "~", "1000", "*", "consumer_id", _PROBE),
         ("XREAD", "COUNT", "1", "STREAMS", keys.gaps, keys.departures, "0", "0"),
-        # The exactly-once write (inside dedup_append.lua, seen.lua) and the start-up look for
-        # the previous write path's locks.
+        # The exactly-once write (inside dedup_append.lua, seen.lua).
         ("TIME",),
         ("GET", keys.single.seen_clock),
         ("SET", keys.single.seen_clock, "1"),
@@ -99,10 +98,6 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("SADD", seen, "x"),
         ("PEXPIREAT", seen, "1"),
         ("UNLINK", seen),
-        ("EXISTS", keys.legacy_locks),
-        ("SET", keys.legacy_locks, "1", "PX", "1000"),
-        ("MGET", lock),
-        ("SCAN", "0", "MATCH", keys.lock_prefix + "*", "COUNT", "1"),
         ("XADD", keys.output, "*", "message_id", _PROBE),
         ("XADD", keys.dead, "*", "reason", _PROBE),
         ("HINCRBY", keys.stats, "written", "0"),
@@ -119,6 +114,7 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("HGETALL", keys.control),
         ("HSET", keys.control, "desired", "1"),
         ("HSETNX", keys.control, "desired", "1"),
+        ("HEXISTS", keys.control, "cleared_by"),  # set_desired.lua (processor scale)
         ("GET", keys.stop),
         ("SET", keys.autoscale_lock, _PROBE, "NX", "PX", "1000"),
         ("HMGET", keys.info(_PROBE), "busy", "inbox"),

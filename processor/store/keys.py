@@ -40,8 +40,6 @@ class PartitionKeys:
     seen_prefix: str
     # The bucket clock: the newest dedup bucket written, so writes never go back a bucket.
     seen_clock: str
-    legacy_locks: str
-    lock_prefix: str
     # Prefix of the per-partition fence keys (cluster); "" = the heartbeat key is the fence.
     fence_prefix: str
 
@@ -75,8 +73,6 @@ class Keys:
                 stats=f"{prefix}:stats",
                 seen_prefix=f"{prefix}:seen:",
                 seen_clock=f"{prefix}:seen-clock",
-                legacy_locks=f"{prefix}:legacy-locks",
-                lock_prefix=f"{prefix}:lock:",
                 fence_prefix="",
             )
             return cls._group(prefix, settings.consumers_list, partition.stats, (partition,))
@@ -123,8 +119,6 @@ class Keys:
             stats=f"{own}:stats",
             seen_prefix=f"{own}:seen:",
             seen_clock=f"{own}:seen-clock",
-            legacy_locks=f"{own}:legacy-locks",
-            lock_prefix=f"{own}:lock:",
             fence_prefix=f"{own}:fence:",
         )
 
@@ -155,14 +149,6 @@ class Keys:
     @property
     def seen_prefix(self) -> str:
         return self.single.seen_prefix
-
-    @property
-    def legacy_locks(self) -> str:
-        return self.single.legacy_locks
-
-    @property
-    def lock_prefix(self) -> str:
-        return self.single.lock_prefix
 
     def partition_of(self, dedup_id: str) -> int:
         return partition_of(dedup_id, len(self.partitions))
@@ -195,6 +181,3 @@ class Keys:
 
     def info(self, consumer_id: str) -> str:
         return self.info_prefix + consumer_id
-
-    def lock(self, lock_id: str) -> str:
-        return self.lock_prefix + lock_id

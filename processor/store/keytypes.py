@@ -40,7 +40,6 @@ def expected_types(keys: Keys) -> list[tuple[str, str, str]]:
             (partition.dead, "stream", "DEAD_LETTER_STREAM"),
             (partition.stats, "hash", "KEY_PREFIX"),
             (partition.seen_clock, "string", "KEY_PREFIX"),
-            (partition.legacy_locks, "string", "KEY_PREFIX"),
         ]
     unique: dict[str, tuple[str, str, str]] = {}
     for item in expected:

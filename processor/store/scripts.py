@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -10,8 +11,17 @@ import redis
 
 from processor.store.connection import script_refusals
 
+# A line of its own naming a fragment in processor/store/lua that scripts share (bucket.lua).
+_INCLUDE = re.compile(r"^-- include: (\S+)\n", re.MULTILINE)
+
 
 def load_script(name: str) -> str:
+    """The script's source as Redis runs it: each ``-- include: <file>`` line replaced by that
+    file, so its SHA (EVALSHA) is the composed source's."""
+    return _INCLUDE.sub(lambda include: _read(include.group(1)), _read(name))
+
+
+def _read(name: str) -> str:
     return resources.files("processor.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 

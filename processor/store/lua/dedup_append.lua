@@ -4,18 +4,16 @@
 -- KEYS[2]  dead-letter stream
 -- KEYS[3]  stats hash (group counters: written, dead, skipped)
 -- KEYS[4]  heartbeat key of the writing consumer (its fence)
--- KEYS[5]  marker that lock keys of the previous write path may still exist (see below)
--- KEYS[6]  the bucket clock: the newest bucket written (see below)
+-- KEYS[5]  the bucket clock: the newest bucket written (see bucket.lua)
 -- ARGV[1]  seen-set key prefix: the set of time bucket b is ARGV[1] .. b
 -- ARGV[2]  bucket width in ms
 -- ARGV[3]  how many earlier buckets are checked besides the current one (k)
 -- ARGV[4]  consumer id written into every entry
 -- ARGV[5]  fence token: the value KEYS[4] must hold, or "" to skip the check
 -- ARGV[6]  approximate MAXLEN of both streams (XADD MAXLEN ~), or 0 to keep everything
--- ARGV[7]  key prefix of the previous write path's lock keys
--- ARGV[8]  n: output entries; ARGV[9] m: dead letters (dedup ids all different: the caller
---          counts repeats inside the batch as skipped); ARGV[10] those repeats, added to skipped
--- ARGV[11 .. 10+n+m]  the digests (fixed size) of the dedup ids: outputs, then dead letters
+-- ARGV[7]  n: output entries; ARGV[8] m: dead letters (dedup ids all different: the caller
+--          counts repeats inside the batch as skipped); ARGV[9] those repeats, added to skipped
+-- ARGV[10 .. 9+n+m]  the digests (fixed size) of the dedup ids: outputs, then dead letters
 -- then n pairs (message_id, data as JSON), then m triples (dedup id, reason, raw payload)
 --
 -- Returns {written, dead, skipped, dead_flags}, or {-1, 0, 0, ""} when the fence token does not
@@ -27,19 +25,16 @@
 -- so an id is remembered for between k and k + 1 bucket widths; the set of the bucket before
 -- those is unlinked. The check, the appends and the SADD of the new digests are one script, so
 -- no id is remembered without being written, and a retried batch skips what the first attempt
--- wrote. While KEYS[5] exists (set at start-up when lock keys of the previous write path were
--- found; it expires when they have), their locks count as seen too, so an upgrade in place
--- writes nothing twice.
+-- wrote.
 --
--- The bucket is Redis's clock in bucket widths, but never earlier than the newest bucket
--- written (KEYS[6]) while that is at most k + 1 buckets ahead: after Redis's clock steps back
--- (a failover to a replica whose clock is behind, an NTP step), writes go on into the newest
--- bucket, so the sets written before the step are still checked. A clock more than that far
--- ahead was wrong, not stepped back: it is dropped, and the bucket follows Redis's clock.
+-- How the current bucket follows Redis's clock and the bucket clock (KEYS[5]), and the
+-- SMISMEMBER of each bucket checked, are bucket.lua's: included below, shared with seen.lua.
 --
 -- Per message this costs one XADD, k + 1 set lookups and one set insert: the digests go to
 -- SMISMEMBER and SADD straight from ARGV (unpack with a range), with no table built per batch
 -- unless something was already seen.
+
+-- include: bucket.lua
 
 if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then
     return {-1, 0, 0, ''}
@@ -47,9 +42,9 @@ end
 
 local prefix, width, k = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local consumer, maxlen = ARGV[4], tonumber(ARGV[6])
-local outputs, deads = tonumber(ARGV[8]), tonumber(ARGV[9])
-local written, dead, skipped = 0, 0, tonumber(ARGV[10])
-local first, last = 11, 10 + outputs + deads
+local outputs, deads = tonumber(ARGV[7]), tonumber(ARGV[8])
+local written, dead, skipped = 0, 0, tonumber(ARGV[9])
+local first, last = 10, 9 + outputs + deads
 if last < first then
     return {0, 0, 0, ''} -- an empty batch (a repeat's first occurrence is always in its call)
 end
@@ -64,39 +59,8 @@ for i, kind in ipairs({'stream', 'stream', 'hash'}) do
             ' where the daemon writes a ' .. kind .. ': delete or rename that key')
     end
 end
-local time = redis.call('TIME')
-local bucket =
-    math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
-local clock = tonumber(redis.call('GET', KEYS[6]))
-if clock and clock > bucket and clock - bucket <= k + 1 then
-    bucket = clock
-end
-
-local seen, any_seen = {}, false
-for b = bucket - k, bucket do
-    local flags =
-        redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, first, last))
-    for j = 1, #flags do
-        if flags[j] == 1 then
-            seen[j], any_seen = true, true
-        end
-    end
-end
-if redis.call('EXISTS', KEYS[5]) == 1 then
-    local locks, at = {}, last + 1
-    for j = 1, outputs do
-        locks[j], at = ARGV[7] .. ARGV[at], at + 2
-    end
-    for j = outputs + 1, outputs + deads do
-        locks[j], at = ARGV[7] .. ARGV[at], at + 3
-    end
-    local values = redis.call('MGET', unpack(locks))
-    for j = 1, #values do
-        if values[j] then
-            seen[j], any_seen = true, true
-        end
-    end
-end
+local bucket, clock = current_bucket(KEYS[5], width, k)
+local seen, any_seen = seen_in_buckets(prefix, bucket, k, first, last)
 
 local function append(stream, f1, v1, f2, v2, f3, v3)
     if maxlen > 0 then
@@ -139,7 +103,7 @@ end
 if written + dead > 0 then
     local key = prefix .. string.format('%.0f', bucket)
     if bucket ~= clock then
-        redis.call('SET', KEYS[6], string.format('%.0f', bucket))
+        redis.call('SET', KEYS[5], string.format('%.0f', bucket))
     end
     if any_seen then
         local new = {}

@@ -1,47 +1,26 @@
 -- Which dedup ids are already written, without writing anything (before a takeover runs the
 -- handler again for messages another consumer may have written).
 --
--- KEYS[1]  marker that lock keys of the previous write path may still exist
--- KEYS[2]  the bucket clock (dedup_append.lua says how the bucket follows it)
--- ARGV[1]  seen-set key prefix, ARGV[2] bucket width in ms, ARGV[3] earlier buckets checked (k),
--- ARGV[4]  key prefix of the previous write path's lock keys
--- ARGV[5 .. 4+n]  the digests of the n ids, then ARGV[5+n .. 4+2n] the ids, in the same order
+-- KEYS[1]  the bucket clock (bucket.lua says how the bucket follows it)
+-- ARGV[1]  seen-set key prefix, ARGV[2] bucket width in ms, ARGV[3] earlier buckets checked (k)
+-- ARGV[4 .. 3+n]  the digests of the n ids
 --
--- Returns one 0/1 per id, in order: the same rule as dedup_append.lua.
+-- Returns one 0/1 per id, in order: the same rule as dedup_append.lua, through the same
+-- bucket.lua (included below), so the two cannot drift apart.
+--
+-- Per id this costs k + 1 set lookups: one SMISMEMBER per bucket for the whole call.
+
+-- include: bucket.lua
 
 local prefix, width, k = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local n = (#ARGV - 4) / 2
+local n = #ARGV - 3
 local result = {}
-for j = 1, n do
-    result[j] = 0
-end
 if n == 0 then
     return result
 end
-local time = redis.call('TIME')
-local bucket = math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / width)
-local clock = tonumber(redis.call('GET', KEYS[2]))
-if clock and clock > bucket and clock - bucket <= k + 1 then
-    bucket = clock
-end
-for b = bucket - k, bucket do
-    local flags = redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, 5, 4 + n))
-    for j = 1, n do
-        if flags[j] == 1 then
-            result[j] = 1
-        end
-    end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    local locks = {}
-    for j = 1, n do
-        locks[j] = ARGV[4] .. ARGV[4 + n + j]
-    end
-    local values = redis.call('MGET', unpack(locks))
-    for j = 1, n do
-        if values[j] then
-            result[j] = 1
-        end
-    end
+local bucket = current_bucket(KEYS[1], width, k)
+local seen = seen_in_buckets(prefix, bucket, k, 4, 3 + n)
+for j = 1, n do
+    result[j] = seen[j] and 1 or 0
 end
 return result
