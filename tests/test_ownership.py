@@ -1,4 +1,4 @@
-"""Which consumer tries which message: slot assignment, takeover and gap coverage."""
+"""Which consumer tries which message: lane assignment, takeover and gap coverage."""
 
 from __future__ import annotations
 
@@ -8,27 +8,27 @@ import pytest
 
 from processor.consumer.ownership import (
     HANDOVER_GRACE_S,
-    SLOTS,
+    LANES,
     PartitionedStrategy,
     RaceStrategy,
     TakeoverBuffer,
-    assign_slots,
+    assign_lanes,
+    lane_of,
     make_strategy,
-    slot_of,
 )
 
 MEMBERS = ["host-1-0-aaaaaa", "host-1-1-bbbbbb", "host-2-0-cccccc", "host-2-1-dddddd"]
 
 
 def _one_payload_per_slot() -> list[bytes]:
-    """A payload for every slot, so a test sees every slot's routing."""
-    by_slot: dict[int, bytes] = {}
+    """A payload for every lane, so a test sees every lane's routing."""
+    by_lane: dict[int, bytes] = {}
     index = 0
-    while len(by_slot) < SLOTS:
+    while len(by_lane) < LANES:
         payload = b'{"message_id":"m-%d"}' % index
-        by_slot.setdefault(slot_of(payload), payload)
+        by_lane.setdefault(lane_of(payload), payload)
         index += 1
-    return [by_slot[slot] for slot in range(SLOTS)]
+    return [by_lane[lane] for lane in range(LANES)]
 
 
 PAYLOADS = _one_payload_per_slot()
@@ -49,45 +49,45 @@ def _strategy(members: list[str], me: str) -> PartitionedStrategy:
     return strategy
 
 
-# -- assign_slots ---------------------------------------------------------------------------
+# -- assign_lanes ---------------------------------------------------------------------------
 
 
 def test_assignment_is_deterministic_and_independent_of_order() -> None:
-    owners = assign_slots(MEMBERS)
-    assert owners == assign_slots(list(reversed(MEMBERS)))
-    assert owners == assign_slots(set(MEMBERS))
-    assert len(owners) == SLOTS
+    owners = assign_lanes(MEMBERS)
+    assert owners == assign_lanes(list(reversed(MEMBERS)))
+    assert owners == assign_lanes(set(MEMBERS))
+    assert len(owners) == LANES
     assert set(owners) == set(MEMBERS)
 
 
 def test_assignment_is_balanced() -> None:
-    counts = Counter(assign_slots(MEMBERS))
+    counts = Counter(assign_lanes(MEMBERS))
     for member in MEMBERS:
-        assert SLOTS / 4 * 0.8 <= counts[member] <= SLOTS / 4 * 1.2, counts
+        assert LANES / 4 * 0.8 <= counts[member] <= LANES / 4 * 1.2, counts
 
 
 def test_no_members_own_nothing() -> None:
-    assert assign_slots([]) == [None] * SLOTS
+    assert assign_lanes([]) == [None] * LANES
 
 
 def test_removing_a_member_moves_only_its_slots() -> None:
-    before = assign_slots(MEMBERS)
+    before = assign_lanes(MEMBERS)
     gone = MEMBERS[1]
-    after = assign_slots([member for member in MEMBERS if member != gone])
-    moved = [slot for slot in range(SLOTS) if before[slot] != after[slot]]
+    after = assign_lanes([member for member in MEMBERS if member != gone])
+    moved = [lane for lane in range(LANES) if before[lane] != after[lane]]
     assert moved
-    assert all(before[slot] == gone for slot in moved)
+    assert all(before[lane] == gone for lane in moved)
     assert gone not in after
     assert len(moved) == before.count(gone)
 
 
 def test_adding_a_member_moves_slots_only_to_it() -> None:
-    before = assign_slots(MEMBERS)
+    before = assign_lanes(MEMBERS)
     newcomer = "host-3-0-eeeeee"
-    after = assign_slots([*MEMBERS, newcomer])
-    moved = [slot for slot in range(SLOTS) if before[slot] != after[slot]]
+    after = assign_lanes([*MEMBERS, newcomer])
+    moved = [lane for lane in range(LANES) if before[lane] != after[lane]]
     assert moved
-    assert all(after[slot] == newcomer for slot in moved)
+    assert all(after[lane] == newcomer for lane in moved)
     assert after.count(newcomer) == len(moved)
 
 
@@ -96,12 +96,12 @@ def test_adding_a_member_moves_slots_only_to_it() -> None:
 
 def test_split_routes_owned_and_buffers_the_rest() -> None:
     me = MEMBERS[2]
-    owners = assign_slots(MEMBERS)
+    owners = assign_lanes(MEMBERS)
     strategy = _strategy(MEMBERS, me)
     owned = strategy.split(PAYLOADS, now=0.0)
-    expected = [payload for payload in PAYLOADS if owners[slot_of(payload)] == me]
+    expected = [payload for payload in PAYLOADS if owners[lane_of(payload)] == me]
     assert owned == expected  # in the order received
-    assert strategy.buffered == SLOTS - len(expected)
+    assert strategy.buffered == LANES - len(expected)
 
 
 def test_before_the_first_view_everything_is_buffered() -> None:
@@ -112,21 +112,21 @@ def test_before_the_first_view_everything_is_buffered() -> None:
 
 def test_what_was_routed_to_a_departed_owner_is_returned_whoever_owns_it_next() -> None:
     me, gone = MEMBERS[0], MEMBERS[1]
-    before = assign_slots(MEMBERS)
+    before = assign_lanes(MEMBERS)
     survivors = [member for member in MEMBERS if member != gone]
-    after = assign_slots(survivors)
+    after = assign_lanes(survivors)
     strategy = _strategy(MEMBERS, me)
     strategy.split(PAYLOADS, now=0.0)
 
     taken = strategy.update(survivors, me, now=1.0)
 
-    # Not only the slots that become mine: the next owner may be a newcomer that never
+    # Not only the lanes that become mine: the next owner may be a newcomer that never
     # received them, so every survivor tries all of them and the lock picks one writer.
-    expected = [p for p in PAYLOADS if before[slot_of(p)] == gone]
-    assert any(after[slot_of(p)] != me for p in expected)
+    expected = [p for p in PAYLOADS if before[lane_of(p)] == gone]
+    assert any(after[lane_of(p)] != me for p in expected)
     assert sorted(taken) == sorted(expected)
-    # From now on the slots that became mine are routed to me.
-    mine_now = [p for p in expected if after[slot_of(p)] == me]
+    # From now on the lanes that became mine are routed to me.
+    mine_now = [p for p in expected if after[lane_of(p)] == me]
     assert mine_now
     assert set(strategy.split(mine_now, now=1.0)) == set(mine_now)
 
@@ -146,8 +146,8 @@ def test_slots_handed_to_a_newcomer_stay_ours_for_a_grace_period() -> None:
     handed = [
         p
         for p in PAYLOADS
-        if assign_slots(MEMBERS)[slot_of(p)] == me
-        and assign_slots([*MEMBERS, newcomer])[slot_of(p)] == newcomer
+        if assign_lanes(MEMBERS)[lane_of(p)] == me
+        and assign_lanes([*MEMBERS, newcomer])[lane_of(p)] == newcomer
     ]
     assert handed
     strategy.update([*MEMBERS, newcomer], me, now=10.0)
@@ -160,11 +160,11 @@ def test_slots_handed_to_a_newcomer_stay_ours_for_a_grace_period() -> None:
 def test_every_survivor_tries_every_message_of_the_dead() -> None:
     gone = MEMBERS[3]
     survivors = MEMBERS[:3]
-    before = assign_slots(MEMBERS)
+    before = assign_lanes(MEMBERS)
     strategies = {member: _strategy(MEMBERS, member) for member in survivors}
     for strategy in strategies.values():
         strategy.split(PAYLOADS, now=0.0)
-    expected = sorted(p for p in PAYLOADS if before[slot_of(p)] == gone)
+    expected = sorted(p for p in PAYLOADS if before[lane_of(p)] == gone)
     for member in survivors:
         assert sorted(strategies[member].update(survivors, member, now=1.0)) == expected
 
@@ -174,12 +174,12 @@ def test_every_survivor_tries_every_message_of_the_dead() -> None:
 
 @pytest.mark.parametrize("reporter", MEMBERS)
 def test_every_other_member_tries_what_was_routed_to_a_gap_reporter(reporter: str) -> None:
-    owners = assign_slots(MEMBERS)
+    owners = assign_lanes(MEMBERS)
     strategies = {member: _strategy(MEMBERS, member) for member in MEMBERS}
     for strategy in strategies.values():
         strategy.split(PAYLOADS, now=0.0)
 
-    expected = sorted(payload for payload in PAYLOADS if owners[slot_of(payload)] == reporter)
+    expected = sorted(payload for payload in PAYLOADS if owners[lane_of(payload)] == reporter)
     for member in MEMBERS:
         if member != reporter:
             # Not one successor: it may have been in a gap of its own at the same time.
@@ -227,7 +227,7 @@ def test_discard_empties_the_buffer() -> None:
 
 # -- TakeoverBuffer -------------------------------------------------------------------------
 
-OWNERS = ["x"] * SLOTS
+OWNERS = ["x"] * LANES
 
 
 def test_buffer_ages_only_while_redis_takes_commands() -> None:
@@ -280,9 +280,9 @@ def test_buffer_count_bound_with_large_chunks() -> None:
 
 def test_buffer_returns_what_was_routed_to_given_members() -> None:
     buffer = TakeoverBuffer(60.0, 10_000, 600.0, no_downtime)
-    owners: list[str | None] = ["a" if slot % 2 else "b" for slot in range(SLOTS)]
+    owners: list[str | None] = ["a" if lane % 2 else "b" for lane in range(LANES)]
     buffer.add(PAYLOADS, now=0.0, owners=owners)
-    assert buffer.routed_to({"a"}, now=0.0) == [PAYLOADS[slot] for slot in range(1, SLOTS, 2)]
+    assert buffer.routed_to({"a"}, now=0.0) == [PAYLOADS[lane] for lane in range(1, LANES, 2)]
     assert buffer.routed_to({"a", "b"}, now=0.0) == PAYLOADS
     assert buffer.routed_to(set(), now=0.0) == []
     assert buffer.since(0.0, now=0.0) == PAYLOADS

@@ -12,7 +12,7 @@ from processor.config import Settings
 from processor.errors import ConfigError
 from processor.loading import load_daemon_settings, load_publisher_settings
 from processor.store.keys import Keys, channels
-from processor.store.partitions import SLOTS, hash_tag, partition_of
+from processor.store.partitions import HASH_SLOTS, hash_tag, partition_of
 
 
 def slot(key: str) -> int:
@@ -29,7 +29,7 @@ def test_a_message_s_partition_is_the_crc32_of_its_id_modulo_the_partition_count
 def test_partition_tags_fall_in_equal_slot_ranges_in_order(partitions):
     for p in range(partitions):
         tag_slot = key_slot(hash_tag(p, partitions).encode())
-        assert p * SLOTS // partitions <= tag_slot < (p + 1) * SLOTS // partitions
+        assert p * HASH_SLOTS // partitions <= tag_slot < (p + 1) * HASH_SLOTS // partitions
 
 
 def test_each_partition_s_keys_share_one_slot_and_the_group_s_keys_another():

@@ -3,12 +3,12 @@
 ``race``: every consumer tries every message; the write picks the writer. Instant failover,
 but the work per message grows with the group.
 
-``partitioned``: each message belongs to one of ``SLOTS`` slots (CRC32 of the raw payload), and
-each slot to one live consumer, chosen by rendezvous hashing, so a membership change moves only
-the slots of the consumer that left or joined. A consumer keeps the recent messages it does not
+``partitioned``: each message belongs to one of ``LANES`` lanes (CRC32 of the raw payload), and
+each lane to one live consumer, chosen by rendezvous hashing, so a membership change moves only
+the lanes of the consumer that left or joined. A consumer keeps the recent messages it does not
 own in a :class:`TakeoverBuffer`, with the owner it was routed to; when that owner leaves, dies
 or reports a subscription gap, every other consumer tries what it routed to it (one successor
-could be a newcomer that never received it, or in a gap of its own). A consumer that hands slots
+could be a newcomer that never received it, or in a gap of its own). A consumer that hands lanes
 to a newcomer keeps trying them for a grace period, in case messages published before the
 newcomer subscribed are still unread in its socket. Ownership never decides correctness: the
 write does.
@@ -25,30 +25,30 @@ from collections.abc import Callable, Collection
 
 from processor.store.connection import DOWNTIME
 
-SLOTS = 1024
-_SLOT_MASK = SLOTS - 1
-# How long a consumer keeps trying the slots it handed to a newcomer: messages published before
+LANES = 1024
+_LANE_MASK = LANES - 1
+# How long a consumer keeps trying the lanes it handed to a newcomer: messages published before
 # the newcomer subscribed may still be unread in our socket when we adopt the new view.
 HANDOVER_GRACE_S = 1.0
 
 Owners = list[str | None]
 
 
-def slot_of(payload: bytes) -> int:
-    return zlib.crc32(payload) & _SLOT_MASK
+def lane_of(payload: bytes) -> int:
+    return zlib.crc32(payload) & _LANE_MASK
 
 
-def _weight(member: str, slot: int) -> int:
-    digest = hashlib.blake2b(f"{slot}/{member}".encode(), digest_size=8).digest()
+def _weight(member: str, lane: int) -> int:
+    digest = hashlib.blake2b(f"{lane}/{member}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
-def assign_slots(members: Collection[str]) -> list[str | None]:
-    """The owner of every slot among ``members`` (rendezvous hashing); None when empty."""
+def assign_lanes(members: Collection[str]) -> list[str | None]:
+    """The owner of every lane among ``members`` (rendezvous hashing); None when empty."""
     ordered = sorted(members)
     if not ordered:
-        return [None] * SLOTS
-    return [max(ordered, key=lambda member: _weight(member, slot)) for slot in range(SLOTS)]
+        return [None] * LANES
+    return [max(ordered, key=lambda member: _weight(member, lane)) for lane in range(LANES)]
 
 
 class TakeoverBuffer:
@@ -125,7 +125,7 @@ class TakeoverBuffer:
             payload
             for _, _, owners, chunk in self._chunks
             for payload in chunk
-            if owners[zlib.crc32(payload) & _SLOT_MASK] in members
+            if owners[zlib.crc32(payload) & _LANE_MASK] in members
         ]
 
 
@@ -152,7 +152,7 @@ class RaceStrategy:
 
 
 class PartitionedStrategy:
-    """Each message is tried by the owner of its slot; others keep it for a takeover."""
+    """Each message is tried by the owner of its lane; others keep it for a takeover."""
 
     name = "partitioned"
 
@@ -169,11 +169,11 @@ class PartitionedStrategy:
         # the buffer before a takeover under the new view looks for it.
         self._lock = threading.Lock()
         self._buffer = TakeoverBuffer(buffer_age_s, buffer_max, buffer_held_s, downtime)
-        self._owners: Owners = [None] * SLOTS
-        self._mine = bytearray(SLOTS)
-        # What split() routes to us: _mine, plus the slots handed to a newcomer until then.
+        self._owners: Owners = [None] * LANES
+        self._mine = bytearray(LANES)
+        # What split() routes to us: _mine, plus the lanes handed to a newcomer until then.
         self._routing = self._mine
-        self._handed = bytearray(SLOTS)
+        self._handed = bytearray(LANES)
         self._grace_until = 0.0
         self._members: set[str] = set()
         self._me = ""
@@ -194,7 +194,7 @@ class PartitionedStrategy:
                 self._routing, self._grace_until = self._mine, 0.0
             routing = self._routing
             for payload in chunk:
-                if routing[zlib.crc32(payload) & _SLOT_MASK]:
+                if routing[zlib.crc32(payload) & _LANE_MASK]:
                     owned.append(payload)
                 else:
                     others.append(payload)
@@ -206,11 +206,11 @@ class PartitionedStrategy:
         """Adopts a new view of the group; returns buffered payloads this consumer took over.
 
         Taken over: whatever was routed to a member that is no longer live, whoever owns its
-        slot now (the new owner may have joined after the death and never received it); and,
+        lane now (the new owner may have joined after the death and never received it); and,
         on our first view, our share of what we buffered before it.
         """
         now = time.monotonic() if now is None else now
-        owners = assign_slots(members)
+        owners = assign_lanes(members)
         live = set(members)
         with self._lock:
             newcomers = live - self._members - {me}
@@ -223,15 +223,15 @@ class PartitionedStrategy:
                 taken = self._buffer.routed_to({me}, now)
             mine = bytearray(owner == me for owner in owners)
             handed = [
-                slot
-                for slot, (old, new) in enumerate(zip(self._owners, owners, strict=True))
+                lane
+                for lane, (old, new) in enumerate(zip(self._owners, owners, strict=True))
                 if old == me and new in newcomers
             ]
             if now >= self._grace_until:
-                self._handed = bytearray(SLOTS)
+                self._handed = bytearray(LANES)
             if handed:
-                for slot in handed:
-                    self._handed[slot] = 1
+                for lane in handed:
+                    self._handed[lane] = 1
                 self._grace_until = now + HANDOVER_GRACE_S
             if now < self._grace_until:
                 self._routing = bytearray(a | b for a, b in zip(mine, self._handed, strict=True))
@@ -247,7 +247,7 @@ class PartitionedStrategy:
         """Buffered payloads routed to ``member``, which this consumer must try for it.
 
         ``member`` missed messages while its subscription was down, but it is still live, so
-        its slots are still its own. Every other member tries them, not only one successor:
+        its lanes are still its own. Every other member tries them, not only one successor:
         that one may have been in a gap of its own at the same time (CLIENT KILL TYPE pubsub,
         a Redis restart). The exactly-once write lets one write each message.
         """

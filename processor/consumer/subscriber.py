@@ -31,9 +31,10 @@ import redis
 
 from processor.config import RedisSettings
 from processor.consumer.threads import OnFailure, WatchedThread
-from processor.store.cluster import ClusterMap, slot_of
+from processor.store.cluster import ClusterMap
 from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
 from processor.store.keys import Keys
+from processor.store.partitions import hash_slot
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class Subscriber(WatchedThread):
 
 def _primary_locator(settings: RedisSettings, channel: str) -> Callable[[], str]:
     cluster = ClusterMap(settings)
-    slot = slot_of(channel)
+    slot = hash_slot(channel)
     return lambda: cluster.url(cluster.primary(slot))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.crc import key_slot
 
 from processor.config import RedisSettings
 from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS
@@ -26,10 +25,6 @@ def node_url(url: str, address: Address) -> str:
     host, port = address
     host = f"[{host}]" if ":" in host else host
     return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}:{port}", path="/0"))
-
-
-def slot_of(key: str) -> int:
-    return key_slot(key.encode())
 
 
 def _text(value: bytes | str) -> str:

@@ -17,7 +17,7 @@ from functools import cache
 
 from redis.crc import key_slot
 
-SLOTS = 16_384
+HASH_SLOTS = 16_384
 MAX_PARTITIONS = 1024
 
 
@@ -29,14 +29,15 @@ def partition_of(dedup_id: str, partitions: int) -> int:
 
 @cache
 def hash_tag(partition: int, partitions: int) -> str:
-    low = partition * SLOTS // partitions
-    high = (partition + 1) * SLOTS // partitions
+    low = partition * HASH_SLOTS // partitions
+    high = (partition + 1) * HASH_SLOTS // partitions
     for attempt in itertools.count():
         tag = f"p{partition}" if attempt == 0 else f"p{partition}.{attempt}"
-        if low <= slot_of_tag(tag) < high:
+        if low <= hash_slot(tag) < high:
             return tag
     raise AssertionError("unreachable")
 
 
-def slot_of_tag(tag: str) -> int:
-    return key_slot(tag.encode())
+def hash_slot(key: str) -> int:
+    """Redis Cluster's hash slot of ``key`` (CRC16 of its hash tag, or of the whole key)."""
+    return key_slot(key.encode())
