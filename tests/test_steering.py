@@ -123,7 +123,7 @@ def test_group_stop_refuses_a_start_and_stops_a_running_host(client) -> None:
     a = steering(client, "host-a")
     a.start(1, NO_STOP)
     controlplane.request_stop(client, KEYS, "processor stop (test)")
-    assert "asked to stop: processor stop (test)" in a.tick(1, 0, now=T0 + 10.0).stop
+    assert "asked to stop: processor stop (test)" in a.tick(1, 0, now=T0 + 10.0).stop_reason
     with pytest.raises(GroupStopped, match="processor stop"):
         steering(client, "host-b").start(0, NO_STOP)
     assert controlplane.clear_stop(client, KEYS)
@@ -131,18 +131,18 @@ def test_group_stop_refuses_a_start_and_stops_a_running_host(client) -> None:
     # processor scale clears a stop too.
     controlplane.request_stop(client, KEYS, "again")
     controlplane.set_desired(client, KEYS, 2, "test")
-    assert not a.tick(1, 0, now=T0 + 20.0).stop
+    assert not a.tick(1, 0, now=T0 + 20.0).stopping
 
 
 def test_idle_stop_counts_group_writes_and_local_receipts(client) -> None:
     a = steering(client, "host-a", idle_stop_s=5.0)
     a.start(1, NO_STOP)
-    assert not a.tick(1, 0, now=T0 + 10.0).stop
+    assert not a.tick(1, 0, now=T0 + 10.0).stopping
     client.hincrby(KEYS.stats, "written", 3)
-    assert not a.tick(1, 0, now=T0 + 14.0).stop  # the group wrote: active at 14
-    assert not a.tick(1, 7, now=T0 + 18.0).stop  # we received: active at 18
-    assert not a.tick(1, 7, now=T0 + 22.0).stop
-    assert "idle" in a.tick(1, 7, now=T0 + 23.5).stop
+    assert not a.tick(1, 0, now=T0 + 14.0).stopping  # the group wrote: active at 14
+    assert not a.tick(1, 7, now=T0 + 18.0).stopping  # we received: active at 18
+    assert not a.tick(1, 7, now=T0 + 22.0).stopping
+    assert "idle" in a.tick(1, 7, now=T0 + 23.5).stop_reason
 
 
 def test_one_autoscale_decision_grows_a_group_that_falls_behind(client) -> None:

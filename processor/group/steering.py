@@ -40,7 +40,11 @@ class GroupStopped(Exception):
 @dataclass(frozen=True)
 class Order:
     size: int | None  # consumers to run here; None: no desired size, run the host's own count
-    stop: str = ""  # why to stop; "" to go on
+    stop_reason: str | None = None  # why to stop; None to go on
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None
 
 
 class Steering:
@@ -135,10 +139,10 @@ class Steering:
             self._restore_if_lost(beat)
             return self._order
         order = self._follow(beat, running)
-        if not order.stop:
+        if not order.stopping:
             activity = beat.activity + received + self._partition_activity()
             order = Order(order.size, self._idle(activity, now))
-        if not order.stop and self._bounds is not None and now >= self._next_decision:
+        if not order.stopping and self._bounds is not None and now >= self._next_decision:
             self._next_decision = now + self._settings.autoscale_interval_s
             self._autoscale(beat)
         self._order = order
@@ -274,14 +278,15 @@ class Steering:
             log.debug("control plane: partition counters not read: %s", error)
         return self._partition_counts
 
-    def _idle(self, activity: int, now: float) -> str:
+    def _idle(self, activity: int, now: float) -> str | None:
+        """Why to stop for idleness, or None."""
         idle_after = self._settings.idle_stop_s
         if activity != self._activity:
             self._activity, self._active_at = activity, now
-            return ""
+            return None
         if idle_after and now - self._active_at >= idle_after:
             return f"idle: the group received and wrote nothing for {idle_after:g} s (IDLE_STOP)"
-        return ""
+        return None
 
     def _autoscale(self, beat: Beat) -> None:
         """One decision for the whole group, by whichever host takes this interval's turn.

@@ -170,8 +170,8 @@ class Supervisor:
             while self._requests:
                 self._handle(self._requests.popleft())
             self._order = self._steering.tick(len(self._serving()), self._received())
-            if self._order.stop:
-                log.info("stopping gracefully: %s", self._order.stop)
+            if self._order.stopping:
+                log.info("stopping gracefully: %s", self._order.stop_reason)
                 self.stop.set()
                 break
             self._resize()
