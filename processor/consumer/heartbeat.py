@@ -24,7 +24,8 @@ from processor.consumer.membership import Membership, now_ms
 from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
 from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
-from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage, WrongType
+from processor.errors import WrongType
+from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage
 from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from processor.config import MAX_BATCH_SIZE
 from processor.consumer.dedup import Window, digest
 from processor.consumer.messages import DEAD, Entry
 from processor.consumer.threads import OnFailure, WatchedThread
+from processor.errors import WriterGone
 from processor.store.connection import (
     CONNECTION_ERRORS,
     DOWNTIME,
@@ -442,10 +443,6 @@ def _wait(connection: Any, replicas: int, timeout_ms: int) -> int:
 class Batch:
     entries: list[Entry]
     received_at: float | None  # monotonic arrival of its oldest message, when known
-
-
-class WriterGone(RuntimeError):
-    """Raised by :meth:`WriteThread.submit` once the write thread has died."""
 
 
 class WriteThread(WatchedThread):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from processor.config import Bounds, Settings
-from processor.errors import ConfigError
+from processor.errors import ConfigError, GroupStopped
 from processor.group import autoscale
 from processor.group.controlplane import Beat, HostInfo, HostRegistry, set_desired
 from processor.group.shares import split
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 
 # A host beats at least this often, so a change reaches every host within about a second.
 BEAT_MAX_S = 0.5
-
-
-class GroupStopped(Exception):
-    """Raised by :meth:`Steering.start` when the group is asked to stop (the stop key is set)."""
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ from processor.config import MAX_CONSUMERS_PER_HOST, Settings
 from processor.consumer.dedup import mark_legacy_locks, warn_if_evicting
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
-from processor.errors import ConfigError
+from processor.errors import ConfigError, ExitCode, GroupStopped
 from processor.group.controlplane import claim_partitions
 from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload
-from processor.group.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
-from processor.group.steering import GroupStopped, Order, Steering
+from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process
+from processor.group.steering import Order, Steering
 from processor.observe.counters import record_unwritten
 from processor.observe.health import HealthServer
 from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
@@ -46,9 +46,6 @@ from processor.store.keys import Keys
 from processor.store.keytypes import check_key_types
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FORCED = 3
 
 # A consumer that ran this long before dying was healthy: its replacement starts at once.
 HEALTHY_RUN_S = 10.0
@@ -112,7 +109,7 @@ class Supervisor:
         check_access(self.settings, self.stop, deadline)
         if self.stop.is_set() or not self._connect(deadline):
             log.info("daemon stopped before Redis was reachable")
-            return EXIT_OK
+            return ExitCode.OK
         try:
             check_key_types(self._client, self._keys)  # raises ConfigError, as check_access
         except REDIS_ERRORS as error:
@@ -140,14 +137,14 @@ class Supervisor:
                 stopped,
             )
             self._client.close()
-            return EXIT_OK
+            return ExitCode.OK
         except REDIS_ERRORS as error:
             # The beats retry (and claim the host id) once Redis answers again.
             log.warning("control plane not reached at start (%s): starting CONSUMERS_COUNT", error)
         if self.stop.is_set():
             log.info("daemon stopped before its first consumer started")
             self._steering.leave()
-            return EXIT_OK
+            return ExitCode.OK
         try:
             health = self._start_health()
         except ConfigError:
@@ -268,7 +265,7 @@ class Supervisor:
             for slot in self._slots:
                 if slot.process is not None and slot.process.pid:
                     _kill(slot.process.pid, signal.SIGKILL)
-            os._exit(EXIT_FORCED)
+            os._exit(ExitCode.FORCED)
 
     # -- live control ---------------------------------------------------------------------------
 
@@ -501,7 +498,7 @@ class Supervisor:
         for slot in running:
             if slot.process is not None:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
-        code = EXIT_OK
+        code = ExitCode.OK
         killed_holding = 0
         for slot in running:
             process = slot.process
@@ -531,10 +528,10 @@ class Supervisor:
                 if process.pid:
                     _kill(process.pid, signal.SIGKILL)
                 process.join(5)
-                code = EXIT_CONSUMER_ERROR
+                code = ExitCode.CONSUMER_ERROR
             elif process.exitcode != 0:
                 log.error("consumer pid %s exited with code %s", process.pid, process.exitcode)
-                code = EXIT_CONSUMER_ERROR
+                code = ExitCode.CONSUMER_ERROR
         if killed_holding:
             try:
                 record_unwritten(self._client, self._keys, lost=killed_holding, left_to_takeover=0)

@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from processor.config import RedisSettings, database
-from processor.errors import ConfigError
+from processor.errors import ConfigError, WritesRefused, WrongType
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +30,11 @@ SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 
 
-class WritesRefused(redis.ResponseError):
-    """Raised when Redis refuses writes for a while: a failed save with
-    ``stop-writes-on-bgsave-error`` (MISCONF), fewer replicas than ``min-replicas-to-write``
-    (NOREPLICAS), another client's script past ``busy-reply-threshold`` (BUSY)."""
-
-
 # redis-py raises the class registered for an error reply's first word (OOM, READONLY and
 # LOADING have theirs); these would be plain ResponseErrors, which end the thread that gets one:
 # a consumer would leave with what it holds, and a whole group at once.
 for _code in ("MISCONF", "NOREPLICAS", "BUSY"):
     BaseParser.EXCEPTION_CLASSES.setdefault(_code, WritesRefused)
-
-
-class WrongType(redis.ResponseError):
-    """Raised when a key the daemon writes holds another type of value (WRONGTYPE): someone
-    else's key under one of our names, set while the daemon runs. The write script checks its
-    keys' types before its first write and replies WRONGTYPE naming the key, so a batch is never
-    half-written; the batch is held and retried until the key is deleted or renamed."""
-
-
 BaseParser.EXCEPTION_CLASSES.setdefault("WRONGTYPE", WrongType)
 
 # Redis refusing what we send until an operator or time mends it. Retried like a dropped
