@@ -58,6 +58,15 @@ class ConsumerFailed(ProcessorError):
     """
 
 
+class RetryStopped(ProcessorError):
+    """Raised by ``Retrier.call`` when its stop event was set while it backed off."""
+
+
+class RetryGaveUp(ProcessorError):
+    """Raised by ``Retrier.call`` when an attempt failed at or past the deadline it was given,
+    or when its ``on_error`` hook decided that no more attempts are made."""
+
+
 class WriterGone(ProcessorError):
     """Raised by ``WriteThread.submit`` once the write thread has died."""
 

@@ -19,8 +19,9 @@ from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
 from processor.consumer.messages import OUTPUT, Entry
 from processor.consumer.writer import Writer, WriteResult
-from processor.store.connection import Downtime, command_client
+from processor.store.connection import command_client
 from processor.store.keys import Keys
+from processor.store.outage import Downtime
 from tests.faults_support import CHANNEL, start_daemon
 from tests.helpers import wait_until
 from tests.test_metrics import scrape

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import TypeVar
 
 from processor.config import Settings
@@ -33,14 +34,16 @@ from processor.consumer.messages import (
 from processor.consumer.ownership import make_strategy
 from processor.consumer.stats import BusyMeter, ConsumerStats, RateMeter
 from processor.consumer.subscriber import Subscribers
-from processor.consumer.writer import Batch, Writer, WriteResult, WriteThread
-from processor.errors import ConsumerFailed
+from processor.consumer.write_thread import Batch, WriteThread
+from processor.consumer.writer import Writer, WriteResult
+from processor.errors import ConsumerFailed, RetryStopped
 from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
 from processor.observe.counters import record_unwritten
 from processor.observe.metrics import ConsumerMetrics
-from processor.store import connection
-from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.store import outage
+from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ class Consumer:
         settings = self.settings
         self._metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
         if self._metrics.enabled:
-            connection.on_outage_recovered = self._metrics.reconnected
+            outage.on_outage_recovered = self._metrics.reconnected
         handler = load_handler(settings.handler)
         # The built-in handler cannot hang: skip the two timer syscalls per message.
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
@@ -216,8 +219,11 @@ class Consumer:
             on_done=self._written,
             on_failure=self._thread_failed,
         )
-        self._register_outage = Outage("Redis (registration)", self.context)
-        self._register_backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
+        self._registration = Retrier(
+            Outage("Redis (registration)", self.context),
+            Backoff(0.1, settings.reconnect_backoff_max_s),
+            self.stop,
+        )
 
     def _join(self) -> None:
         """Subscribes first, then registers: a listed consumer is always a subscribed one."""
@@ -239,20 +245,19 @@ class Consumer:
         )
 
     def _register(self, consumer_id: str) -> None:
-        while not self.stop.is_set():
-            try:
-                with self._heartbeat.lock:
-                    self._membership.register(consumer_id)
-                    self._heartbeat.beat()
-            except CONNECTION_ERRORS as error:
-                self._register_outage.failed(error)
-                self.stop.wait(self._register_backoff.next_delay())
-                continue
-            self._register_backoff.reset()
-            self._register_outage.recovered()
-            if self.stats is not None:
-                self.stats.consumer_id = consumer_id
+        if self.stop.is_set():
             return
+        try:
+            self._registration.call(partial(self._register_once, consumer_id))
+        except RetryStopped:
+            return
+        if self.stats is not None:
+            self.stats.consumer_id = consumer_id
+
+    def _register_once(self, consumer_id: str) -> None:
+        with self._heartbeat.lock:
+            self._membership.register(consumer_id)
+            self._heartbeat.beat()
 
     def _step(self) -> None:
         if self._heartbeat.fenced.is_set():

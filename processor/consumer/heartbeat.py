@@ -25,8 +25,9 @@ from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
 from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
 from processor.errors import WrongType
-from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage
+from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,11 @@ class Heartbeat(WatchedThread):
         self._members: frozenset[str] = frozenset()
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
-        self._outage = Outage("Redis (heartbeat)", context)
-        self._events_outage = Outage("Redis (group events)", context)
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
-        self._backoff = Backoff(0.05, interval_s)
+        self._retrier = Retrier(
+            Outage("Redis (heartbeat)", context), Backoff(0.05, interval_s), done
+        )
+        self._events_outage = Outage("Redis (group events)", context)
         self._backlog_warned = 0.0
         self._parent_pid = os.getppid()
 
@@ -134,12 +136,10 @@ class Heartbeat(WatchedThread):
                         # one failing over: not a failed heartbeat.
                         log.debug("%s backlog not checked: %s", self._context(), error)
             except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
-                self._done.wait(self._backoff.next_delay())
+                self._retrier.failed(error)
                 next_beat = time.monotonic()
                 continue
-            self._backoff.reset()
-            self._outage.recovered()
+            self._retrier.succeeded()
 
     @property
     def members(self) -> frozenset[str]:

@@ -32,8 +32,9 @@ import redis
 from processor.config import RedisSettings
 from processor.consumer.threads import OnFailure, WatchedThread
 from processor.store.cluster import ClusterMap, slot_of
-from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
+from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS
 from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ class Subscriber(WatchedThread):
         self._deliver = deliver
         self._on_gap = on_gap
         self._context = context
-        self._backoff = Backoff(0.02, backoff_max_s)
         self._health_check_s = health_check_s
         self._stop_requested = threading.Event()
         self._reset_requested = threading.Event()
@@ -116,7 +116,11 @@ class Subscriber(WatchedThread):
         self.gaps = 0
         self.gap_seconds = 0.0
         self._last_alive = 0
-        self._outage = Outage("Pub/Sub subscription", context)
+        self._retrier = Retrier(
+            Outage("Pub/Sub subscription", context),
+            Backoff(0.02, backoff_max_s),
+            self._stop_requested,
+        )
 
     @property
     def sharded(self) -> bool:
@@ -137,20 +141,20 @@ class Subscriber(WatchedThread):
             try:
                 connection, sock = self._connect()
             except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
-                self._stop_requested.wait(self._backoff.next_delay())
+                self._retrier.failed(error)
                 continue
             try:
                 self._read(sock, down_since)
                 down_since = None  # stopped, or reset on purpose: not a gap
             except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
                 if self.subscribed.is_set():
+                    # A subscription that was live: subscribe again at once.
+                    self._retrier.outage.failed(error)
                     down_since = self._last_alive
                 else:
                     # Refused before it was confirmed (CLUSTERDOWN, MOVED, NOPERM): back off as
                     # after a failed connect, rather than ask again at once.
-                    self._stop_requested.wait(self._backoff.next_delay())
+                    self._retrier.failed(error)
             finally:
                 self.subscribed.clear()
                 self.client_id = None
@@ -285,8 +289,7 @@ class Subscriber(WatchedThread):
             )
 
     def _confirmed(self, down_since: int | None) -> None:
-        self._backoff.reset()
-        self._outage.recovered()
+        self._retrier.succeeded()
         self.subscribed.set()
         if down_since is not None:
             gap = Gap(down_since, _now_ms())

@@ -12,7 +12,7 @@ from processor.config import Settings
 from processor.consumer.stats import ConsumerStats
 from processor.errors import ConsumerFailed, ExitCode
 from processor.group.signals import CONTROL_SIGNALS
-from processor.store.connection import Backoff
+from processor.store.outage import Backoff
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Blocked by the supervisor across a start, so a signal cannot reach the child before its

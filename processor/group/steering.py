@@ -24,8 +24,9 @@ from processor.group import autoscale
 from processor.group.controlplane import Beat, HostInfo, HostRegistry, set_desired
 from processor.group.shares import split
 from processor.observe.counters import COUNTERS, read_counters
-from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS, Outage
+from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS
 from processor.store.keys import Keys
+from processor.store.outage import Outage
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from processor.config import MAX_CONSUMERS_PER_HOST, Settings
 from processor.consumer.dedup import mark_legacy_locks, warn_if_evicting
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
-from processor.errors import ConfigError, ExitCode, GroupStopped
+from processor.errors import ConfigError, ExitCode, GroupStopped, RetryStopped
 from processor.group.controlplane import claim_partitions
 from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload
 from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process
@@ -40,10 +40,11 @@ from processor.observe.counters import record_unwritten
 from processor.observe.health import HealthServer
 from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.observe.monitor import Monitor
-from processor.store.access import check_access, startup_deadline, wait_before_retry
-from processor.store.connection import REDIS_ERRORS, Backoff, Outage, command_client
+from processor.store.access import check_access, retry_at_start, startup_deadline
+from processor.store.connection import REDIS_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.keytypes import check_key_types
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +75,24 @@ class Supervisor:
         """Made once Redis answers (a cluster client reads the layout as it is made, so a
         cluster that went away since the start-up check is waited for); False if stopped.
         Raises StartupTimeout past ``deadline``."""
+        if self.stop.is_set():
+            return False
         outage = Outage("Redis (supervisor)", url=self.settings.url)
         backoff = Backoff(0.1, self.settings.reconnect_backoff_max_s)
-        while not self.stop.is_set():
-            try:
-                # Short timeouts: an eviction must never hold up the replacement of a consumer.
-                self._client = command_client(
-                    self.settings, name="processor-supervisor", timeout_s=1.0
-                )
-            except REDIS_ERRORS as error:
-                outage.failed(error)
-                wait_before_retry(self.settings, outage, backoff, self.stop, deadline)
-                continue
-            outage.recovered()
-            self._leave = leave_script(self._client)
-            self._steering = Steering(self.settings, self._client, self._keys)
-            return True
-        return False
+        retrier = Retrier(outage, backoff, self.stop, errors=REDIS_ERRORS)
+        try:
+            # Short timeouts: an eviction must never hold up the replacement of a consumer.
+            self._client = retry_at_start(
+                self.settings,
+                retrier,
+                lambda: command_client(self.settings, name="processor-supervisor", timeout_s=1.0),
+                deadline,
+            )
+        except RetryStopped:
+            return False
+        self._leave = leave_script(self._client)
+        self._steering = Steering(self.settings, self._client, self._keys)
+        return True
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
