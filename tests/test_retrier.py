@@ -110,3 +110,12 @@ def test_on_error_hears_of_each_failure_after_it_is_logged_and_may_end_the_retri
     with pytest.raises(RetryGaveUp, match="enough"):
         retrier.call(failing(1000), on_error=on_error)
     assert seen == [True, True, True]
+
+
+def test_the_end_of_an_outage_is_told_to_its_listener_by_what_it_was_about() -> None:
+    heard: list[str] = []
+    outage = Outage("Redis (writes)", on_recovered=heard.append)
+    outage.recovered()  # no outage on: nothing to tell
+    outage.failed(REFUSED)
+    outage.recovered()
+    assert heard == ["Redis (writes)"]

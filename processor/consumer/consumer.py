@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -32,15 +33,14 @@ from processor.consumer.messages import (
     reason_kind,
 )
 from processor.consumer.ownership import make_strategy
-from processor.consumer.stats import BusyMeter, ConsumerStats, RateMeter
-from processor.consumer.subscriber import Subscribers
+from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals, RateMeter
+from processor.consumer.subscriber import Gap, Subscribers
 from processor.consumer.write_thread import Batch, WriteThread
 from processor.consumer.writer import Writer, WriteResult
 from processor.errors import ConsumerFailed, RetryStopped
 from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
 from processor.observe.counters import record_unwritten
 from processor.observe.metrics import ConsumerMetrics
-from processor.store import outage
 from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.outage import Backoff, Outage, Retrier
@@ -70,6 +70,10 @@ class Consumer:
         self.keys = Keys.from_settings(settings)
         self._takeovers: deque[list[bytes]] = deque()
         self._inbox = Inbox()
+        # The group declared us dead: told by the heartbeat (an empty list) and by the write
+        # thread (the batch the fence refused); the loop alone takes them into its own state.
+        self._fence_reports: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        self._fenced = False
         self._unwritten: list[Entry] = []
         # Messages in the batch the handler is running on (set by this loop only).
         self._in_hand = 0
@@ -78,15 +82,9 @@ class Consumer:
         self._failure_lock = threading.Lock()
         self._rate = RateMeter()
         self._busy = BusyMeter()
-        self._totals = {
-            "written": 0,
-            "dead": 0,
-            "skipped": 0,
-            "taken_over": 0,
-            "lost": 0,
-            "left_to_takeover": 0,
-            "unconfirmed": 0,
-        }
+        self._totals = ConsumerTotals()
+        # The slot's sums before us (see stats.ADDED): the loop adds ours to them.
+        self._stats_base = {name: stats.get(name) for name in ADDED} if stats else {}
 
     @property
     def _batch_size(self) -> int:
@@ -141,8 +139,7 @@ class Consumer:
     def _set_up(self) -> None:
         settings = self.settings
         self._metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
-        if self._metrics.enabled:
-            outage.on_outage_recovered = self._metrics.reconnected
+        on_recovered = self._metrics.reconnected if self._metrics.enabled else None
         handler = load_handler(settings.handler)
         # The built-in handler cannot hang: skip the two timer syscalls per message.
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
@@ -175,14 +172,16 @@ class Consumer:
             # could write again what its owner wrote before the window forgot it.
             settings.lock_ttl_ms / 2000,
         )
+        gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
         self._subscriber = Subscribers(
             settings,
             self.keys,
             deliver=self._route,
-            on_gap=lambda gap: self._heartbeat.own_gaps.append(gap),
+            on_gap=gaps.put,
             context=self.context,
             backoff_max_s=settings.reconnect_backoff_max_s,
             on_failure=self._thread_failed,
+            on_recovered=on_recovered,
         )
         self._heartbeat = Heartbeat(
             heartbeat_client,
@@ -196,9 +195,12 @@ class Consumer:
             context=self.context,
             subscriptions=self._subscriber.connections,
             on_takeover=self._takeovers.append,
+            on_fenced=partial(self._fence_reports.put, []),
             on_failure=self._thread_failed,
             status=self._on_beat,
+            gaps=gaps,
             probe_client=side_client,
+            on_recovered=on_recovered,
         )
         writer = Writer(
             self._client,
@@ -212,6 +214,7 @@ class Consumer:
             wait_replicas=settings.wait_replicas,
             holding=self._held,
             strict_wait=settings.wait_replicas_mode == "strict",
+            on_recovered=on_recovered,
         )
         self._writes = WriteThread(
             writer,
@@ -220,7 +223,7 @@ class Consumer:
             on_failure=self._thread_failed,
         )
         self._registration = Retrier(
-            Outage("Redis (registration)", self.context),
+            Outage("Redis (registration)", self.context, on_recovered=on_recovered),
             Backoff(0.1, settings.reconnect_backoff_max_s),
             self.stop,
         )
@@ -260,7 +263,9 @@ class Consumer:
             self._heartbeat.beat()
 
     def _step(self) -> None:
-        if self._heartbeat.fenced.is_set():
+        if self._take_fence_reports():
+            self._fenced = True
+        if self._fenced:
             self._rejoin()
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
@@ -308,19 +313,20 @@ class Consumer:
             self._leave("stopped")
         self._runner.close()
         self._count_unwritten()
-        totals = self._totals
+        self._account()
+        totals = self._totals.snapshot()
         log.info(
             "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
             "left_to_takeover=%d gaps=%d unconfirmed=%d",
             self.context(),
-            totals["written"],
-            totals["dead"],
-            totals["skipped"],
-            totals["taken_over"],
-            totals["lost"],
-            totals["left_to_takeover"],
+            totals.written,
+            totals.dead,
+            totals.skipped,
+            totals.taken_over,
+            totals.lost,
+            totals.left_to_takeover,
             self._subscriber.gaps,
-            totals["unconfirmed"],
+            totals.unconfirmed,
         )
 
     def _held(self) -> int:
@@ -337,6 +343,7 @@ class Consumer:
         buffers hold a copy of everything published while they were subscribed, and they try
         it. Otherwise (no one else live, or a stop that could not write it) it is lost.
         """
+        self._take_fence_reports()  # the batches the fence refused, once the writer has stopped
         fenced = len(self._unwritten)
         unwritten = self._held() + fenced
         if not unwritten:
@@ -344,7 +351,7 @@ class Consumer:
             return
         others = self._heartbeat.members - {self._membership.consumer_id}
         if (self._failure is not None or fenced) and others:
-            self._totals["left_to_takeover"] += unwritten
+            self._totals.loop.left_to_takeover += unwritten
             log.error(
                 "%s left the group holding %d unwritten messages: the %d live consumers try "
                 "them from their takeover buffers",
@@ -353,7 +360,7 @@ class Consumer:
                 len(others),
             )
         else:
-            self._totals["lost"] += unwritten
+            self._totals.loop.lost += unwritten
             log.error(
                 "%s stopped holding %d unwritten messages, with no live consumer to take them "
                 "over: lost",
@@ -365,7 +372,8 @@ class Consumer:
     def _report_unwritten(self) -> None:
         """Adds our lost and left counts to /metrics and to the group's counters in Redis
         (``processor status``); a Redis that is away loses only this report."""
-        lost, left = self._totals["lost"], self._totals["left_to_takeover"]
+        totals = self._totals.snapshot()
+        lost, left = totals.lost, totals.left_to_takeover
         self._metrics.unwritten(lost, left)
         if not lost and not left:
             return
@@ -443,7 +451,7 @@ class Consumer:
         """Called by the write thread after each batch."""
         entries = batch.entries
         if result is None:
-            self._totals["lost"] += len(entries)
+            self._totals.writes.lost += len(entries)
             log.error(
                 "%s Redis still unreachable at shutdown: %d received messages not written",
                 self.context(),
@@ -452,8 +460,7 @@ class Consumer:
             return
         if result.fenced:
             # We were declared dead while stalled; _rejoin decides what happens to these.
-            self._unwritten.extend(entries)
-            self._heartbeat.fenced.set()
+            self._fence_reports.put(entries)
             return
         replied = time.monotonic()
         self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
@@ -465,41 +472,36 @@ class Consumer:
         ]
         self._metrics.written(result.written, result.skipped, reasons)
         self._metrics.unconfirmed(result.unconfirmed)
-        self._totals["unconfirmed"] += result.unconfirmed
-        self._totals["written"] += result.written
-        self._totals["dead"] += result.dead
-        self._totals["skipped"] += result.skipped
-        if self.stats is not None:
-            self.stats.add("written", result.written)
-            self.stats.add("dead", result.dead)
-            self.stats.add("skipped", result.skipped)
+        counts = self._totals.writes
+        counts.unconfirmed += result.unconfirmed
+        counts.written += result.written
+        counts.dead += result.dead
+        counts.skipped += result.skipped
 
     def _on_beat(self) -> dict[str, str | int | float]:
         """Called by the heartbeat thread before each beat: the metrics that are not recorded
         per batch are synced at its cadence, and our status goes out with the beat."""
         status = self._status()
         self._sync_metrics(int(status["held"]))
-        if self.stats is not None:
-            self.stats.set(held=int(status["held"]))
         return status
 
     def _status(self) -> dict[str, str | int | float]:
         """What ``processor status`` shows of us; written to Redis with every heartbeat."""
-        totals = self._totals
+        totals = self._totals.snapshot()
         return {
             "host": self.settings.host,
             "pid": os.getpid(),
             "slot": self.slot,
             "strategy": self._strategy.name,
             "received": self._subscriber.received,
-            "written": totals["written"],
-            "dead": totals["dead"],
-            "skipped": totals["skipped"],
-            "taken_over": totals["taken_over"],
+            "written": totals.written,
+            "dead": totals.dead,
+            "skipped": totals.skipped,
+            "taken_over": totals.taken_over,
             "buffered": self._strategy.buffered,
             "held": self._held(),
             "gaps": self._subscriber.gaps,
-            "rate": round(self._rate.rate(totals["written"]), 1),
+            "rate": round(self._rate.rate(totals.written), 1),
             "subscribed": int(self._subscriber.is_subscribed()),
             "backlog_bytes": self._heartbeat.backlog_bytes,
             "inbox": len(self._inbox),
@@ -510,33 +512,44 @@ class Consumer:
         subscriber = self._subscriber
         totals = {
             "received": subscriber.received,
-            "taken_over": self._totals["taken_over"],
+            "taken_over": self._totals.loop.taken_over,
             "gaps": subscriber.gaps,
             "gap_seconds": subscriber.gap_seconds,
         }
         self._metrics.sync(totals, self._strategy.buffered, held, self._heartbeat.backlog_bytes)
 
     def _account(self) -> None:
-        if self.stats is not None:
-            ready = (
-                self._subscriber.is_subscribed()
-                and not self._heartbeat.fenced.is_set()
-                and not self.stop.is_set()
-            )
-            self.stats.set(
-                received=self._subscriber.received,
-                gaps=self._subscriber.gaps,
-                buffered=self._strategy.buffered,
-                ready=int(ready),
-            )
+        """Our counters for the supervisor: the loop is the one writer of ``stats``."""
+        if self.stats is None:
+            return
+        ready = self._subscriber.is_subscribed() and not self._fenced and not self.stop.is_set()
+        totals = self._totals.snapshot()
+        base = self._stats_base
+        self.stats.set(
+            received=self._subscriber.received,
+            gaps=self._subscriber.gaps,
+            buffered=self._strategy.buffered,
+            held=self._held(),
+            ready=int(ready),
+            **{name: base[name] + getattr(totals, name) for name in ADDED},
+        )
+
+    def _take_fence_reports(self) -> bool:
+        """Takes what the heartbeat and the write thread reported of a fence; True if any."""
+        reported = False
+        while True:
+            try:
+                refused = self._fence_reports.get_nowait()
+            except queue.Empty:
+                return reported
+            self._unwritten.extend(refused)
+            reported = True
 
     # -- takeover and rejoin ------------------------------------------------------------------
 
     def _take_over(self, payloads: list[bytes]) -> None:
         """Tries messages another consumer may have missed; the write skips any it wrote."""
-        self._totals["taken_over"] += len(payloads)
-        if self.stats is not None:
-            self.stats.add("taken_over", len(payloads))
+        self._totals.loop.taken_over += len(payloads)
         for batch in self._batches(payloads):
             self._handle(batch, skip_written=True)
 
@@ -573,6 +586,7 @@ class Consumer:
         whatever someone else wrote.
         """
         self._writes.wait_idle()
+        self._take_fence_reports()  # what the fence refused meanwhile
         old_id = self._membership.consumer_id
         last_beat_ms = self._membership.last_beat_ms
         stalled_ms = now_ms() - last_beat_ms
@@ -601,7 +615,9 @@ class Consumer:
                 dropped,
             )
         self._register(new_consumer_id(self.slot))
-        self._heartbeat.fenced.clear()
+        # Reports of the old id made before the new one beat: the rejoin answers them.
+        self._take_fence_reports()
+        self._fenced = False
         log.warning(
             "%s rejoined after a stall of %.1f s (was %s)",
             self.context(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -73,9 +74,12 @@ class Heartbeat(WatchedThread):
         context: Callable[[], str],
         subscriptions: Callable[[], list[tuple[tuple[str, int] | None, int]]],
         on_takeover: Callable[[list[bytes]], None],
+        on_fenced: Callable[[], None],
         on_failure: OnFailure,
         status: Callable[[], Mapping[str, str | int | float]],
+        gaps: queue.SimpleQueue[Gap],
         probe_client: redis.Redis | None = None,
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
@@ -92,21 +96,27 @@ class Heartbeat(WatchedThread):
         self._context = context
         self._subscriptions = subscriptions
         self._on_takeover = on_takeover
+        self._on_fenced = on_fenced
         self._status = status
         # What Redis held unsent for our subscription at the last check (CLIENT LIST omem).
         self.backlog_bytes = 0
         # Held across register + first beat, so a view never mixes two identities.
         self.lock = threading.Lock()
-        self.fenced = threading.Event()
-        self.own_gaps: deque[Gap] = deque()
+        # The id the group declared dead at our last beat, if any (changed under ``lock``).
+        self._dead_as: str | None = None
+        # Our subscriptions' gaps, handed over by the readers; the ones not published yet.
+        self._gaps = gaps
+        self._unpublished: deque[Gap] = deque()
         self._members: frozenset[str] = frozenset()
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
         self._retrier = Retrier(
-            Outage("Redis (heartbeat)", context), Backoff(0.05, interval_s), done
+            Outage("Redis (heartbeat)", context, on_recovered=on_recovered),
+            Backoff(0.05, interval_s),
+            done,
         )
-        self._events_outage = Outage("Redis (group events)", context)
+        self._events_outage = Outage("Redis (group events)", context, on_recovered=on_recovered)
         self._backlog_warned = 0.0
         self._parent_pid = os.getppid()
 
@@ -156,9 +166,11 @@ class Heartbeat(WatchedThread):
         view = self.membership.beat(self._status())
         me = self.membership.consumer_id
         if not view.alive:
-            if not self.fenced.is_set():
+            # Said and handed to the consumer loop once per id: the loop rejoins under a new one.
+            if self._dead_as != me:
+                self._dead_as = me
                 log.warning("%s heartbeat had expired: the group declared us dead", self._context())
-            self.fenced.set()
+                self._on_fenced()
             return
         members = frozenset(view.members)
         if members != self._members:
@@ -225,8 +237,13 @@ class Heartbeat(WatchedThread):
             self._on_takeover(taken)
 
     def _publish_gaps(self) -> None:
-        while self.own_gaps:
-            gap = self.own_gaps[0]
+        while True:
+            try:
+                self._unpublished.append(self._gaps.get_nowait())
+            except queue.Empty:
+                break
+        while self._unpublished:
+            gap = self._unpublished[0]
             self._client.xadd(
                 self._keys.gaps,
                 {
@@ -237,7 +254,7 @@ class Heartbeat(WatchedThread):
                 maxlen=GAPS_MAXLEN,
                 approximate=True,
             )
-            self.own_gaps.popleft()
+            self._unpublished.popleft()
 
     def _check_backlog(self) -> None:
         """Warns well before Redis cuts us off for reading slowly (client-output-buffer-limit)."""

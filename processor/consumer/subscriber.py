@@ -93,6 +93,7 @@ class Subscriber(WatchedThread):
         health_check_s: float = 3.0,
         locate: Callable[[], str] | None = None,
         name: str = "subscriber",
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name, on_failure)
         self._settings = settings
@@ -117,7 +118,7 @@ class Subscriber(WatchedThread):
         self.gap_seconds = 0.0
         self._last_alive = 0
         self._retrier = Retrier(
-            Outage("Pub/Sub subscription", context),
+            Outage("Pub/Sub subscription", context, on_recovered=on_recovered),
             Backoff(0.02, backoff_max_s),
             self._stop_requested,
         )
@@ -328,11 +329,21 @@ class Subscribers:
         context: Callable[[], str],
         backoff_max_s: float,
         on_failure: OnFailure,
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         channels = [partition.channel for partition in keys.partitions]
         if not keys.cluster:
             self.readers = [
-                Subscriber(settings, channels, deliver, on_gap, context, backoff_max_s, on_failure)
+                Subscriber(
+                    settings,
+                    channels,
+                    deliver,
+                    on_gap,
+                    context,
+                    backoff_max_s,
+                    on_failure,
+                    on_recovered=on_recovered,
+                )
             ]
             return
         self.readers = [
@@ -346,6 +357,7 @@ class Subscribers:
                 on_failure,
                 locate=_primary_locator(settings, channel),
                 name=f"subscriber-{index}",
+                on_recovered=on_recovered,
             )
             for index, channel in enumerate(channels)
         ]

@@ -69,6 +69,7 @@ class Writer:
         holding: Callable[[], int] | None = None,
         strict_wait: bool = False,
         wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
         self._maxlen = maxlen
@@ -89,6 +90,7 @@ class Writer:
             "Redis (writes)",
             context,
             detail=None if holding is None else lambda: f"holding {holding()} messages",
+            on_recovered=on_recovered,
         )
         # No stop event: a stopping consumer's writes go on retrying, for grace_s at most.
         self._retrier = Retrier(outage, Backoff(0.05, backoff_max_s))

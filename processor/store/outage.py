@@ -34,14 +34,6 @@ class Backoff:
         self._failures = 0
 
 
-def _ignore(what: str) -> None:
-    pass
-
-
-# Told of every outage that ended, by what it was about; the consumer points it at its metrics.
-on_outage_recovered: Callable[[str], None] = _ignore
-
-
 class Downtime:
     """How long, in this process, some Outage has been on (Redis unreachable or refusing us).
 
@@ -86,7 +78,8 @@ class Outage:
     """Logs an outage when it starts, every OUTAGE_REPEAT_S while it lasts, and when it ends.
 
     ``detail`` adds what the caller holds meanwhile (for example "holding 120 messages") to the
-    start and repeat lines; ``url`` lets them name a TLS mismatch (see :func:`explain`).
+    start and repeat lines; ``url`` lets them name a TLS mismatch (see :func:`explain`);
+    ``on_recovered`` hears of the end of each outage, by what it was about (the metrics).
     """
 
     def __init__(
@@ -95,8 +88,10 @@ class Outage:
         context: Callable[[], str] = lambda: "",
         detail: Callable[[], str] | None = None,
         url: str = "",
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         self.what = what
+        self._on_recovered = on_recovered
         self._context = context
         self._detail = detail
         self._url = url
@@ -216,7 +211,8 @@ class Outage:
         self._started = None
         self._attempts = 0
         self.error = None
-        on_outage_recovered(self.what)
+        if self._on_recovered is not None:
+            self._on_recovered(self.what)
         return length
 
 
