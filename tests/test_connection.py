@@ -14,6 +14,7 @@ from processor.config import Settings
 from processor.store import outage as outages
 from processor.store.connection import command_client
 from processor.store.outage import Downtime, Outage
+from tests.helpers import tagged
 
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
@@ -57,7 +58,7 @@ def test_an_outage_says_every_repeat_interval_what_is_unavailable_why_and_for_ho
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(outages, "OUTAGE_REPEAT_S", 0.0)  # each retry is past the interval
-    outage = Outage("Redis (writes)", lambda: "[c1]", detail=lambda: "holding 120 messages")
+    outage = Outage("Redis (writes)", tagged("[c1]"), detail=lambda: "holding 120 messages")
     caplog.set_level(logging.WARNING, logger=outages.__name__)
     for _ in range(3):
         outage.failed(REFUSED)

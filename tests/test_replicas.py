@@ -23,7 +23,7 @@ from processor.store.connection import command_client
 from processor.store.keys import Keys
 from processor.store.outage import Downtime
 from tests.faults_support import CHANNEL, start_daemon
-from tests.helpers import wait_until
+from tests.helpers import tagged, wait_until
 from tests.test_metrics import scrape
 
 CONSUMER = "test-consumer-1"
@@ -103,7 +103,7 @@ def _writer(client: redis.Redis, keys: Keys, strict: bool, stop: threading.Event
         keys,
         60_000,
         0.2,
-        lambda: "[t]",
+        tagged("[t]"),
         stop,
         0.5,
         wait_replicas=1,

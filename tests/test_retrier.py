@@ -13,6 +13,7 @@ import redis
 from processor.errors import RetryGaveUp, RetryStopped
 from processor.store import outage as outages
 from processor.store.outage import Backoff, Outage, Retrier
+from tests.helpers import tagged
 
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
@@ -54,7 +55,7 @@ def test_a_call_is_retried_until_it_succeeds_logging_the_outage_once_and_its_end
 ) -> None:
     caplog.set_level(logging.WARNING, logger=outages.__name__)
     backoff = CountingBackoff()
-    retrier = Retrier(Outage("Redis (test)", lambda: "[c1]"), backoff, threading.Event())
+    retrier = Retrier(Outage("Redis (test)", tagged("[c1]")), backoff, threading.Event())
     assert retrier.call(failing(3)) == "ok"
     assert backoff.delays == 3 and backoff.resets == 1
     start, back = lines(caplog)

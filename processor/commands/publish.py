@@ -29,6 +29,7 @@ import redis
 
 from processor.config import PublisherSettings
 from processor.errors import RetryGaveUp, RetryStopped
+from processor.observe.logs import Tagged
 from processor.store.connection import command_client, refused_database, reread_layout
 from processor.store.keys import channels
 from processor.store.outage import Backoff, Outage, Retrier
@@ -86,7 +87,9 @@ class Publisher:
         self._layout_read_at = 0.0
         self._rng = random.Random()
         self._retries: deque[tuple[float, str, bytes]] = deque()
-        self._outage = Outage("Redis (publish)", lambda: "[publisher]", url=settings.url)
+        self._outage = Outage(
+            "Redis (publish)", Tagged(log, lambda: "[publisher]"), url=settings.url
+        )
         self._retrier = Retrier(self._outage, Backoff(0.05, 2.0), self.stop)
         self.report = PublishReport()
 

@@ -40,6 +40,7 @@ from processor.consumer.writer import Writer, WriteResult
 from processor.errors import ConsumerFailed, RetryStopped
 from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
 from processor.observe.counters import record_unwritten
+from processor.observe.logs import Tagged
 from processor.observe.metrics import ConsumerMetrics
 from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
@@ -81,6 +82,7 @@ class Consumer:
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
         self._rate = RateMeter()
+        self._log = Tagged(log, self._tag)
         self._busy = BusyMeter()
         self._totals = ConsumerTotals()
         # The slot's sums before us (see stats.ADDED): the loop adds ours to them.
@@ -98,7 +100,8 @@ class Consumer:
         for start in range(0, len(items), size):
             yield items[start : start + size]
 
-    def context(self) -> str:
+    def _tag(self) -> str:
+        """Who we are in the log, as of now: our id changes as we rejoin."""
         return f"[{self._membership.consumer_id or 'joining'} pid={os.getpid()}]"
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -126,14 +129,13 @@ class Consumer:
             if first:
                 self._failure = f"{thread} thread failed: {type(error).__name__}: {error}"
         if first:
-            log.error(
-                "%s %s thread died: leaving the group so the others take over its share",
-                self.context(),
+            self._log.error(
+                "%s thread died: leaving the group so the others take over its share",
                 thread,
                 exc_info=error,
             )
         else:
-            log.debug("%s %s thread also stopped: %r", self.context(), thread, error)
+            self._log.debug("%s thread also stopped: %r", thread, error)
         self.stop.set()
 
     def _set_up(self) -> None:
@@ -144,7 +146,7 @@ class Consumer:
         # The built-in handler cannot hang: skip the two timer syscalls per message.
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
         self._runner: Runner = make_runner(handler, timeout_s, settings.handler_concurrency)
-        self._failures = FailureLog(settings.monitor_interval_s, self.context)
+        self._failures = FailureLog(settings.monitor_interval_s, self._log)
         self._client = command_client(settings, name="processor-consumer")
         self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
@@ -178,7 +180,7 @@ class Consumer:
             self.keys,
             deliver=self._route,
             on_gap=gaps.put,
-            context=self.context,
+            tagged=self._log,
             backoff_max_s=settings.reconnect_backoff_max_s,
             on_failure=self._thread_failed,
             on_recovered=on_recovered,
@@ -192,7 +194,7 @@ class Consumer:
             backlog_warn_bytes=settings.backlog_warn_bytes,
             stop=self.stop,
             done=self._flushed,
-            context=self.context,
+            tagged=self._log,
             subscriptions=self._subscriber.connections,
             on_takeover=self._takeovers.append,
             on_fenced=partial(self._fence_reports.put, []),
@@ -207,7 +209,7 @@ class Consumer:
             self.keys,
             settings.lock_ttl_ms,
             settings.reconnect_backoff_max_s,
-            self.context,
+            self._log,
             stop=self.stop,
             grace_s=settings.shutdown_grace_s * 0.5,
             maxlen=settings.output_maxlen,
@@ -223,7 +225,7 @@ class Consumer:
             on_failure=self._thread_failed,
         )
         self._registration = Retrier(
-            Outage("Redis (registration)", self.context, on_recovered=on_recovered),
+            Outage("Redis (registration)", self._log, on_recovered=on_recovered),
             Backoff(0.1, settings.reconnect_backoff_max_s),
             self.stop,
         )
@@ -237,9 +239,8 @@ class Consumer:
                 return
         self._register(new_consumer_id(self.slot))
         self._heartbeat.start()
-        log.info(
-            "%s consumer ready: channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
-            self.context(),
+        self._log.info(
+            "consumer ready: channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
             ",".join(partition.channel for partition in self.keys.partitions),
             self._strategy.name,
             self._batch_size,
@@ -315,10 +316,9 @@ class Consumer:
         self._count_unwritten()
         self._account()
         totals = self._totals.snapshot()
-        log.info(
-            "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
+        self._log.info(
+            "consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
             "left_to_takeover=%d gaps=%d unconfirmed=%d",
-            self.context(),
             totals.written,
             totals.dead,
             totals.skipped,
@@ -352,19 +352,17 @@ class Consumer:
         others = self._heartbeat.members - {self._membership.consumer_id}
         if (self._failure is not None or fenced) and others:
             self._totals.loop.left_to_takeover += unwritten
-            log.error(
-                "%s left the group holding %d unwritten messages: the %d live consumers try "
+            self._log.error(
+                "left the group holding %d unwritten messages: the %d live consumers try "
                 "them from their takeover buffers",
-                self.context(),
                 unwritten,
                 len(others),
             )
         else:
             self._totals.loop.lost += unwritten
-            log.error(
-                "%s stopped holding %d unwritten messages, with no live consumer to take them "
+            self._log.error(
+                "stopped holding %d unwritten messages, with no live consumer to take them "
                 "over: lost",
-                self.context(),
                 unwritten,
             )
         self._report_unwritten()
@@ -380,9 +378,8 @@ class Consumer:
         try:
             record_unwritten(self._client, self.keys, lost=lost, left_to_takeover=left)
         except CONNECTION_ERRORS as error:
-            log.warning(
-                "%s lost=%d left_to_takeover=%d not added to the group's counters: %s",
-                self.context(),
+            self._log.warning(
+                "lost=%d left_to_takeover=%d not added to the group's counters: %s",
                 lost,
                 left,
                 error,
@@ -393,9 +390,8 @@ class Consumer:
             with self._heartbeat.lock:
                 self._membership.leave(reason)
         except CONNECTION_ERRORS as error:
-            log.warning(
-                "%s could not leave the group (%s): its heartbeat will expire",
-                self.context(),
+            self._log.warning(
+                "could not leave the group (%s): its heartbeat will expire",
                 error,
             )
 
@@ -452,9 +448,8 @@ class Consumer:
         entries = batch.entries
         if result is None:
             self._totals.writes.lost += len(entries)
-            log.error(
-                "%s Redis still unreachable at shutdown: %d received messages not written",
-                self.context(),
+            self._log.error(
+                "Redis still unreachable at shutdown: %d received messages not written",
                 len(entries),
             )
             return
@@ -607,10 +602,9 @@ class Consumer:
             dropped = len(self._inbox.drain()) + len(self._unwritten) + self._strategy.discard()
             self._unwritten = []
             self._takeovers.clear()
-            log.warning(
-                "%s stalled %.1f s, past half the dedup window: dropped %d held messages, "
+            self._log.warning(
+                "stalled %.1f s, past half the dedup window: dropped %d held messages, "
                 "which live consumers took over",
-                self.context(),
                 stalled_ms / 1000,
                 dropped,
             )
@@ -618,9 +612,8 @@ class Consumer:
         # Reports of the old id made before the new one beat: the rejoin answers them.
         self._take_fence_reports()
         self._fenced = False
-        log.warning(
-            "%s rejoined after a stall of %.1f s (was %s)",
-            self.context(),
+        self._log.warning(
+            "rejoined after a stall of %.1f s (was %s)",
             stalled_ms / 1000,
             old_id,
         )

@@ -26,6 +26,7 @@ from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
 from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
 from processor.errors import WrongType
+from processor.observe.logs import Tagged
 from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
 from processor.store.outage import Backoff, Outage, Retrier
@@ -71,7 +72,7 @@ class Heartbeat(WatchedThread):
         backlog_warn_bytes: int,
         stop: threading.Event,
         done: threading.Event,
-        context: Callable[[], str],
+        tagged: Tagged,
         subscriptions: Callable[[], list[tuple[tuple[str, int] | None, int]]],
         on_takeover: Callable[[list[bytes]], None],
         on_fenced: Callable[[], None],
@@ -93,7 +94,7 @@ class Heartbeat(WatchedThread):
         self._backlog_warn_bytes = backlog_warn_bytes
         self._stopping = stop
         self._done = done
-        self._context = context
+        self._log = tagged.on(log)
         self._subscriptions = subscriptions
         self._on_takeover = on_takeover
         self._on_fenced = on_fenced
@@ -112,11 +113,11 @@ class Heartbeat(WatchedThread):
         self._seen = {keys.gaps: started, keys.departures: started}
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
         self._retrier = Retrier(
-            Outage("Redis (heartbeat)", context, on_recovered=on_recovered),
+            Outage("Redis (heartbeat)", tagged, on_recovered=on_recovered),
             Backoff(0.05, interval_s),
             done,
         )
-        self._events_outage = Outage("Redis (group events)", context, on_recovered=on_recovered)
+        self._events_outage = Outage("Redis (group events)", tagged, on_recovered=on_recovered)
         self._backlog_warned = 0.0
         self._parent_pid = os.getppid()
 
@@ -144,7 +145,7 @@ class Heartbeat(WatchedThread):
                     except CONNECTION_ERRORS as error:
                         # On a cluster it asks the node of each subscription, which may be the
                         # one failing over: not a failed heartbeat.
-                        log.debug("%s backlog not checked: %s", self._context(), error)
+                        self._log.debug("backlog not checked: %s", error)
             except CONNECTION_ERRORS as error:
                 self._retrier.failed(error)
                 next_beat = time.monotonic()
@@ -158,7 +159,7 @@ class Heartbeat(WatchedThread):
 
     def _check_supervisor(self) -> None:
         if os.getppid() != self._parent_pid and not self._stopping.is_set():
-            log.error("%s supervisor is gone: stopping", self._context())
+            self._log.error("supervisor is gone: stopping")
             self._stopping.set()
 
     def beat(self) -> None:
@@ -169,14 +170,14 @@ class Heartbeat(WatchedThread):
             # Said and handed to the consumer loop once per id: the loop rejoins under a new one.
             if self._dead_as != me:
                 self._dead_as = me
-                log.warning("%s heartbeat had expired: the group declared us dead", self._context())
+                self._log.warning("heartbeat had expired: the group declared us dead")
                 self._on_fenced()
             return
         members = frozenset(view.members)
         if members != self._members:
             self._members = members
             taken = self._strategy.update(members, me)
-            log.info("%s group changed: %d live consumers", self._context(), len(members))
+            self._log.info("group changed: %d live consumers", len(members))
             if taken:
                 self._on_takeover(taken)
 
@@ -215,9 +216,8 @@ class Heartbeat(WatchedThread):
                     continue
                 if name == self._keys.departures:
                     departed = True
-                    log.info(
-                        "%s %s left (%s): taking over its share",
-                        self._context(),
+                    self._log.info(
+                        "%s left (%s): taking over its share",
                         member,
                         fields[b"reason"].decode(errors="replace"),
                     )
@@ -228,9 +228,8 @@ class Heartbeat(WatchedThread):
     def _gap_reported(self, member: str) -> None:
         taken = self._strategy.gap_reported(member)
         if taken:
-            log.info(
-                "%s %s reported a subscription gap: trying %d of its buffered messages",
-                self._context(),
+            self._log.info(
+                "%s reported a subscription gap: trying %d of its buffered messages",
                 member,
                 len(taken),
             )
@@ -270,9 +269,8 @@ class Heartbeat(WatchedThread):
         now = time.monotonic()
         if omem >= self._backlog_warn_bytes and now - self._backlog_warned >= BACKLOG_WARN_REPEAT_S:
             self._backlog_warned = now
-            log.warning(
-                "%s falling behind: Redis holds %.1f MiB unread for our subscription "
+            self._log.warning(
+                "falling behind: Redis holds %.1f MiB unread for our subscription "
                 "(it cuts subscribers off at client-output-buffer-limit pubsub, 32 MiB by default)",
-                self._context(),
                 omem / 2**20,
             )

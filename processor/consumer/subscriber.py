@@ -31,6 +31,7 @@ import redis
 
 from processor.config import RedisSettings
 from processor.consumer.threads import OnFailure, WatchedThread
+from processor.observe.logs import Tagged
 from processor.store.cluster import ClusterMap, slot_of
 from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS
 from processor.store.keys import Keys
@@ -87,7 +88,7 @@ class Subscriber(WatchedThread):
         channels: Sequence[str],
         deliver: Callable[[list[bytes]], None],
         on_gap: Callable[[Gap], None],
-        context: Callable[[], str],
+        tagged: Tagged,
         backoff_max_s: float,
         on_failure: OnFailure,
         health_check_s: float = 3.0,
@@ -107,7 +108,7 @@ class Subscriber(WatchedThread):
         self._url = settings.url
         self._deliver = deliver
         self._on_gap = on_gap
-        self._context = context
+        self._log = tagged.on(log)
         self._health_check_s = health_check_s
         self._stop_requested = threading.Event()
         self._reset_requested = threading.Event()
@@ -118,7 +119,7 @@ class Subscriber(WatchedThread):
         self.gap_seconds = 0.0
         self._last_alive = 0
         self._retrier = Retrier(
-            Outage("Pub/Sub subscription", context, on_recovered=on_recovered),
+            Outage("Pub/Sub subscription", tagged, on_recovered=on_recovered),
             Backoff(0.02, backoff_max_s),
             self._stop_requested,
         )
@@ -217,11 +218,11 @@ class Subscriber(WatchedThread):
                     sock.sendall(pack_command(*self._unsubscribe))
                     unsubscribe_sent = time.monotonic()
                 elif time.monotonic() - unsubscribe_sent > DRAIN_TIMEOUT_S:
-                    log.warning("%s no UNSUBSCRIBE reply: stopping without it", self._context())
+                    self._log.warning("no UNSUBSCRIBE reply: stopping without it")
                     return
             if self._reset_requested.is_set():
                 self._reset_requested.clear()
-                log.info("%s dropping the subscription and its unread backlog", self._context())
+                self._log.info("dropping the subscription and its unread backlog")
                 return
             if self._locate is not None and time.monotonic() >= next_location_check:
                 next_location_check = time.monotonic() + LOCATION_CHECK_S
@@ -296,15 +297,14 @@ class Subscriber(WatchedThread):
             gap = Gap(down_since, _now_ms())
             self.gaps += 1
             self.gap_seconds += gap.length_s
-            log.warning(
-                "%s subscribed again after a gap of %.3f s: messages published in it were "
+            self._log.warning(
+                "subscribed again after a gap of %.3f s: messages published in it were "
                 "not received by this consumer",
-                self._context(),
                 gap.length_s,
             )
             self._on_gap(gap)
         else:
-            log.debug("%s subscribed", self._context())
+            self._log.debug("subscribed")
 
 
 def _primary_locator(settings: RedisSettings, channel: str) -> Callable[[], str]:
@@ -326,7 +326,7 @@ class Subscribers:
         keys: Keys,
         deliver: Callable[[list[bytes]], None],
         on_gap: Callable[[Gap], None],
-        context: Callable[[], str],
+        tagged: Tagged,
         backoff_max_s: float,
         on_failure: OnFailure,
         on_recovered: Callable[[str], None] | None = None,
@@ -339,7 +339,7 @@ class Subscribers:
                     channels,
                     deliver,
                     on_gap,
-                    context,
+                    tagged,
                     backoff_max_s,
                     on_failure,
                     on_recovered=on_recovered,
@@ -352,7 +352,7 @@ class Subscribers:
                 [channel],
                 deliver,
                 on_gap,
-                context,
+                tagged,
                 backoff_max_s,
                 on_failure,
                 locate=_primary_locator(settings, channel),

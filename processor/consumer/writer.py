@@ -18,6 +18,7 @@ from processor.config import MAX_BATCH_SIZE
 from processor.consumer.dedup import Window, digest
 from processor.consumer.messages import DEAD, Entry
 from processor.errors import RetryGaveUp
+from processor.observe.logs import Tagged
 from processor.store.connection import SOCKET_TIMEOUT_S, reread_layout
 from processor.store.keys import Keys
 from processor.store.outage import DOWNTIME, Backoff, Outage, Retrier
@@ -61,7 +62,7 @@ class Writer:
         keys: Keys,
         lock_ttl_ms: int,
         backoff_max_s: float,
-        context: Callable[[], str],
+        tagged: Tagged,
         stop: threading.Event,
         grace_s: float,
         maxlen: int = 0,
@@ -88,13 +89,13 @@ class Writer:
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
         outage = Outage(
             "Redis (writes)",
-            context,
+            tagged,
             detail=None if holding is None else lambda: f"holding {holding()} messages",
             on_recovered=on_recovered,
         )
         # No stop event: a stopping consumer's writes go on retrying, for grace_s at most.
         self._retrier = Retrier(outage, Backoff(0.05, backoff_max_s))
-        self._context = context
+        self._log = tagged.on(log)
         self._stop = stop
         self._grace_s = grace_s
         # Per partition: until when writes skip WAIT after replicas fell short (monotonic).
@@ -222,10 +223,9 @@ class Writer:
 
     def _degrade(self, partition: int, confirmed: int) -> None:
         self._unprotected_until[partition] = time.monotonic() + UNPROTECTED_S
-        log.warning(
-            "%s %d of %d replicas confirmed a write to %s within %d ms: writing there "
+        self._log.warning(
+            "%d of %d replicas confirmed a write to %s within %d ms: writing there "
             "without waiting for %g s (a failover now could lose what they lack)",
-            self._context(),
             confirmed,
             self._wait_replicas,
             self._keys.partitions[partition].output,
@@ -246,10 +246,9 @@ class Writer:
             # The owners' writes to this primary are held alike: what they received meanwhile
             # may still be unwritten, so takeover buffers must not age it out (as in an outage).
             DOWNTIME.begin(hold, hold.since)
-            log.warning(
-                "%s holding %d messages written to %s: %d of %d replicas confirmed them within "
+            self._log.warning(
+                "holding %d messages written to %s: %d of %d replicas confirmed them within "
                 "%d ms; waiting until they do (WAIT_REPLICAS_MODE=strict)",
-                self._context(),
                 hold.messages,
                 hold.stream,
                 confirmed,
@@ -258,10 +257,9 @@ class Writer:
             )
         elif now - hold.logged_at >= HOLD_LOG_INTERVAL_S:
             hold.logged_at = now
-            log.warning(
-                "%s still holding %d messages written to %s after %.0f s: %d of %d replicas "
+            self._log.warning(
+                "still holding %d messages written to %s after %.0f s: %d of %d replicas "
                 "confirmed them",
-                self._context(),
                 hold.messages,
                 hold.stream,
                 now - hold.since,
@@ -282,9 +280,8 @@ class Writer:
         first = cast(list[Any], hold.first_reply)
         held_s = time.monotonic() - hold.since
         if confirmed >= self._wait_replicas:
-            log.warning(
-                "%s %d held messages written to %s confirmed by %d of %d replicas after %.1f s",
-                self._context(),
+            self._log.warning(
+                "%d held messages written to %s confirmed by %d of %d replicas after %.1f s",
                 hold.messages,
                 hold.stream,
                 confirmed,
@@ -292,11 +289,10 @@ class Writer:
                 held_s,
             )
         else:
-            log.warning(
-                "%s stopping: %d held messages let go unconfirmed after %.1f s, %d of %d replicas "
+            self._log.warning(
+                "stopping: %d held messages let go unconfirmed after %.1f s, %d of %d replicas "
                 "confirmed them: they are written on the primary of %s, not lost, but a "
                 "failover before its replicas catch up would lose them",
-                self._context(),
                 hold.messages,
                 held_s,
                 confirmed,

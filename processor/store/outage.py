@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from processor.errors import RetryGaveUp, RetryStopped, WrongType
+from processor.observe.logs import Tagged
 from processor.store.connection import CONNECTION_ERRORS, REFUSALS, explain, refused_credentials
 
 log = logging.getLogger(__name__)
@@ -77,22 +78,23 @@ OUTAGE_REPEAT_S = 30.0
 class Outage:
     """Logs an outage when it starts, every OUTAGE_REPEAT_S while it lasts, and when it ends.
 
-    ``detail`` adds what the caller holds meanwhile (for example "holding 120 messages") to the
-    start and repeat lines; ``url`` lets them name a TLS mismatch (see :func:`explain`);
-    ``on_recovered`` hears of the end of each outage, by what it was about (the metrics).
+    ``tagged`` starts the lines with who logs them (see :class:`Tagged`); ``detail`` adds what
+    the caller holds meanwhile (for example "holding 120 messages") to the start and repeat
+    lines; ``url`` lets them name a TLS mismatch (see :func:`explain`); ``on_recovered`` hears
+    of the end of each outage, by what it was about (the metrics).
     """
 
     def __init__(
         self,
         what: str,
-        context: Callable[[], str] = lambda: "",
+        tagged: Tagged | None = None,
         detail: Callable[[], str] | None = None,
         url: str = "",
         on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         self.what = what
         self._on_recovered = on_recovered
-        self._context = context
+        self._log: logging.Logger | Tagged = log if tagged is None else tagged.on(log)
         self._detail = detail
         self._url = url
         self._started: float | None = None
@@ -124,10 +126,9 @@ class Outage:
             DOWNTIME.begin(self, now)
         if refused_credentials(error) is not None:
             # Not a blip: a rotated password needs an operator, so say it on every attempt.
-            log.error(
-                "%s %s refused our credentials (attempt %d): %s; fix REDIS_URL's password "
+            self._log.error(
+                "%s refused our credentials (attempt %d): %s; fix REDIS_URL's password "
                 "and restart, or restore the old one; retrying%s",
-                self._context(),
                 self.what,
                 self._attempts,
                 str(error).rstrip("."),
@@ -153,9 +154,8 @@ class Outage:
                 if isinstance(error, WrongType)
                 else "Redis takes writes again"
             )
-            log.error(
-                "%s %s refused: %s %s; retrying until %s%s",
-                self._context(),
+            self._log.error(
+                "%s refused: %s %s; retrying until %s%s",
                 self.what,
                 error.status_code,
                 str(error).rstrip("."),
@@ -163,9 +163,8 @@ class Outage:
                 self._details(),
             )
         else:
-            log.warning(
-                "%s %s unavailable: %s; retrying%s",
-                self._context(),
+            self._log.warning(
+                "%s unavailable: %s; retrying%s",
                 self.what,
                 explain(error, self._url),
                 self._details(),
@@ -173,9 +172,8 @@ class Outage:
 
     def _log_repeat(self, error: BaseException, length_s: float) -> None:
         if isinstance(error, REFUSALS):
-            log.error(
-                "%s %s still refused after %.0f s (%d failed attempts): %s %s; retrying%s",
-                self._context(),
+            self._log.error(
+                "%s still refused after %.0f s (%d failed attempts): %s %s; retrying%s",
                 self.what,
                 length_s,
                 self._attempts,
@@ -184,9 +182,8 @@ class Outage:
                 self._details(),
             )
         else:
-            log.warning(
-                "%s %s still unavailable after %.0f s (%d failed attempts): %s; retrying%s",
-                self._context(),
+            self._log.warning(
+                "%s still unavailable after %.0f s (%d failed attempts): %s; retrying%s",
                 self.what,
                 length_s,
                 self._attempts,
@@ -201,9 +198,8 @@ class Outage:
         now = time.monotonic()
         DOWNTIME.end(self, now)
         length = now - self._started
-        log.warning(
-            "%s %s back after %.2f s (%d failed attempts)",
-            self._context(),
+        self._log.warning(
+            "%s back after %.2f s (%d failed attempts)",
             self.what,
             length,
             self._attempts,
