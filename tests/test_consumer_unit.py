@@ -143,7 +143,9 @@ def test_the_heartbeat_reports_a_declared_death_once_and_the_loop_rejoins_under_
     consumer._step()
     new_id = consumer._membership.consumer_id
     assert new_id != old_id and not consumer._fenced
-    assert consumer.stats is not None and consumer.stats.consumer_id == new_id
+    stats = consumer.stats
+    assert stats is not None
+    wait_until(lambda: stats.consumer_id == new_id, 10, message="new id not reported")
     dead_lines = [line for line in caplog.messages if "declared us dead" in line]
     assert dead_lines == [
         f"[{old_id} pid={os.getpid()}] heartbeat had expired: the group declared us dead"
@@ -173,7 +175,7 @@ def test_the_counters_snapshot_sums_what_each_thread_counted(
     assert (status["written"], status["dead"], status["taken_over"]) == (5, 4, 2)
 
 
-def test_the_loop_alone_writes_the_slot_stats_adding_to_the_slots_earlier_sums(
+def test_the_heartbeat_alone_writes_the_slot_stats_adding_to_the_slots_earlier_sums(
     make_consumer: MakeConsumer,
 ) -> None:
     consumer = make_consumer()
@@ -181,14 +183,25 @@ def test_the_loop_alone_writes_the_slot_stats_adding_to_the_slots_earlier_sums(
     assert stats is not None
     stats.set(written=100, dead=10)  # counted by the consumers the slot had before
     consumer._stats_base = {name: stats.get(name) for name in consumer._stats_base}
+    before = stats.snapshot()
     in_writer_thread(lambda: consumer._written(Batch(entries(8), None), WriteResult(7, 1, 0), 0.0))
-    assert stats.get("written") == 100  # the write thread does not touch them
-    consumer._inbox.put([b"a", b"b"])
-    before_beat = stats.snapshot()
-    consumer._on_beat()  # the heartbeat's status neither
-    assert stats.snapshot() == before_beat
-    consumer._account()
-    assert (stats.get("written"), stats.get("dead"), stats.get("held")) == (107, 11, 2)
+    consumer._take_over([])  # the loop's count
+    assert stats.snapshot() == before  # neither the write thread nor the loop wrote them
+    consumer._report_stats()  # what the heartbeat thread does before each beat
+    assert (stats.get("written"), stats.get("dead")) == (107, 11)
+
+
+def test_the_heartbeat_reports_what_is_held_while_the_loop_waits_for_a_handler(
+    make_consumer: MakeConsumer, redis_url: str, r: redis.Redis
+) -> None:
+    consumer = make_consumer(joined=True)
+    stats = consumer.stats
+    assert stats is not None
+    wait_until(lambda: stats.consumer_id == consumer._membership.consumer_id, 10)
+    # The loop is not stepping (as while a handler hangs): the beats still report.
+    consumer._inbox.put([b"a", b"b", b"c"])
+    wait_until(lambda: stats.get("held") == 3, 10, message="held not reported")
+    assert stats.get("ready") == 1
 
 
 # -- the identity in the log ----------------------------------------------------------------

@@ -34,7 +34,8 @@ from processor.consumer.messages import (
 )
 from processor.consumer.ownership import make_strategy
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals, RateMeter
-from processor.consumer.subscriber import Gap, Subscribers
+from processor.consumer.subscriber import Gap
+from processor.consumer.subscribers import Subscribers
 from processor.consumer.write_thread import Batch, WriteThread
 from processor.consumer.writer import Writer, WriteResult
 from processor.errors import ConsumerFailed, RetryStopped
@@ -85,8 +86,9 @@ class Consumer:
         self._log = Tagged(log, self._tag)
         self._busy = BusyMeter()
         self._totals = ConsumerTotals()
-        # The slot's sums before us (see stats.ADDED): the loop adds ours to them.
+        # The slot's sums before us (see stats.ADDED): ours are added to them.
         self._stats_base = {name: stats.get(name) for name in ADDED} if stats else {}
+        self._reported_id = ""
 
     @property
     def _batch_size(self) -> int:
@@ -200,6 +202,7 @@ class Consumer:
             on_fenced=partial(self._fence_reports.put, []),
             on_failure=self._thread_failed,
             status=self._on_beat,
+            report=self._report_stats,
             gaps=gaps,
             probe_client=side_client,
             on_recovered=on_recovered,
@@ -255,8 +258,6 @@ class Consumer:
             self._registration.call(partial(self._register_once, consumer_id))
         except RetryStopped:
             return
-        if self.stats is not None:
-            self.stats.consumer_id = consumer_id
 
     def _register_once(self, consumer_id: str) -> None:
         with self._heartbeat.lock:
@@ -277,7 +278,6 @@ class Consumer:
             self._in_hand = len(payloads)  # out of the inbox, not submitted yet
             self._handle(payloads, received_at=self._inbox.oldest_taken)
         self._failures.report()
-        self._account()
 
     def _flush(self) -> None:
         """After a stop request: stop reading, write everything already received, leave."""
@@ -294,12 +294,9 @@ class Consumer:
             self._handle(batch)
         self._writes.wait_idle()
         self._failures.report(final=True)
-        self._account()
 
     def _tear_down(self) -> None:
         self.stop.set()
-        if self.stats is not None:
-            self.stats.set(ready=0)
         self._subscriber.stop()
         if self._failure is not None:
             # Leave first: whatever we still hold may never be written by us.
@@ -314,7 +311,6 @@ class Consumer:
             self._leave("stopped")
         self._runner.close()
         self._count_unwritten()
-        self._account()
         totals = self._totals.snapshot()
         self._log.info(
             "consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
@@ -513,10 +509,14 @@ class Consumer:
         }
         self._metrics.sync(totals, self._strategy.buffered, held, self._heartbeat.backlog_bytes)
 
-    def _account(self) -> None:
-        """Our counters for the supervisor: the loop is the one writer of ``stats``."""
+    def _report_stats(self) -> None:
+        """Our id and counters for the supervisor, called by the heartbeat thread: the one
+        writer of ``stats``, which goes on while this loop waits for a handler."""
         if self.stats is None:
             return
+        consumer_id = self._membership.consumer_id
+        if consumer_id and consumer_id != self._reported_id:
+            self._reported_id = self.stats.consumer_id = consumer_id
         ready = self._subscriber.is_subscribed() and not self._fenced and not self.stop.is_set()
         totals = self._totals.snapshot()
         base = self._stats_base

@@ -78,6 +78,7 @@ class Heartbeat(WatchedThread):
         on_fenced: Callable[[], None],
         on_failure: OnFailure,
         status: Callable[[], Mapping[str, str | int | float]],
+        report: Callable[[], None],
         gaps: queue.SimpleQueue[Gap],
         probe_client: redis.Redis | None = None,
         on_recovered: Callable[[str], None] | None = None,
@@ -99,6 +100,7 @@ class Heartbeat(WatchedThread):
         self._on_takeover = on_takeover
         self._on_fenced = on_fenced
         self._status = status
+        self._report = report
         # What Redis held unsent for our subscription at the last check (CLIENT LIST omem).
         self.backlog_bytes = 0
         # Held across register + first beat, so a view never mixes two identities.
@@ -122,6 +124,7 @@ class Heartbeat(WatchedThread):
         self._parent_pid = os.getppid()
 
     def work(self) -> None:
+        self._report()
         next_beat = time.monotonic() + self._interval_s
         next_backlog_check = time.monotonic()
         # Beats on after a stop request until the consumer has flushed (``done``): a heartbeat
@@ -135,6 +138,7 @@ class Heartbeat(WatchedThread):
                 if due:
                     next_beat = time.monotonic() + self._interval_s
                     self._check_supervisor()
+                self._report()
                 with self.lock:
                     self.beat()
                 self._publish_gaps()
@@ -151,6 +155,7 @@ class Heartbeat(WatchedThread):
                 next_beat = time.monotonic()
                 continue
             self._retrier.succeeded()
+        self._report()  # the last: every write is done by now
 
     @property
     def members(self) -> frozenset[str]:

@@ -10,8 +10,8 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 # "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz).
-# "held": messages received and not written yet, as of the consumer's last step (what a forced
-# stop of it loses).
+# "held": messages received and not written yet, as of the consumer's last heartbeat (what a
+# forced stop of it loses).
 FIELDS = (
     "received",
     "written",
@@ -32,8 +32,8 @@ ADDED = ("written", "dead", "skipped", "taken_over")
 class ConsumerStats:
     """One consumer slot's counters and current id; picklable to a spawned child.
 
-    The supervisor writes them before it starts a consumer, and the consumer's loop (its main
-    thread) alone while the consumer runs.
+    The supervisor writes them before it starts a consumer, and the consumer's heartbeat thread
+    alone while the consumer runs (it goes on while a handler holds up the consumer's loop).
     """
 
     def __init__(self, context: BaseContext) -> None:
