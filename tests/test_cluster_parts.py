@@ -21,7 +21,8 @@ from demo.redis_cluster import LocalCluster
 from processor.config import MAX_BATCH_SIZE, Settings, load_daemon_settings
 from processor.consumer.dedup import SeenCheck, Window
 from processor.consumer.messages import Entry, dead_letter
-from processor.consumer.subscriber import Gap, Subscribers
+from processor.consumer.subscriber import Gap
+from processor.consumer.subscribers import Subscribers
 from processor.consumer.writer import Writer
 from processor.errors import ConfigError
 from processor.group.controlplane import claim_partitions
