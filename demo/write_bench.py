@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import math
 import statistics
 import sys
@@ -45,6 +46,7 @@ from demo.redis_server import RedisServer, exit_cleanly_on_sigterm
 from processor.config import Settings
 from processor.consumer.messages import OUTPUT, Entry
 from processor.consumer.writer import Writer
+from processor.observe.logs import Tagged
 from processor.store.connection import command_client
 from processor.store.keys import Keys
 from processor.store.scripts import load_script
@@ -63,6 +65,8 @@ end
 return #ARGV
 """
 
+UNTAGGED = Tagged(logging.getLogger(__name__), str)
+
 
 def make_batches(count: int, prefix: str = "") -> list[list[Entry]]:
     entries = []
@@ -80,7 +84,7 @@ class Design:
         self._client = client
         self._keys = keys
         self._write: Callable[[list[Entry]], Any]
-        writer = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
+        writer = Writer(client, keys, window_ms, 1.0, UNTAGGED, threading.Event(), 1.0)
         # What fills the window before the measured batches: the design itself, except for
         # ``lookups``, which looks up what today's script remembered.
         self.prefill: Callable[[list[Entry]], Any] = self.write
@@ -93,7 +97,7 @@ class Design:
                 "processor.consumer.writer.load_script",
                 return_value=source.replace(NO_INSERT, ""),
             ):
-                checker = Writer(client, keys, window_ms, 1.0, lambda: "", threading.Event(), 1.0)
+                checker = Writer(client, keys, window_ms, 1.0, UNTAGGED, threading.Event(), 1.0)
             self._write = lambda batch: checker.write(batch, CONSUMER, "")
             self.prefill = lambda batch: writer.write(batch, CONSUMER, "")
         elif name == "locks":

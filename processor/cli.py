@@ -17,10 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT, ConfigError, StartupTimeout
-
-# Exit code of ``publish`` when Redis was unreachable (or refused it) for its whole run.
-EXIT_UNREACHABLE = 1
+from processor.errors import ConfigError, ExitCode, StartupTimeout
 
 USAGE = """usage: {prog} COMMAND [options]
 
@@ -57,10 +54,10 @@ def consume(argv: Sequence[str], prog: str) -> int:
         return run(settings, reload=lambda: load_daemon_settings(argv, prog=prog))
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except StartupTimeout as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_STARTUP_TIMEOUT
+        return ExitCode.STARTUP_TIMEOUT
 
 
 def publish(argv: Sequence[str], prog: str) -> int:
@@ -72,7 +69,7 @@ def publish(argv: Sequence[str], prog: str) -> int:
         settings = load_publisher_settings(argv, prog=prog)
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     configure_logging(settings.loglevel)
     stop = threading.Event()
 
@@ -85,11 +82,11 @@ def publish(argv: Sequence[str], prog: str) -> int:
         report = Publisher(settings, stop).run()
     except ConfigError as error:  # known only once connected: a database Redis does not have
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     print(report.line(), flush=True)
     # A run that reached Redis now and then did its best (the line counts it); one that never
     # did published nothing.
-    return EXIT_UNREACHABLE if report.unavailable and not report.published else 0
+    return ExitCode.UNREACHABLE if report.unavailable and not report.published else ExitCode.OK
 
 
 def status(argv: Sequence[str], prog: str) -> int:
@@ -99,7 +96,7 @@ def status(argv: Sequence[str], prog: str) -> int:
         return status_main(argv, prog)
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
 
 
 def _control(command: Callable[[Sequence[str], str], int], argv: Sequence[str], prog: str) -> int:
@@ -107,7 +104,7 @@ def _control(command: Callable[[Sequence[str], str], int], argv: Sequence[str], 
         return command(argv, prog)
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
 
 
 def scale(argv: Sequence[str], prog: str) -> int:
@@ -150,12 +147,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     prog = prog or program_name(sys.argv[0])
     if not args or args[0] in ("-h", "--help"):
         print(USAGE.format(prog=prog), end="")
-        return 0 if args else EXIT_CONFIG
+        return ExitCode.OK if args else ExitCode.CONFIG
     command = COMMANDS.get(args[0])
     if command is None:
         print(
             f"{prog}: error: unknown command {args[0]!r} (choose from {', '.join(COMMANDS)})",
             file=sys.stderr,
         )
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     return command(args[1:], f"{prog} {args[0]}")

@@ -1,11 +1,33 @@
-"""The exceptions processor raises on purpose; anything else is a bug."""
+"""The exceptions processor raises on purpose, and the exit codes of its entry points; anything
+else is a bug."""
 
 from __future__ import annotations
 
-# Exit code of an entry point stopped by a wrong setting.
-EXIT_CONFIG = 2
-# Exit code of the daemon that gave up waiting for Redis at start-up (STARTUP_TIMEOUT).
-EXIT_STARTUP_TIMEOUT = 4
+import enum
+
+import redis
+
+
+class ExitCode(enum.IntEnum):
+    """What an entry point of processor (the daemon, a consumer process, a command) exits with.
+
+    Several share a value: each entry point tells its own failures apart from success, and
+    their meanings do not overlap within one entry point.
+    """
+
+    OK = 0
+    # ``publish``, ``scale``, ``stop``, ``start``: Redis was unreachable or refused the command.
+    UNREACHABLE = 1
+    # A consumer process whose thread died; the daemon when one of its consumers failed to stop.
+    CONSUMER_ERROR = 1
+    # ``status``: no live consumer in the group.
+    NO_CONSUMER = 1
+    # Any entry point stopped by a wrong setting.
+    CONFIG = 2
+    # The daemon after a second SIGINT or SIGTERM killed its consumers.
+    FORCED = 3
+    # The daemon that gave up waiting for Redis at start-up (STARTUP_TIMEOUT).
+    STARTUP_TIMEOUT = 4
 
 
 class ProcessorError(Exception):
@@ -34,3 +56,38 @@ class ConsumerFailed(ProcessorError):
     The consumer has left the group by then (the others take over its share); its process
     exits non-zero so the supervisor replaces it.
     """
+
+
+class RetryStopped(ProcessorError):
+    """Raised by ``Retrier.call`` when its stop event was set while it backed off."""
+
+
+class RetryGaveUp(ProcessorError):
+    """Raised by ``Retrier.call`` when an attempt failed at or past the deadline it was given,
+    or when its ``on_error`` hook decided that no more attempts are made."""
+
+
+class WriterGone(ProcessorError):
+    """Raised by ``WriteThread.submit`` once the write thread has died."""
+
+
+class GroupStopped(ProcessorError):
+    """Raised by ``Steering.start`` when the group is asked to stop (the stop key is set)."""
+
+
+class WritesRefused(redis.ResponseError):
+    """Raised when Redis refuses writes for a while: a failed save with
+    ``stop-writes-on-bgsave-error`` (MISCONF), fewer replicas than ``min-replicas-to-write``
+    (NOREPLICAS), another client's script past ``busy-reply-threshold`` (BUSY).
+
+    redis-py raises it for those replies once :mod:`processor.store.connection` has registered
+    it with the reply parser."""
+
+
+class WrongType(redis.ResponseError):
+    """Raised when a key the daemon writes holds another type of value (WRONGTYPE): someone
+    else's key under one of our names, set while the daemon runs. The write script checks its
+    keys' types before its first write and replies WRONGTYPE naming the key, so a batch is never
+    half-written; the batch is held and retried until the key is deleted or renamed.
+
+    Registered with redis-py's reply parser by :mod:`processor.store.connection`."""

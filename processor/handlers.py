@@ -24,6 +24,7 @@ from typing import Any
 
 from processor.consumer.messages import reason_kind
 from processor.errors import HandlerLoadError, HandlerTimeout
+from processor.observe.logs import Tagged
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +224,11 @@ class FailureLog:
     def __init__(
         self,
         interval_s: float,
-        context: Callable[[], str],
+        tagged: Tagged,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._interval_s = interval_s
-        self._context = context
+        self._log = tagged.on(log)
         self._clock = clock
         self._logged: set[str] = set()
         self._counts: Counter[str] = Counter()
@@ -244,10 +245,9 @@ class FailureLog:
         if kind in self._logged:
             return
         self._logged.add(kind)
-        log.error(
-            "%s handler failed (%s) on message_id %r: %s; later failures are counted, "
+        self._log.error(
+            "handler failed (%s) on message_id %r: %s; later failures are counted, "
             "not logged one by one",
-            self._context(),
             kind,
             message_id,
             reason,
@@ -264,9 +264,8 @@ class FailureLog:
             return
         total = self._counts.total()
         kinds = ", ".join(f"{kind} {count:,}" for kind, count in self._counts.most_common())
-        log.warning(
-            "%s handler failed %s in the last %.1f s (%s); the first of each kind is logged above",
-            self._context(),
+        self._log.warning(
+            "handler failed %s in the last %.1f s (%s); the first of each kind is logged above",
             f"{total:,} times" if total != 1 else "1 time",
             elapsed,
             kinds,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+
+from processor.observe.logs import Tagged
 
 
 def wait_until(
@@ -20,3 +23,8 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(message or f"condition not met within {timeout:g} s")
         time.sleep(interval)
+
+
+def tagged(tag: str) -> Tagged:
+    """A logger for a component under test whose lines start with ``tag``, as a consumer's do."""
+    return Tagged(logging.getLogger("tests"), lambda: tag)

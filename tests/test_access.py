@@ -22,7 +22,7 @@ import redis
 
 from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
-from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT, StartupTimeout
+from processor.errors import ExitCode, StartupTimeout
 from processor.group.supervisor import Supervisor
 from processor.store.access import ACL_RULES
 from tests.conftest import REPO_ROOT, Processes
@@ -78,7 +78,7 @@ def refused_at_start(procs: Processes, url: str, secret: str) -> str:
     proc = start(procs, url)
     code = proc.wait(timeout=EXIT_WITHIN_S)  # type: ignore[attr-defined]
     output = procs.output(proc)  # type: ignore[arg-type]
-    assert code == EXIT_CONFIG, output[-3000:]
+    assert code == ExitCode.CONFIG, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("consume.py: error:")]
     assert len(errors) == 1, output[-3000:]
     assert secret not in output, "the secret was printed"
@@ -99,7 +99,7 @@ def test_a_wrong_password_for_a_cluster_is_a_config_error_too(procs, secured):
         ["demo/consume.py"],
         env={**FAST_SETTINGS, "REDIS_URL": url, "REDIS_CLUSTER": "true"},
     )
-    assert proc.wait(timeout=EXIT_WITHIN_S) == EXIT_CONFIG, procs.output(proc)[-3000:]
+    assert proc.wait(timeout=EXIT_WITHIN_S) == ExitCode.CONFIG, procs.output(proc)[-3000:]
     output = procs.output(proc)
     assert "consume.py: error: Redis refused the credentials in REDIS_URL" in output, output
     assert "wrong-password" not in output
@@ -110,7 +110,7 @@ def test_redis_cluster_against_a_single_redis_is_a_config_error(procs, redis_url
         ["demo/consume.py"],
         env={**FAST_SETTINGS, "REDIS_URL": redis_url, "REDIS_CLUSTER": "true"},
     )
-    assert proc.wait(timeout=EXIT_WITHIN_S) == EXIT_CONFIG, procs.output(proc)[-3000:]
+    assert proc.wait(timeout=EXIT_WITHIN_S) == ExitCode.CONFIG, procs.output(proc)[-3000:]
     assert "error: invalid REDIS_CLUSTER: " in procs.output(proc)
     assert "is not a Redis Cluster node" in procs.output(proc)
 
@@ -262,7 +262,7 @@ def test_redis_unreachable_past_the_startup_timeout_is_one_line_and_exit_4(procs
     env = {**FAST_SETTINGS, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "STARTUP_TIMEOUT": "3"}
     began = time.monotonic()
     proc = procs.start(["demo/consume.py"], env=env)
-    assert proc.wait(timeout=15) == EXIT_STARTUP_TIMEOUT, procs.output(proc)[-3000:]
+    assert proc.wait(timeout=15) == ExitCode.STARTUP_TIMEOUT, procs.output(proc)[-3000:]
     assert time.monotonic() - began >= 3
     output = procs.output(proc)
     errors = [line for line in output.splitlines() if line.startswith("consume.py: error:")]

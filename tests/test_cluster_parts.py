@@ -21,7 +21,8 @@ from demo.redis_cluster import LocalCluster
 from processor.config import MAX_BATCH_SIZE, Settings
 from processor.consumer.dedup import SeenCheck, Window
 from processor.consumer.messages import Entry, dead_letter
-from processor.consumer.subscriber import Gap, Subscribers
+from processor.consumer.subscriber import Gap
+from processor.consumer.subscribers import Subscribers
 from processor.consumer.writer import Writer
 from processor.errors import ConfigError
 from processor.group.controlplane import claim_partitions
@@ -32,7 +33,7 @@ from processor.store.connection import command_client, reread_layout
 from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT, Processes
 from tests.faults_support import FAST_SETTINGS
-from tests.helpers import wait_until
+from tests.helpers import tagged, wait_until
 from tests.test_access import refused_at_start
 from tests.test_cluster import publish_and_wait_written
 
@@ -63,7 +64,7 @@ def test_a_batch_over_partitions_is_written_once_each_entry_in_its_own_partition
     settings: Settings, cluster_client: redis.Redis
 ) -> None:
     keys = Keys.from_settings(settings)
-    writer = Writer(cluster_client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0)
+    writer = Writer(cluster_client, keys, 60_000, 0.2, tagged("[t]"), threading.Event(), 1.0)
     entries = _entries(keys, 60)
     first = writer.write(entries, "consumer-a", "")
     assert first is not None
@@ -93,7 +94,7 @@ def test_ids_crowding_into_one_partition_are_written_in_calls_the_script_can_tak
     # A batch holds PROCESSING_BATCH_SIZE per partition on average only: a publisher's ids can
     # all land in one partition, beyond what one script call unpacks.
     keys = Keys.from_settings(settings)
-    writer = Writer(cluster_client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0)
+    writer = Writer(cluster_client, keys, 60_000, 0.2, tagged("[t]"), threading.Event(), 1.0)
     crowded = (f"crowd-{n}" for n in range(100_000))
     ids = [item for item in crowded if keys.partition_of(item) == 1][: MAX_BATCH_SIZE * 2 + 10]
     entries = [Entry("o", item, "{}") for item in ids]
@@ -113,7 +114,7 @@ def test_a_write_with_a_stale_fence_is_refused_in_every_partition(
     settings: Settings, cluster_client: redis.Redis
 ) -> None:
     keys = Keys.from_settings(settings)
-    writer = Writer(cluster_client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0)
+    writer = Writer(cluster_client, keys, 60_000, 0.2, tagged("[t]"), threading.Event(), 1.0)
     for fence in keys.fences("consumer-f"):
         cluster_client.set(fence, "token-1", px=10_000)
     written = writer.write([Entry("o", "fenced-1", "{}")], "consumer-f", "token-1")
@@ -130,7 +131,7 @@ def test_a_reader_follows_its_slot_to_the_new_primary_after_a_manual_failover(
     received: list[bytes] = []
     gaps: list[Gap] = []
     readers = Subscribers(
-        settings, keys, received.extend, gaps.append, lambda: "[t]", 0.2, lambda n, e: None
+        settings, keys, received.extend, gaps.append, tagged("[t]"), 0.2, lambda n, e: None
     )
     readers.start()
     publisher = RedisCluster.from_url(module_cluster.url)

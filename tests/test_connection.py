@@ -11,14 +11,16 @@ from redis._parsers.base import BaseParser
 
 from demo.redis_server import RedisServer
 from processor.config import Settings
-from processor.store import connection
-from processor.store.connection import Downtime, Outage, command_client
+from processor.store import outage as outages
+from processor.store.connection import command_client
+from processor.store.outage import Downtime, Outage
+from tests.helpers import tagged
 
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == connection.__name__]
+    return [record.getMessage() for record in caplog.records if record.name == outages.__name__]
 
 
 def test_downtime_counts_the_time_some_outage_was_on_once() -> None:
@@ -55,9 +57,9 @@ def test_a_readonly_reply_drops_the_connection_so_the_retry_can_reach_a_new_prim
 def test_an_outage_says_every_repeat_interval_what_is_unavailable_why_and_for_how_long(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "OUTAGE_REPEAT_S", 0.0)  # each retry is past the interval
-    outage = Outage("Redis (writes)", lambda: "[c1]", detail=lambda: "holding 120 messages")
-    caplog.set_level(logging.WARNING, logger=connection.__name__)
+    monkeypatch.setattr(outages, "OUTAGE_REPEAT_S", 0.0)  # each retry is past the interval
+    outage = Outage("Redis (writes)", tagged("[c1]"), detail=lambda: "holding 120 messages")
+    caplog.set_level(logging.WARNING, logger=outages.__name__)
     for _ in range(3):
         outage.failed(REFUSED)
     outage.recovered()
@@ -80,9 +82,9 @@ def test_an_outage_says_every_repeat_interval_what_is_unavailable_why_and_for_ho
 def test_within_the_repeat_interval_an_outage_logs_only_its_start(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "OUTAGE_REPEAT_S", 3600.0)
+    monkeypatch.setattr(outages, "OUTAGE_REPEAT_S", 3600.0)
     outage = Outage("Redis (heartbeat)")
-    caplog.set_level(logging.WARNING, logger=connection.__name__)
+    caplog.set_level(logging.WARNING, logger=outages.__name__)
     for _ in range(5):
         outage.failed(REFUSED)
     assert len(outage_lines(caplog)) == 1
@@ -91,9 +93,9 @@ def test_within_the_repeat_interval_an_outage_logs_only_its_start(
 def test_a_refusal_that_lasts_is_repeated_as_a_refusal(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "OUTAGE_REPEAT_S", 0.0)
+    monkeypatch.setattr(outages, "OUTAGE_REPEAT_S", 0.0)
     outage = Outage("Redis (writes)", detail=lambda: "")  # nothing held: nothing appended
-    caplog.set_level(logging.WARNING, logger=connection.__name__)
+    caplog.set_level(logging.WARNING, logger=outages.__name__)
     full = BaseParser.parse_error("OOM command not allowed when used memory > 'maxmemory'.")  # type: ignore[no-untyped-call]
     outage.failed(full)
     outage.failed(full)

@@ -22,6 +22,7 @@ from processor.handlers import (
     make_runner,
 )
 from tests import handlers_for_tests as th
+from tests.helpers import tagged
 
 DEFAULT_PROPERTIES = {"score", "rank", "weight", "priority", "confidence"}
 
@@ -303,7 +304,7 @@ def test_the_first_failure_of_each_kind_is_logged_with_its_traceback_then_only_c
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
-    failures = FailureLog(3.0, lambda: "[c-1 pid=1]", clock)
+    failures = FailureLog(3.0, tagged("[c-1 pid=1]"), clock)
     caplog.set_level(logging.INFO, logger="processor.handlers")
 
     raised = _raised(50)
@@ -355,7 +356,7 @@ def test_a_final_report_counts_what_is_left_before_the_interval_is_up(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
-    failures = FailureLog(3.0, lambda: "[c-1 pid=1]", clock)
+    failures = FailureLog(3.0, tagged("[c-1 pid=1]"), clock)
     caplog.set_level(logging.INFO, logger="processor.handlers")
     failures.failed("m-0", "handler timed out after 5 s")
     clock.now += 0.5

@@ -19,7 +19,8 @@ from processor.consumer.membership import (
     process_id_prefix,
     read_view,
 )
-from processor.store.connection import WrongType, command_client
+from processor.errors import WrongType
+from processor.store.connection import command_client
 from processor.store.keys import Keys
 from tests.helpers import wait_until
 

@@ -19,10 +19,11 @@ from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
 from processor.consumer.messages import OUTPUT, Entry
 from processor.consumer.writer import Writer, WriteResult
-from processor.store.connection import Downtime, command_client
+from processor.store.connection import command_client
 from processor.store.keys import Keys
+from processor.store.outage import Downtime
 from tests.faults_support import CHANNEL, start_daemon
-from tests.helpers import wait_until
+from tests.helpers import tagged, wait_until
 from tests.test_metrics import scrape
 
 CONSUMER = "test-consumer-1"
@@ -102,7 +103,7 @@ def _writer(client: redis.Redis, keys: Keys, strict: bool, stop: threading.Event
         keys,
         60_000,
         0.2,
-        lambda: "[t]",
+        tagged("[t]"),
         stop,
         0.5,
         wait_replicas=1,

@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from processor.config import Settings
-from processor.errors import ConfigError
+from processor.errors import ConfigError, GroupStopped
 from processor.group import controlplane
-from processor.group.steering import GroupStopped, Steering
+from processor.group.steering import Steering
 from processor.store.keys import Keys
 
 SETTINGS = Settings(heartbeat_ttl_ms=300, heartbeat_interval_ms=100, max_consumers=8)

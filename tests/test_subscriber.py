@@ -11,7 +11,7 @@ import redis
 from demo.redis_server import RedisServer
 from processor.config import Settings
 from processor.consumer.subscriber import Gap, Subscriber
-from tests.helpers import wait_until
+from tests.helpers import tagged, wait_until
 
 CHANNEL = "messages:published"
 
@@ -50,7 +50,7 @@ def start_subscriber() -> Iterator[StartSubscriber]:
             [CHANNEL],
             deliver=received.deliver,
             on_gap=received.gaps.append,
-            context=lambda: "[t]",
+            tagged=tagged("[t]"),
             backoff_max_s=0.2,
             on_failure=lambda name, error: failures.append((name, error)),
         )
@@ -229,7 +229,7 @@ def test_an_unexpected_error_in_the_reader_is_reported_not_swallowed(
         [CHANNEL],
         deliver=deliver,
         on_gap=lambda gap: None,
-        context=lambda: "[t]",
+        tagged=tagged("[t]"),
         backoff_max_s=0.2,
         on_failure=lambda name, error: failures.append((name, error)),
     )

@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerFailed, TlsFiles
-from processor.errors import EXIT_CONFIG, EXIT_STARTUP_TIMEOUT
+from processor.errors import ExitCode
 from processor.loading import load_daemon_settings
 from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT
@@ -148,7 +148,7 @@ def test_a_certificate_the_client_cannot_verify_is_a_config_error(procs, tls_ser
     other = make_certificates(tmp_path)  # a CA that did not sign the server's certificate
     env = {**FAST_SETTINGS, **tls_env(server, files, ca=other.ca)}
     proc = procs.start(["demo/consume.py"], env=env)
-    assert proc.wait(timeout=30) == EXIT_CONFIG, procs.output(proc)
+    assert proc.wait(timeout=30) == ExitCode.CONFIG, procs.output(proc)
     line = procs.output(proc).strip().splitlines()[-1]
     assert line.startswith("consume.py: error: TLS with rediss://127.0.0.1:"), line
     assert "CERTIFICATE_VERIFY_FAILED" in line and "REDIS_TLS_CA_FILE" in line, line
@@ -158,7 +158,7 @@ def test_tls_files_without_a_rediss_url_are_refused(procs, tls_server):
     server, files = tls_server
     env = {**tls_env(server, files), "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = procs.start(["demo/consume.py"], env=env)
-    assert proc.wait(timeout=30) == EXIT_CONFIG
+    assert proc.wait(timeout=30) == ExitCode.CONFIG
     assert "not a rediss:// URL" in procs.output(proc)
 
 
@@ -168,7 +168,7 @@ def startup_error(procs, url: str) -> str:
         ["demo/consume.py"], env={**FAST_SETTINGS, "REDIS_URL": url, "STARTUP_TIMEOUT": "3"}
     )
     # One attempt against a plaintext server waits out a handshake timeout (5 s).
-    assert proc.wait(timeout=30) == EXIT_STARTUP_TIMEOUT, procs.output(proc)[-3000:]
+    assert proc.wait(timeout=30) == ExitCode.STARTUP_TIMEOUT, procs.output(proc)[-3000:]
     return procs.output(proc).strip().splitlines()[-1]
 
 

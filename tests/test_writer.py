@@ -35,7 +35,7 @@ from processor.consumer.writer import Writer, WriteResult, evalsha_packed
 from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.scripts import load_script
-from tests.helpers import wait_until
+from tests.helpers import tagged, wait_until
 
 CONSUMER = "test-consumer-1"
 
@@ -65,7 +65,7 @@ def writer(client: redis.Redis, keys: Keys, settings: Settings) -> Writer:
 
 
 def _writer(client: redis.Redis, keys: Keys, lock_ttl_ms: int, context: str) -> Writer:
-    return Writer(client, keys, lock_ttl_ms, 0.2, lambda: context, threading.Event(), 1.0)
+    return Writer(client, keys, lock_ttl_ms, 0.2, tagged(context), threading.Event(), 1.0)
 
 
 def _entries(start: int, stop: int) -> list[Entry]:
@@ -418,7 +418,7 @@ def test_writer_gives_up_when_told_and_redis_is_down(private_redis: RedisServer)
             Keys.from_settings(settings),
             settings.lock_ttl_ms,
             0.2,
-            lambda: "[gone]",
+            tagged("[gone]"),
             stop,
             0.5,
         )
@@ -458,7 +458,7 @@ def test_output_maxlen_trims_both_streams_as_they_are_written_and_still_dedups(
     client: redis.Redis, keys: Keys, settings: Settings, r: redis.Redis
 ) -> None:
     writer = Writer(
-        client, keys, settings.lock_ttl_ms, 0.2, lambda: "[t]", threading.Event(), 1.0, maxlen=100
+        client, keys, settings.lock_ttl_ms, 0.2, tagged("[t]"), threading.Event(), 1.0, maxlen=100
     )
     for start in range(0, 2000, 100):
         assert writer.write(_entries(start, start + 100), CONSUMER, "").written == 100
@@ -646,7 +646,7 @@ def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a
     """WAIT_REPLICAS on a Redis without replicas: the write stands (it is on the primary), one
     warning says the partition is unprotected, and the next writes do not wait again."""
     writer = Writer(
-        client, keys, 60_000, 0.2, lambda: "[t]", threading.Event(), 1.0, wait_replicas=1
+        client, keys, 60_000, 0.2, tagged("[t]"), threading.Event(), 1.0, wait_replicas=1
     )
     with caplog.at_level("WARNING", logger="processor.consumer.writer"):
         for start in range(0, 30, 10):

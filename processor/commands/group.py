@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from processor.config import MAX_CONSUMERS_PER_HOST
-from processor.errors import ConfigError
+from processor.errors import ConfigError, ExitCode
 from processor.group import controlplane
 from processor.loading import load_group_command
 from processor.store.connection import (
@@ -24,9 +24,6 @@ from processor.store.connection import (
     refused_database,
 )
 from processor.store.keys import Keys
-
-EXIT_OK = 0
-EXIT_UNREACHABLE = 1
 
 Action = Callable[[redis.Redis, Keys, argparse.Namespace], str]
 
@@ -71,12 +68,12 @@ def _run(
     finally:
         if client is not None:
             client.close()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _failed(prog: str, why: str) -> int:
     print(f"{prog}: error: {why}", file=sys.stderr)
-    return EXIT_UNREACHABLE
+    return ExitCode.UNREACHABLE
 
 
 def _hosts(client: redis.Redis, keys: Keys) -> str:

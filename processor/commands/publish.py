@@ -22,20 +22,17 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import TextIO
 
 import redis
 
 from processor.config import PublisherSettings
-from processor.store.connection import (
-    CONNECTION_ERRORS,
-    Backoff,
-    Outage,
-    command_client,
-    refused_database,
-    reread_layout,
-)
+from processor.errors import RetryGaveUp, RetryStopped
+from processor.observe.logs import Tagged
+from processor.store.connection import command_client, refused_database, reread_layout
 from processor.store.keys import channels
+from processor.store.outage import Backoff, Outage, Retrier
 from processor.store.partitions import partition_of
 
 log = logging.getLogger(__name__)
@@ -90,8 +87,10 @@ class Publisher:
         self._layout_read_at = 0.0
         self._rng = random.Random()
         self._retries: deque[tuple[float, str, bytes]] = deque()
-        self._backoff = Backoff(0.05, 2.0)
-        self._outage = Outage("Redis (publish)", lambda: "[publisher]", url=settings.url)
+        self._outage = Outage(
+            "Redis (publish)", Tagged(log, lambda: "[publisher]"), url=settings.url
+        )
+        self._retrier = Retrier(self._outage, Backoff(0.05, 2.0), self.stop)
         self.report = PublishReport()
 
     def run(self) -> PublishReport:
@@ -148,28 +147,14 @@ class Publisher:
     ) -> bool:
         """Publishes ``burst``, retrying while Redis is away until ``until`` (monotonic) or a
         stop; False if it gave up (``burst`` not published)."""
-        partitions = len(self._channels)
-        while True:
-            try:
-                if self._client is None:
-                    # Made here, inside the retry: a cluster client reads the layout as it is made.
-                    self._client = command_client(self.settings, name="processor-publisher")
-                with refused_database(self.settings), self._client.pipeline(False) as pipe:
-                    publish = pipe.spublish if self._sharded else pipe.publish
-                    for message_id, payload in burst:
-                        publish(self._channels[partition_of(message_id, partitions)], payload)
-                    receivers = pipe.execute()
-                break
-            except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
-                left = until - time.monotonic()
-                if left <= 0 or self.stop.wait(min(self._backoff.next_delay(), left)):
-                    return False
-        self._backoff.reset()
-        self._outage.recovered()
+        try:
+            receivers = self._retrier.call(partial(self._send, burst), deadline=until)
+        except (RetryStopped, RetryGaveUp):
+            return False
         now = time.monotonic()
         if self._sharded and 0 in receivers and now - self._layout_read_at >= LAYOUT_EVERY_S:
             self._layout_read_at = now
+            assert self._client is not None  # made by the call that just went through
             reread_layout(self._client)
         if record is not None:
             record.write(
@@ -190,6 +175,19 @@ class Publisher:
         else:
             self.report.republished += len(burst)
         return True
+
+    def _send(self, burst: list[tuple[str, bytes]]) -> list[int]:
+        """One attempt at publishing ``burst``: how many subscribers received each message."""
+        if self._client is None:
+            # Made here, inside the retry: a cluster client reads the layout as it is made.
+            self._client = command_client(self.settings, name="processor-publisher")
+        partitions = len(self._channels)
+        with refused_database(self.settings), self._client.pipeline(False) as pipe:
+            publish = pipe.spublish if self._sharded else pipe.publish
+            for message_id, payload in burst:
+                publish(self._channels[partition_of(message_id, partitions)], payload)
+            receivers: list[int] = pipe.execute()
+        return receivers
 
     def _retry_due(self, record: TextIO | None, until: float) -> None:
         now = time.monotonic()

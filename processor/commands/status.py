@@ -20,13 +20,13 @@ from typing import Any
 import redis
 
 from processor.config import StatusSettings
+from processor.errors import ExitCode
 from processor.group.controlplane import Control, HostInfo, read_control
 from processor.loading import load_status_settings
 from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.store.connection import CONNECTION_ERRORS, command_client, explain, refused_database
 from processor.store.keys import Keys
 
-EXIT_NO_CONSUMER = 1
 RECENT = 5
 
 
@@ -268,7 +268,7 @@ def main(argv: Sequence[str], prog: str) -> int:
             f"{explain(error, settings.url)}",
             file=sys.stderr,
         )
-        return EXIT_NO_CONSUMER
+        return ExitCode.NO_CONSUMER
     finally:
         if client is not None:
             client.close()
@@ -276,4 +276,4 @@ def main(argv: Sequence[str], prog: str) -> int:
         print(json.dumps(asdict(view), indent=2))
     else:
         print(render(view))
-    return 0 if view.consumers else EXIT_NO_CONSUMER
+    return ExitCode.OK if view.consumers else ExitCode.NO_CONSUMER

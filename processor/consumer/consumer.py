@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import TypeVar
 
 from processor.config import Settings
@@ -31,16 +33,19 @@ from processor.consumer.messages import (
     reason_kind,
 )
 from processor.consumer.ownership import make_strategy
-from processor.consumer.stats import BusyMeter, ConsumerStats, RateMeter
-from processor.consumer.subscriber import Subscribers
-from processor.consumer.writer import Batch, Writer, WriteResult, WriteThread
-from processor.errors import ConsumerFailed
+from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals, RateMeter
+from processor.consumer.subscriber import Gap
+from processor.consumer.subscribers import Subscribers
+from processor.consumer.write_thread import Batch, WriteThread
+from processor.consumer.writer import Writer, WriteResult
+from processor.errors import ConsumerFailed, RetryStopped
 from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
 from processor.observe.counters import record_unwritten
+from processor.observe.logs import Tagged
 from processor.observe.metrics import ConsumerMetrics
-from processor.store import connection
-from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage, command_client
+from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,10 @@ class Consumer:
         self.keys = Keys.from_settings(settings)
         self._takeovers: deque[list[bytes]] = deque()
         self._inbox = Inbox()
+        # The group declared us dead: told by the heartbeat (an empty list) and by the write
+        # thread (the batch the fence refused); the loop alone takes them into its own state.
+        self._fence_reports: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        self._fenced = False
         self._unwritten: list[Entry] = []
         # Messages in the batch the handler is running on (set by this loop only).
         self._in_hand = 0
@@ -74,16 +83,12 @@ class Consumer:
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
         self._rate = RateMeter()
+        self._log = Tagged(log, self._tag)
         self._busy = BusyMeter()
-        self._totals = {
-            "written": 0,
-            "dead": 0,
-            "skipped": 0,
-            "taken_over": 0,
-            "lost": 0,
-            "left_to_takeover": 0,
-            "unconfirmed": 0,
-        }
+        self._totals = ConsumerTotals()
+        # The slot's sums before us (see stats.ADDED): ours are added to them.
+        self._stats_base = {name: stats.get(name) for name in ADDED} if stats else {}
+        self._reported_id = ""
 
     @property
     def _batch_size(self) -> int:
@@ -97,7 +102,8 @@ class Consumer:
         for start in range(0, len(items), size):
             yield items[start : start + size]
 
-    def context(self) -> str:
+    def _tag(self) -> str:
+        """Who we are in the log, as of now: our id changes as we rejoin."""
         return f"[{self._membership.consumer_id or 'joining'} pid={os.getpid()}]"
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -125,26 +131,24 @@ class Consumer:
             if first:
                 self._failure = f"{thread} thread failed: {type(error).__name__}: {error}"
         if first:
-            log.error(
-                "%s %s thread died: leaving the group so the others take over its share",
-                self.context(),
+            self._log.error(
+                "%s thread died: leaving the group so the others take over its share",
                 thread,
                 exc_info=error,
             )
         else:
-            log.debug("%s %s thread also stopped: %r", self.context(), thread, error)
+            self._log.debug("%s thread also stopped: %r", thread, error)
         self.stop.set()
 
     def _set_up(self) -> None:
         settings = self.settings
         self._metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
-        if self._metrics.enabled:
-            connection.on_outage_recovered = self._metrics.reconnected
+        on_recovered = self._metrics.reconnected if self._metrics.enabled else None
         handler = load_handler(settings.handler)
         # The built-in handler cannot hang: skip the two timer syscalls per message.
         timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
         self._runner: Runner = make_runner(handler, timeout_s, settings.handler_concurrency)
-        self._failures = FailureLog(settings.monitor_interval_s, self.context)
+        self._failures = FailureLog(settings.monitor_interval_s, self._log)
         self._client = command_client(settings, name="processor-consumer")
         self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
@@ -172,14 +176,16 @@ class Consumer:
             # could write again what its owner wrote before the window forgot it.
             settings.lock_ttl_ms / 2000,
         )
+        gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
         self._subscriber = Subscribers(
             settings,
             self.keys,
             deliver=self._route,
-            on_gap=lambda gap: self._heartbeat.own_gaps.append(gap),
-            context=self.context,
+            on_gap=gaps.put,
+            tagged=self._log,
             backoff_max_s=settings.reconnect_backoff_max_s,
             on_failure=self._thread_failed,
+            on_recovered=on_recovered,
         )
         self._heartbeat = Heartbeat(
             heartbeat_client,
@@ -190,25 +196,30 @@ class Consumer:
             backlog_warn_bytes=settings.backlog_warn_bytes,
             stop=self.stop,
             done=self._flushed,
-            context=self.context,
+            tagged=self._log,
             subscriptions=self._subscriber.connections,
             on_takeover=self._takeovers.append,
+            on_fenced=partial(self._fence_reports.put, []),
             on_failure=self._thread_failed,
             status=self._on_beat,
+            report=self._report_stats,
+            gaps=gaps,
             probe_client=side_client,
+            on_recovered=on_recovered,
         )
         writer = Writer(
             self._client,
             self.keys,
             settings.lock_ttl_ms,
             settings.reconnect_backoff_max_s,
-            self.context,
+            self._log,
             stop=self.stop,
             grace_s=settings.shutdown_grace_s * 0.5,
             maxlen=settings.output_maxlen,
             wait_replicas=settings.wait_replicas,
             holding=self._held,
             strict_wait=settings.wait_replicas_mode == "strict",
+            on_recovered=on_recovered,
         )
         self._writes = WriteThread(
             writer,
@@ -216,8 +227,11 @@ class Consumer:
             on_done=self._written,
             on_failure=self._thread_failed,
         )
-        self._register_outage = Outage("Redis (registration)", self.context)
-        self._register_backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
+        self._registration = Retrier(
+            Outage("Redis (registration)", self._log, on_recovered=on_recovered),
+            Backoff(0.1, settings.reconnect_backoff_max_s),
+            self.stop,
+        )
 
     def _join(self) -> None:
         """Subscribes first, then registers: a listed consumer is always a subscribed one."""
@@ -228,9 +242,8 @@ class Consumer:
                 return
         self._register(new_consumer_id(self.slot))
         self._heartbeat.start()
-        log.info(
-            "%s consumer ready: channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
-            self.context(),
+        self._log.info(
+            "consumer ready: channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
             ",".join(partition.channel for partition in self.keys.partitions),
             self._strategy.name,
             self._batch_size,
@@ -239,23 +252,22 @@ class Consumer:
         )
 
     def _register(self, consumer_id: str) -> None:
-        while not self.stop.is_set():
-            try:
-                with self._heartbeat.lock:
-                    self._membership.register(consumer_id)
-                    self._heartbeat.beat()
-            except CONNECTION_ERRORS as error:
-                self._register_outage.failed(error)
-                self.stop.wait(self._register_backoff.next_delay())
-                continue
-            self._register_backoff.reset()
-            self._register_outage.recovered()
-            if self.stats is not None:
-                self.stats.consumer_id = consumer_id
+        if self.stop.is_set():
+            return
+        try:
+            self._registration.call(partial(self._register_once, consumer_id))
+        except RetryStopped:
             return
 
+    def _register_once(self, consumer_id: str) -> None:
+        with self._heartbeat.lock:
+            self._membership.register(consumer_id)
+            self._heartbeat.beat()
+
     def _step(self) -> None:
-        if self._heartbeat.fenced.is_set():
+        if self._take_fence_reports():
+            self._fenced = True
+        if self._fenced:
             self._rejoin()
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
@@ -266,7 +278,6 @@ class Consumer:
             self._in_hand = len(payloads)  # out of the inbox, not submitted yet
             self._handle(payloads, received_at=self._inbox.oldest_taken)
         self._failures.report()
-        self._account()
 
     def _flush(self) -> None:
         """After a stop request: stop reading, write everything already received, leave."""
@@ -283,12 +294,9 @@ class Consumer:
             self._handle(batch)
         self._writes.wait_idle()
         self._failures.report(final=True)
-        self._account()
 
     def _tear_down(self) -> None:
         self.stop.set()
-        if self.stats is not None:
-            self.stats.set(ready=0)
         self._subscriber.stop()
         if self._failure is not None:
             # Leave first: whatever we still hold may never be written by us.
@@ -303,19 +311,18 @@ class Consumer:
             self._leave("stopped")
         self._runner.close()
         self._count_unwritten()
-        totals = self._totals
-        log.info(
-            "%s consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
+        totals = self._totals.snapshot()
+        self._log.info(
+            "consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
             "left_to_takeover=%d gaps=%d unconfirmed=%d",
-            self.context(),
-            totals["written"],
-            totals["dead"],
-            totals["skipped"],
-            totals["taken_over"],
-            totals["lost"],
-            totals["left_to_takeover"],
+            totals.written,
+            totals.dead,
+            totals.skipped,
+            totals.taken_over,
+            totals.lost,
+            totals.left_to_takeover,
             self._subscriber.gaps,
-            totals["unconfirmed"],
+            totals.unconfirmed,
         )
 
     def _held(self) -> int:
@@ -334,12 +341,12 @@ class Consumer:
         buffers hold a copy of everything published while they were subscribed, and they try
         it. Otherwise (no one else live, or a stop that could not write it) it is lost.
         """
+        self._take_fence_reports()  # the batches the fence refused, once the writer has stopped
         untried = sum(len(chunk) for chunk in self._takeovers)
         if untried:
-            log.info(
-                "%s %d messages routed to consumers that left were not tried as we stopped: "
+            self._log.info(
+                "%d messages routed to consumers that left were not tried as we stopped: "
                 "their owners wrote them, or the live consumers' buffers hold them",
-                self.context(),
                 untried,
             )
         fenced = len(self._unwritten)
@@ -349,20 +356,18 @@ class Consumer:
             return
         others = self._heartbeat.members - {self._membership.consumer_id}
         if (self._failure is not None or fenced) and others:
-            self._totals["left_to_takeover"] += unwritten
-            log.error(
-                "%s left the group holding %d unwritten messages: the %d live consumers try "
+            self._totals.loop.left_to_takeover += unwritten
+            self._log.error(
+                "left the group holding %d unwritten messages: the %d live consumers try "
                 "them from their takeover buffers",
-                self.context(),
                 unwritten,
                 len(others),
             )
         else:
-            self._totals["lost"] += unwritten
-            log.error(
-                "%s stopped holding %d unwritten messages, with no live consumer to take them "
+            self._totals.loop.lost += unwritten
+            self._log.error(
+                "stopped holding %d unwritten messages, with no live consumer to take them "
                 "over: lost",
-                self.context(),
                 unwritten,
             )
         self._report_unwritten()
@@ -370,16 +375,16 @@ class Consumer:
     def _report_unwritten(self) -> None:
         """Adds our lost and left counts to /metrics and to the group's counters in Redis
         (``processor status``); a Redis that is away loses only this report."""
-        lost, left = self._totals["lost"], self._totals["left_to_takeover"]
+        totals = self._totals.snapshot()
+        lost, left = totals.lost, totals.left_to_takeover
         self._metrics.unwritten(lost, left)
         if not lost and not left:
             return
         try:
             record_unwritten(self._client, self.keys, lost=lost, left_to_takeover=left)
         except CONNECTION_ERRORS as error:
-            log.warning(
-                "%s lost=%d left_to_takeover=%d not added to the group's counters: %s",
-                self.context(),
+            self._log.warning(
+                "lost=%d left_to_takeover=%d not added to the group's counters: %s",
                 lost,
                 left,
                 error,
@@ -390,9 +395,8 @@ class Consumer:
             with self._heartbeat.lock:
                 self._membership.leave(reason)
         except CONNECTION_ERRORS as error:
-            log.warning(
-                "%s could not leave the group (%s): its heartbeat will expire",
-                self.context(),
+            self._log.warning(
+                "could not leave the group (%s): its heartbeat will expire",
                 error,
             )
 
@@ -448,17 +452,15 @@ class Consumer:
         """Called by the write thread after each batch."""
         entries = batch.entries
         if result is None:
-            self._totals["lost"] += len(entries)
-            log.error(
-                "%s Redis still unreachable at shutdown: %d received messages not written",
-                self.context(),
+            self._totals.writes.lost += len(entries)
+            self._log.error(
+                "Redis still unreachable at shutdown: %d received messages not written",
                 len(entries),
             )
             return
         if result.fenced:
             # We were declared dead while stalled; _rejoin decides what happens to these.
-            self._unwritten.extend(entries)
-            self._heartbeat.fenced.set()
+            self._fence_reports.put(entries)
             return
         replied = time.monotonic()
         self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
@@ -470,41 +472,36 @@ class Consumer:
         ]
         self._metrics.written(result.written, result.skipped, reasons)
         self._metrics.unconfirmed(result.unconfirmed)
-        self._totals["unconfirmed"] += result.unconfirmed
-        self._totals["written"] += result.written
-        self._totals["dead"] += result.dead
-        self._totals["skipped"] += result.skipped
-        if self.stats is not None:
-            self.stats.add("written", result.written)
-            self.stats.add("dead", result.dead)
-            self.stats.add("skipped", result.skipped)
+        counts = self._totals.writes
+        counts.unconfirmed += result.unconfirmed
+        counts.written += result.written
+        counts.dead += result.dead
+        counts.skipped += result.skipped
 
     def _on_beat(self) -> dict[str, str | int | float]:
         """Called by the heartbeat thread before each beat: the metrics that are not recorded
         per batch are synced at its cadence, and our status goes out with the beat."""
         status = self._status()
         self._sync_metrics(int(status["held"]))
-        if self.stats is not None:
-            self.stats.set(held=int(status["held"]))
         return status
 
     def _status(self) -> dict[str, str | int | float]:
         """What ``processor status`` shows of us; written to Redis with every heartbeat."""
-        totals = self._totals
+        totals = self._totals.snapshot()
         return {
             "host": self.settings.host,
             "pid": os.getpid(),
             "slot": self.slot,
             "strategy": self._strategy.name,
             "received": self._subscriber.received,
-            "written": totals["written"],
-            "dead": totals["dead"],
-            "skipped": totals["skipped"],
-            "taken_over": totals["taken_over"],
+            "written": totals.written,
+            "dead": totals.dead,
+            "skipped": totals.skipped,
+            "taken_over": totals.taken_over,
             "buffered": self._strategy.buffered,
             "held": self._held(),
             "gaps": self._subscriber.gaps,
-            "rate": round(self._rate.rate(totals["written"]), 1),
+            "rate": round(self._rate.rate(totals.written), 1),
             "subscribed": int(self._subscriber.is_subscribed()),
             "backlog_bytes": self._heartbeat.backlog_bytes,
             "inbox": len(self._inbox),
@@ -515,33 +512,48 @@ class Consumer:
         subscriber = self._subscriber
         totals = {
             "received": subscriber.received,
-            "taken_over": self._totals["taken_over"],
+            "taken_over": self._totals.loop.taken_over,
             "gaps": subscriber.gaps,
             "gap_seconds": subscriber.gap_seconds,
         }
         self._metrics.sync(totals, self._strategy.buffered, held, self._heartbeat.backlog_bytes)
 
-    def _account(self) -> None:
-        if self.stats is not None:
-            ready = (
-                self._subscriber.is_subscribed()
-                and not self._heartbeat.fenced.is_set()
-                and not self.stop.is_set()
-            )
-            self.stats.set(
-                received=self._subscriber.received,
-                gaps=self._subscriber.gaps,
-                buffered=self._strategy.buffered,
-                ready=int(ready),
-            )
+    def _report_stats(self) -> None:
+        """Our id and counters for the supervisor, called by the heartbeat thread: the one
+        writer of ``stats``, which goes on while this loop waits for a handler."""
+        if self.stats is None:
+            return
+        consumer_id = self._membership.consumer_id
+        if consumer_id and consumer_id != self._reported_id:
+            self._reported_id = self.stats.consumer_id = consumer_id
+        ready = self._subscriber.is_subscribed() and not self._fenced and not self.stop.is_set()
+        totals = self._totals.snapshot()
+        base = self._stats_base
+        self.stats.set(
+            received=self._subscriber.received,
+            gaps=self._subscriber.gaps,
+            buffered=self._strategy.buffered,
+            held=self._held(),
+            ready=int(ready),
+            **{name: base[name] + getattr(totals, name) for name in ADDED},
+        )
+
+    def _take_fence_reports(self) -> bool:
+        """Takes what the heartbeat and the write thread reported of a fence; True if any."""
+        reported = False
+        while True:
+            try:
+                refused = self._fence_reports.get_nowait()
+            except queue.Empty:
+                return reported
+            self._unwritten.extend(refused)
+            reported = True
 
     # -- takeover and rejoin ------------------------------------------------------------------
 
     def _take_over(self, payloads: list[bytes]) -> None:
         """Tries messages another consumer may have missed; the write skips any it wrote."""
-        self._totals["taken_over"] += len(payloads)
-        if self.stats is not None:
-            self.stats.add("taken_over", len(payloads))
+        self._totals.loop.taken_over += len(payloads)
         for batch in self._batches(payloads):
             self._handle(batch, skip_written=True)
 
@@ -578,6 +590,7 @@ class Consumer:
         whatever someone else wrote.
         """
         self._writes.wait_idle()
+        self._take_fence_reports()  # what the fence refused meanwhile
         old_id = self._membership.consumer_id
         last_beat_ms = self._membership.last_beat_ms
         stalled_ms = now_ms() - last_beat_ms
@@ -598,18 +611,18 @@ class Consumer:
             dropped = len(self._inbox.drain()) + len(self._unwritten) + self._strategy.discard()
             self._unwritten = []
             self._takeovers.clear()
-            log.warning(
-                "%s stalled %.1f s, past half the dedup window: dropped %d held messages, "
+            self._log.warning(
+                "stalled %.1f s, past half the dedup window: dropped %d held messages, "
                 "which live consumers took over",
-                self.context(),
                 stalled_ms / 1000,
                 dropped,
             )
         self._register(new_consumer_id(self.slot))
-        self._heartbeat.fenced.clear()
-        log.warning(
-            "%s rejoined after a stall of %.1f s (was %s)",
-            self.context(),
+        # Reports of the old id made before the new one beat: the rejoin answers them.
+        self._take_fence_reports()
+        self._fenced = False
+        self._log.warning(
+            "rejoined after a stall of %.1f s (was %s)",
             stalled_ms / 1000,
             old_id,
         )

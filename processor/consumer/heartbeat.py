@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -24,8 +25,11 @@ from processor.consumer.membership import Membership, now_ms
 from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
 from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
-from processor.store.connection import CONNECTION_ERRORS, Backoff, Outage, WrongType
+from processor.errors import WrongType
+from processor.observe.logs import Tagged
+from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +72,16 @@ class Heartbeat(WatchedThread):
         backlog_warn_bytes: int,
         stop: threading.Event,
         done: threading.Event,
-        context: Callable[[], str],
+        tagged: Tagged,
         subscriptions: Callable[[], list[tuple[tuple[str, int] | None, int]]],
         on_takeover: Callable[[list[bytes]], None],
+        on_fenced: Callable[[], None],
         on_failure: OnFailure,
         status: Callable[[], Mapping[str, str | int | float]],
+        report: Callable[[], None],
+        gaps: queue.SimpleQueue[Gap],
         probe_client: redis.Redis | None = None,
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
@@ -87,27 +95,36 @@ class Heartbeat(WatchedThread):
         self._backlog_warn_bytes = backlog_warn_bytes
         self._stopping = stop
         self._done = done
-        self._context = context
+        self._log = tagged.on(log)
         self._subscriptions = subscriptions
         self._on_takeover = on_takeover
+        self._on_fenced = on_fenced
         self._status = status
+        self._report = report
         # What Redis held unsent for our subscription at the last check (CLIENT LIST omem).
         self.backlog_bytes = 0
         # Held across register + first beat, so a view never mixes two identities.
         self.lock = threading.Lock()
-        self.fenced = threading.Event()
-        self.own_gaps: deque[Gap] = deque()
+        # The id the group declared dead at our last beat, if any (changed under ``lock``).
+        self._dead_as: str | None = None
+        # Our subscriptions' gaps, handed over by the readers; the ones not published yet.
+        self._gaps = gaps
+        self._unpublished: deque[Gap] = deque()
         self._members: frozenset[str] = frozenset()
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
-        self._outage = Outage("Redis (heartbeat)", context)
-        self._events_outage = Outage("Redis (group events)", context)
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
-        self._backoff = Backoff(0.05, interval_s)
+        self._retrier = Retrier(
+            Outage("Redis (heartbeat)", tagged, on_recovered=on_recovered),
+            Backoff(0.05, interval_s),
+            done,
+        )
+        self._events_outage = Outage("Redis (group events)", tagged, on_recovered=on_recovered)
         self._backlog_warned = 0.0
         self._parent_pid = os.getppid()
 
     def work(self) -> None:
+        self._report()
         next_beat = time.monotonic() + self._interval_s
         next_backlog_check = time.monotonic()
         # Beats on after a stop request until the consumer has flushed (``done``): a heartbeat
@@ -121,6 +138,7 @@ class Heartbeat(WatchedThread):
                 if due:
                     next_beat = time.monotonic() + self._interval_s
                     self._check_supervisor()
+                self._report()
                 with self.lock:
                     self.beat()
                 self._publish_gaps()
@@ -131,14 +149,13 @@ class Heartbeat(WatchedThread):
                     except CONNECTION_ERRORS as error:
                         # On a cluster it asks the node of each subscription, which may be the
                         # one failing over: not a failed heartbeat.
-                        log.debug("%s backlog not checked: %s", self._context(), error)
+                        self._log.debug("backlog not checked: %s", error)
             except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
-                self._done.wait(self._backoff.next_delay())
+                self._retrier.failed(error)
                 next_beat = time.monotonic()
                 continue
-            self._backoff.reset()
-            self._outage.recovered()
+            self._retrier.succeeded()
+        self._report()  # the last: every write is done by now
 
     @property
     def members(self) -> frozenset[str]:
@@ -147,7 +164,7 @@ class Heartbeat(WatchedThread):
 
     def _check_supervisor(self) -> None:
         if os.getppid() != self._parent_pid and not self._stopping.is_set():
-            log.error("%s supervisor is gone: stopping", self._context())
+            self._log.error("supervisor is gone: stopping")
             self._stopping.set()
 
     def beat(self) -> None:
@@ -155,15 +172,17 @@ class Heartbeat(WatchedThread):
         view = self.membership.beat(self._status())
         me = self.membership.consumer_id
         if not view.alive:
-            if not self.fenced.is_set():
-                log.warning("%s heartbeat had expired: the group declared us dead", self._context())
-            self.fenced.set()
+            # Said and handed to the consumer loop once per id: the loop rejoins under a new one.
+            if self._dead_as != me:
+                self._dead_as = me
+                self._log.warning("heartbeat had expired: the group declared us dead")
+                self._on_fenced()
             return
         members = frozenset(view.members)
         if members != self._members:
             self._members = members
             taken = self._strategy.update(members, me)
-            log.info("%s group changed: %d live consumers", self._context(), len(members))
+            self._log.info("group changed: %d live consumers", len(members))
             if taken:
                 self._on_takeover(taken)
 
@@ -202,9 +221,8 @@ class Heartbeat(WatchedThread):
                     continue
                 if name == self._keys.departures:
                     departed = True
-                    log.info(
-                        "%s %s left (%s): taking over its share",
-                        self._context(),
+                    self._log.info(
+                        "%s left (%s): taking over its share",
                         member,
                         fields[b"reason"].decode(errors="replace"),
                     )
@@ -215,17 +233,21 @@ class Heartbeat(WatchedThread):
     def _gap_reported(self, member: str) -> None:
         taken = self._strategy.gap_reported(member)
         if taken:
-            log.info(
-                "%s %s reported a subscription gap: trying %d of its buffered messages",
-                self._context(),
+            self._log.info(
+                "%s reported a subscription gap: trying %d of its buffered messages",
                 member,
                 len(taken),
             )
             self._on_takeover(taken)
 
     def _publish_gaps(self) -> None:
-        while self.own_gaps:
-            gap = self.own_gaps[0]
+        while True:
+            try:
+                self._unpublished.append(self._gaps.get_nowait())
+            except queue.Empty:
+                break
+        while self._unpublished:
+            gap = self._unpublished[0]
             self._client.xadd(
                 self._keys.gaps,
                 {
@@ -236,7 +258,7 @@ class Heartbeat(WatchedThread):
                 maxlen=GAPS_MAXLEN,
                 approximate=True,
             )
-            self.own_gaps.popleft()
+            self._unpublished.popleft()
 
     def _check_backlog(self) -> None:
         """Warns well before Redis cuts us off for reading slowly (client-output-buffer-limit)."""
@@ -252,9 +274,8 @@ class Heartbeat(WatchedThread):
         now = time.monotonic()
         if omem >= self._backlog_warn_bytes and now - self._backlog_warned >= BACKLOG_WARN_REPEAT_S:
             self._backlog_warned = now
-            log.warning(
-                "%s falling behind: Redis holds %.1f MiB unread for our subscription "
+            self._log.warning(
+                "falling behind: Redis holds %.1f MiB unread for our subscription "
                 "(it cuts subscribers off at client-output-buffer-limit pubsub, 32 MiB by default)",
-                self._context(),
                 omem / 2**20,
             )

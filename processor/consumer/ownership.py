@@ -23,7 +23,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Collection
 
-from processor.store.connection import DOWNTIME
+from processor.store.outage import DOWNTIME
 
 LANES = 1024
 _LANE_MASK = LANES - 1

@@ -1,15 +1,17 @@
-"""Counters a consumer shares with its supervisor, in shared memory (no locks: one writer)."""
+"""A consumer's counters: its totals, and those it shares with its supervisor in shared memory
+(no locks: each value has one writer)."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any
 
 # "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz).
-# "held": messages received and not written yet, as of the consumer's last step (what a forced
-# stop of it loses).
+# "held": messages received and not written yet, as of the consumer's last heartbeat (what a
+# forced stop of it loses).
 FIELDS = (
     "received",
     "written",
@@ -23,8 +25,16 @@ FIELDS = (
 )
 
 
+# Summed over the consumers that filled a slot; the other fields are the current consumer's.
+ADDED = ("written", "dead", "skipped", "taken_over")
+
+
 class ConsumerStats:
-    """One consumer slot's counters and current id; picklable to a spawned child."""
+    """One consumer slot's counters and current id; picklable to a spawned child.
+
+    The supervisor writes them before it starts a consumer, and the consumer's heartbeat thread
+    alone while the consumer runs (it goes on while a handler holds up the consumer's loop).
+    """
 
     def __init__(self, context: BaseContext) -> None:
         self._values: Any = context.RawArray("q", len(FIELDS))
@@ -86,3 +96,57 @@ class BusyMeter:
 
     def share(self, now: float | None = None) -> float:
         return min(1.0, self._meter.rate(self._busy_s, now))
+
+
+@dataclass(slots=True)
+class WriteCounts:
+    """What the write thread counts, written by it alone."""
+
+    written: int = 0
+    dead: int = 0
+    skipped: int = 0
+    unconfirmed: int = 0
+    # Batches still unwritten when a stop's grace ran out.
+    lost: int = 0
+
+
+@dataclass(slots=True)
+class LoopCounts:
+    """What the consumer loop counts, written by it alone."""
+
+    taken_over: int = 0
+    # What it still held once its threads had stopped.
+    lost: int = 0
+    left_to_takeover: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    written: int
+    dead: int
+    skipped: int
+    unconfirmed: int
+    taken_over: int
+    lost: int
+    left_to_takeover: int
+
+
+class ConsumerTotals:
+    """A consumer's totals since it started: each field has one writing thread, and any thread
+    reads them through :meth:`snapshot`."""
+
+    def __init__(self) -> None:
+        self.writes = WriteCounts()
+        self.loop = LoopCounts()
+
+    def snapshot(self) -> Totals:
+        writes, loop = self.writes, self.loop
+        return Totals(
+            written=writes.written,
+            dead=writes.dead,
+            skipped=writes.skipped,
+            unconfirmed=writes.unconfirmed,
+            taken_over=loop.taken_over,
+            lost=writes.lost + loop.lost,
+            left_to_takeover=loop.left_to_takeover,
+        )

@@ -31,10 +31,9 @@ import redis
 
 from processor.config import RedisSettings
 from processor.consumer.threads import OnFailure, WatchedThread
-from processor.store.cluster import ClusterMap
-from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS, Backoff, Outage
-from processor.store.keys import Keys
-from processor.store.partitions import hash_slot
+from processor.observe.logs import Tagged
+from processor.store.connection import CONNECT_TIMEOUT_S, CONNECTION_ERRORS
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +86,13 @@ class Subscriber(WatchedThread):
         channels: Sequence[str],
         deliver: Callable[[list[bytes]], None],
         on_gap: Callable[[Gap], None],
-        context: Callable[[], str],
+        tagged: Tagged,
         backoff_max_s: float,
         on_failure: OnFailure,
         health_check_s: float = 3.0,
         locate: Callable[[], str] | None = None,
         name: str = "subscriber",
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name, on_failure)
         self._settings = settings
@@ -106,8 +106,7 @@ class Subscriber(WatchedThread):
         self._url = settings.url
         self._deliver = deliver
         self._on_gap = on_gap
-        self._context = context
-        self._backoff = Backoff(0.02, backoff_max_s)
+        self._log = tagged.on(log)
         self._health_check_s = health_check_s
         self._stop_requested = threading.Event()
         self._reset_requested = threading.Event()
@@ -117,7 +116,11 @@ class Subscriber(WatchedThread):
         self.gaps = 0
         self.gap_seconds = 0.0
         self._last_alive = 0
-        self._outage = Outage("Pub/Sub subscription", context)
+        self._retrier = Retrier(
+            Outage("Pub/Sub subscription", tagged, on_recovered=on_recovered),
+            Backoff(0.02, backoff_max_s),
+            self._stop_requested,
+        )
 
     @property
     def sharded(self) -> bool:
@@ -138,20 +141,20 @@ class Subscriber(WatchedThread):
             try:
                 connection, sock = self._connect()
             except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
-                self._stop_requested.wait(self._backoff.next_delay())
+                self._retrier.failed(error)
                 continue
             try:
                 self._read(sock, down_since)
                 down_since = None  # stopped, or reset on purpose: not a gap
             except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
                 if self.subscribed.is_set():
+                    # A subscription that was live: subscribe again at once.
+                    self._retrier.outage.failed(error)
                     down_since = self._last_alive
                 else:
                     # Refused before it was confirmed (CLUSTERDOWN, MOVED, NOPERM): back off as
                     # after a failed connect, rather than ask again at once.
-                    self._stop_requested.wait(self._backoff.next_delay())
+                    self._retrier.failed(error)
             finally:
                 self.subscribed.clear()
                 self.client_id = None
@@ -213,11 +216,11 @@ class Subscriber(WatchedThread):
                     sock.sendall(pack_command(*self._unsubscribe))
                     unsubscribe_sent = time.monotonic()
                 elif time.monotonic() - unsubscribe_sent > DRAIN_TIMEOUT_S:
-                    log.warning("%s no UNSUBSCRIBE reply: stopping without it", self._context())
+                    self._log.warning("no UNSUBSCRIBE reply: stopping without it")
                     return
             if self._reset_requested.is_set():
                 self._reset_requested.clear()
-                log.info("%s dropping the subscription and its unread backlog", self._context())
+                self._log.info("dropping the subscription and its unread backlog")
                 return
             if self._locate is not None and time.monotonic() >= next_location_check:
                 next_location_check = time.monotonic() + LOCATION_CHECK_S
@@ -286,114 +289,17 @@ class Subscriber(WatchedThread):
             )
 
     def _confirmed(self, down_since: int | None) -> None:
-        self._backoff.reset()
-        self._outage.recovered()
+        self._retrier.succeeded()
         self.subscribed.set()
         if down_since is not None:
             gap = Gap(down_since, _now_ms())
             self.gaps += 1
             self.gap_seconds += gap.length_s
-            log.warning(
-                "%s subscribed again after a gap of %.3f s: messages published in it were "
+            self._log.warning(
+                "subscribed again after a gap of %.3f s: messages published in it were "
                 "not received by this consumer",
-                self._context(),
                 gap.length_s,
             )
             self._on_gap(gap)
         else:
-            log.debug("%s subscribed", self._context())
-
-
-def _primary_locator(settings: RedisSettings, channel: str) -> Callable[[], str]:
-    cluster = ClusterMap(settings)
-    slot = hash_slot(channel)
-    return lambda: cluster.url(cluster.primary(slot))
-
-
-class Subscribers:
-    """A consumer's subscriptions: one reader on a single Redis, one per partition on a cluster.
-
-    Every consumer reads every partition, so the ownership strategies and takeovers work as on
-    one Redis; each reader reports its own gaps.
-    """
-
-    def __init__(
-        self,
-        settings: RedisSettings,
-        keys: Keys,
-        deliver: Callable[[list[bytes]], None],
-        on_gap: Callable[[Gap], None],
-        context: Callable[[], str],
-        backoff_max_s: float,
-        on_failure: OnFailure,
-    ) -> None:
-        channels = [partition.channel for partition in keys.partitions]
-        if not keys.cluster:
-            self.readers = [
-                Subscriber(settings, channels, deliver, on_gap, context, backoff_max_s, on_failure)
-            ]
-            return
-        self.readers = [
-            Subscriber(
-                settings,
-                [channel],
-                deliver,
-                on_gap,
-                context,
-                backoff_max_s,
-                on_failure,
-                locate=_primary_locator(settings, channel),
-                name=f"subscriber-{index}",
-            )
-            for index, channel in enumerate(channels)
-        ]
-
-    def start(self) -> None:
-        for reader in self.readers:
-            reader.start()
-
-    def stop(self) -> None:
-        for reader in self.readers:
-            reader.stop()
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for reader in self.readers:
-            reader.join(max(0.0, deadline - time.monotonic()))
-
-    def reset(self) -> None:
-        for reader in self.readers:
-            reader.reset()
-
-    def is_subscribed(self) -> bool:
-        return all(reader.subscribed.is_set() for reader in self.readers)
-
-    def wait_subscribed(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        return all(
-            reader.subscribed.wait(max(0.0, deadline - time.monotonic())) for reader in self.readers
-        )
-
-    @property
-    def received(self) -> int:
-        return sum(reader.received for reader in self.readers)
-
-    @property
-    def gaps(self) -> int:
-        return sum(reader.gaps for reader in self.readers)
-
-    @property
-    def gap_seconds(self) -> float:
-        return sum(reader.gap_seconds for reader in self.readers)
-
-    def connections(self) -> list[tuple[tuple[str, int] | None, int]]:
-        """(node, client id) of each live subscription; node None on a single Redis."""
-        found = []
-        for reader in self.readers:
-            # Read once: the reader clears both when its connection ends.
-            address, client_id = reader.address, reader.client_id
-            if client_id is None or (reader.sharded and address is None):
-                continue
-            if reader.subscribed.is_set():
-                found.append((address, client_id))
-        return found
+            self._log.debug("subscribed")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,34 +11,24 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-import hiredis
 import redis
 from redis.cluster import RedisCluster
 
 from processor.config import MAX_BATCH_SIZE
 from processor.consumer.dedup import Window, digest
 from processor.consumer.messages import DEAD, Entry
-from processor.consumer.threads import OnFailure, WatchedThread
-from processor.store.connection import (
-    CONNECTION_ERRORS,
-    DOWNTIME,
-    SOCKET_TIMEOUT_S,
-    Backoff,
-    Outage,
-    reread_layout,
-    script_refusals,
-)
+from processor.errors import RetryGaveUp
+from processor.observe.logs import Tagged
+from processor.store.connection import SOCKET_TIMEOUT_S, reread_layout
 from processor.store.keys import Keys
+from processor.store.outage import DOWNTIME, Backoff, Outage, Retrier
+from processor.store.script_call import WAIT_TIMEOUT_MS, evalsha_packed
 from processor.store.scripts import load_script
 
 log = logging.getLogger(__name__)
 
-# How often a blocked submit or wait checks that the write thread still lives.
-_POLL_S = 0.1
-# How long a write waits for WAIT_REPLICAS replicas; in degrade mode a partition whose
-# replicas fell short is written without waiting for UNPROTECTED_S (no replica in sync: do not
-# stall on it).
-WAIT_TIMEOUT_MS = 1000
+# In degrade mode a partition whose replicas fell short within WAIT_TIMEOUT_MS is written
+# without waiting for UNPROTECTED_S (no replica in sync: do not stall on it).
 UNPROTECTED_S = 5.0
 # In strict mode, how often a batch still held for its replicas is logged again.
 HOLD_LOG_INTERVAL_S = 30.0
@@ -73,7 +62,7 @@ class Writer:
         keys: Keys,
         lock_ttl_ms: int,
         backoff_max_s: float,
-        context: Callable[[], str],
+        tagged: Tagged,
         stop: threading.Event,
         grace_s: float,
         maxlen: int = 0,
@@ -81,6 +70,7 @@ class Writer:
         holding: Callable[[], int] | None = None,
         strict_wait: bool = False,
         wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
         self._maxlen = maxlen
@@ -97,13 +87,15 @@ class Writer:
         )
         self._source = load_script("dedup_append.lua")
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
-        self._backoff = Backoff(0.05, backoff_max_s)
-        self._outage = Outage(
+        outage = Outage(
             "Redis (writes)",
-            context,
+            tagged,
             detail=None if holding is None else lambda: f"holding {holding()} messages",
+            on_recovered=on_recovered,
         )
-        self._context = context
+        # No stop event: a stopping consumer's writes go on retrying, for grace_s at most.
+        self._retrier = Retrier(outage, Backoff(0.05, backoff_max_s))
+        self._log = tagged.on(log)
         self._stop = stop
         self._grace_s = grace_s
         # Per partition: until when writes skip WAIT after replicas fell short (monotonic).
@@ -160,50 +152,63 @@ class Writer:
             keys.fence(partition, consumer_id),
             part.seen_clock,
         ]
-        give_up_at: float | None = None
         hold = _Hold(part.output, len(entries), self._wait_timeout_ms)
-        while True:
-            wait = self._waits_for(partition)
-            try:
-                reply = evalsha_packed(
-                    self._node(part.output),
-                    self._sha,
-                    self._source,
-                    script_keys,
-                    args,
-                    wait,
-                    self._wait_timeout_ms,
-                    partial(self._held, hold) if self._strict_wait else None,
-                )
-            except CONNECTION_ERRORS as error:
-                self._outage.failed(error)
-                if self._keys.cluster:
-                    reread_layout(self._client)
-                if self._stop.is_set():
-                    give_up_at = give_up_at or time.monotonic() + self._grace_s
-                    if time.monotonic() >= give_up_at:
-                        return None
-                time.sleep(self._backoff.next_delay())
-                continue
-            self._backoff.reset()
-            self._outage.recovered()
-            DOWNTIME.end(hold, time.monotonic())
-            confirmed = reply[4] if wait else 0
-            if hold.first_reply is not None and int(reply[0]) >= 0:
-                reply = self._released(hold, reply, confirmed)
-            elif wait and confirmed < wait and not self._strict_wait:
-                self._degrade(partition, confirmed)
-            written, dead, skipped = (int(value) for value in reply[:3])
-            if written < 0:
-                return WriteResult(0, 0, 0, fenced=True)
-            unconfirmed = written + dead if confirmed < self._wait_replicas else 0
-            return WriteResult(
-                written,
-                dead,
-                skipped,
-                dead_flags=layout.dead_flags(reply[3]),
-                unconfirmed=unconfirmed,
-            )
+        attempt = partial(self._attempt, partition, script_keys, args, hold)
+        try:
+            reply, wait = self._retrier.call(attempt, on_error=self._after_error())
+        except RetryGaveUp:
+            return None
+        DOWNTIME.end(hold, time.monotonic())
+        confirmed = reply[4] if wait else 0
+        if hold.first_reply is not None and int(reply[0]) >= 0:
+            reply = self._released(hold, reply, confirmed)
+        elif wait and confirmed < wait and not self._strict_wait:
+            self._degrade(partition, confirmed)
+        written, dead, skipped = (int(value) for value in reply[:3])
+        if written < 0:
+            return WriteResult(0, 0, 0, fenced=True)
+        unconfirmed = written + dead if confirmed < self._wait_replicas else 0
+        return WriteResult(
+            written,
+            dead,
+            skipped,
+            dead_flags=layout.dead_flags(reply[3]),
+            unconfirmed=unconfirmed,
+        )
+
+    def _attempt(
+        self, partition: int, script_keys: list[str], args: list[str | bytes | int], hold: _Hold
+    ) -> tuple[list[Any], int]:
+        """One script call for a partition's batch: its reply, and the replicas it waited for."""
+        wait = self._waits_for(partition)
+        reply = evalsha_packed(
+            self._node(self._keys.partitions[partition].output),
+            self._sha,
+            self._source,
+            script_keys,
+            args,
+            wait,
+            self._wait_timeout_ms,
+            partial(self._held, hold) if self._strict_wait else None,
+        )
+        return reply, wait
+
+    def _after_error(self) -> Callable[[BaseException], None]:
+        """What a batch's failed write does before its retry: on a cluster, read the layout
+        again, so the retry goes to the replica that took over; once the consumer is stopping,
+        give the batch up (RetryGaveUp) if Redis stays away for ``grace_s`` more."""
+        give_up_at: float | None = None
+
+        def after(error: BaseException) -> None:
+            nonlocal give_up_at
+            if self._keys.cluster:
+                reread_layout(self._client)
+            if self._stop.is_set():
+                give_up_at = give_up_at or time.monotonic() + self._grace_s
+                if time.monotonic() >= give_up_at:
+                    raise RetryGaveUp(self._retrier.outage.describe())
+
+        return after
 
     def _waits_for(self, partition: int) -> int:
         """How many replicas a write waits for: none for a partition degraded a moment ago, nor
@@ -216,10 +221,9 @@ class Writer:
 
     def _degrade(self, partition: int, confirmed: int) -> None:
         self._unprotected_until[partition] = time.monotonic() + UNPROTECTED_S
-        log.warning(
-            "%s %d of %d replicas confirmed a write to %s within %d ms: writing there "
+        self._log.warning(
+            "%d of %d replicas confirmed a write to %s within %d ms: writing there "
             "without waiting for %g s (a failover now could lose what they lack)",
-            self._context(),
             confirmed,
             self._wait_replicas,
             self._keys.partitions[partition].output,
@@ -240,10 +244,9 @@ class Writer:
             # The owners' writes to this primary are held alike: what they received meanwhile
             # may still be unwritten, so takeover buffers must not age it out (as in an outage).
             DOWNTIME.begin(hold, hold.since)
-            log.warning(
-                "%s holding %d messages written to %s: %d of %d replicas confirmed them within "
+            self._log.warning(
+                "holding %d messages written to %s: %d of %d replicas confirmed them within "
                 "%d ms; waiting until they do (WAIT_REPLICAS_MODE=strict)",
-                self._context(),
                 hold.messages,
                 hold.stream,
                 confirmed,
@@ -252,10 +255,9 @@ class Writer:
             )
         elif now - hold.logged_at >= HOLD_LOG_INTERVAL_S:
             hold.logged_at = now
-            log.warning(
-                "%s still holding %d messages written to %s after %.0f s: %d of %d replicas "
+            self._log.warning(
+                "still holding %d messages written to %s after %.0f s: %d of %d replicas "
                 "confirmed them",
-                self._context(),
                 hold.messages,
                 hold.stream,
                 now - hold.since,
@@ -276,9 +278,8 @@ class Writer:
         first = cast(list[Any], hold.first_reply)
         held_s = time.monotonic() - hold.since
         if confirmed >= self._wait_replicas:
-            log.warning(
-                "%s %d held messages written to %s confirmed by %d of %d replicas after %.1f s",
-                self._context(),
+            self._log.warning(
+                "%d held messages written to %s confirmed by %d of %d replicas after %.1f s",
                 hold.messages,
                 hold.stream,
                 confirmed,
@@ -286,11 +287,10 @@ class Writer:
                 held_s,
             )
         else:
-            log.warning(
-                "%s stopping: %d held messages let go unconfirmed after %.1f s, %d of %d replicas "
+            self._log.warning(
+                "stopping: %d held messages let go unconfirmed after %.1f s, %d of %d replicas "
                 "confirmed them: they are written on the primary of %s, not lost, but a "
                 "failover before its replicas catch up would lose them",
-                self._context(),
                 hold.messages,
                 held_s,
                 confirmed,
@@ -368,152 +368,3 @@ class _ScriptLayout:
         batch: "0" for a repeat inside it, which was not appended."""
         flags = script_flags.decode()
         return "".join("0" if slot is None else flags[slot] for slot in self._dead_slots)
-
-
-def evalsha_packed(
-    client: redis.Redis,
-    sha: str,
-    source: str,
-    keys: list[str],
-    args: Sequence[Any],
-    wait_replicas: int = 0,
-    wait_timeout_ms: int = WAIT_TIMEOUT_MS,
-    hold: Callable[[list[Any], int], int | None] | None = None,
-) -> list[Any]:
-    """EVALSHA packed by hiredis in one call; loads ``source`` once if Redis lost it (a
-    restart, a flush, or a replica promoted by a failover: the script cache is not replicated).
-    With ``wait_replicas``, then WAITs on the same connection for that many replicas to have
-    the write (``wait_timeout_ms`` at most) and appends how many did to the reply. After a
-    WAIT that fell short, ``hold`` (given the reply and that count) returns the timeout of
-    another WAIT, or None to return the shortfall. Only this connection's WAIT confirms the
-    write: on another, WAIT counts from that connection's own last write.
-
-    redis-py's Script packs the 400 arguments of a batch one by one in Python (about 2 µs
-    per message); hiredis.pack_command packs the tuple in C.
-    """
-    command = ("EVALSHA", sha, len(keys), *keys, *args)
-    packed = hiredis.pack_command(command)
-    pool = client.connection_pool
-    connection: Any = pool.get_connection()
-    try:
-        send = connection.send_packed_command
-        send([packed], check_health=False)
-        with script_refusals():
-            try:
-                reply: list[Any] = connection.read_response()
-            except redis.exceptions.NoScriptError:
-                # A restarted or flushed Redis lost the script: load it, then call it again.
-                connection.send_command("SCRIPT", "LOAD", source)
-                connection.read_response()
-                send([packed], check_health=False)
-                reply = connection.read_response()
-        if wait_replicas:
-            confirmed = _wait(connection, wait_replicas, wait_timeout_ms)
-            while confirmed < wait_replicas and hold is not None:
-                timeout_ms = hold(reply, confirmed)
-                if timeout_ms is None:
-                    break
-                confirmed = _wait(connection, wait_replicas, timeout_ms)
-            reply = [*reply, confirmed]
-        return reply
-    except BaseException:
-        connection.disconnect()
-        raise
-    finally:
-        pool.release(connection)
-
-
-def _wait(connection: Any, replicas: int, timeout_ms: int) -> int:
-    """WAIT on ``connection``: how many replicas have its writes."""
-    connection.send_command("WAIT", replicas, timeout_ms)
-    try:
-        return int(connection.read_response())
-    except redis.ResponseError as error:
-        if not str(error).startswith("UNBLOCKED"):
-            raise
-        # The primary was demoted while we waited (it closes the connection after this reply):
-        # retried like a dropped connection, on whichever node is primary now.
-        raise redis.ConnectionError(str(error)) from error
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    entries: list[Entry]
-    received_at: float | None  # monotonic arrival of its oldest message, when known
-
-
-class WriterGone(RuntimeError):
-    """Raised by :meth:`WriteThread.submit` once the write thread has died."""
-
-
-class WriteThread(WatchedThread):
-    """Writes batches in order on its own thread.
-
-    The consumer processes the next batch while the script call for the previous one is in
-    flight; at most ``depth`` batches wait, so a slow Redis slows the consumer instead of
-    filling its memory (the subscriber keeps draining the socket regardless).
-    """
-
-    def __init__(
-        self,
-        writer: Writer,
-        identity: Callable[[], tuple[str, str]],
-        on_done: Callable[[Batch, WriteResult | None, float], None],
-        on_failure: OnFailure,
-        depth: int = 2,
-    ) -> None:
-        super().__init__("writer", on_failure)
-        self._writer = writer
-        self._identity = identity
-        self._on_done = on_done
-        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
-        # The batch being written (set and cleared by the write thread only).
-        self._current: Batch | None = None
-
-    def submit(self, entries: list[Entry], received_at: float | None = None) -> None:
-        """Queues a batch; ``received_at`` is when its oldest message arrived, if known."""
-        self._put(Batch(entries, received_at))
-
-    def wait_idle(self) -> None:
-        """Returns once every submitted batch has been written (or the thread has died)."""
-        done = self._queue.all_tasks_done
-        with done:
-            while self._queue.unfinished_tasks and self.is_alive():
-                done.wait(_POLL_S)
-
-    def holding(self) -> int:
-        """Entries submitted and not written yet: queued, or in the call being retried."""
-        with self._queue.mutex:
-            queued = sum(len(batch.entries) for batch in self._queue.queue if batch is not None)
-        current = self._current
-        return queued + (len(current.entries) if current is not None else 0)
-
-    def close(self) -> None:
-        if self.is_alive():
-            self._put(None)
-            self.join()
-
-    def _put(self, item: Batch | None) -> None:
-        while True:
-            if not self.is_alive():
-                raise WriterGone("the write thread has died")
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-
-    def work(self) -> None:
-        while True:
-            batch = self._queue.get()
-            try:
-                if batch is None:
-                    return
-                self._current = batch
-                consumer_id, fence = self._identity()
-                started = time.monotonic()
-                result = self._writer.write(batch.entries, consumer_id, fence)
-                self._on_done(batch, result, started)
-                self._current = None
-            finally:
-                self._queue.task_done()

@@ -10,11 +10,10 @@ from types import FrameType
 
 from processor.config import Settings
 from processor.consumer.stats import ConsumerStats
-from processor.errors import ConsumerFailed
+from processor.errors import ConsumerFailed, ExitCode
 from processor.group.signals import CONTROL_SIGNALS
-from processor.store.connection import Backoff
+from processor.store.outage import Backoff
 
-EXIT_CONSUMER_ERROR = 1
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Blocked by the supervisor across a start, so a signal cannot reach the child before its
 # handlers are in.
@@ -46,7 +45,7 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
     try:
         consumer.run()
     except ConsumerFailed:
-        sys.exit(EXIT_CONSUMER_ERROR)  # the failing thread's traceback is logged already
+        sys.exit(ExitCode.CONSUMER_ERROR)  # the failing thread's traceback is logged already
     # A signal arriving while the interpreter finalizes would find the default handler again
     # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
     for signum in SIGNALS:

@@ -19,22 +19,19 @@ from dataclasses import dataclass
 import redis
 
 from processor.config import Bounds, Settings
-from processor.errors import ConfigError
+from processor.errors import ConfigError, GroupStopped
 from processor.group import autoscale
 from processor.group.controlplane import Beat, HostInfo, HostRegistry, set_desired
 from processor.group.shares import split
 from processor.observe.counters import COUNTERS, read_counters
-from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS, Outage
+from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS
 from processor.store.keys import Keys
+from processor.store.outage import Outage
 
 log = logging.getLogger(__name__)
 
 # A host beats at least this often, so a change reaches every host within about a second.
 BEAT_MAX_S = 0.5
-
-
-class GroupStopped(Exception):
-    """Raised by :meth:`Steering.start` when the group is asked to stop (the stop key is set)."""
 
 
 @dataclass(frozen=True)

@@ -31,24 +31,22 @@ from processor.config import MAX_CONSUMERS_PER_HOST, Settings
 from processor.consumer.dedup import warn_if_evicting
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
-from processor.errors import ConfigError
+from processor.errors import ConfigError, ExitCode, GroupStopped, RetryStopped
 from processor.group.controlplane import claim_partitions
 from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload
-from processor.group.slot import BLOCKED, EXIT_CONSUMER_ERROR, SIGNALS, Slot, consumer_process
-from processor.group.steering import GroupStopped, Order, Steering
+from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process
+from processor.group.steering import Order, Steering
 from processor.observe.counters import record_unwritten
 from processor.observe.health import HealthServer
 from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.observe.monitor import Monitor
-from processor.store.access import check_access, startup_deadline, wait_before_retry
-from processor.store.connection import REDIS_ERRORS, Backoff, Outage, command_client
+from processor.store.access import check_access, retry_at_start, startup_deadline
+from processor.store.connection import REDIS_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.keytypes import check_key_types
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FORCED = 3
 
 # A consumer that ran this long before dying was healthy: its replacement starts at once.
 HEALTHY_RUN_S = 10.0
@@ -77,23 +75,24 @@ class Supervisor:
         """Made once Redis answers (a cluster client reads the layout as it is made, so a
         cluster that went away since the start-up check is waited for); False if stopped.
         Raises StartupTimeout past ``deadline``."""
+        if self.stop.is_set():
+            return False
         outage = Outage("Redis (supervisor)", url=self.settings.url)
         backoff = Backoff(0.1, self.settings.reconnect_backoff_max_s)
-        while not self.stop.is_set():
-            try:
-                # Short timeouts: an eviction must never hold up the replacement of a consumer.
-                self._client = command_client(
-                    self.settings, name="processor-supervisor", timeout_s=1.0
-                )
-            except REDIS_ERRORS as error:
-                outage.failed(error)
-                wait_before_retry(self.settings, outage, backoff, self.stop, deadline)
-                continue
-            outage.recovered()
-            self._leave = leave_script(self._client)
-            self._steering = Steering(self.settings, self._client, self._keys)
-            return True
-        return False
+        retrier = Retrier(outage, backoff, self.stop, errors=REDIS_ERRORS)
+        try:
+            # Short timeouts: an eviction must never hold up the replacement of a consumer.
+            self._client = retry_at_start(
+                self.settings,
+                retrier,
+                lambda: command_client(self.settings, name="processor-supervisor", timeout_s=1.0),
+                deadline,
+            )
+        except RetryStopped:
+            return False
+        self._leave = leave_script(self._client)
+        self._steering = Steering(self.settings, self._client, self._keys)
+        return True
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -112,7 +111,7 @@ class Supervisor:
         check_access(self.settings, self.stop, deadline)
         if self.stop.is_set() or not self._connect(deadline):
             log.info("daemon stopped before Redis was reachable")
-            return EXIT_OK
+            return ExitCode.OK
         try:
             check_key_types(self._client, self._keys)  # raises ConfigError, as check_access
         except REDIS_ERRORS as error:
@@ -136,14 +135,14 @@ class Supervisor:
                 stopped,
             )
             self._client.close()
-            return EXIT_OK
+            return ExitCode.OK
         except REDIS_ERRORS as error:
             # The beats retry (and claim the host id) once Redis answers again.
             log.warning("control plane not reached at start (%s): starting CONSUMERS_COUNT", error)
         if self.stop.is_set():
             log.info("daemon stopped before its first consumer started")
             self._steering.leave()
-            return EXIT_OK
+            return ExitCode.OK
         try:
             health = self._start_health()
         except ConfigError:
@@ -264,7 +263,7 @@ class Supervisor:
             for slot in self._slots:
                 if slot.process is not None and slot.process.pid:
                     _kill(slot.process.pid, signal.SIGKILL)
-            os._exit(EXIT_FORCED)
+            os._exit(ExitCode.FORCED)
 
     # -- live control ---------------------------------------------------------------------------
 
@@ -497,7 +496,7 @@ class Supervisor:
         for slot in running:
             if slot.process is not None:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
-        code = EXIT_OK
+        code = ExitCode.OK
         killed_holding = 0
         for slot in running:
             process = slot.process
@@ -527,10 +526,10 @@ class Supervisor:
                 if process.pid:
                     _kill(process.pid, signal.SIGKILL)
                 process.join(5)
-                code = EXIT_CONSUMER_ERROR
+                code = ExitCode.CONSUMER_ERROR
             elif process.exitcode != 0:
                 log.error("consumer pid %s exited with code %s", process.pid, process.exitcode)
-                code = EXIT_CONSUMER_ERROR
+                code = ExitCode.CONSUMER_ERROR
         if killed_holding:
             try:
                 record_unwritten(self._client, self._keys, lost=killed_holding, left_to_takeover=0)

@@ -13,25 +13,27 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from processor.config import Settings
-from processor.errors import ConfigError, StartupTimeout
+from processor.errors import ConfigError, RetryGaveUp, RetryStopped, StartupTimeout
 from processor.store.connection import (
     CONNECTION_ERRORS,
     REFUSALS,
-    Backoff,
-    Outage,
     command_client,
     refused_credentials,
     refused_database,
 )
 from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _PROBE = "access-check"
 
@@ -133,32 +135,26 @@ def check_access(settings: Settings, stop: threading.Event, deadline: float | No
     A Redis that is not reachable yet is waited for (logged as an Outage), until ``stop`` is set
     or past ``deadline`` (monotonic; see :func:`startup_deadline`), which raises StartupTimeout.
     """
+    if stop.is_set():
+        return
     keys = Keys.from_settings(settings)
     outage = Outage("Redis (start-up check)", url=settings.url)
-    backoff = Backoff(0.1, settings.reconnect_backoff_max_s)
-    while not stop.is_set():
-        try:
-            refusals = _probe(settings, keys)
-        except CONNECTION_ERRORS as error:
-            problem = _configuration_problem(settings, error)
-            if problem is not None:
-                raise problem from None
-            outage.failed(error)
-            wait_before_retry(settings, outage, backoff, stop, deadline)
-            continue
-        outage.recovered()
-        if any(reason.startswith("MOVED") for reason in refusals):
-            raise ConfigError(
-                f"invalid REDIS_CLUSTER: {settings.safe_url} is a Redis Cluster node (it answers "
-                "MOVED for our keys); set REDIS_CLUSTER=true"
-            )
-        if refusals:
-            raise ConfigError(
-                f"Redis at {settings.safe_url} refuses what the daemon needs: "
-                + "; ".join(f"{', '.join(what)} ({reason})" for reason, what in refusals.items())
-                + ": grant these to the Redis user (see the README's ACL line)"
-            )
+    retrier = Retrier(outage, Backoff(0.1, settings.reconnect_backoff_max_s), stop)
+    try:
+        refusals = retry_at_start(settings, retrier, lambda: _attempt(settings, keys), deadline)
+    except RetryStopped:
         return
+    if any(reason.startswith("MOVED") for reason in refusals):
+        raise ConfigError(
+            f"invalid REDIS_CLUSTER: {settings.safe_url} is a Redis Cluster node (it answers "
+            "MOVED for our keys); set REDIS_CLUSTER=true"
+        )
+    if refusals:
+        raise ConfigError(
+            f"Redis at {settings.safe_url} refuses what the daemon needs: "
+            + "; ".join(f"{', '.join(what)} ({reason})" for reason, what in refusals.items())
+            + ": grant these to the Redis user (see the README's ACL line)"
+        )
 
 
 def startup_deadline(settings: Settings) -> float | None:
@@ -168,26 +164,32 @@ def startup_deadline(settings: Settings) -> float | None:
     return time.monotonic() + settings.startup_timeout_s
 
 
-def wait_before_retry(
-    settings: Settings,
-    outage: Outage,
-    backoff: Backoff,
-    stop: threading.Event,
-    deadline: float | None,
-) -> None:
-    """The back-off before the next attempt at start-up, never past ``deadline``: the last
-    attempt is made at it. Raises StartupTimeout once an attempt failed past it."""
-    delay = backoff.next_delay()
-    if deadline is not None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            waited = time.monotonic() - (deadline - settings.startup_timeout_s)
-            raise StartupTimeout(
-                f"Redis at {settings.safe_url} not reachable within STARTUP_TIMEOUT "
-                f"({settings.startup_timeout_s:g} s; waited {waited:.1f} s): {outage.describe()}"
-            )
-        delay = min(delay, left)
-    stop.wait(delay)
+def retry_at_start(
+    settings: Settings, retrier: Retrier, do: Callable[[], T], deadline: float | None
+) -> T:
+    """``retrier.call(do)`` at start-up, never waiting past ``deadline``: the last attempt is
+    made at it. Raises StartupTimeout once an attempt failed past it."""
+    try:
+        return retrier.call(do, deadline)
+    except RetryGaveUp:
+        assert deadline is not None
+        waited = time.monotonic() - (deadline - settings.startup_timeout_s)
+        raise StartupTimeout(
+            f"Redis at {settings.safe_url} not reachable within STARTUP_TIMEOUT "
+            f"({settings.startup_timeout_s:g} s; waited {waited:.1f} s): "
+            f"{retrier.outage.describe()}"
+        ) from None
+
+
+def _attempt(settings: Settings, keys: Keys) -> dict[str, list[str]]:
+    """One probe (see :func:`_probe`); what no retry can mend is raised as a ConfigError."""
+    try:
+        return _probe(settings, keys)
+    except CONNECTION_ERRORS as error:
+        problem = _configuration_problem(settings, error)
+        if problem is not None:
+            raise problem from None
+        raise
 
 
 def _configuration_problem(settings: Settings, error: BaseException) -> ConfigError | None:

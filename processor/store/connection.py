@@ -1,15 +1,12 @@
-"""Redis clients built from the settings, and the one back-off every reconnect uses."""
+"""Redis clients built from the settings, and the errors our loops retry."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 import redis
@@ -19,7 +16,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from processor.config import RedisSettings
-from processor.errors import ConfigError
+from processor.errors import ConfigError, WritesRefused, WrongType
 from processor.urls import database
 
 log = logging.getLogger(__name__)
@@ -31,26 +28,11 @@ SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 
 
-class WritesRefused(redis.ResponseError):
-    """Raised when Redis refuses writes for a while: a failed save with
-    ``stop-writes-on-bgsave-error`` (MISCONF), fewer replicas than ``min-replicas-to-write``
-    (NOREPLICAS), another client's script past ``busy-reply-threshold`` (BUSY)."""
-
-
 # redis-py raises the class registered for an error reply's first word (OOM, READONLY and
 # LOADING have theirs); these would be plain ResponseErrors, which end the thread that gets one:
 # a consumer would leave with what it holds, and a whole group at once.
 for _code in ("MISCONF", "NOREPLICAS", "BUSY"):
     BaseParser.EXCEPTION_CLASSES.setdefault(_code, WritesRefused)
-
-
-class WrongType(redis.ResponseError):
-    """Raised when a key the daemon writes holds another type of value (WRONGTYPE): someone
-    else's key under one of our names, set while the daemon runs. The write script checks its
-    keys' types before its first write and replies WRONGTYPE naming the key, so a batch is never
-    half-written; the batch is held and retried until the key is deleted or renamed."""
-
-
 BaseParser.EXCEPTION_CLASSES.setdefault("WRONGTYPE", WrongType)
 
 # Redis refusing what we send until an operator or time mends it. Retried like a dropped
@@ -178,70 +160,6 @@ def refused_credentials(error: BaseException) -> redis.AuthenticationError | Non
     return None
 
 
-class Backoff:
-    """Capped exponential back-off with full jitter, reset by the caller after a success."""
-
-    def __init__(self, base_s: float, cap_s: float) -> None:
-        self._base_s = base_s
-        self._cap_s = cap_s
-        self._failures = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self._cap_s, self._base_s * 2**self._failures)
-        self._failures += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._failures = 0
-
-
-def _ignore(what: str) -> None:
-    pass
-
-
-# Told of every outage that ended, by what it was about; the consumer points it at its metrics.
-on_outage_recovered: Callable[[str], None] = _ignore
-
-
-class Downtime:
-    """How long, in this process, some Outage has been on (Redis unreachable or refusing us).
-
-    The takeover buffer ages only outside it: while writes fail here they fail for the owners
-    too, so a message received then may still be unwritten, however old.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._active: set[int] = set()
-        self._since = 0.0
-        self._total_s = 0.0
-
-    def begin(self, outage: object, now: float) -> None:
-        with self._lock:
-            if not self._active:
-                self._since = now
-            self._active.add(id(outage))
-
-    def end(self, outage: object, now: float) -> None:
-        with self._lock:
-            if id(outage) not in self._active:
-                return
-            self._active.discard(id(outage))
-            if not self._active:
-                self._total_s += now - self._since
-
-    def total_s(self, now: float) -> float:
-        with self._lock:
-            return self._total_s + (now - self._since if self._active else 0.0)
-
-
-DOWNTIME = Downtime()
-
-
-# While an outage lasts, a line this often (seconds): an operator watching the log sees that
-# we still wait, for what and why, without a line per retry. A variable, so tests shorten it.
-OUTAGE_REPEAT_S = 30.0
-
 _TLS_ONLY = "probably a TLS mismatch: the URL is redis:// but the server speaks only TLS"
 _NOT_TLS = "probably a TLS mismatch: the URL is rediss:// but the server does not speak TLS"
 
@@ -272,141 +190,3 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
     while seen is not None:
         yield seen
         seen = seen.__cause__ or seen.__context__
-
-
-class Outage:
-    """Logs an outage when it starts, every OUTAGE_REPEAT_S while it lasts, and when it ends.
-
-    ``detail`` adds what the caller holds meanwhile (for example "holding 120 messages") to the
-    start and repeat lines; ``url`` lets them name a TLS mismatch (see :func:`explain`).
-    """
-
-    def __init__(
-        self,
-        what: str,
-        context: Callable[[], str] = lambda: "",
-        detail: Callable[[], str] | None = None,
-        url: str = "",
-    ) -> None:
-        self._what = what
-        self._context = context
-        self._detail = detail
-        self._url = url
-        self._started: float | None = None
-        self._logged_at = 0.0
-        self._attempts = 0
-        self.error: BaseException | None = None
-
-    @property
-    def active(self) -> bool:
-        return self._started is not None
-
-    def length_s(self) -> float:
-        """How long the outage on has lasted so far (0 when none is on)."""
-        return 0.0 if self._started is None else time.monotonic() - self._started
-
-    def describe(self) -> str:
-        """How many attempts failed and the last error: for a caller that gives up waiting."""
-        error = "" if self.error is None else explain(self.error, self._url)
-        plural = "" if self._attempts == 1 else "s"
-        return f"{self._attempts} failed attempt{plural}; the last: {error}"
-
-    def failed(self, error: BaseException) -> None:
-        self._attempts += 1
-        self.error = error
-        now = time.monotonic()
-        starting = self._started is None
-        if self._started is None:
-            self._started = now
-            DOWNTIME.begin(self, now)
-        if refused_credentials(error) is not None:
-            # Not a blip: a rotated password needs an operator, so say it on every attempt.
-            log.error(
-                "%s %s refused our credentials (attempt %d): %s; fix REDIS_URL's password "
-                "and restart, or restore the old one; retrying%s",
-                self._context(),
-                self._what,
-                self._attempts,
-                str(error).rstrip("."),
-                self._details(),
-            )
-            return
-        if starting:
-            self._log_start(error)
-        elif now - self._logged_at >= OUTAGE_REPEAT_S:
-            self._log_repeat(error, now - self._started)
-        else:
-            return
-        self._logged_at = now
-
-    def _details(self) -> str:
-        text = self._detail() if self._detail is not None else ""
-        return f"; {text}" if text else ""
-
-    def _log_start(self, error: BaseException) -> None:
-        if isinstance(error, REFUSALS):
-            mended = (
-                "that key is deleted or renamed"
-                if isinstance(error, WrongType)
-                else "Redis takes writes again"
-            )
-            log.error(
-                "%s %s refused: %s %s; retrying until %s%s",
-                self._context(),
-                self._what,
-                error.status_code,
-                str(error).rstrip("."),
-                mended,
-                self._details(),
-            )
-        else:
-            log.warning(
-                "%s %s unavailable: %s; retrying%s",
-                self._context(),
-                self._what,
-                explain(error, self._url),
-                self._details(),
-            )
-
-    def _log_repeat(self, error: BaseException, length_s: float) -> None:
-        if isinstance(error, REFUSALS):
-            log.error(
-                "%s %s still refused after %.0f s (%d failed attempts): %s %s; retrying%s",
-                self._context(),
-                self._what,
-                length_s,
-                self._attempts,
-                error.status_code,
-                str(error).rstrip("."),
-                self._details(),
-            )
-        else:
-            log.warning(
-                "%s %s still unavailable after %.0f s (%d failed attempts): %s; retrying%s",
-                self._context(),
-                self._what,
-                length_s,
-                self._attempts,
-                explain(error, self._url),
-                self._details(),
-            )
-
-    def recovered(self) -> float:
-        """Ends the outage, if any; returns its length in seconds."""
-        if self._started is None:
-            return 0.0
-        now = time.monotonic()
-        DOWNTIME.end(self, now)
-        length = now - self._started
-        log.warning(
-            "%s %s back after %.2f s (%d failed attempts)",
-            self._context(),
-            self._what,
-            length,
-            self._attempts,
-        )
-        self._started = None
-        self._attempts = 0
-        self.error = None
-        on_outage_recovered(self._what)
-        return length
