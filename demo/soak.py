@@ -135,7 +135,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to publish")
     parser.add_argument("--rate", type=int, default=2000, help="messages per second")
     parser.add_argument("--consumers", type=int, default=3)
-    parser.add_argument("--lock-ttl-ms", type=int, default=60_000, help="the dedup window")
+    parser.add_argument("--dedup-window-ms", type=int, default=60_000, help="the dedup window")
     parser.add_argument("--strategy", default="partitioned", choices=["partitioned", "race"])
     parser.add_argument("--report-s", type=float, default=60.0, help="seconds between lines")
     parser.add_argument("--seed", type=int, default=None)
@@ -146,7 +146,7 @@ def main() -> int:
     duration_s = args.minutes * 60
     print(
         f"soak: {args.minutes:g} min at {args.rate:,} msg/s, {args.consumers} consumers "
-        f"({args.strategy}), LOCK_TTL_MS={args.lock_ttl_ms}, seed {seed}",
+        f"({args.strategy}), DEDUP_WINDOW_MS={args.dedup_window_ms}, seed {seed}",
         flush=True,
     )
     server = RedisServer()
@@ -158,7 +158,7 @@ def main() -> int:
     env |= {
         "CONSUMERS_COUNT": str(args.consumers),
         "STRATEGY": args.strategy,
-        "LOCK_TTL_MS": str(args.lock_ttl_ms),
+        "DEDUP_WINDOW_MS": str(args.dedup_window_ms),
         "MONITORING_INTERVAL": "5",
     }
     log_path = workdir / "daemon.log"

@@ -218,8 +218,8 @@ def main() -> int:
         "--window-ms",
         type=int,
         default=10_000,
-        help="the dedup window (LOCK_TTL_MS) of every design: short, so that expiry (a lock key "
-        "per id, or a bucket's set) is part of what is measured, as in a long-running daemon",
+        help="the dedup window (DEDUP_WINDOW_MS) of every design: short, so that expiry (a lock "
+        "key per id, or a bucket's set) is part of what is measured, as in a long-running daemon",
     )
     args = parser.parse_args()
     exit_cleanly_on_sigterm()

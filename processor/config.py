@@ -230,12 +230,13 @@ class Settings(GroupSettings):
         "which messages a consumer tries",
         choices=STRATEGIES,
     )
-    lock_ttl_ms: int = setting(
+    dedup_window_ms: int = setting(
         600_000,
-        "LOCK_TTL_MS",
+        "DEDUP_WINDOW_MS",
         "dedup window: a message id is written once within it (remembered for between this and "
-        "1.5 x this, by Redis's clock)",
+        "1.5 x this, by Redis's clock); LOCK_TTL_MS, its former name, is still read",
         minimum=1000,
+        formerly="lock_ttl_ms",
     )
     max_message_bytes: int = setting(
         1_048_576,

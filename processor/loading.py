@@ -136,10 +136,11 @@ def check_daemon(settings: Settings) -> None:
             "detect a dead consumer "
             f"(HEARTBEAT_TTL_MS + 2 x HEARTBEAT_INTERVAL_MS = {detection_ms})"
         )
-    if settings.lock_ttl_ms <= 2 * settings.takeover_buffer_ms:
+    if settings.dedup_window_ms <= 2 * settings.takeover_buffer_ms:
         raise ConfigError(
-            f"invalid LOCK_TTL_MS: {settings.lock_ttl_ms} must exceed twice TAKEOVER_BUFFER_MS "
-            f"({settings.takeover_buffer_ms}) so a takeover never outlives the dedup window"
+            f"invalid DEDUP_WINDOW_MS: {settings.dedup_window_ms} must exceed twice "
+            f"TAKEOVER_BUFFER_MS ({settings.takeover_buffer_ms}) so a takeover never outlives the "
+            "dedup window"
         )
 
 

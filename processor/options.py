@@ -33,10 +33,21 @@ class Option:
     choices: tuple[str, ...] = ()
     maximum: float | None = None
     check: Check | None = None
+    # The field name this setting had before a rename: its flag, variable and file key are
+    # still read (the new name wins where both are given).
+    formerly: str = ""
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def old_env(self) -> str:
+        return self.formerly.upper()
+
+    @property
+    def old_flag(self) -> str:
+        return "--" + self.formerly.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class _Declared:
     choices: tuple[str, ...]
     maximum: float | None
     check: Check | None
+    formerly: str
 
 
 def setting(
@@ -59,13 +71,15 @@ def setting(
     secret: bool = False,
     maximum: float | None = None,
     check: Check | None = None,
+    formerly: str = "",
 ) -> Any:
     """A settings field: its default and everything the loader needs to read it.
 
     ``check`` is called with every value the loader reads (not the default) and returns why it
     is wrong, or None; the loader names the setting and the value's source in front of it.
+    ``formerly`` is the field's name before a rename, still read as an alias.
     """
-    declared = _Declared(env, help, minimum, choices, maximum, check)
+    declared = _Declared(env, help, minimum, choices, maximum, check, formerly)
     return field(default=default, repr=not secret, metadata={"setting": declared})
 
 
@@ -86,6 +100,7 @@ def options_of(cls: type) -> list[Option]:
                     declared.choices,
                     declared.maximum,
                     declared.check,
+                    declared.formerly,
                 )
             )
     return options
@@ -151,13 +166,24 @@ def read_toml(path: str, options: Sequence[Option]) -> dict[str, object]:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     by_key = {option.name: option for option in options}
     by_key.update({option.env.lower(): option for option in options})
+    old_keys = {option.formerly: option for option in options if option.formerly}
     values: dict[str, object] = {}
     for key, raw in document.items():
         option = by_key.get(key.lower())
-        if option is None:
+        if option is not None:
+            values[option.name] = _convert(option, raw, f"config file {path}")
+        elif key.lower() not in old_keys:
             raise ConfigError(f"unknown key {key!r} in config file {path}")
-        values[option.name] = _convert(option, raw, f"config file {path}")
+    for key, raw in document.items():
+        old = old_keys.get(key.lower())
+        if old is not None and old.name not in values:
+            values[old.name] = _convert(old, raw, f"config file {path}, as {key}")
     return values
+
+
+def _old(option: Option) -> str:
+    """The parser's destination for a renamed setting's old flag."""
+    return f"{option.name}__formerly"
 
 
 def build_parser(
@@ -168,6 +194,10 @@ def build_parser(
         "--config", metavar="FILE", help="TOML file of settings (keys as the flags, with _)"
     )
     for option in options:
+        if option.formerly:
+            parser.add_argument(
+                option.old_flag, dest=_old(option), default=None, help=argparse.SUPPRESS
+            )
         if option.kind is bool:
             parser.add_argument(
                 option.flag,
@@ -221,9 +251,15 @@ def load_with_args(
     for option in options:
         if option.env in environ:
             values[option.name] = _convert(option, environ[option.env], "environment")
+        elif option.formerly and option.old_env in environ:
+            source = f"environment, as {option.old_env}"
+            values[option.name] = _convert(option, environ[option.old_env], source)
         flag_value = getattr(args, option.name)
+        old_flag_value = getattr(args, _old(option), None) if option.formerly else None
         if flag_value is not None:
             values[option.name] = _convert(option, flag_value, f"flag {option.flag}")
+        elif old_flag_value is not None:
+            values[option.name] = _convert(option, old_flag_value, f"flag {option.old_flag}")
     settings = cls(**values)
     if extra_check is not None:
         extra_check(settings)

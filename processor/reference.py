@@ -65,7 +65,7 @@ handler_concurrency = 16
 What a handler is and how its failures are handled: [operating.md](operating.md#handlers).
 Settings that only make sense together are checked together at start (for example
 `TAKEOVER_BUFFER_MS` must exceed `HEARTBEAT_TTL_MS` + 2 x `HEARTBEAT_INTERVAL_MS`, and
-`LOCK_TTL_MS` twice `TAKEOVER_BUFFER_MS`), with the same one line and exit code 2.
+`DEDUP_WINDOW_MS` twice `TAKEOVER_BUFFER_MS`), with the same one line and exit code 2.
 """
 
 

@@ -247,10 +247,10 @@ def test_takeover_buffer_must_outlive_dead_consumer_detection() -> None:
     load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "3001"})
 
 
-def test_lock_ttl_must_exceed_twice_the_takeover_buffer() -> None:
-    with pytest.raises(ConfigError, match="LOCK_TTL_MS"):
-        load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "LOCK_TTL_MS": "20000"})
-    load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "LOCK_TTL_MS": "20001"})
+def test_dedup_window_must_exceed_twice_the_takeover_buffer() -> None:
+    with pytest.raises(ConfigError, match="DEDUP_WINDOW_MS"):
+        load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "DEDUP_WINDOW_MS": "20000"})
+    load_daemon_settings([], {"TAKEOVER_BUFFER_MS": "10000", "DEDUP_WINDOW_MS": "20001"})
 
 
 # -- addresses and bounds: checked as read, named with their source ------------------------
@@ -471,3 +471,22 @@ def test_publish_help_exits_0() -> None:
     assert result.returncode == 0, result.stderr
     for option in PUBLISHER_OPTIONS:
         assert option.flag in result.stdout
+
+
+# -- a renamed setting keeps its old name as an alias ------------------------------------------
+
+
+def test_the_dedup_window_is_read_under_its_old_name_too(tmp_path: Path) -> None:
+    assert load_daemon_settings([], {"DEDUP_WINDOW_MS": "90000"}).dedup_window_ms == 90_000
+    assert load_daemon_settings([], {"LOCK_TTL_MS": "90000"}).dedup_window_ms == 90_000
+    assert load_daemon_settings(["--lock-ttl-ms", "90000"], {}).dedup_window_ms == 90_000
+    assert load_daemon_settings(["--dedup-window-ms", "90000"], {}).dedup_window_ms == 90_000
+    both = {"DEDUP_WINDOW_MS": "90000", "LOCK_TTL_MS": "80000"}
+    assert load_daemon_settings([], both).dedup_window_ms == 90_000  # the new name wins
+    config = tmp_path / "processor.toml"
+    config.write_text("lock_ttl_ms = 70000\n")
+    assert load_daemon_settings(["--config", str(config)], {}).dedup_window_ms == 70_000
+    config.write_text("lock_ttl_ms = 70000\ndedup_window_ms = 75000\n")
+    assert load_daemon_settings(["--config", str(config)], {}).dedup_window_ms == 75_000
+    with pytest.raises(ConfigError, match=r"invalid DEDUP_WINDOW_MS \(from environment, as LOCK"):
+        load_daemon_settings([], {"LOCK_TTL_MS": "soon"})

@@ -30,7 +30,7 @@ FAST = {
     "HEARTBEAT_INTERVAL_MS": "200",
     "HEARTBEAT_TTL_MS": "1000",
     "TAKEOVER_BUFFER_MS": "3000",
-    "LOCK_TTL_MS": "60000",
+    "DEDUP_WINDOW_MS": "60000",
     "MONITORING_INTERVAL": "1",
 }
 CHANNEL = "messages:published"

@@ -242,7 +242,7 @@ def test_stalled_consumers_rejoin_under_new_ids_without_duplicates(
     # then drop what it holds rather than write it again).
     lock_ttl_s = 6.0
     daemon = start_daemon(
-        procs, redis_url, strategy, TAKEOVER_BUFFER_MS=2500, LOCK_TTL_MS=int(lock_ttl_s * 1000)
+        procs, redis_url, strategy, TAKEOVER_BUFFER_MS=2500, DEDUP_WINDOW_MS=int(lock_ttl_s * 1000)
     )
     publish_invalid(bclient, context)
     duration = 5.0

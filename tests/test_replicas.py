@@ -80,7 +80,7 @@ def replicated() -> Iterator[Replicated]:
 
 @pytest.fixture
 def settings(replicated: Replicated) -> Settings:
-    return Settings(redis_url=replicated.primary.url, lock_ttl_ms=60_000)
+    return Settings(redis_url=replicated.primary.url, dedup_window_ms=60_000)
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.timeout(120)
 SLOW_DETECTION = {
     "HEARTBEAT_TTL_MS": 20_000,
     "TAKEOVER_BUFFER_MS": 30_000,
-    "LOCK_TTL_MS": 120_000,
+    "DEDUP_WINDOW_MS": 120_000,
 }
 THREADS = ["subscriber", "writer", "heartbeat", "consumer"]
 
@@ -94,7 +94,7 @@ def test_a_thread_that_dies_makes_its_consumer_leave_and_the_survivor_writes_its
         heartbeat_interval_ms=200,
         heartbeat_ttl_ms=SLOW_DETECTION["HEARTBEAT_TTL_MS"],
         takeover_buffer_ms=SLOW_DETECTION["TAKEOVER_BUFFER_MS"],
-        lock_ttl_ms=SLOW_DETECTION["LOCK_TTL_MS"],
+        dedup_window_ms=SLOW_DETECTION["DEDUP_WINDOW_MS"],
     )
     consumer = Consumer(settings, slot=7)
     fault = Fault()
@@ -174,7 +174,7 @@ def beat(self):
 
 Heartbeat.beat = beat
 settings = Settings(redis_url={redis_url!r}, heartbeat_interval_ms=100, heartbeat_ttl_ms=20000,
-                    takeover_buffer_ms=30000, lock_ttl_ms=120000)
+                    takeover_buffer_ms=30000, dedup_window_ms=120000)
 consumer_process(settings, 0, ConsumerStats(multiprocessing.get_context("spawn")))
 """
     done = subprocess.run(

@@ -42,7 +42,7 @@ CONSUMER = "test-consumer-1"
 
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, lock_ttl_ms=60_000, reconnect_backoff_max_s=0.2)
+    return Settings(redis_url=redis_url, dedup_window_ms=60_000, reconnect_backoff_max_s=0.2)
 
 
 @pytest.fixture
@@ -61,11 +61,11 @@ def client(settings: Settings) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def writer(client: redis.Redis, keys: Keys, settings: Settings) -> Writer:
-    return _writer(client, keys, settings.lock_ttl_ms, "[test]")
+    return _writer(client, keys, settings.dedup_window_ms, "[test]")
 
 
-def _writer(client: redis.Redis, keys: Keys, lock_ttl_ms: int, context: str) -> Writer:
-    return Writer(client, keys, lock_ttl_ms, 0.2, tagged(context), threading.Event(), 1.0)
+def _writer(client: redis.Redis, keys: Keys, dedup_window_ms: int, context: str) -> Writer:
+    return Writer(client, keys, dedup_window_ms, 0.2, tagged(context), threading.Event(), 1.0)
 
 
 def _entries(start: int, stop: int) -> list[Entry]:
@@ -181,7 +181,7 @@ def test_two_writers_racing_write_each_entry_once(
     def race(name: str, order: list[list[Entry]]) -> None:
         client = command_client(settings, name=f"racer-{name}")
         try:
-            racer = _writer(client, keys, settings.lock_ttl_ms, f"[{name}]")
+            racer = _writer(client, keys, settings.dedup_window_ms, f"[{name}]")
             start.wait(timeout=10)
             for batch in order:
                 results[name].append(racer.write(batch, f"consumer-{name}", ""))
@@ -267,8 +267,8 @@ def test_fence_with_an_expired_heartbeat_writes_nothing(
 def test_ids_are_remembered_as_fixed_size_digests_in_one_bucket_set(
     client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:
-    lock_ttl_ms = 60_000
-    writer = _writer(client, keys, lock_ttl_ms, "[window]")
+    dedup_window_ms = 60_000
+    writer = _writer(client, keys, dedup_window_ms, "[window]")
     long_id = "x" * 900_000  # a valid id near MAX_MESSAGE_BYTES costs what a short one does
     entries = [*_entries(0, 3), Entry(OUTPUT, long_id, "{}"), parse(b"junk", 64)]
     writer.write(entries, CONSUMER, "")  # type: ignore[arg-type]
@@ -277,10 +277,10 @@ def test_ids_are_remembered_as_fixed_size_digests_in_one_bucket_set(
     assert len(members) == 5
     assert {len(member) for member in members} == {DIGEST_BYTES}
     assert digest(long_id) in members and digest("m-0") in members
-    window = Window.for_ttl(lock_ttl_ms)
+    window = Window.for_ttl(dedup_window_ms)
     # Checked by the buckets after it for at least the window; unlinked by the first write of a
     # later bucket, and expires one bucket after that at the latest.
-    assert lock_ttl_ms < r.pttl(seen_key) <= lock_ttl_ms + 2 * window.width_ms
+    assert dedup_window_ms < r.pttl(seen_key) <= dedup_window_ms + 2 * window.width_ms
 
 
 def test_memory_per_remembered_id_is_below_the_lock_keys(
@@ -299,15 +299,15 @@ def test_memory_per_remembered_id_is_below_the_lock_keys(
 def test_an_id_is_written_again_only_once_the_window_has_passed(
     client: redis.Redis, keys: Keys, settings: Settings, r: redis.Redis
 ) -> None:
-    lock_ttl_ms = 2_000
-    writer = _writer(client, keys, lock_ttl_ms, "[expiry]")
-    seen = SeenCheck(client, keys, Window.for_ttl(lock_ttl_ms))
+    dedup_window_ms = 2_000
+    writer = _writer(client, keys, dedup_window_ms, "[expiry]")
+    seen = SeenCheck(client, keys, Window.for_ttl(dedup_window_ms))
     written_at = time.monotonic()
     assert writer.write(_entries(0, 1), CONSUMER, "").written == 1  # type: ignore[union-attr]
     assert seen.seen(["m-0", "m-1"]) == [True, False]
     wait_until(lambda: seen.seen(["m-0"]) == [False], timeout=15, interval=0.05)
     forgotten_after = time.monotonic() - written_at
-    assert forgotten_after >= lock_ttl_ms / 1000 - 0.05  # never forgotten inside the window
+    assert forgotten_after >= dedup_window_ms / 1000 - 0.05  # never forgotten inside the window
     print(f"forgotten {forgotten_after:.2f} s after it was written (window 2 s, at most 2.5 s)")
     assert writer.write(_entries(0, 1), CONSUMER, "").written == 1  # type: ignore[union-attr]
 
@@ -387,7 +387,7 @@ def test_writer_retries_until_redis_is_back(
     client = command_client(settings, name="test-writer")
     results: list[WriteResult | None] = []
     try:
-        writer = _writer(client, keys, settings.lock_ttl_ms, "[down]")
+        writer = _writer(client, keys, settings.dedup_window_ms, "[down]")
         private_redis.stop()  # comes back on the same port, empty
         thread = threading.Thread(
             target=lambda: results.append(writer.write(_entries(0, 10), CONSUMER, ""))
@@ -416,7 +416,7 @@ def test_writer_gives_up_when_told_and_redis_is_down(private_redis: RedisServer)
         writer = Writer(
             client,
             Keys.from_settings(settings),
-            settings.lock_ttl_ms,
+            settings.dedup_window_ms,
             0.2,
             tagged("[gone]"),
             stop,
@@ -458,7 +458,14 @@ def test_output_maxlen_trims_both_streams_as_they_are_written_and_still_dedups(
     client: redis.Redis, keys: Keys, settings: Settings, r: redis.Redis
 ) -> None:
     writer = Writer(
-        client, keys, settings.lock_ttl_ms, 0.2, tagged("[t]"), threading.Event(), 1.0, maxlen=100
+        client,
+        keys,
+        settings.dedup_window_ms,
+        0.2,
+        tagged("[t]"),
+        threading.Event(),
+        1.0,
+        maxlen=100,
     )
     for start in range(0, 2000, 100):
         assert writer.write(_entries(start, start + 100), CONSUMER, "").written == 100

@@ -150,7 +150,7 @@ class Consumer:
         self._runner: Runner = make_runner(handler, timeout_s, settings.handler_concurrency)
         self._failures = FailureLog(settings.monitor_interval_s, self._log)
         self._client = command_client(settings, name="processor-consumer")
-        self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.lock_ttl_ms))
+        self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.dedup_window_ms))
         heartbeat_client = command_client(settings, name="processor-heartbeat")
         # On a cluster the heartbeat thread also talks to every partition's primary (fences,
         # backlog checks): with a quarter of the TTL at most, so one node failing over cannot
@@ -174,7 +174,7 @@ class Consumer:
             settings.takeover_buffer_max,
             # Half the dedup window, as for a rejoin after a stall: a takeover of what is older
             # could write again what its owner wrote before the window forgot it.
-            settings.lock_ttl_ms / 2000,
+            settings.dedup_window_ms / 2000,
         )
         gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
         self._subscriber = Subscribers(
@@ -210,7 +210,7 @@ class Consumer:
         writer = Writer(
             self._client,
             self.keys,
-            settings.lock_ttl_ms,
+            settings.dedup_window_ms,
             settings.reconnect_backoff_max_s,
             self._log,
             stop=self.stop,
@@ -601,7 +601,7 @@ class Consumer:
         covered = any(
             registered < last_beat_ms for member, registered in members.items() if member != old_id
         )
-        if covered and stalled_ms * 2 >= self.settings.lock_ttl_ms:
+        if covered and stalled_ms * 2 >= self.settings.dedup_window_ms:
             self._subscriber.reset()
             while not self._subscriber.wait_subscribed(0.1) and not self.stop.is_set():
                 pass

@@ -2,12 +2,12 @@
 
 Each written id (a ``message_id``, or a payload's SHA-1 for a dead letter without one) is kept
 as a 12-byte BLAKE2b digest, whatever the id's length, in the set of the time bucket (by Redis's
-clock) it was written in, each bucket ``LOCK_TTL_MS / BUCKETS_CHECKED`` wide. A write checks the
-current bucket and the ``BUCKETS_CHECKED`` before it, one ``SMISMEMBER`` each per batch, so an id
-is remembered for between ``LOCK_TTL_MS`` and 1.5 x ``LOCK_TTL_MS``; the set of a bucket no longer
-checked is unlinked by the next write (and expires soon after in any case). The bucket never goes
-back while Redis's clock steps back by up to 1.5 x ``LOCK_TTL_MS`` (``Keys.seen_clock``, see
-``lua/bucket.lua``, shared by both scripts).
+clock) it was written in, each bucket ``DEDUP_WINDOW_MS / BUCKETS_CHECKED`` wide. A write
+checks the current bucket and the ``BUCKETS_CHECKED`` before it, one ``SMISMEMBER`` each per
+batch, so an id is remembered for between ``DEDUP_WINDOW_MS`` and 1.5 x ``DEDUP_WINDOW_MS``; the
+set of a bucket no longer checked is unlinked by the next write (and expires soon after in any
+case). The bucket never goes back while Redis's clock steps back by up to 1.5 x
+``DEDUP_WINDOW_MS`` (``Keys.seen_clock``, see ``lua/bucket.lua``, shared by both scripts).
 With 96-bit digests, two different ids collide with a probability of about n^2 / 2^97 for n ids
 in a window: 2e-14 for 60 million.
 """
@@ -49,8 +49,8 @@ class Window:
     buckets_checked: int = BUCKETS_CHECKED
 
     @classmethod
-    def for_ttl(cls, lock_ttl_ms: int) -> Window:
-        return cls(width_ms=-(-lock_ttl_ms // BUCKETS_CHECKED))
+    def for_ttl(cls, dedup_window_ms: int) -> Window:
+        return cls(width_ms=-(-dedup_window_ms // BUCKETS_CHECKED))
 
 
 class SeenCheck:

@@ -133,7 +133,7 @@ class Membership:
         A fence outlives the heartbeat (TAKEOVER_BUFFER_MS against HEARTBEAT_TTL_MS), so a
         failover of a partition's primary (about 2 s) does not fence every consumer at once.
         A consumer declared dead can write inside that margin; its writes are still
-        deduplicated, and LOCK_TTL_MS > 2 x TAKEOVER_BUFFER_MS keeps them inside the window.
+        deduplicated, and DEDUP_WINDOW_MS > 2 x TAKEOVER_BUFFER_MS keeps them inside the window.
         """
         fences = self._keys.fences(self.consumer_id)
         if not fences:

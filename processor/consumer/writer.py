@@ -60,7 +60,7 @@ class Writer:
         self,
         client: redis.Redis,
         keys: Keys,
-        lock_ttl_ms: int,
+        dedup_window_ms: int,
         backoff_max_s: float,
         tagged: Tagged,
         stop: threading.Event,
@@ -75,7 +75,7 @@ class Writer:
         self._client = client
         self._maxlen = maxlen
         self._keys = keys
-        self._window = Window.for_ttl(lock_ttl_ms)
+        self._window = Window.for_ttl(dedup_window_ms)
         self._wait_replicas = wait_replicas
         self._strict_wait = strict_wait
         self._wait_timeout_ms = wait_timeout_ms

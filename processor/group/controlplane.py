@@ -148,7 +148,7 @@ def claim_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
         )
     if recorded and recorded != str(partitions):
         log.warning(
-            "PARTITIONS changed from %s to %d: a message written in the last LOCK_TTL_MS under "
+            "PARTITIONS changed from %s to %d: a message written in the last DEDUP_WINDOW_MS under "
             "the old layout is not remembered by the new one (publish nothing old again)",
             recorded,
             partitions,
