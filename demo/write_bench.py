@@ -106,13 +106,17 @@ class Design:
             self._write = lambda batch: script(
                 keys=[keys.output, keys.dead, keys.stats, keys.heartbeat(CONSUMER)],
                 args=[LOCK_PREFIX, window_ms, CONSUMER, "", 0]
-                + [value for e in batch for value in (e.kind, e.lock_id, e.a, e.b)],
+                + [
+                    value
+                    for e in batch
+                    for value in (e.kind, e.dedup_id, e.data or e.reason, e.raw)
+                ],
             )
         elif name == "append":
             script = client.register_script(APPEND_ONLY)
             self._write = lambda batch: script(
                 keys=[keys.output],
-                args=[CONSUMER] + [value for e in batch for value in (e.lock_id, e.a)],
+                args=[CONSUMER] + [value for e in batch for value in (e.dedup_id, e.data)],
             )
         else:
             self._write = self._pipelines
@@ -124,14 +128,14 @@ class Design:
         keys = self._keys
         with self._client.pipeline(transaction=False) as pipe:
             for entry in batch:
-                pipe.set(LOCK_PREFIX + entry.lock_id, 1, nx=True, px=self._window_ms)
+                pipe.set(LOCK_PREFIX + entry.dedup_id, 1, nx=True, px=self._window_ms)
             won = pipe.execute()
         with self._client.pipeline(transaction=False) as pipe:
             for entry, ok in zip(batch, won, strict=True):
                 if ok:
                     pipe.xadd(
                         keys.output,
-                        {"message_id": entry.lock_id, "consumer_id": CONSUMER, "data": entry.a},
+                        {"message_id": entry.dedup_id, "consumer_id": CONSUMER, "data": entry.data},
                     )
             pipe.execute()
 

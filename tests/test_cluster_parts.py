@@ -81,9 +81,9 @@ def test_a_batch_over_partitions_is_written_once_each_entry_in_its_own_partition
         dead = [fields[b"raw"] for _, fields in cluster_client.xrange(partition.dead)]
         assert all(keys.partition_of(item) == index for item in ids)
         assert ids, f"partition {index} got none of 60 ids"
-        assert all(keys.partition_of(dead_letter("", raw, 1000).lock_id) == index for raw in dead)
+        assert all(keys.partition_of(dead_letter("", raw, 1000).dedup_id) == index for raw in dead)
     seen = SeenCheck(cluster_client, keys, Window.for_ttl(60_000))
-    assert seen.seen([entry.lock_id for entry in entries] + ["never-written"]) == [True] * 64 + [
+    assert seen.seen([entry.dedup_id for entry in entries] + ["never-written"]) == [True] * 64 + [
         False
     ]
 
@@ -265,11 +265,11 @@ def test_idle_stop_on_a_cluster_counts_the_writes_of_every_partition(
     t0 = time.monotonic() + 3600  # beats are due by the time given, well after the start
     steering.start(0, threading.Event())
     try:
-        assert not steering.tick(0, 0, now=t0 + 10.0).stop
+        assert not steering.tick(0, 0, now=t0 + 10.0).stopping
         for second, partition in ((14.0, 1), (18.0, 2)):
             cluster_client.hincrby(keys.partitions[partition].stats, "written", 5)
-            assert not steering.tick(0, 0, now=t0 + second).stop  # the group wrote: active
-        assert not steering.tick(0, 0, now=t0 + 22.0).stop
-        assert "idle" in steering.tick(0, 0, now=t0 + 23.5).stop
+            assert not steering.tick(0, 0, now=t0 + second).stopping  # the group wrote: active
+        assert not steering.tick(0, 0, now=t0 + 22.0).stopping
+        assert "idle" in steering.tick(0, 0, now=t0 + 23.5).stop_reason
     finally:
         steering.leave()

@@ -16,7 +16,7 @@ from processor.consumer.messages import (
     handler_failed,
     output_entry,
     parse,
-    payload_lock_id,
+    payload_dedup_id,
     reason_kind,
 )
 from processor.handlers import add_random_score
@@ -67,31 +67,31 @@ def test_message_exactly_at_the_limit_is_valid() -> None:
 )
 def test_invalid_payloads_become_dead_letters(raw: bytes, reason: str) -> None:
     entry = _dead(raw)
-    assert reason in str(entry.a)
-    assert entry.b == raw  # the payload as received
-    assert entry.lock_id == payload_lock_id(raw)
+    assert reason in entry.reason
+    assert entry.raw == raw  # the payload as received
+    assert entry.dedup_id == payload_dedup_id(raw)
 
 
 def test_oversized_payload_is_dead_lettered_and_truncated() -> None:
     raw = json.dumps({"message_id": "big", "pad": "x" * 500}).encode()
     entry = _dead(raw, limit=100)
-    assert "oversized" in str(entry.a)
-    assert str(len(raw)) in str(entry.a)
-    assert entry.b == raw[:100]
-    assert len(entry.b) == 100
+    assert "oversized" in entry.reason
+    assert str(len(raw)) in entry.reason
+    assert entry.raw == raw[:100]
+    assert len(entry.raw) == 100
     # Keyed by the whole payload: two big payloads sharing their first 100 bytes stay distinct.
     other = _dead(raw[:-2] + b'y"}', limit=100)
-    assert other.b == entry.b
-    assert other.lock_id != entry.lock_id
+    assert other.raw == entry.raw
+    assert other.dedup_id != entry.dedup_id
 
 
-def test_identical_invalid_payloads_share_a_lock_id() -> None:
+def test_identical_invalid_payloads_share_a_dedup_id() -> None:
     first = _dead(b"garbage")
     second = _dead(b"garbage")
     different = _dead(b"garbage!")
-    assert first.lock_id == second.lock_id
-    assert first.lock_id != different.lock_id
-    assert first.lock_id.startswith("#sha1:")
+    assert first.dedup_id == second.dedup_id
+    assert first.dedup_id != different.dedup_id
+    assert first.dedup_id.startswith("#sha1:")
 
 
 def test_unicode_and_nested_values_round_trip_through_output_entry() -> None:
@@ -109,8 +109,8 @@ def test_unicode_and_nested_values_round_trip_through_output_entry() -> None:
     processed = add_random_score(dict(parsed.body))
     entry = output_entry(parsed, processed, 1_048_576)
     assert entry.kind == OUTPUT
-    assert entry.lock_id == "id-ü-😀"
-    decoded = json.loads(entry.a)
+    assert entry.dedup_id == "id-ü-😀"
+    decoded = json.loads(entry.data)
     assert decoded == processed
     added = set(decoded) - set(original)
     assert len(added) == 1
@@ -122,9 +122,9 @@ def test_handler_result_that_is_not_a_dict_is_dead_lettered_by_message_id() -> N
     assert isinstance(parsed, Message)
     entry = output_entry(parsed, ["not", "a", "dict"], LIMIT)
     assert entry.kind == DEAD
-    assert entry.lock_id == "m-7"  # a valid message is locked by its id, dead or not
-    assert "list" in str(entry.a)
-    assert entry.b == parsed.raw
+    assert entry.dedup_id == "m-7"  # a valid message is locked by its id, dead or not
+    assert "list" in entry.reason
+    assert entry.raw == parsed.raw
 
 
 def test_handler_result_that_is_not_json_is_dead_lettered() -> None:
@@ -132,8 +132,8 @@ def test_handler_result_that_is_not_json_is_dead_lettered() -> None:
     assert isinstance(parsed, Message)
     entry = output_entry(parsed, {"message_id": "m-8", "when": object()}, LIMIT)
     assert entry.kind == DEAD
-    assert "not JSON" in str(entry.a)
-    assert entry.lock_id == "m-8"
+    assert "not JSON" in entry.reason
+    assert entry.dedup_id == "m-8"
 
 
 def test_handler_failed_truncates_raw_and_keeps_the_reason() -> None:
@@ -141,7 +141,7 @@ def test_handler_failed_truncates_raw_and_keeps_the_reason() -> None:
     parsed = parse(raw, 1024)
     assert isinstance(parsed, Message)
     entry = handler_failed(parsed, "handler raised ValueError: boom", 64)
-    assert entry == Entry(DEAD, "m-9", "handler raised ValueError: boom", raw[:64])
+    assert entry == Entry(DEAD, "m-9", reason="handler raised ValueError: boom", raw=raw[:64])
 
 
 def _nested(depth: int) -> bytes:
@@ -178,10 +178,10 @@ def test_a_message_nested_past_what_can_be_written_is_dead_lettered_on_input(dep
     raw = _nested(depth)
     assert _depth_of(raw) == depth
     entry = _dead(raw, limit=1_048_576)
-    assert entry.a == f"nested deeper than {MAX_DEPTH} levels"
-    assert reason_kind(entry.a) == "too_deep"
-    assert entry.lock_id == "deep"  # a valid id: deduplicated by it, as a handler failure is
-    assert entry.b == raw
+    assert entry.reason == f"nested deeper than {MAX_DEPTH} levels"
+    assert reason_kind(entry.reason) == "too_deep"
+    assert entry.dedup_id == "deep"  # a valid id: deduplicated by it, as a handler failure is
+    assert entry.raw == raw
 
 
 def test_brackets_in_strings_and_wide_structures_are_not_depth() -> None:

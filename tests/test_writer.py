@@ -118,7 +118,7 @@ def test_repeats_inside_one_batch_first_one_wins_whatever_its_kind(
     message_a = parse(b'{"message_id": "a"}', 64)
     assert isinstance(junk, Entry) and isinstance(message_a, Message)
     failed_a = output_entry(message_a, "not a dict", 64)  # a dead letter with the id "a"
-    assert failed_a.kind == DEAD and failed_a.lock_id == "a"
+    assert failed_a.kind == DEAD and failed_a.dedup_id == "a"
     output_a = Entry(OUTPUT, "a", '{"message_id": "a"}')
     batch = [junk, failed_a, output_a, junk, *_entries(0, 2)]
     result = writer.write(batch, CONSUMER, "")
@@ -149,9 +149,9 @@ def test_a_batch_larger_than_one_call_takes_is_written_in_several_exactly_once(
     ]
     result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]
     assert result == WriteResult(len(entries), 1, 4, dead_flags="010")
-    assert _ids(r, keys.output) == [entry.lock_id for entry in entries]
+    assert _ids(r, keys.output) == [entry.dedup_id for entry in entries]
     seen = SeenCheck(client, keys, Window.for_ttl(60_000))
-    assert seen.seen([*(entry.lock_id for entry in entries), "m-never"]) == [True] * len(
+    assert seen.seen([*(entry.dedup_id for entry in entries), "m-never"]) == [True] * len(
         entries
     ) + [False]
 
@@ -206,7 +206,7 @@ def test_two_writers_racing_write_each_entry_once(
     assert sum(result.skipped for result in all_results if result) == 200
     ids = _ids(r, keys.output)
     assert len(ids) == 200
-    assert sorted(ids) == sorted(entry.lock_id for entry in entries)
+    assert sorted(ids) == sorted(entry.dedup_id for entry in entries)
     writers = {fields["consumer_id"] for _, fields in r.xrange(keys.output)}
     assert writers <= {"consumer-a", "consumer-b"}
 
@@ -325,7 +325,7 @@ def test_outputs_and_dead_letters_are_each_checked_against_their_own_ids(
     )
     window = Window.for_ttl(60_000)
     earlier = int(r.time()[0] * 1000 // window.width_ms) - 1  # checked by the next write too
-    client.sadd(f"{keys.seen_prefix}{earlier}", digest("m-2"), digest(junk_b.lock_id))  # type: ignore[union-attr]
+    client.sadd(f"{keys.seen_prefix}{earlier}", digest("m-2"), digest(junk_b.dedup_id))  # type: ignore[union-attr]
     m0, m2, m3 = _entries(0, 1)[0], _entries(2, 3)[0], _entries(3, 4)[0]
     batch = [m0, junk_c, m2, junk_a, m3, junk_b, junk_d]
     result = writer.write(batch, CONSUMER, "")  # type: ignore[arg-type]
@@ -449,7 +449,7 @@ def test_a_write_that_times_out_is_retried_and_written_once(
     finally:
         impatient.close()
     assert result is not None
-    assert _ids(r, keys.output) == [entry.lock_id for entry in entries]
+    assert _ids(r, keys.output) == [entry.dedup_id for entry in entries]
     # Either the retry wrote them (the timed-out call skipped), or the timed-out call did.
     assert result.written + result.skipped == len(entries)
 

@@ -43,7 +43,7 @@ def write_with_locks(
     ttl_ms = self._window.width_ms * self._window.buckets_checked
     args: list[Any] = [LOCK_PREFIX, ttl_ms, consumer_id, fence, self._maxlen]
     for entry in entries:
-        args.extend((entry.kind, entry.lock_id, entry.a, entry.b))
+        args.extend((entry.kind, entry.dedup_id, entry.data or entry.reason, entry.raw))
     script_keys = [keys.output, keys.dead, keys.stats, keys.heartbeat(consumer_id)]
     while True:
         try:
@@ -66,7 +66,7 @@ def write_with_pipelines(
         try:
             locks = self._client.pipeline(transaction=False)
             for entry in entries:
-                locks.set(LOCK_PREFIX + entry.lock_id, 1, nx=True, px=ttl_ms)
+                locks.set(LOCK_PREFIX + entry.dedup_id, 1, nx=True, px=ttl_ms)
             won = locks.execute()
             appends = self._client.pipeline(transaction=False)
             written = dead = 0
@@ -75,9 +75,9 @@ def write_with_pipelines(
                 if entry.kind == OUTPUT:
                     if taken:
                         fields: dict[Any, Any] = {
-                            "message_id": entry.lock_id,
+                            "message_id": entry.dedup_id,
                             "consumer_id": consumer_id,
-                            "data": entry.a,
+                            "data": entry.data,
                         }
                         appends.xadd(keys.output, fields)
                         written += 1
@@ -85,8 +85,8 @@ def write_with_pipelines(
                     dead_flags.append("1" if taken else "0")
                     if taken:
                         letter: dict[Any, Any] = {
-                            "reason": entry.a,
-                            "raw": entry.b,
+                            "reason": entry.reason,
+                            "raw": entry.raw,
                             "consumer_id": consumer_id,
                         }
                         appends.xadd(keys.dead, letter)

@@ -438,7 +438,7 @@ class Consumer:
                     continue
                 entry = output_entry(message, result, max_bytes)
                 if entry.kind == DEAD:
-                    self._failures.failed(message.message_id, str(entry.a))
+                    self._failures.failed(message.message_id, entry.reason)
                 entries[position] = entry
         batch = [entry for entry in entries if entry is not None]
         # Busy until the batch is ready: a wait for the write queue (Redis is the bottleneck)
@@ -466,7 +466,7 @@ class Consumer:
         self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
         dead_entries = (entry for entry in entries if entry.kind == DEAD)
         reasons = [
-            reason_kind(entry.a)
+            reason_kind(entry.reason)
             for entry, flag in zip(dead_entries, result.dead_flags, strict=False)
             if flag == "1"
         ]
@@ -563,7 +563,7 @@ class Consumer:
         """Drops what is already written, so a takeover runs the handler only where needed."""
         by_position = dict(messages)
         dedup_ids = [
-            by_position[position].message_id if entry is None else entry.lock_id
+            by_position[position].message_id if entry is None else entry.dedup_id
             for position, entry in enumerate(entries)
         ]
         try:

@@ -20,12 +20,14 @@ MAX_DEPTH = 254
 
 # Tuples rather than dataclasses: these are built for every message on the hot path.
 class Entry(NamedTuple):
-    """One entry for the write script: an output message or a dead letter, with its dedup id."""
+    """One entry for the write script: an output message (``data``) or a dead letter
+    (``reason`` and ``raw``), with the id it is deduplicated by."""
 
     kind: str
-    lock_id: str
-    a: str | bytes
-    b: str | bytes = b""
+    dedup_id: str
+    data: str | bytes = ""  # an output's JSON
+    reason: str = ""  # a dead letter's reason
+    raw: bytes = b""  # a dead letter's payload as received (cut at MAX_MESSAGE_BYTES)
 
 
 class Message(NamedTuple):
@@ -36,13 +38,13 @@ class Message(NamedTuple):
     raw: bytes
 
 
-def payload_lock_id(raw: bytes) -> str:
+def payload_dedup_id(raw: bytes) -> str:
     """Dedup id for a payload with no usable message_id: identical payloads share it."""
     return "#sha1:" + hashlib.sha1(raw).hexdigest()
 
 
-def dead_letter(reason: str, raw: bytes, max_bytes: int, lock_id: str | None = None) -> Entry:
-    return Entry(DEAD, lock_id or payload_lock_id(raw), reason, raw[:max_bytes])
+def dead_letter(reason: str, raw: bytes, max_bytes: int, dedup_id: str | None = None) -> Entry:
+    return Entry(DEAD, dedup_id or payload_dedup_id(raw), reason=reason, raw=raw[:max_bytes])
 
 
 def parse(raw: bytes, max_bytes: int) -> Message | Entry:
@@ -71,7 +73,7 @@ def parse(raw: bytes, max_bytes: int) -> Message | Entry:
     # Nesting needs one bracket per level: most payloads are cleared by a count in C.
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
         return dead_letter(
-            f"nested deeper than {MAX_DEPTH} levels", raw, max_bytes, lock_id=message_id
+            f"nested deeper than {MAX_DEPTH} levels", raw, max_bytes, dedup_id=message_id
         )
     return Message(message_id, body, raw)
 
@@ -106,7 +108,7 @@ def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
 
 def handler_failed(message: Message, reason: str, max_bytes: int) -> Entry:
     """A dead letter for a valid message the handler could not process; deduplicated by its id."""
-    return dead_letter(reason, message.raw, max_bytes, lock_id=message.message_id)
+    return dead_letter(reason, message.raw, max_bytes, dedup_id=message.message_id)
 
 
 # Dead-letter reasons grouped into a few kinds, for a metric label of bounded cardinality.

@@ -1,4 +1,5 @@
-"""The atomic lock-and-append: the one way messages reach the output and dead-letter streams."""
+"""The atomic deduplicate-and-append: the one way messages reach the output and dead-letter
+streams."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class Writer:
             return self._write_partition(0, entries, consumer_id, fence)
         written = dead = skipped = unconfirmed = 0
         flags: dict[int, str] = {}
-        for partition, indices in keys.script_calls([entry.lock_id for entry in entries]):
+        for partition, indices in keys.script_calls([entry.dedup_id for entry in entries]):
             part = [entries[index] for index in indices]
             result = self._write_partition(partition, part, consumer_id, fence)
             if result is None or result.fenced:
@@ -337,7 +338,7 @@ class _ScriptLayout:
         self._dead_slots: list[int | None] = []
         firsts: set[bytes] = set()
         for entry in entries:
-            key = digest(entry.lock_id)
+            key = digest(entry.dedup_id)
             if key in firsts:
                 self._repeats += 1
                 if entry.kind == DEAD:
@@ -347,10 +348,10 @@ class _ScriptLayout:
             if entry.kind == DEAD:
                 self._dead_slots.append(len(self._dead_digests))
                 self._dead_digests.append(key)
-                self._dead += (entry.lock_id, entry.a, entry.b)
+                self._dead += (entry.dedup_id, entry.reason, entry.raw)
             else:
                 self._output_digests.append(key)
-                self._outputs += (entry.lock_id, entry.a)
+                self._outputs += (entry.dedup_id, entry.data)
 
     def args(self) -> list[str | bytes | int]:
         return [
