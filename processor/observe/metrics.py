@@ -94,7 +94,7 @@ class ConsumerMetrics:
         )
         self._script = Histogram(
             "processor_script_call_seconds",
-            "Latency of one lock-and-append script call",
+            "Latency of one deduplicate-and-append script call",
             buckets=SCRIPT_BUCKETS,
         )
         self._latency = Histogram(
