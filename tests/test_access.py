@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import redis
 from demo.redis_server import RedisServer, free_port
 from processor.config import Settings
 from processor.errors import ExitCode, StartupTimeout
-from processor.group.supervisor import Supervisor
+from processor.group import startup
 from processor.store.access import ACL_RULES
 from tests.conftest import REPO_ROOT, Processes
 from tests.faults_support import (
@@ -280,6 +281,6 @@ def test_the_startup_timeout_also_bounds_the_supervisors_own_connection():
     """A cluster that went away after the start-up check: the supervisor's cluster client
     cannot read the layout, and gives up at the same deadline."""
     url = f"redis://127.0.0.1:{free_port()}/0"
-    supervisor = Supervisor(Settings(redis_url=url, redis_cluster=True, startup_timeout_s=1))
+    settings = Settings(redis_url=url, redis_cluster=True, startup_timeout_s=1)
     with pytest.raises(StartupTimeout, match=r"not reachable within STARTUP_TIMEOUT \(1 s"):
-        supervisor._connect(deadline=time.monotonic() + 0.5)
+        startup._connect(settings, threading.Event(), deadline=time.monotonic() + 0.5)

@@ -113,7 +113,7 @@ def test_a_stop_while_consumers_start_ends_the_start(monkeypatch):
 
 def test_sigttin_at_the_bound_is_logged_and_ignored(caplog):
     supervisor = _supervisor(MAX_CONSUMERS_PER_HOST - 1)
-    with caplog.at_level(logging.INFO, logger="processor.group.supervisor"):
+    with caplog.at_level(logging.INFO, logger="processor.group.signals"):
         supervisor._handle("add")
         supervisor._handle("add")
     assert supervisor._target_count() == MAX_CONSUMERS_PER_HOST

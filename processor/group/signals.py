@@ -9,10 +9,13 @@ draining before its successor starts; what cannot is logged as needing a restart
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 from dataclasses import dataclass
 
-from processor.config import Settings
+from processor.config import MAX_CONSUMERS_PER_HOST, Settings
+
+log = logging.getLogger(__name__)
 
 CONTROL_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP)
 REQUESTS = {signal.SIGTTIN: "add", signal.SIGTTOU: "remove", signal.SIGHUP: "reload"}
@@ -45,3 +48,28 @@ def plan_reload(current: Settings, reloaded: Settings) -> ReloadPlan:
         else:
             not_applied.append(f"{item.name} {shown}")
     return ReloadPlan(dataclasses.replace(current, **live), applied, not_applied)
+
+
+def resized_count(request: str, local_count: int, group_sized: bool) -> int:
+    """The local consumer count after a SIGTTIN ("add") or SIGTTOU ("remove"): unchanged, with
+    a warning, while the group's size is set in Redis, at the last consumer, or at the bound."""
+    signame = "SIGTTIN" if request == "add" else "SIGTTOU"
+    if group_sized:
+        log.warning(
+            "%s ignored: the group's size is set in Redis (processor scale); "
+            "use 'processor scale N'",
+            signame,
+        )
+        return local_count
+    if request == "remove" and local_count <= 1:
+        log.warning("SIGTTOU ignored: the last consumer stays (stop the daemon instead)")
+        return local_count
+    if request == "add" and local_count >= MAX_CONSUMERS_PER_HOST:
+        log.warning(
+            "SIGTTIN ignored: %d consumers is the most one daemon runs (run more hosts)",
+            local_count,
+        )
+        return local_count
+    after = local_count + (1 if request == "add" else -1)
+    log.info("%s: consumers %d -> %d", signame, local_count, after)
+    return after

@@ -67,3 +67,8 @@ class Slot:
     retiring: bool = False
     # Stopping to be replaced at once with reloaded settings (SIGHUP).
     recycling: bool = False
+
+    def is_ready(self) -> bool:
+        """Its consumer runs, subscribed and registered."""
+        process = self.process
+        return process is not None and process.is_alive() and self.stats.get("ready") == 1

@@ -11,7 +11,6 @@ SIGTERM stops the group gracefully; a second one kills the consumers at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,26 +24,22 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
 
-from processor.config import MAX_CONSUMERS_PER_HOST, Settings
-from processor.consumer.dedup import warn_if_evicting
+from processor.config import Settings
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
-from processor.errors import ConfigError, ExitCode, GroupStopped, RetryStopped
-from processor.group.controlplane import claim_partitions
-from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload
+from processor.errors import ConfigError, ExitCode, GroupStopped
+from processor.group.probes import Probes
+from processor.group.shutdown import kill, stop_consumers, stop_resource_tracker
+from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload, resized_count
 from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process
+from processor.group.startup import connect_and_check
 from processor.group.steering import Order, Steering
 from processor.observe.counters import record_unwritten
-from processor.observe.health import HealthServer
-from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.observe.monitor import Monitor
-from processor.store.access import check_access, retry_at_start, startup_deadline
-from processor.store.connection import REDIS_ERRORS, command_client
+from processor.store.connection import REDIS_ERRORS
 from processor.store.keys import Keys
-from processor.store.keytypes import check_key_types
-from processor.store.outage import Backoff, Outage, Retrier
+from processor.store.outage import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -63,36 +58,10 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._keys = Keys.from_settings(settings)
         self._loop_tick = time.monotonic()
-        self._metrics_dir = ""
-        self._live: Any = None
-        self._target: Any = None
-        self._restarts: Any = None
+        self._probes: Probes | None = None
         self._slots: list[Slot] = []
         self._local_count = settings.consumers_count
         self._order = Order(None)
-
-    def _connect(self, deadline: float | None) -> bool:
-        """Made once Redis answers (a cluster client reads the layout as it is made, so a
-        cluster that went away since the start-up check is waited for); False if stopped.
-        Raises StartupTimeout past ``deadline``."""
-        if self.stop.is_set():
-            return False
-        outage = Outage("Redis (supervisor)", url=self.settings.url)
-        backoff = Backoff(0.1, self.settings.reconnect_backoff_max_s)
-        retrier = Retrier(outage, backoff, self.stop, errors=REDIS_ERRORS)
-        try:
-            # Short timeouts: an eviction must never hold up the replacement of a consumer.
-            self._client = retry_at_start(
-                self.settings,
-                retrier,
-                lambda: command_client(self.settings, name="processor-supervisor", timeout_s=1.0),
-                deadline,
-            )
-        except RetryStopped:
-            return False
-        self._leave = leave_script(self._client)
-        self._steering = Steering(self.settings, self._client, self._keys)
-        return True
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -106,26 +75,14 @@ class Supervisor:
         # The entry point held them until now: one that came meanwhile is handled here.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         log.info("daemon starting: pid=%d %s", os.getpid(), self.settings.describe())
-        deadline = startup_deadline(self.settings)
-        # Both raise (ConfigError, StartupTimeout): the entry point reports it.
-        check_access(self.settings, self.stop, deadline)
-        if self.stop.is_set() or not self._connect(deadline):
+        # Raises ConfigError or StartupTimeout: the entry point reports it.
+        client = connect_and_check(self.settings, self._keys, self.stop)
+        if client is None or self.stop.is_set():
             log.info("daemon stopped before Redis was reachable")
             return ExitCode.OK
-        try:
-            check_key_types(self._client, self._keys)  # raises ConfigError, as check_access
-        except REDIS_ERRORS as error:
-            log.warning("could not check the types of the daemon's keys: %s", error)
-        if self._keys.cluster:
-            try:
-                # Raises ConfigError (exit 2) when the live group runs with another PARTITIONS.
-                claim_partitions(self._client, self._keys, self.settings.partitions)
-            except REDIS_ERRORS as error:
-                log.warning("could not check PARTITIONS against the group's: %s", error)
-        try:
-            warn_if_evicting(self._client, self._keys.cluster)
-        except REDIS_ERRORS as error:
-            log.warning("could not check Redis's maxmemory-policy: %s", error)
+        self._client = client
+        self._leave = leave_script(client)
+        self._steering = Steering(self.settings, client, self._keys)
         try:
             self._order = self._steering.start(0, self.stop)
         except GroupStopped as stopped:
@@ -143,18 +100,19 @@ class Supervisor:
             log.info("daemon stopped before its first consumer started")
             self._steering.leave()
             return ExitCode.OK
-        try:
-            health = self._start_health()
-        except ConfigError:
-            self._steering.leave()
-            raise
+        if self.settings.metrics_port:
+            try:
+                self._probes = Probes(
+                    self.settings, lambda: self._slots, self.stop, lambda: self._loop_tick
+                )
+            except ConfigError:
+                self._steering.leave()
+                raise
         try:
             return self._supervise()
         finally:
-            if health is not None:
-                health.close()
-            if self._metrics_dir:
-                remove_multiprocess_dir(self._metrics_dir)
+            if self._probes is not None:
+                self._probes.close()
 
     def _supervise(self) -> int:
         monitor = Monitor(self.settings, lambda: [slot.stats for slot in self._slots])
@@ -175,9 +133,8 @@ class Supervisor:
                 break
             self._resize()
             self._recycle_next()
-            if self._live is not None:
-                self._live.set(sum(self._is_ready(slot) for slot in self._slots))
-                self._target.set(self._target_count())
+            if self._probes is not None:
+                self._probes.update(self._target_count())
             if time.monotonic() >= next_report:
                 next_report += self.settings.monitor_interval_s
                 monitor.report()
@@ -185,67 +142,8 @@ class Supervisor:
         monitor.report(final=True)
         monitor.close()
         self._client.close()
-        _stop_resource_tracker()
+        stop_resource_tracker()
         return code
-
-    # -- metrics and probes -------------------------------------------------------------------
-
-    def _start_health(self) -> HealthServer | None:
-        """The metrics endpoint, when METRICS_PORT is set; before any consumer starts."""
-        settings = self.settings
-        if not settings.metrics_port:
-            return None
-        self._metrics_dir = prepare_multiprocess_dir()
-        from prometheus_client import Counter, Gauge
-
-        self._live = Gauge(
-            "processor_consumers_live",
-            "Local consumers subscribed and registered",
-            multiprocess_mode="livemax",
-        )
-        self._target = Gauge(
-            "processor_consumers_target",
-            "Consumers this host should run: its share of the group's desired size, or "
-            "CONSUMERS_COUNT without one",
-            multiprocess_mode="livemax",
-        )
-        self._restarts = Counter("processor_consumer_restarts", "Local consumers replaced")
-        try:
-            health = HealthServer(
-                settings.metrics_addr, settings.metrics_port, self._alive, self._ready
-            )
-        except OSError as error:
-            raise ConfigError(
-                f"invalid METRICS_PORT/METRICS_ADDR: cannot serve on "
-                f"{settings.metrics_addr}:{settings.metrics_port}: {error.strerror}"
-            ) from None
-        health.start()
-        log.info(
-            "metrics on http://%s:%d/metrics, probes /healthz /readyz",
-            settings.metrics_addr,
-            health.port,
-        )
-        return health
-
-    def _is_ready(self, slot: Slot) -> bool:
-        process = slot.process
-        return process is not None and process.is_alive() and slot.stats.get("ready") == 1
-
-    def _alive(self) -> tuple[bool, str]:
-        stalled_s = time.monotonic() - self._loop_tick
-        if self.stop.is_set():
-            return False, "stopping"
-        if stalled_s > 5.0:
-            return False, f"supervisor loop stalled for {stalled_s:.1f} s"
-        return True, "ok"
-
-    def _ready(self) -> tuple[bool, str]:
-        waiting = [slot.index for slot in self._slots if not self._is_ready(slot)]
-        if self.stop.is_set():
-            return False, "stopping"
-        if waiting:
-            return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
-        return True, f"ok: {len(self._slots)} consumers subscribed and registered"
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -262,7 +160,7 @@ class Supervisor:
             )
             for slot in self._slots:
                 if slot.process is not None and slot.process.pid:
-                    _kill(slot.process.pid, signal.SIGKILL)
+                    kill(slot.process.pid, signal.SIGKILL)
             os._exit(ExitCode.FORCED)
 
     # -- live control ---------------------------------------------------------------------------
@@ -274,26 +172,7 @@ class Supervisor:
         if request == "reload":
             self._reload_settings()
             return
-        signame = "SIGTTIN" if request == "add" else "SIGTTOU"
-        if self._order.size is not None:
-            log.warning(
-                "%s ignored: the group's size is set in Redis (processor scale); "
-                "use 'processor scale N'",
-                signame,
-            )
-            return
-        if request == "remove" and self._local_count <= 1:
-            log.warning("SIGTTOU ignored: the last consumer stays (stop the daemon instead)")
-            return
-        if request == "add" and self._local_count >= MAX_CONSUMERS_PER_HOST:
-            log.warning(
-                "SIGTTIN ignored: %d consumers is the most one daemon runs (run more hosts)",
-                self._local_count,
-            )
-            return
-        before = self._local_count
-        self._local_count += 1 if request == "add" else -1
-        log.info("%s: consumers %d -> %d", signame, before, self._local_count)
+        self._local_count = resized_count(request, self._local_count, self._order.size is not None)
 
     # -- the number of consumers ----------------------------------------------------------------
 
@@ -336,7 +215,7 @@ class Supervisor:
             slot.process.pid,
         )
         if slot.process.pid:
-            _kill(slot.process.pid, signal.SIGTERM)
+            kill(slot.process.pid, signal.SIGTERM)
 
     def _reload_settings(self) -> None:
         if self._reload is None:
@@ -363,12 +242,12 @@ class Supervisor:
         """Stops the next consumer to replace once the previous replacement is ready."""
         if any(slot.recycling for slot in self._slots) or not self._recycle:
             return
-        if not all(self._is_ready(slot) for slot in self._slots if not slot.retiring):
+        if not all(slot.is_ready() for slot in self._slots if not slot.retiring):
             return  # one at a time: never two of the group away at once
         slot = self._recycle.popleft()
         if slot in self._slots and slot.process is not None and slot.process.pid:
             slot.recycling = True
-            _kill(slot.process.pid, signal.SIGTERM)
+            kill(slot.process.pid, signal.SIGTERM)
 
     def _start(self, slot: Slot) -> None:
         # Until the new consumer registers under its own id and says it is ready.
@@ -413,15 +292,12 @@ class Supervisor:
             if process is not None and not process.is_alive():
                 process.join()
                 self._evict(slot.index, process)
-                if self._restarts is not None:
-                    from prometheus_client import multiprocess
-
-                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-                if slot.retiring or slot.recycling:
+                replaced = not (slot.retiring or slot.recycling)
+                if self._probes is not None:
+                    self._probes.exited(process.pid, replaced)
+                if not replaced:
                     self._stopped_on_request(slot, process)
                     continue
-                if self._restarts is not None:
-                    self._restarts.inc()
                 lived = now - slot.started_at
                 if lived >= HEALTHY_RUN_S:
                     slot.backoff.reset()
@@ -488,48 +364,11 @@ class Supervisor:
     def _shut_down(self) -> int:
         """Forwards the stop to every consumer, waits for their flush, kills stragglers."""
         self._steering.leave()  # the other hosts take our share while ours drain
-        running = [slot for slot in self._slots if slot.process is not None]
-        for slot in running:
-            if slot.process is not None and slot.process.pid:
-                _kill(slot.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
-        for slot in running:
-            if slot.process is not None:
-                slot.process.join(max(0.0, deadline - time.monotonic()))
-        code = ExitCode.OK
-        killed_holding = 0
-        for slot in running:
-            process = slot.process
-            if process is None:
-                continue
-            if process.is_alive() and not slot.stats.consumer_id:
-                # Still starting (importing, subscribing; a spawn of many on a loaded host can
-                # outlast the grace): never registered, so it owned nothing and holds nothing.
-                log.info(
-                    "consumer pid %s was still starting after SHUTDOWN_GRACE: stopping it "
-                    "(never registered, it holds nothing)",
-                    process.pid,
-                )
-                if process.pid:
-                    _kill(process.pid, signal.SIGKILL)
-                process.join(5)
-                self._evict(slot.index, process)
-            elif process.is_alive():
-                held = slot.stats.get("held")
-                killed_holding += held
-                log.error(
-                    "consumer pid %s did not stop in time: killing it; it held %d unwritten "
-                    "messages at its last step (lost)",
-                    process.pid,
-                    held,
-                )
-                if process.pid:
-                    _kill(process.pid, signal.SIGKILL)
-                process.join(5)
-                code = ExitCode.CONSUMER_ERROR
-            elif process.exitcode != 0:
-                log.error("consumer pid %s exited with code %s", process.pid, process.exitcode)
-                code = ExitCode.CONSUMER_ERROR
+        code, killed_holding = stop_consumers(
+            self._slots,
+            self.settings.shutdown_grace_s,
+            lambda slot: self._evict(slot.index, slot.process) if slot.process else None,
+        )
         if killed_holding:
             try:
                 record_unwritten(self._client, self._keys, lost=killed_holding, left_to_takeover=0)
@@ -541,20 +380,6 @@ class Supervisor:
             sum(slot.restarts for slot in self._slots),
         )
         return code
-
-
-def _stop_resource_tracker() -> None:
-    """Reaps the resource tracker that starting spawned processes forked: otherwise it
-    outlives us for a moment, orphaned to init (a leftover in our process group)."""
-    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
-    stop = getattr(tracker, "_stop", None)
-    if stop is not None:
-        stop()
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:

@@ -1,0 +1,102 @@
+"""The supervisor's metrics and probes: the local group's gauges, and ``/metrics``, ``/healthz``
+and ``/readyz`` served for the whole host (see :mod:`processor.observe.health`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from processor.config import Settings
+from processor.errors import ConfigError
+from processor.group.slot import Slot
+from processor.observe.health import HealthServer
+from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
+
+log = logging.getLogger(__name__)
+
+# /healthz fails once the supervisor's loop has not come round for this long.
+STALLED_S = 5.0
+
+
+class Probes:
+    """Started with METRICS_PORT, before any consumer: the consumers inherit the directory of
+    prometheus-client's multiprocess files from the environment it sets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        slots: Callable[[], list[Slot]],
+        stopping: threading.Event,
+        loop_tick: Callable[[], float],
+    ) -> None:
+        self._slots = slots
+        self._stopping = stopping
+        self._loop_tick = loop_tick
+        self._directory = prepare_multiprocess_dir()
+        # Imported only now: prometheus-client reads the directory's variable at import.
+        from prometheus_client import Counter, Gauge
+
+        self._live = Gauge(
+            "processor_consumers_live",
+            "Local consumers subscribed and registered",
+            multiprocess_mode="livemax",
+        )
+        self._target = Gauge(
+            "processor_consumers_target",
+            "Consumers this host should run: its share of the group's desired size, or "
+            "CONSUMERS_COUNT without one",
+            multiprocess_mode="livemax",
+        )
+        self._restarts = Counter("processor_consumer_restarts", "Local consumers replaced")
+        try:
+            self._server = HealthServer(
+                settings.metrics_addr, settings.metrics_port, self._alive, self._ready
+            )
+        except OSError as error:
+            remove_multiprocess_dir(self._directory)
+            raise ConfigError(
+                f"invalid METRICS_PORT/METRICS_ADDR: cannot serve on "
+                f"{settings.metrics_addr}:{settings.metrics_port}: {error.strerror}"
+            ) from None
+        self._server.start()
+        log.info(
+            "metrics on http://%s:%d/metrics, probes /healthz /readyz",
+            settings.metrics_addr,
+            self._server.port,
+        )
+
+    def update(self, target: int) -> None:
+        """Once per supervisor loop: live and target consumers."""
+        self._live.set(sum(slot.is_ready() for slot in self._slots()))
+        self._target.set(target)
+
+    def exited(self, pid: int | None, replaced: bool) -> None:
+        """A consumer process ended: its live gauges go, and a replacement is counted."""
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        if replaced:
+            self._restarts.inc()
+
+    def close(self) -> None:
+        self._server.close()
+        remove_multiprocess_dir(self._directory)
+
+    def _alive(self) -> tuple[bool, str]:
+        stalled_s = time.monotonic() - self._loop_tick()
+        if self._stopping.is_set():
+            return False, "stopping"
+        if stalled_s > STALLED_S:
+            return False, f"supervisor loop stalled for {stalled_s:.1f} s"
+        return True, "ok"
+
+    def _ready(self) -> tuple[bool, str]:
+        slots = self._slots()
+        waiting = [slot.index for slot in slots if not slot.is_ready()]
+        if self._stopping.is_set():
+            return False, "stopping"
+        if waiting:
+            return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
+        return True, f"ok: {len(slots)} consumers subscribed and registered"
