@@ -83,6 +83,24 @@ def setting(
     return field(default=default, repr=not secret, metadata={"setting": declared})
 
 
+# A duration (a setting whose name ends in _s or _ms) is at most a week unless it says more:
+# longer ones are typos, and the clocks and selectors they reach overflow on absurd values.
+WEEK_S = 7 * 24 * 3600
+_DURATION_MAXIMUM = {"_s": WEEK_S, "_ms": WEEK_S * 1000}
+
+
+def bound(value: float) -> str:
+    """A bound as people write it: 604800000, not 6.048e+08; 0.1, not 0.10000."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def _maximum(name: str, declared: float | None) -> float | None:
+    if declared is not None:
+        return declared
+    unit = "_" + name.rpartition("_")[2]
+    return _DURATION_MAXIMUM.get(unit)
+
+
 def options_of(cls: type) -> list[Option]:
     """The settings of a settings dataclass, in declaration order (base classes first)."""
     options = []
@@ -98,7 +116,7 @@ def options_of(cls: type) -> list[Option]:
                     declared.help,
                     declared.minimum,
                     declared.choices,
-                    declared.maximum,
+                    _maximum(item.name, declared.maximum),
                     declared.check,
                     declared.formerly,
                 )
@@ -144,9 +162,9 @@ def _convert(option: Option, raw: object, source: str) -> object:
             raise ConfigError(f"invalid {where}: {raw!r} is not a string")
         value = raw.upper() if option.name == "loglevel" else raw
     if option.minimum is not None and value < option.minimum:  # type: ignore[operator]
-        raise ConfigError(f"invalid {where}: {raw!r} must be >= {option.minimum:g}")
+        raise ConfigError(f"invalid {where}: {raw!r} must be >= {bound(option.minimum)}")
     if option.maximum is not None and value > option.maximum:  # type: ignore[operator]
-        raise ConfigError(f"invalid {where}: {raw!r} must be <= {option.maximum:g}")
+        raise ConfigError(f"invalid {where}: {raw!r} must be <= {bound(option.maximum)}")
     if option.choices and value not in option.choices:
         raise ConfigError(f"invalid {where}: {raw!r} must be one of {', '.join(option.choices)}")
     problem = option.check(value) if option.check is not None else None

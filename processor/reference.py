@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from processor import config
-from processor.options import Option, options_of
+from processor.options import Option, bound, options_of
 
 REGENERATE = "python -m processor.reference > docs/configuration.md"
 
@@ -85,11 +85,11 @@ def _allowed(option: Option) -> str:
     if option.choices:
         return ", ".join(f"`{choice}`" for choice in option.choices)
     if option.minimum is not None and option.maximum is not None:
-        return f"{option.minimum:g} to {option.maximum:g}"
+        return f"{bound(option.minimum)} to {bound(option.maximum)}"
     if option.minimum is not None:
-        return f">= {option.minimum:g}"
+        return f">= {bound(option.minimum)}"
     if option.maximum is not None:
-        return f"<= {option.maximum:g}"
+        return f"<= {bound(option.maximum)}"
     return ""
 
 

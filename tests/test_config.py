@@ -490,3 +490,17 @@ def test_the_dedup_window_is_read_under_its_old_name_too(tmp_path: Path) -> None
     assert load_daemon_settings(["--config", str(config)], {}).dedup_window_ms == 75_000
     with pytest.raises(ConfigError, match=r"invalid DEDUP_WINDOW_MS \(from environment, as LOCK"):
         load_daemon_settings([], {"LOCK_TTL_MS": "soon"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "limit"),
+    [
+        ("SHUTDOWN_GRACE", "1e308", "604800"),  # overflowed a selector's timeout at shutdown
+        ("MONITORING_INTERVAL", "1e300", "604800"),
+        ("DEDUP_WINDOW_MS", "99999999999999", "604800000"),
+        ("HEARTBEAT_TTL_MS", "604800001", "604800000"),
+    ],
+)
+def test_a_duration_longer_than_a_week_is_refused(name: str, value: str, limit: str) -> None:
+    with pytest.raises(ConfigError, match=rf"invalid {name} \(from environment\): .* <= {limit}$"):
+        load_daemon_settings([], {name: value})
