@@ -20,7 +20,7 @@ import redis
 from processor.config import Settings
 from processor.consumer.consumer import Consumer
 from processor.consumer.messages import OUTPUT, Entry
-from processor.consumer.stats import ConsumerStats
+from processor.consumer.stats import ADDED, ConsumerStats
 from processor.consumer.write_thread import Batch
 from processor.consumer.writer import WriteResult
 from processor.store.keys import Keys
@@ -122,10 +122,10 @@ def test_a_batch_the_fence_refused_reaches_the_loop_only_when_it_takes_the_repor
     batch = Batch(refused, None)
     in_writer_thread(lambda: consumer._written(batch, WriteResult(0, 0, 0, fenced=True), 0.0))
     # The write thread changed nothing of the loop's: the report waits for the loop.
-    assert consumer._unwritten == [] and not consumer._fenced
-    assert consumer._take_fence_reports()
-    assert consumer._unwritten == refused
-    assert not consumer._take_fence_reports()  # taken once
+    assert consumer._fence.unwritten == [] and not consumer._fence.fenced
+    assert consumer._fence.take_reports()
+    assert consumer._fence.unwritten == refused
+    assert not consumer._fence.take_reports()  # taken once
     consumer._count_unwritten()
     assert consumer._totals.snapshot().lost == 4  # fenced, and no one else to take them over
 
@@ -141,10 +141,10 @@ def test_the_heartbeat_reports_a_declared_death_once_and_the_loop_rejoins_under_
     r.delete(keys.heartbeat(old_id))
     r.lrem(keys.consumers, 0, old_id)
     wait_until(lambda: "declared us dead" in caplog.text, 10, message="heartbeat did not see it")
-    assert not consumer._fenced  # the heartbeat only reports; the loop owns the state
+    assert not consumer._fence.fenced  # the heartbeat only reports; the loop owns the state
     consumer._step()
     new_id = consumer._membership.consumer_id
-    assert new_id != old_id and not consumer._fenced
+    assert new_id != old_id and not consumer._fence.fenced
     stats = consumer.stats
     assert stats is not None
     wait_until(lambda: stats.consumer_id == new_id, 10, message="new id not reported")
@@ -152,6 +152,9 @@ def test_the_heartbeat_reports_a_declared_death_once_and_the_loop_rejoins_under_
     assert dead_lines == [
         f"[{old_id} pid={os.getpid()}] heartbeat had expired: the group declared us dead"
     ]
+    # The rejoin is the consumer's line, under its module's name wherever its code lives.
+    rejoined = [rec for rec in caplog.records if "rejoined after a stall" in rec.getMessage()]
+    assert [rec.name for rec in rejoined] == ["processor.consumer.consumer"]
 
 
 # -- the counters ---------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def test_the_counters_snapshot_sums_what_each_thread_counted(
     assert (totals.written, totals.dead, totals.skipped, totals.unconfirmed) == (5, 4, 3, 1)
     assert totals.taken_over == 2
     assert totals.lost == 6 + 1  # the batch a stop gave up, and what was held at exit
-    status = consumer._status()
+    status = consumer._reporting.status()
     assert (status["written"], status["dead"], status["taken_over"]) == (5, 4, 2)
 
 
@@ -184,12 +187,12 @@ def test_the_heartbeat_alone_writes_the_slot_stats_adding_to_the_slots_earlier_s
     stats = consumer.stats
     assert stats is not None
     stats.set(written=100, dead=10)  # counted by the consumers the slot had before
-    consumer._stats_base = {name: stats.get(name) for name in consumer._stats_base}
+    consumer._reporting.stats_base = {name: stats.get(name) for name in ADDED}
     before = stats.snapshot()
     in_writer_thread(lambda: consumer._written(Batch(entries(8), None), WriteResult(7, 1, 0), 0.0))
     consumer._take_over([])  # the loop's count
     assert stats.snapshot() == before  # neither the write thread nor the loop wrote them
-    consumer._report_stats()  # what the heartbeat thread does before each beat
+    consumer._reporting.report_stats()  # what the heartbeat thread does before each beat
     assert (stats.get("written"), stats.get("dead")) == (107, 11)
 
 

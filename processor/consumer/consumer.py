@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -19,10 +18,10 @@ from functools import partial
 from typing import TypeVar
 
 from processor.config import Settings
-from processor.consumer.dedup import SeenCheck, Window
-from processor.consumer.heartbeat import Heartbeat
+from processor.consumer.assembly import Hooks, assemble
+from processor.consumer.fence import Fence
 from processor.consumer.inbox import Inbox
-from processor.consumer.membership import Membership, new_consumer_id, now_ms
+from processor.consumer.membership import new_consumer_id
 from processor.consumer.messages import (
     DEAD,
     Entry,
@@ -32,27 +31,22 @@ from processor.consumer.messages import (
     parse,
     reason_kind,
 )
-from processor.consumer.ownership import make_strategy
-from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals, RateMeter
-from processor.consumer.subscriber import Gap
-from processor.consumer.subscribers import Subscribers
-from processor.consumer.write_thread import Batch, WriteThread
-from processor.consumer.writer import Writer, WriteResult
+from processor.consumer.reporting import Reporting
+from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals
+from processor.consumer.takeover import without_written
+from processor.consumer.write_thread import Batch
+from processor.consumer.writer import WriteResult
 from processor.errors import ConsumerFailed, RetryStopped
-from processor.handlers import Failure, FailureLog, Runner, load_handler, make_runner
-from processor.observe.counters import record_unwritten
+from processor.handlers import Failure
 from processor.observe.logs import Tagged
-from processor.observe.metrics import ConsumerMetrics
-from processor.store.connection import CONNECTION_ERRORS, command_client
+from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
-from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 IDLE_WAIT_S = 0.1
-DEFAULT_HANDLER = "processor.handlers:add_random_score"
 
 
 class Consumer:
@@ -72,23 +66,16 @@ class Consumer:
         self.keys = Keys.from_settings(settings)
         self._takeovers: deque[list[bytes]] = deque()
         self._inbox = Inbox()
-        # The group declared us dead: told by the heartbeat (an empty list) and by the write
-        # thread (the batch the fence refused); the loop alone takes them into its own state.
-        self._fence_reports: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
-        self._fenced = False
-        self._unwritten: list[Entry] = []
         # Messages in the batch the handler is running on (set by this loop only).
         self._in_hand = 0
         self._flushed = threading.Event()
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
-        self._rate = RateMeter()
         self._log = Tagged(log, self._tag)
         self._busy = BusyMeter()
         self._totals = ConsumerTotals()
         # The slot's sums before us (see stats.ADDED): ours are added to them.
         self._stats_base = {name: stats.get(name) for name in ADDED} if stats else {}
-        self._reported_id = ""
 
     @property
     def _batch_size(self) -> int:
@@ -141,96 +128,56 @@ class Consumer:
         self.stop.set()
 
     def _set_up(self) -> None:
-        settings = self.settings
-        self._metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
-        on_recovered = self._metrics.reconnected if self._metrics.enabled else None
-        handler = load_handler(settings.handler)
-        # The built-in handler cannot hang: skip the two timer syscalls per message.
-        timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
-        self._runner: Runner = make_runner(handler, timeout_s, settings.handler_concurrency)
-        self._failures = FailureLog(settings.monitor_interval_s, self._log)
-        self._client = command_client(settings, name="processor-consumer")
-        self._seen = SeenCheck(self._client, self.keys, Window.for_ttl(settings.dedup_window_ms))
-        heartbeat_client = command_client(settings, name="processor-heartbeat")
-        # On a cluster the heartbeat thread also talks to every partition's primary (fences,
-        # backlog checks): with a quarter of the TTL at most, so one node failing over cannot
-        # stall the beats past the TTL.
-        side_client = heartbeat_client
-        if self.keys.cluster:
-            side_timeout_s = settings.heartbeat_ttl_ms / 4000
-            side_client = command_client(
-                settings, name="processor-heartbeat-side", timeout_s=side_timeout_s, retries=0
-            )
-        self._membership = Membership(
-            heartbeat_client,
-            self.keys,
-            settings.heartbeat_ttl_ms,
-            fence_ttl_ms=settings.takeover_buffer_ms,
-            fence_client=side_client,
+        # The fence and the reporting are built from the parts, which call them only once
+        # started: hence the late look-ups.
+        hooks = Hooks(
+            route=self._route,
+            failed=self._thread_failed,
+            take_over=self._takeovers.append,
+            fenced=lambda: self._fence.report([]),
+            status=lambda: self._reporting.on_beat(),
+            report=lambda: self._reporting.report_stats(),
+            held=self._held,
+            written=self._written,
         )
-        self._strategy = make_strategy(
-            settings.strategy,
-            settings.takeover_buffer_ms / 1000,
-            settings.takeover_buffer_max,
-            # Half the dedup window, as for a rejoin after a stall: a takeover of what is older
-            # could write again what its owner wrote before the window forgot it.
-            settings.dedup_window_ms / 2000,
-        )
-        gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
-        self._subscriber = Subscribers(
-            settings,
-            self.keys,
-            deliver=self._route,
-            on_gap=gaps.put,
-            tagged=self._log,
-            backoff_max_s=settings.reconnect_backoff_max_s,
-            on_failure=self._thread_failed,
-            on_recovered=on_recovered,
-        )
-        self._heartbeat = Heartbeat(
-            heartbeat_client,
-            self.keys,
-            self._membership,
-            self._strategy,
-            interval_s=settings.heartbeat_interval_ms / 1000,
-            backlog_warn_bytes=settings.backlog_warn_bytes,
-            stop=self.stop,
-            done=self._flushed,
-            tagged=self._log,
-            subscriptions=self._subscriber.connections,
-            on_takeover=self._takeovers.append,
-            on_fenced=partial(self._fence_reports.put, []),
-            on_failure=self._thread_failed,
-            status=self._on_beat,
-            report=self._report_stats,
-            gaps=gaps,
-            probe_client=side_client,
-            on_recovered=on_recovered,
-        )
-        writer = Writer(
-            self._client,
-            self.keys,
-            settings.dedup_window_ms,
-            settings.reconnect_backoff_max_s,
-            self._log,
-            stop=self.stop,
-            grace_s=settings.shutdown_grace_s * 0.5,
-            maxlen=settings.output_maxlen,
-            wait_replicas=settings.wait_replicas,
-            holding=self._held,
-            strict_wait=settings.wait_replicas_mode == "strict",
-            on_recovered=on_recovered,
-        )
-        self._writes = WriteThread(
-            writer,
-            identity=lambda: (self._membership.consumer_id, self._membership.token),
-            on_done=self._written,
-            on_failure=self._thread_failed,
-        )
-        self._registration = Retrier(
-            Outage("Redis (registration)", self._log, on_recovered=on_recovered),
-            Backoff(0.1, settings.reconnect_backoff_max_s),
+        parts = assemble(self.settings, self.keys, self.stop, self._flushed, self._log, hooks)
+        self._metrics = parts.metrics
+        self._runner = parts.runner
+        self._failures = parts.failures
+        self._seen = parts.seen
+        self._membership = parts.membership
+        self._strategy = parts.strategy
+        self._subscriber = parts.subscriber
+        self._heartbeat = parts.heartbeat
+        self._writes = parts.writes
+        self._registration = parts.registration
+        self._fence = Fence(
+            parts,
+            self._inbox,
+            self._takeovers,
             self.stop,
+            self.settings.dedup_window_ms,
+            register=lambda: self._register(new_consumer_id(self.slot)),
+            batches=self._batches,
+            tagged=self._log,
+        )
+        self._reporting = Reporting(
+            self.settings,
+            self.slot,
+            self.keys,
+            self.stats,
+            parts,
+            self._totals,
+            self._busy,
+            self._inbox,
+            self._stats_base,
+            held=self._held,
+            ready=lambda: (
+                self._subscriber.is_subscribed()
+                and not self._fence.fenced
+                and not self.stop.is_set()
+            ),
+            tagged=self._log,
         )
 
     def _join(self) -> None:
@@ -265,10 +212,10 @@ class Consumer:
             self._heartbeat.beat()
 
     def _step(self) -> None:
-        if self._take_fence_reports():
-            self._fenced = True
-        if self._fenced:
-            self._rejoin()
+        if self._fence.take_reports():
+            self._fence.fenced = True
+        if self._fence.fenced:
+            self._fence.rejoin()
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
         payloads = self._inbox.take(
@@ -311,19 +258,7 @@ class Consumer:
             self._leave("stopped")
         self._runner.close()
         self._count_unwritten()
-        totals = self._totals.snapshot()
-        self._log.info(
-            "consumer stopped: written=%d dead=%d skipped=%d taken_over=%d lost=%d "
-            "left_to_takeover=%d gaps=%d unconfirmed=%d",
-            totals.written,
-            totals.dead,
-            totals.skipped,
-            totals.taken_over,
-            totals.lost,
-            totals.left_to_takeover,
-            self._subscriber.gaps,
-            totals.unconfirmed,
-        )
+        self._reporting.stopped()
 
     def _held(self) -> int:
         """Messages received and not written yet, that we owned or had started to take over:
@@ -334,61 +269,14 @@ class Consumer:
         return len(self._inbox) + self._in_hand + self._writes.holding()
 
     def _count_unwritten(self) -> None:
-        """What we still hold once every thread has stopped, counted where operators read it.
-
-        After a failure we left the group before writing it, and writes refused by the fence
-        were made after the group declared us dead: either way the live consumers' takeover
-        buffers hold a copy of everything published while they were subscribed, and they try
-        it. Otherwise (no one else live, or a stop that could not write it) it is lost.
-        """
-        self._take_fence_reports()  # the batches the fence refused, once the writer has stopped
-        untried = sum(len(chunk) for chunk in self._takeovers)
-        if untried:
-            self._log.info(
-                "%d messages routed to consumers that left were not tried as we stopped: "
-                "their owners wrote them, or the live consumers' buffers hold them",
-                untried,
-            )
-        fenced = len(self._unwritten)
-        unwritten = self._held() + fenced
-        if not unwritten:
-            self._report_unwritten()
-            return
-        others = self._heartbeat.members - {self._membership.consumer_id}
-        if (self._failure is not None or fenced) and others:
-            self._totals.loop.left_to_takeover += unwritten
-            self._log.error(
-                "left the group holding %d unwritten messages: the %d live consumers try "
-                "them from their takeover buffers",
-                unwritten,
-                len(others),
-            )
-        else:
-            self._totals.loop.lost += unwritten
-            self._log.error(
-                "stopped holding %d unwritten messages, with no live consumer to take them "
-                "over: lost",
-                unwritten,
-            )
-        self._report_unwritten()
-
-    def _report_unwritten(self) -> None:
-        """Adds our lost and left counts to /metrics and to the group's counters in Redis
-        (``processor status``); a Redis that is away loses only this report."""
-        totals = self._totals.snapshot()
-        lost, left = totals.lost, totals.left_to_takeover
-        self._metrics.unwritten(lost, left)
-        if not lost and not left:
-            return
-        try:
-            record_unwritten(self._client, self.keys, lost=lost, left_to_takeover=left)
-        except CONNECTION_ERRORS as error:
-            self._log.warning(
-                "lost=%d left_to_takeover=%d not added to the group's counters: %s",
-                lost,
-                left,
-                error,
-            )
+        """What we still hold once every thread has stopped, counted where operators read it."""
+        self._fence.take_reports()  # the batches the fence refused, once the writer has stopped
+        self._reporting.unwritten(
+            untried=sum(len(chunk) for chunk in self._takeovers),
+            fenced=len(self._fence.unwritten),
+            held=self._held(),
+            failed=self._failure is not None,
+        )
 
     def _leave(self, reason: str) -> None:
         try:
@@ -428,7 +316,7 @@ class Consumer:
             else:
                 entries.append(parsed)
         if skip_written:
-            entries, messages = self._without_written(entries, messages)
+            entries, messages = without_written(self._seen, entries, messages)
         if messages:
             results = self._runner.run([message.body for _, message in messages])
             for (position, message), result in zip(messages, results, strict=True):
@@ -459,8 +347,8 @@ class Consumer:
             )
             return
         if result.fenced:
-            # We were declared dead while stalled; _rejoin decides what happens to these.
-            self._fence_reports.put(entries)
+            # We were declared dead while stalled; the rejoin decides what happens to these.
+            self._fence.report(entries)
             return
         replied = time.monotonic()
         self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
@@ -478,156 +366,10 @@ class Consumer:
         counts.dead += result.dead
         counts.skipped += result.skipped
 
-    def _on_beat(self) -> dict[str, str | int | float]:
-        """Called by the heartbeat thread before each beat: the metrics that are not recorded
-        per batch are synced at its cadence, and our status goes out with the beat."""
-        status = self._status()
-        self._sync_metrics(int(status["held"]))
-        return status
-
-    def _status(self) -> dict[str, str | int | float]:
-        """What ``processor status`` shows of us; written to Redis with every heartbeat."""
-        totals = self._totals.snapshot()
-        return {
-            "host": self.settings.host,
-            "pid": os.getpid(),
-            "slot": self.slot,
-            "strategy": self._strategy.name,
-            "received": self._subscriber.received,
-            "written": totals.written,
-            "dead": totals.dead,
-            "skipped": totals.skipped,
-            "taken_over": totals.taken_over,
-            "buffered": self._strategy.buffered,
-            "held": self._held(),
-            "gaps": self._subscriber.gaps,
-            "rate": round(self._rate.rate(totals.written), 1),
-            "subscribed": int(self._subscriber.is_subscribed()),
-            "backlog_bytes": self._heartbeat.backlog_bytes,
-            "inbox": len(self._inbox),
-            "busy": round(self._busy.share(), 3),
-        }
-
-    def _sync_metrics(self, held: int) -> None:
-        subscriber = self._subscriber
-        totals = {
-            "received": subscriber.received,
-            "taken_over": self._totals.loop.taken_over,
-            "gaps": subscriber.gaps,
-            "gap_seconds": subscriber.gap_seconds,
-        }
-        self._metrics.sync(totals, self._strategy.buffered, held, self._heartbeat.backlog_bytes)
-
-    def _report_stats(self) -> None:
-        """Our id and counters for the supervisor, called by the heartbeat thread: the one
-        writer of ``stats``, which goes on while this loop waits for a handler."""
-        if self.stats is None:
-            return
-        consumer_id = self._membership.consumer_id
-        if consumer_id and consumer_id != self._reported_id:
-            self._reported_id = self.stats.consumer_id = consumer_id
-        ready = self._subscriber.is_subscribed() and not self._fenced and not self.stop.is_set()
-        totals = self._totals.snapshot()
-        base = self._stats_base
-        self.stats.set(
-            received=self._subscriber.received,
-            gaps=self._subscriber.gaps,
-            buffered=self._strategy.buffered,
-            held=self._held(),
-            ready=int(ready),
-            **{name: base[name] + getattr(totals, name) for name in ADDED},
-        )
-
-    def _take_fence_reports(self) -> bool:
-        """Takes what the heartbeat and the write thread reported of a fence; True if any."""
-        reported = False
-        while True:
-            try:
-                refused = self._fence_reports.get_nowait()
-            except queue.Empty:
-                return reported
-            self._unwritten.extend(refused)
-            reported = True
-
-    # -- takeover and rejoin ------------------------------------------------------------------
+    # -- takeover ----------------------------------------------------------------------------
 
     def _take_over(self, payloads: list[bytes]) -> None:
         """Tries messages another consumer may have missed; the write skips any it wrote."""
         self._totals.loop.taken_over += len(payloads)
         for batch in self._batches(payloads):
             self._handle(batch, skip_written=True)
-
-    def _without_written(
-        self, entries: list[Entry | None], messages: list[tuple[int, Message]]
-    ) -> tuple[list[Entry | None], list[tuple[int, Message]]]:
-        """Drops what is already written, so a takeover runs the handler only where needed."""
-        by_position = dict(messages)
-        dedup_ids = [
-            by_position[position].message_id if entry is None else entry.dedup_id
-            for position, entry in enumerate(entries)
-        ]
-        try:
-            written = self._seen.seen(dedup_ids)
-        except CONNECTION_ERRORS:
-            return entries, messages  # the write will retry, and its check still decides
-        kept_entries: list[Entry | None] = []
-        kept_messages: list[tuple[int, Message]] = []
-        for position, (entry, done) in enumerate(zip(entries, written, strict=True)):
-            if done:
-                continue
-            if entry is None:
-                kept_messages.append((len(kept_entries), by_position[position]))
-            kept_entries.append(entry)
-        return kept_entries, kept_messages
-
-    def _rejoin(self) -> None:
-        """We were declared dead (stalled past the heartbeat TTL): rejoin under a new id.
-
-        What we hold was received before or during the stall. If another consumer has been live
-        since before the stall, it took over our share; and if the stall was long enough for
-        ids to be forgotten (half the dedup window), writing what we hold could duplicate it, so
-        we drop it along with the socket's unread backlog. Otherwise we write it: the write skips
-        whatever someone else wrote.
-        """
-        self._writes.wait_idle()
-        self._take_fence_reports()  # what the fence refused meanwhile
-        old_id = self._membership.consumer_id
-        last_beat_ms = self._membership.last_beat_ms
-        stalled_ms = now_ms() - last_beat_ms
-        try:
-            members = self._membership.read().members
-        except CONNECTION_ERRORS:
-            return  # Redis is away; the heartbeat stays fenced and we try again next step
-        covered = any(
-            registered < last_beat_ms for member, registered in members.items() if member != old_id
-        )
-        if covered and stalled_ms * 2 >= self.settings.dedup_window_ms:
-            self._subscriber.reset()
-            while not self._subscriber.wait_subscribed(0.1) and not self.stop.is_set():
-                pass
-            # The takeover buffer too: what it holds was received late, after the stall, so
-            # its age no longer bounds how old it is, and a later takeover (or the shutdown
-            # sweep) would retry it after its id was forgotten.
-            dropped = len(self._inbox.drain()) + len(self._unwritten) + self._strategy.discard()
-            self._unwritten = []
-            self._takeovers.clear()
-            self._log.warning(
-                "stalled %.1f s, past half the dedup window: dropped %d held messages, "
-                "which live consumers took over",
-                stalled_ms / 1000,
-                dropped,
-            )
-        self._register(new_consumer_id(self.slot))
-        # Reports of the old id made before the new one beat: the rejoin answers them.
-        self._take_fence_reports()
-        self._fenced = False
-        self._log.warning(
-            "rejoined after a stall of %.1f s (was %s)",
-            stalled_ms / 1000,
-            old_id,
-        )
-        held, self._unwritten = self._unwritten, []
-        # Batch by batch, as received: a batch is one script call on a single Redis, written
-        # whole or refused whole by a fence, so a refusal never strands a written part here.
-        for batch in self._batches(held):
-            self._writes.submit(batch)

@@ -1,0 +1,172 @@
+"""A consumer's parts, built from its settings: the clients, membership, ownership, readers,
+heartbeat, writer and write thread, wired to the consumer through its hooks."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import redis
+
+from processor.config import Settings
+from processor.consumer.dedup import SeenCheck, Window
+from processor.consumer.heartbeat import Heartbeat
+from processor.consumer.membership import Membership
+from processor.consumer.ownership import PartitionedStrategy, RaceStrategy, make_strategy
+from processor.consumer.subscriber import Gap
+from processor.consumer.subscribers import Subscribers
+from processor.consumer.threads import OnFailure
+from processor.consumer.write_thread import Batch, WriteThread
+from processor.consumer.writer import Writer, WriteResult
+from processor.handlers import FailureLog, Runner, load_handler, make_runner
+from processor.observe.logs import Tagged
+from processor.observe.metrics import ConsumerMetrics
+from processor.store.connection import command_client
+from processor.store.keys import Keys
+from processor.store.outage import Backoff, Outage, Retrier
+
+DEFAULT_HANDLER = "processor.handlers:add_random_score"
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What the parts call back into the consumer, each from its own thread."""
+
+    route: Callable[[list[bytes]], None]  # the subscriber, for every socket read
+    failed: OnFailure  # any thread's unexpected death
+    take_over: Callable[[list[bytes]], None]  # the heartbeat: messages others may have missed
+    fenced: Callable[[], None]  # the heartbeat: the group declared us dead
+    status: Callable[[], Mapping[str, str | int | float]]  # the heartbeat, before each beat
+    report: Callable[[], None]  # the heartbeat: the supervisor's stats
+    held: Callable[[], int]  # the writer, for what a give-up at shutdown loses
+    written: Callable[[Batch, WriteResult | None, float], None]  # the write thread
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    metrics: ConsumerMetrics
+    runner: Runner
+    failures: FailureLog
+    client: redis.Redis
+    seen: SeenCheck
+    membership: Membership
+    strategy: RaceStrategy | PartitionedStrategy
+    subscriber: Subscribers
+    heartbeat: Heartbeat
+    writes: WriteThread
+    registration: Retrier
+
+
+def assemble(
+    settings: Settings,
+    keys: Keys,
+    stop: threading.Event,
+    flushed: threading.Event,
+    tagged: Tagged,
+    hooks: Hooks,
+) -> Parts:
+    metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
+    on_recovered = metrics.reconnected if metrics.enabled else None
+    handler = load_handler(settings.handler)
+    # The built-in handler cannot hang: skip the two timer syscalls per message.
+    timeout_s = 0.0 if settings.handler == DEFAULT_HANDLER else settings.handler_timeout_s
+    runner = make_runner(handler, timeout_s, settings.handler_concurrency)
+    failures = FailureLog(settings.monitor_interval_s, tagged)
+    client = command_client(settings, name="processor-consumer")
+    seen = SeenCheck(client, keys, Window.for_ttl(settings.dedup_window_ms))
+    heartbeat_client = command_client(settings, name="processor-heartbeat")
+    # On a cluster the heartbeat thread also talks to every partition's primary (fences,
+    # backlog checks): with a quarter of the TTL at most, so one node failing over cannot
+    # stall the beats past the TTL.
+    side_client = heartbeat_client
+    if keys.cluster:
+        side_timeout_s = settings.heartbeat_ttl_ms / 4000
+        side_client = command_client(
+            settings, name="processor-heartbeat-side", timeout_s=side_timeout_s, retries=0
+        )
+    membership = Membership(
+        heartbeat_client,
+        keys,
+        settings.heartbeat_ttl_ms,
+        fence_ttl_ms=settings.takeover_buffer_ms,
+        fence_client=side_client,
+    )
+    strategy = make_strategy(
+        settings.strategy,
+        settings.takeover_buffer_ms / 1000,
+        settings.takeover_buffer_max,
+        # Half the dedup window, as for a rejoin after a stall: a takeover of what is older
+        # could write again what its owner wrote before the window forgot it.
+        settings.dedup_window_ms / 2000,
+    )
+    gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
+    subscriber = Subscribers(
+        settings,
+        keys,
+        deliver=hooks.route,
+        on_gap=gaps.put,
+        tagged=tagged,
+        backoff_max_s=settings.reconnect_backoff_max_s,
+        on_failure=hooks.failed,
+        on_recovered=on_recovered,
+    )
+    heartbeat = Heartbeat(
+        heartbeat_client,
+        keys,
+        membership,
+        strategy,
+        interval_s=settings.heartbeat_interval_ms / 1000,
+        backlog_warn_bytes=settings.backlog_warn_bytes,
+        stop=stop,
+        done=flushed,
+        tagged=tagged,
+        subscriptions=subscriber.connections,
+        on_takeover=hooks.take_over,
+        on_fenced=hooks.fenced,
+        on_failure=hooks.failed,
+        status=hooks.status,
+        report=hooks.report,
+        gaps=gaps,
+        probe_client=side_client,
+        on_recovered=on_recovered,
+    )
+    writer = Writer(
+        client,
+        keys,
+        settings.dedup_window_ms,
+        settings.reconnect_backoff_max_s,
+        tagged,
+        stop=stop,
+        grace_s=settings.shutdown_grace_s * 0.5,
+        maxlen=settings.output_maxlen,
+        wait_replicas=settings.wait_replicas,
+        holding=hooks.held,
+        strict_wait=settings.wait_replicas_mode == "strict",
+        on_recovered=on_recovered,
+    )
+    writes = WriteThread(
+        writer,
+        identity=lambda: (membership.consumer_id, membership.token),
+        on_done=hooks.written,
+        on_failure=hooks.failed,
+    )
+    registration = Retrier(
+        Outage("Redis (registration)", tagged, on_recovered=on_recovered),
+        Backoff(0.1, settings.reconnect_backoff_max_s),
+        stop,
+    )
+    return Parts(
+        metrics,
+        runner,
+        failures,
+        client,
+        seen,
+        membership,
+        strategy,
+        subscriber,
+        heartbeat,
+        writes,
+        registration,
+    )

@@ -1,0 +1,120 @@
+"""After the group declared us dead: the reports of it, the batches its fence refused, and the
+rejoin under a new id."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from processor.consumer.assembly import Parts
+from processor.consumer.inbox import Inbox
+from processor.consumer.membership import now_ms
+from processor.consumer.messages import Entry
+from processor.observe.logs import Tagged
+from processor.store.connection import CONNECTION_ERRORS
+
+
+class Fence:
+    """Told by the heartbeat (an empty list) and by the write thread (the batch the fence
+    refused) from their threads; the consumer's loop alone takes them into ``fenced`` and
+    ``unwritten``, and rejoins.
+
+    Logs through the consumer's own logger (``tagged``): these lines were always the consumer's.
+    """
+
+    def __init__(
+        self,
+        parts: Parts,
+        inbox: Inbox,
+        takeovers: deque[list[bytes]],
+        stop: threading.Event,
+        dedup_window_ms: int,
+        register: Callable[[], None],
+        batches: Callable[[list[Entry]], Iterator[list[Entry]]],
+        tagged: Tagged,
+    ) -> None:
+        self._parts = parts
+        self._inbox = inbox
+        self._takeovers = takeovers
+        self._stop = stop
+        self._dedup_window_ms = dedup_window_ms
+        self._register = register
+        self._batches = batches
+        self._log = tagged
+        self._reports: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        self.fenced = False
+        self.unwritten: list[Entry] = []
+
+    def report(self, refused: list[Entry]) -> None:
+        """From any thread: the group declared us dead; ``refused`` is what a write lost to it."""
+        self._reports.put(refused)
+
+    def take_reports(self) -> bool:
+        """Takes what the heartbeat and the write thread reported of a fence; True if any."""
+        reported = False
+        while True:
+            try:
+                refused = self._reports.get_nowait()
+            except queue.Empty:
+                return reported
+            self.unwritten.extend(refused)
+            reported = True
+
+    def rejoin(self) -> None:
+        """We were declared dead (stalled past the heartbeat TTL): rejoin under a new id.
+
+        What we hold was received before or during the stall. If another consumer has been live
+        since before the stall, it took over our share; and if the stall was long enough for
+        ids to be forgotten (half the dedup window), writing what we hold could duplicate it, so
+        we drop it along with the socket's unread backlog. Otherwise we write it: the write skips
+        whatever someone else wrote.
+        """
+        parts = self._parts
+        parts.writes.wait_idle()
+        self.take_reports()  # what the fence refused meanwhile
+        old_id = parts.membership.consumer_id
+        last_beat_ms = parts.membership.last_beat_ms
+        stalled_ms = now_ms() - last_beat_ms
+        try:
+            members = parts.membership.read().members
+        except CONNECTION_ERRORS:
+            return  # Redis is away; the heartbeat stays fenced and we try again next step
+        covered = any(
+            registered < last_beat_ms for member, registered in members.items() if member != old_id
+        )
+        if covered and stalled_ms * 2 >= self._dedup_window_ms:
+            self._drop_held(stalled_ms)
+        self._register()
+        # Reports of the old id made before the new one beat: the rejoin answers them.
+        self.take_reports()
+        self.fenced = False
+        self._log.warning(
+            "rejoined after a stall of %.1f s (was %s)",
+            stalled_ms / 1000,
+            old_id,
+        )
+        held, self.unwritten = self.unwritten, []
+        # Batch by batch, as received: a batch is one script call on a single Redis, written
+        # whole or refused whole by a fence, so a refusal never strands a written part here.
+        for batch in self._batches(held):
+            parts.writes.submit(batch)
+
+    def _drop_held(self, stalled_ms: int) -> None:
+        subscriber = self._parts.subscriber
+        subscriber.reset()
+        while not subscriber.wait_subscribed(0.1) and not self._stop.is_set():
+            pass
+        # The takeover buffer too: what it holds was received late, after the stall, so
+        # its age no longer bounds how old it is, and a later takeover (or the shutdown
+        # sweep) would retry it after its id was forgotten.
+        dropped = len(self._inbox.drain()) + len(self.unwritten) + self._parts.strategy.discard()
+        self.unwritten = []
+        self._takeovers.clear()
+        self._log.warning(
+            "stalled %.1f s, past half the dedup window: dropped %d held messages, "
+            "which live consumers took over",
+            stalled_ms / 1000,
+            dropped,
+        )
