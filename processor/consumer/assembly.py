@@ -91,7 +91,7 @@ def assemble(
         keys,
         settings.heartbeat_ttl_ms,
         fence_ttl_ms=settings.takeover_buffer_ms,
-        fence_client=side_client,
+        side_client=side_client,
     )
     strategy = make_strategy(
         settings.strategy,
@@ -129,7 +129,7 @@ def assemble(
         status=hooks.status,
         report=hooks.report,
         gaps=gaps,
-        probe_client=side_client,
+        side_client=side_client,
         on_recovered=on_recovered,
     )
     writer = Writer(

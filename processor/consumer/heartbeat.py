@@ -80,14 +80,14 @@ class Heartbeat(WatchedThread):
         status: Callable[[], Mapping[str, str | int | float]],
         report: Callable[[], None],
         gaps: queue.SimpleQueue[Gap],
-        probe_client: redis.Redis | None = None,
+        side_client: redis.Redis | None = None,
         on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
         # For the backlog checks: on a cluster a client with short timeouts and no retries, so
         # a subscription's node that stops answering cannot hold up the beats.
-        self._probe_client = probe_client or client
+        self._side_client = side_client or client
         self._keys = keys
         self.membership = membership
         self._strategy = strategy
@@ -267,7 +267,7 @@ class Heartbeat(WatchedThread):
             return
         # The fullest subscription: Redis cuts each connection off on its own.
         omem = max(
-            server_backlog_bytes(self._probe_client, client_id, node)
+            server_backlog_bytes(self._side_client, client_id, node)
             for node, client_id in connections
         )
         self.backlog_bytes = omem

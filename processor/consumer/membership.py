@@ -67,12 +67,12 @@ class Membership:
         keys: Keys,
         heartbeat_ttl_ms: int,
         fence_ttl_ms: int = 0,
-        fence_client: redis.Redis | None = None,
+        side_client: redis.Redis | None = None,
     ) -> None:
         self._client = client
         # On a cluster the fences live on every partition's primary: a client with short
         # timeouts and no retries, so one that stops answering cannot hold up the heartbeat.
-        self._fence_client = fence_client or client
+        self._side_client = side_client or client
         self._keys = keys
         self._ttl_ms = heartbeat_ttl_ms
         self._fence_ttl_ms = max(fence_ttl_ms, heartbeat_ttl_ms)
@@ -138,7 +138,7 @@ class Membership:
         fences = self._keys.fences(self.consumer_id)
         if not fences:
             return
-        with self._fence_client.pipeline(transaction=False) as pipe:
+        with self._side_client.pipeline(transaction=False) as pipe:
             for fence in fences:
                 pipe.set(fence, self.token, px=self._fence_ttl_ms)
             pipe.execute()
