@@ -11,6 +11,7 @@ as a separate publisher process goes (pipelined PUBLISH, built in advance), and 
 - Redis CPU per message: ``INFO cpu`` (user + sys) across the burst / messages written;
 - the daemon's CPU per message: utime + stime of the supervisor and all its descendants from
   ``/proc/<pid>/stat``, with the children they have reaped (cutime + cstime), across the burst;
+- the noise: cores the machine kept busy outside the bench's own processes meanwhile;
 
 then check that every message was written exactly once and stop the daemon with SIGTERM. Prints
 the medians with the ratios the targets name; writes ``bench-results/fanout.json`` and, with
@@ -124,7 +125,8 @@ def measure_all(
         print(
             f"[{time.monotonic() - started:4.0f} s] {name:<8} x{consumers:<2} round {round_number}:"
             f" {sample.drain_rate:>9,.0f} msg/s  Redis {sample.redis_us:5.2f} µs/msg"
-            f"  daemon {sample.daemon_us:5.2f} µs/msg  {sample.problems or 'all written once'}",
+            f"  daemon {sample.daemon_us:5.2f} µs/msg  others {sample.others_cores:4.2f} cores"
+            f"  {sample.problems or 'all written once'}",
             flush=True,
         )
     return samples

@@ -57,6 +57,7 @@ class Sample:
     drain_rate: float  # written / (last write - first publish)
     redis_us: float  # redis-server CPU per written message
     daemon_us: float  # the supervisor and all its descendants, CPU per written message
+    others_cores: float  # the machine's CPU spent outside the bench meanwhile, in cores
 
     @property
     def problems(self) -> str:
@@ -214,20 +215,42 @@ def stop(proc: subprocess.Popen[bytes], log: TextIO) -> None:
 # -- one measured burst --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Burst:
+    published: Published
+    redis_us: float
+    daemon_us: float
+    others_cores: float
+
+
+def machine_busy_us() -> float:
+    """CPU time all cores have spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) * CLOCK_TICK_US
+
+
 def measure_burst(
-    client: redis.Redis,
-    publisher: Connection,
-    daemon_pid: int,
-    job: PublishJob,
-) -> tuple[Published, float, float]:
-    """Publishes the burst, waits for the output; returns it with Redis and daemon CPU µs."""
+    client: redis.Redis, publisher: Connection, daemon_pid: int, job: PublishJob
+) -> Burst:
+    """Publishes the burst and waits for the output; the CPU each side spent meanwhile.
+
+    ``others_cores``: what the machine spent outside the bench's own processes (Redis, the
+    daemon and the publisher are all its descendants), in cores: the run's noise.
+    """
+    started = time.monotonic()
+    machine_before, bench_before = machine_busy_us(), tree_cpu_us(os.getpid())
     redis_before, daemon_before = redis_cpu_us(client), tree_cpu_us(daemon_pid)
     publisher.send(job)
     published: Published = publisher.recv()
     wait_for_output(client, published.count - published.unreceived)
     # Sampled before the bench's own XRANGE over the output adds to Redis's figure.
     daemon_us = tree_cpu_us(daemon_pid) - daemon_before
-    return published, redis_cpu_us(client) - redis_before, daemon_us
+    redis_us = redis_cpu_us(client) - redis_before
+    bench_us = tree_cpu_us(os.getpid()) - bench_before
+    others_us = machine_busy_us() - machine_before - bench_us
+    return Burst(published, redis_us, daemon_us, others_us / 1e6 / (time.monotonic() - started))
 
 
 def run_once(
@@ -243,10 +266,11 @@ def run_once(
     job = PublishJob(messages, 0, f"{tree.name[0]}{consumers}r{round_number}")
     try:
         with daemon(client, url, tree, consumers, log) as pid:
-            published, redis_us, daemon_us = measure_burst(client, publisher, pid, job)
+            burst = measure_burst(client, publisher, pid, job)
             output = read_output(client)
     finally:
         client.close()
+    published = burst.published
     window_s = (output.last_ms - published.first_ms) / 1000
     per_message = max(output.unique, 1)
     return Sample(
@@ -258,6 +282,7 @@ def run_once(
         written=output.unique,
         duplicates=output.entries - output.unique,
         drain_rate=output.unique / window_s if window_s > 0 else 0.0,
-        redis_us=redis_us / per_message,
-        daemon_us=daemon_us / per_message,
+        redis_us=burst.redis_us / per_message,
+        daemon_us=burst.daemon_us / per_message,
+        others_cores=burst.others_cores,
     )

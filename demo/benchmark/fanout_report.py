@@ -29,6 +29,7 @@ class Median:
     drain_rate: float
     redis_us: float
     daemon_us: float
+    others_cores: float
     rounds: int
     problems: str  # every round's losses or duplicates, "" when none
 
@@ -76,6 +77,7 @@ def medians(samples: Iterable[Sample]) -> dict[tuple[str, int], Median]:
             drain_rate=statistics.median(s.drain_rate for s in runs),
             redis_us=statistics.median(s.redis_us for s in runs),
             daemon_us=statistics.median(s.daemon_us for s in runs),
+            others_cores=statistics.median(s.others_cores for s in runs),
             rounds=len(runs),
             problems="; ".join(f"round {s.round}: {s.problems}" for s in runs if s.problems),
         )
@@ -118,11 +120,15 @@ def verdict(target: Target, value: float) -> str:
 
 
 def report_lines(table: dict[tuple[str, int], Median], counts: Iterable[int]) -> list[str]:
-    """The figures by consumer count and tree, then the targets and the ratios to the baseline."""
+    """The figures by consumer count and tree, then the targets and the ratios to the baseline.
+
+    ``others``: cores busy outside the bench during the burst, the noise under the figures.
+    """
     counts = sorted(counts)
     lines = [
         f"{'consumers':>9}  {'tree':<8}  {'drain msg/s':>11}  {'Redis µs/msg':>12}"
-        f"  {'daemon µs/msg':>13}  {'vs baseline: drain / Redis / daemon':<36}  problems",
+        f"  {'daemon µs/msg':>13}  {'others':>6}  {'vs baseline: drain / Redis / daemon':<36}"
+        "  problems",
     ]
     for consumers in counts:
         for tree in TREES:
@@ -136,7 +142,8 @@ def report_lines(table: dict[tuple[str, int], Median], counts: Iterable[int]) ->
                 )
             lines.append(
                 f"{consumers:>9}  {tree:<8}  {median.drain_rate:>11,.0f}  {median.redis_us:>12.2f}"
-                f"  {median.daemon_us:>13.2f}  {versus:<36}  {median.problems or '-'}"
+                f"  {median.daemon_us:>13.2f}  {median.others_cores:>6.2f}  {versus:<36}"
+                f"  {median.problems or '-'}"
             )
     lines += ["", f"{'target':<46}  {'baseline':>18}  {'current':>18}"]
     for target in TARGETS:
