@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from demo.benchmark.fanout import Sample, machine_busy_us, tree_cpu_us
-from demo.benchmark.fanout_report import TARGETS, medians, report_lines, target_ratio
+from demo.benchmark.fanout_report import TARGETS, draw_chart, medians, report_lines, target_ratio
 from demo.fanout_bench import schedule
 from tests.conftest import REPO_ROOT
 from tests.helpers import wait_until
@@ -213,3 +213,14 @@ def spawning(pids: list[int]) -> bool:
                 if int(stat.rsplit(")", 1)[1].split()[1]) in pids:
                     return True
     return False
+
+
+def test_the_chart_draws_both_trees_with_a_gap_where_a_count_was_not_run(tmp_path) -> None:
+    pytest.importorskip("matplotlib", reason="bench-requirements.txt (make bench-fanout) has it")
+    table = medians([
+        sample("baseline", 1, 100_000, 6.0, 10.0),
+        sample("baseline", 2, 90_000, 6.5, 12.0),
+        sample("current", 1, 100_000, 6.0, 10.0),
+    ])  # fmt: skip
+    draw_chart(table, "fan-out", tmp_path / "fanout.png")
+    assert (tmp_path / "fanout.png").read_bytes().startswith(b"\x89PNG")
