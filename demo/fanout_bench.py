@@ -181,7 +181,11 @@ def bench(args: argparse.Namespace) -> int:
         open(args.results / "fanout-daemon.log", "w") as log,
     ):
         trees = {"baseline": baseline, "current": current_tree()}
-        print(f"fan-out bench: {describe(trees)}; {args.messages:,} messages a burst", flush=True)
+        print(
+            f"fan-out bench: {describe(trees)}; {args.messages:,} messages a burst;"
+            f" the baseline checked out in {baseline.root}",
+            flush=True,
+        )
         samples = measure_all(args, trees, server.url, publisher, log)
     table = medians(samples)
     # Not the load average after: the bench's own consumers make most of it.
