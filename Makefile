@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv system-redis test lint format docs demo bench bench-cluster
+.PHONY: help venv system-redis test lint format docs demo bench bench-fanout bench-cluster
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ demo: venv ## Run demo/run_demo.py (ARGS=... passed through)
 bench: venv ## Run demo/bench.py (ARGS=... passed through)
 	if [ -f bench-requirements.txt ]; then $(BIN)/python -m pip install --quiet -r bench-requirements.txt; fi
 	$(BIN)/python demo/bench.py $(ARGS)
+
+bench-fanout: venv ## Run demo/fanout_bench.py: consumers 1 to 16, this tree against a baseline ref (ARGS=...)
+	if [ -f bench-requirements.txt ]; then $(BIN)/python -m pip install --quiet -r bench-requirements.txt; fi
+	$(BIN)/python demo/fanout_bench.py $(ARGS)
 
 bench-cluster: venv system-redis ## Run demo/cluster_bench.py: one Redis against a local cluster (ARGS=...)
 	$(BIN)/python demo/cluster_bench.py $(ARGS)
