@@ -16,7 +16,7 @@ venv: $(STAMP) ## Create .venv and install test-requirements.txt into it
 
 # The stamp is rewritten only after a successful install, so a failed pip run is retried
 # next time and an unchanged pair of requirements files costs nothing.
-$(STAMP): requirements.txt test-requirements.txt
+$(STAMP): requirements.txt test-requirements.txt bench-requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r test-requirements.txt
 	touch $@

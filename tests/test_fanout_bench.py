@@ -217,7 +217,6 @@ def spawning(pids: list[int]) -> bool:
 
 
 def test_the_chart_draws_both_trees_with_a_gap_where_a_count_was_not_run(tmp_path) -> None:
-    pytest.importorskip("matplotlib", reason="bench-requirements.txt (make bench-fanout) has it")
     table = medians([
         sample("baseline", 1, 100_000, 6.0, 10.0),
         sample("baseline", 2, 90_000, 6.5, 12.0),
