@@ -30,6 +30,7 @@ from processor.store.connection import (
 )
 from processor.store.keys import Keys
 from processor.store.outage import Backoff, Outage, Retrier
+from processor.store.version import check_server_version
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,10 @@ def _configuration_problem(settings: Settings, error: BaseException) -> ConfigEr
 def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
     """What Redis refuses of the daemon's commands; raises if it cannot be reached.
 
-    On a cluster only the credentials are checked (a PING through the cluster client, which
-    reads the layout from the nodes): MULTI cannot span the slots of every key we use.
+    The server's version is checked first: an old server's unknown commands are no ACL's
+    doing. On a cluster only that and the credentials are checked (a PING through the cluster
+    client, which reads the layout from the nodes): MULTI cannot span the slots of every key
+    we use.
     """
     # No inner retries: the caller's loop retries, and logs the first failure without waiting
     # out two more (a TLS handshake that gets no answer takes SOCKET_TIMEOUT_S each).
@@ -232,8 +235,8 @@ def _probe(settings: Settings, keys: Keys) -> dict[str, list[str]]:
         with refused_database(settings):
             if keys.cluster:
                 client.ping()
-                return {}
-            return _dry_run(client, keys)
+            check_server_version(client, settings.safe_url)
+            return {} if keys.cluster else _dry_run(client, keys)
     finally:
         client.close()
 
