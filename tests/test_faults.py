@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from demo.redis_server import RedisServer
+from tests.conftest import Processes
 from tests.faults_support import (
     CHANNEL,
     GAPS,
@@ -49,6 +51,7 @@ from tests.faults_support import (
     wait_for,
 )
 from tests.helpers import wait_until
+from tests.servers import Server
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
 
@@ -106,13 +109,41 @@ PARTITIONED_FIRST = ["partitioned", pytest.param("race", marks=pytest.mark.slow)
 def test_killed_consumers_are_replaced_and_lose_nothing(
     procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str
 ):
-    rng = random.Random(seed)
     context = f"FAULT_SEED={seed} strategy={strategy}"
-    daemon = start_daemon(procs, redis_url, strategy)
-    publish_invalid(bclient, context)
+    rng = random.Random(seed)
+    kill_three_consumers(procs, redis_url, bclient, tmp_path, rng, strategy, context)
+
+
+def test_killed_consumers_lose_nothing_on_every_server_of_the_matrix(
+    procs, matrix_server: tuple[Server, RedisServer], tmp_path: Path, seed: int
+):
+    """The kills above on Redis 6.2, Redis 7.0 and Valkey (tests/servers.py)."""
+    spec, server = matrix_server
+    context = f"FAULT_SEED={seed} server={spec.id}"
+    redis_client = client(server.url)
+    try:
+        rng = random.Random(seed)
+        kill_three_consumers(procs, server.url, redis_client, tmp_path, rng, "partitioned", context)
+    finally:
+        redis_client.close()
+
+
+def kill_three_consumers(
+    procs: Processes,
+    url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    rng: random.Random,
+    strategy: str,
+    context: str,
+) -> None:
+    """While the publisher runs for 5 s, SIGKILLs a random consumer, its replacement during
+    start-up, then a random one later: each replaced, nothing lost or doubled."""
+    daemon = start_daemon(procs, url, strategy)
+    publish_invalid(redis_client, context)
     duration = 5.0
     total = int(RATE * duration)
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    publisher = start_publisher(procs, url, tmp_path / "record.txt", duration)
     killed_pids: set[int] = set()
     killed_ids: set[str] = set()
 
@@ -149,7 +180,7 @@ def test_killed_consumers_are_replaced_and_lose_nothing(
     assert not killed_ids & set(ids.values()), f"{context}: a killed id is listed: {ids}"
     assert daemon.log().count("replacing it in") >= 3, f"{context}: supervisor did not report"
     print(context, publisher.finish())
-    finish(daemon, bclient, Expected(publisher.records()), context)
+    finish(daemon, redis_client, Expected(publisher.records()), context)
 
 
 # -- 2. Pub/Sub connections dropped by the server ---------------------------------------------
