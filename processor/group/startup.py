@@ -1,5 +1,6 @@
-"""What the daemon checks before any consumer starts: that Redis lets it in and do everything
-it needs, that the keys it writes hold their types, the cluster's PARTITIONS, and eviction."""
+"""What the daemon checks before any consumer starts: that the server is new enough (Redis 6.2,
+any Valkey), lets it in and do everything it needs, that the keys it writes hold their types,
+the cluster's PARTITIONS, and eviction."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def connect_and_check(settings: Settings, keys: Keys, stop: threading.Event) -> redis.Redis | None:
     """The supervisor's client, once Redis answers and every check passed; None if stopped
-    first. Raises ConfigError (a wrong setting, a key of the wrong type) or StartupTimeout."""
+    first. Raises ConfigError (a wrong setting, a key of the wrong type, a server older than
+    Redis 6.2) or StartupTimeout."""
     deadline = startup_deadline(settings)
     check_access(settings, stop, deadline)
     client = _connect(settings, stop, deadline)
