@@ -71,7 +71,7 @@ class Consumer:
         self._flushed = threading.Event()
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
-        self._log = Tagged(log, self._tag)
+        self._log = Tagged(log, self._tag, self._log_fields)
         self._busy = BusyMeter()
         self._totals = ConsumerTotals()
         # The slot's sums before us (see stats.ADDED): ours are added to them.
@@ -92,6 +92,10 @@ class Consumer:
     def _tag(self) -> str:
         """Who we are in the log, as of now: our id changes as we rejoin."""
         return f"[{self._membership.consumer_id or 'joining'} pid={os.getpid()}]"
+
+    def _log_fields(self) -> dict[str, object]:
+        """Who we are in a JSON log line (the pid is on every line already)."""
+        return {"consumer_id": self._membership.consumer_id or None, "slot": self.slot}
 
     # -- life cycle ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
     from processor.consumer.consumer import Consumer
     from processor.observe.logs import configure_logging
 
-    configure_logging(settings.loglevel)
+    configure_logging(settings.loglevel, settings.log_format)
     consumer = Consumer(settings, slot, stats)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
