@@ -322,7 +322,9 @@ class Consumer:
         if skip_written:
             entries, messages = without_written(self._seen, entries, messages)
         if messages:
+            handler_started = time.monotonic()
             results = self._runner.run([message.body for _, message in messages])
+            self._metrics.handled(time.monotonic() - handler_started)
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):
                     entries[position] = handler_failed(message, result.reason, max_bytes)
