@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import signal
 import warnings
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -162,3 +163,27 @@ def test_an_unknown_log_format_is_refused_in_one_text_line(procs: Processes, red
     output = procs.output(proc)
     assert "--log-format" in output and "xml" in output, output
     assert output.count("\n") <= 3 and not output.startswith("{"), output
+
+
+def test_a_consumer_that_fails_outside_its_threads_logs_a_json_object_with_the_traceback(
+    procs: Processes, redis_url: str
+):
+    # The module imports in the supervisor (which checks HANDLER) and raises in each consumer.
+    env = {
+        "REDIS_URL": redis_url,
+        "LOG_FORMAT": "json",
+        "CONSUMERS_COUNT": "1",
+        "HANDLER": "tests.handler_failing_in_consumers:handle",
+        "RESTART_BACKOFF_MAX": "0.2",
+    }
+    daemon = procs.start(["demo/consume.py"], env=env)
+    wait_until(
+        lambda: procs.output(daemon).count("refuses to load in a consumer process") >= 2,
+        EXIT_WITHIN_S,
+        message=f"no consumer failed twice:\n{procs.output(daemon)[-3000:]}",
+    )
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(timeout=EXIT_WITHIN_S)
+    lines = _daemon_lines(procs.output(daemon))
+    failed = [line for line in lines if "refuses to load" in str(line.get("traceback", ""))]
+    assert failed and all(line["process"] == "consumer-0" for line in failed), lines
