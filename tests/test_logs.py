@@ -142,6 +142,12 @@ def test_with_log_format_json_every_line_the_daemon_prints_is_a_json_object(
     warned = [line for line in lines if line["logger"] == "py.warnings"]
     assert warned and all("this handler is deprecated" in str(line["message"]) for line in warned)
     assert {line["process"] for line in lines} >= {"MainProcess", "consumer-0", "consumer-1"}
+    # An event's own fields: the throughput line's figures.
+    final = [line for line in lines if str(line["message"]).startswith("final throughput")]
+    assert len(final) == 1, lines
+    group = final[0]["group"]
+    assert isinstance(group, dict) and (group["dead"], group["written"]) == (MESSAGES, 0), final
+    assert isinstance(final[0]["consumers"], dict) and len(final[0]["consumers"]) == 2, final
 
 
 def test_a_start_up_error_with_log_format_json_is_one_json_object(procs: Processes, redis_url: str):
