@@ -100,7 +100,7 @@ class Probes:
         remove_multiprocess_dir(self._directory)
 
     def _processes(self) -> list[tuple[str, int]]:
-        """The local processes by the name their log lines carry, for their CPU and memory."""
+        """The local processes, named for their CPU and memory: a consumer as its log lines are."""
         found = [("supervisor", os.getpid())]
         for slot in self._slots():
             if slot.process is not None and slot.process.pid is not None:

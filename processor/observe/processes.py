@@ -2,9 +2,9 @@
 
 prometheus-client's own process collector reports only the process that serves ``/metrics``
 and is not part of its multiprocess mode: this one reports the supervisor and every consumer,
-labelled as in the log (``process="supervisor"``, ``"consumer-0"``...), so a dashboard keeps one
-series per slot across a consumer's restarts (the CPU counter starts again at the new pid's 0,
-which ``rate()`` takes as a reset).
+labelled ``process="supervisor"`` or ``"consumer-N"`` (the process name of slot N's log
+lines), so a dashboard keeps one series per slot across a consumer's restarts (the CPU counter
+starts again at the new pid's 0, which ``rate()`` takes as a reset).
 """
 
 from __future__ import annotations
