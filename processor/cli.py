@@ -10,6 +10,7 @@ is the subcommand's own exit code.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -49,15 +50,30 @@ def consume(argv: Sequence[str], prog: str) -> int:
 
     try:
         settings = load_daemon_settings(argv, prog=prog)
-        load_handler(settings.handler)
-        configure_logging(settings.loglevel)
-        return run(settings, reload=lambda: load_daemon_settings(argv, prog=prog))
     except ConfigError as error:
+        # Before the settings are known, so is LOG_FORMAT: this one line is always text.
         print(f"{prog}: error: {error}", file=sys.stderr)
         return ExitCode.CONFIG
+    # Before the handler's import, so what it logs or warns there is in the chosen format.
+    configure_logging(settings.loglevel, settings.log_format)
+    try:
+        load_handler(settings.handler)
+        return run(settings, reload=lambda: load_daemon_settings(argv, prog=prog))
+    except ConfigError as error:
+        return _failed(prog, error, ExitCode.CONFIG, settings.log_format)
     except StartupTimeout as error:
+        return _failed(prog, error, ExitCode.STARTUP_TIMEOUT, settings.log_format)
+
+
+def _failed(prog: str, error: Exception, code: ExitCode, log_format: str) -> int:
+    """The daemon's one error line: a JSON object like every other line with LOG_FORMAT=json."""
+    if log_format == "json":
+        logging.getLogger(__name__).error(
+            "%s: error: %s", prog, error, extra={"exit_code": int(code)}
+        )
+    else:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return ExitCode.STARTUP_TIMEOUT
+    return code
 
 
 def publish(argv: Sequence[str], prog: str) -> int:
@@ -70,7 +86,7 @@ def publish(argv: Sequence[str], prog: str) -> int:
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return ExitCode.CONFIG
-    configure_logging(settings.loglevel)
+    configure_logging(settings.loglevel, settings.log_format)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

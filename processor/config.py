@@ -18,6 +18,7 @@ from processor.urls import MAX_PORT, host_problem, secret_free, url_problem
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 # The most consumer processes one daemon runs: far above what any host has cores for (each is a
 # Python process with its own connections), low enough that a typo (CONSUMERS_COUNT=100000)
 # cannot fork-bomb the host or exhaust Redis's clients.
@@ -69,6 +70,9 @@ class RedisSettings:
         minimum=1,
     )
     loglevel: str = setting("INFO", "LOGLEVEL", "log level", choices=LOG_LEVELS)
+    log_format: str = setting(
+        "text", "LOG_FORMAT", "text, or json: one JSON object per line", choices=LOG_FORMATS
+    )
 
     @property
     def url(self) -> str:
@@ -95,14 +99,10 @@ class GroupSettings(RedisSettings):
 
     output_stream: str = setting("messages:processed", "OUTPUT_STREAM", "output stream")
     dead_letter_stream: str = setting(
-        "messages:dead",
-        "DEAD_LETTER_STREAM",
-        "stream for invalid messages (not OUTPUT_STREAM)",
+        "messages:dead", "DEAD_LETTER_STREAM", "stream for invalid messages (not OUTPUT_STREAM)"
     )
     consumers_list: str = setting(
-        "consumer:ids",
-        "CONSUMERS_LIST",
-        "Redis list of live consumer ids",
+        "consumer:ids", "CONSUMERS_LIST", "Redis list of live consumer ids"
     )
     key_prefix: str = setting("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
 

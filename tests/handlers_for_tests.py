@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from typing import Any
 
 SLEEP_FOREVER_S = 10.0
@@ -102,3 +103,9 @@ async def async_slow_100ms(message: dict[str, Any]) -> dict[str, Any]:
 
 
 NOT_CALLABLE = 42
+
+
+def warns_and_raises(message: dict[str, Any]) -> dict[str, Any]:
+    """A warning (shown once per process by Python's default filter), then an exception."""
+    warnings.warn("this handler is deprecated", UserWarning, stacklevel=1)
+    raise ValueError(f"boom for {message.get('message_id')}")

@@ -28,3 +28,8 @@ def wait_until(
 def tagged(tag: str) -> Tagged:
     """A logger for a component under test whose lines start with ``tag``, as a consumer's do."""
     return Tagged(logging.getLogger("tests"), lambda: tag)
+
+
+def logged(record: logging.LogRecord) -> str:
+    """A record's message as a text line shows it: a Tagged logger's tag first."""
+    return f"{getattr(record, 'tag', '')}{record.getMessage()}"

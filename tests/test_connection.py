@@ -14,13 +14,13 @@ from processor.config import Settings
 from processor.store import outage as outages
 from processor.store.connection import command_client
 from processor.store.outage import Downtime, Outage
-from tests.helpers import tagged
+from tests.helpers import logged, tagged
 
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == outages.__name__]
+    return [logged(record) for record in caplog.records if record.name == outages.__name__]
 
 
 def test_downtime_counts_the_time_some_outage_was_on_once() -> None:

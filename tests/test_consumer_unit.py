@@ -24,7 +24,7 @@ from processor.consumer.stats import ADDED, ConsumerStats
 from processor.consumer.write_thread import Batch
 from processor.consumer.writer import WriteResult
 from processor.store.keys import Keys
-from tests.helpers import wait_until
+from tests.helpers import logged, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,12 +148,12 @@ def test_the_heartbeat_reports_a_declared_death_once_and_the_loop_rejoins_under_
     stats = consumer.stats
     assert stats is not None
     wait_until(lambda: stats.consumer_id == new_id, 10, message="new id not reported")
-    dead_lines = [line for line in caplog.messages if "declared us dead" in line]
+    dead_lines = [logged(rec) for rec in caplog.records if "declared us dead" in logged(rec)]
     assert dead_lines == [
         f"[{old_id} pid={os.getpid()}] heartbeat had expired: the group declared us dead"
     ]
     # The rejoin is the consumer's line, under its module's name wherever its code lives.
-    rejoined = [rec for rec in caplog.records if "rejoined after a stall" in rec.getMessage()]
+    rejoined = [rec for rec in caplog.records if "rejoined after a stall" in logged(rec)]
     assert [rec.name for rec in rejoined] == ["processor.consumer.consumer"]
 
 
@@ -221,10 +221,14 @@ def test_the_consumers_lines_start_with_its_identity_and_keep_their_modules_name
     consumer._join()
     consumer_id = consumer._membership.consumer_id
     pid = os.getpid()
-    assert f"[joining pid={pid}] before joining" in caplog.messages
-    ready = [rec for rec in caplog.records if "consumer ready" in rec.getMessage()]
+    assert f"[joining pid={pid}] before joining" in map(logged, caplog.records)
+    # In a JSON line the same identity is in fields: no id yet while joining.
+    (joining,) = [rec for rec in caplog.records if rec.getMessage() == "before joining"]
+    assert (joining.__dict__["consumer_id"], joining.__dict__["slot"]) == (None, consumer.slot)
+    ready = [rec for rec in caplog.records if "consumer ready" in logged(rec)]
     assert ready and ready[0].name == "processor.consumer.consumer"
-    assert ready[0].getMessage().startswith(f"[{consumer_id} pid={pid}] consumer ready: ")
-    changed = [rec for rec in caplog.records if "group changed" in rec.getMessage()]
+    assert logged(ready[0]).startswith(f"[{consumer_id} pid={pid}] consumer ready: ")
+    assert ready[0].__dict__["consumer_id"] == consumer_id
+    changed = [rec for rec in caplog.records if "group changed" in logged(rec)]
     assert changed and changed[0].name == "processor.consumer.heartbeat"
-    assert changed[0].getMessage() == f"[{consumer_id} pid={pid}] group changed: 1 live consumers"
+    assert logged(changed[0]) == f"[{consumer_id} pid={pid}] group changed: 1 live consumers"

@@ -22,7 +22,7 @@ from processor.handlers import (
     make_runner,
 )
 from tests import handlers_for_tests as th
-from tests.helpers import tagged
+from tests.helpers import logged, tagged
 
 DEFAULT_PROPERTIES = {"score", "rank", "weight", "priority", "confidence"}
 
@@ -318,20 +318,20 @@ def test_the_first_failure_of_each_kind_is_logged_with_its_traceback_then_only_c
 
     first, timeout, result = _failure_lines(caplog)
     assert first.levelno == logging.ERROR
-    assert first.getMessage().startswith("[c-1 pid=1] handler failed (ValueError) on message_id")
-    assert "'m-0': handler raised ValueError: boom for m-0" in first.getMessage()
+    assert logged(first).startswith("[c-1 pid=1] handler failed (ValueError) on message_id")
+    assert "'m-0': handler raised ValueError: boom for m-0" in logged(first)
     assert first.exc_info is not None and first.exc_info[1] is raised[0].error
     assert 'raise ValueError(f"boom for' in caplog.text  # the handler's own line
-    assert "(timeout) on message_id 't-0': handler timed out after 5 s" in timeout.getMessage()
+    assert "(timeout) on message_id 't-0': handler timed out after 5 s" in logged(timeout)
     assert timeout.exc_info is None
-    assert "(bad result) on message_id 'r-0'" in result.getMessage()
+    assert "(bad result) on message_id 'r-0'" in logged(result)
 
     caplog.clear()
     clock.now += 0.1
     failures.report()
     (counted,) = _failure_lines(caplog)
     assert counted.levelno == logging.WARNING
-    assert counted.getMessage() == (
+    assert logged(counted) == (
         "[c-1 pid=1] handler failed 58 times in the last 3.0 s "
         "(ValueError 50, timeout 7, bad result 1); the first of each kind is logged above"
     )
@@ -346,7 +346,7 @@ def test_the_first_failure_of_each_kind_is_logged_with_its_traceback_then_only_c
     assert not _failure_lines(caplog)
     clock.now += 3
     failures.report()
-    assert [record.getMessage() for record in _failure_lines(caplog)] == [
+    assert [logged(record) for record in _failure_lines(caplog)] == [
         "[c-1 pid=1] handler failed 5 times in the last 3.0 s (ValueError 5); "
         "the first of each kind is logged above"
     ]
@@ -363,10 +363,8 @@ def test_a_final_report_counts_what_is_left_before_the_interval_is_up(
     failures.report()
     assert len(_failure_lines(caplog)) == 1
     failures.report(final=True)
-    assert (
-        _failure_lines(caplog)[-1]
-        .getMessage()
-        .startswith("[c-1 pid=1] handler failed 1 time in the last 0.5 s (timeout 1)")
+    assert logged(_failure_lines(caplog)[-1]).startswith(
+        "[c-1 pid=1] handler failed 1 time in the last 0.5 s (timeout 1)"
     )
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
+import re
 import signal
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,6 +14,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.redis_server import free_port
+from processor import __version__
+from processor.consumer.messages import REASON_KINDS
+from processor.observe.metrics import CONNECTIONS
+from processor.observe.processes import usage
 from tests.faults_support import (
     CHANNEL,
     OUTPUT,
@@ -98,3 +105,62 @@ def test_metrics_count_what_was_published_and_the_probes_follow_the_group(
         daemon.stop("metrics test")
     finally:
         redis_client.close()
+
+
+def test_labelled_counters_exist_at_zero_from_the_start_beside_the_build_and_each_process(
+    procs, redis_url
+):
+    port = free_port()
+    start_daemon(procs, redis_url, "partitioned", count=2, METRICS_PORT=port)
+    redis_client = client(redis_url)
+    try:
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 20, message="never ready")
+        samples = scrape(port)
+        # Before any message or fault: every series rate() and absent() will look at.
+        for reason in REASON_KINDS:
+            assert samples[f'processor_messages_dead_lettered_total{{reason="{reason}"}}'] == 0
+        for connection in CONNECTIONS:
+            assert samples[f'processor_redis_reconnects_total{{connection="{connection}"}}'] == 0
+        for name in ("lost", "left_to_takeover", "received", "written"):
+            assert samples[f"processor_messages_{name}_total"] == 0
+        assert samples["processor_handler_batch_seconds_count"] == 0
+        python = platform.python_version()
+        assert samples[f'processor_build_info{{python="{python}",version="{__version__}"}}'] == 1
+        for process in ("supervisor", "consumer-0", "consumer-1"):
+            assert samples[f'processor_process_cpu_seconds_total{{process="{process}"}}'] > 0
+            memory = samples[f'processor_process_resident_memory_bytes{{process="{process}"}}']
+            assert memory > 10_000_000, (process, memory)
+
+        for n in range(3):
+            assert redis_client.publish(CHANNEL, f'{{"message_id": "m-{n}"}}') == 2
+        wait_until(lambda: redis_client.xlen(OUTPUT) == 3, 20, message="not written")
+        wait_until(
+            lambda: scrape(port)["processor_messages_received_total"] == 6,
+            20,
+            message="received not counted per consumer",
+        )
+        assert scrape(port)["processor_handler_batch_seconds_count"] >= 1
+    finally:
+        redis_client.close()
+
+
+def test_process_usage_reads_a_process_whose_name_holds_parentheses_and_skips_a_gone_one(
+    procs, tmp_path: Path
+):
+    # The command name in /proc/<pid>/stat is the executable's: a link named like this one.
+    link = tmp_path / "p) 1 (x"
+    link.symlink_to(sys.executable)
+    sleeper = procs.start(
+        ["-c", "import time; sum(range(10**7)); print('up', flush=True); time.sleep(60)"],
+        executable=str(link),
+    )
+    wait_until(lambda: "up" in procs.output(sleeper), 10, message="never started")
+    found = usage(sleeper.pid)
+    assert found is not None
+    status = Path(f"/proc/{sleeper.pid}/status").read_text()
+    vm_rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+    assert abs(found.rss_bytes - vm_rss_kb * 1024) < 1_000_000, (found, vm_rss_kb)
+    assert 0.05 < found.cpu_s < 60  # it counted to 10**7 first
+    sleeper.terminate()
+    sleeper.wait(timeout=10)  # reaped: its /proc entry is gone
+    assert usage(sleeper.pid) is None

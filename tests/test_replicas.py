@@ -23,7 +23,7 @@ from processor.store.connection import command_client
 from processor.store.keys import Keys
 from processor.store.outage import Downtime
 from tests.faults_support import CHANNEL, start_daemon
-from tests.helpers import tagged, wait_until
+from tests.helpers import logged, tagged, wait_until
 from tests.test_metrics import scrape
 
 CONSUMER = "test-consumer-1"
@@ -147,7 +147,7 @@ class _Background:
 
 
 def _logged(caplog: pytest.LogCaptureFixture, fragment: str) -> list[str]:
-    return [record.getMessage() for record in caplog.records if fragment in record.getMessage()]
+    return [logged(record) for record in caplog.records if fragment in logged(record)]
 
 
 def test_strict_holds_a_batch_until_a_replica_confirms_it(

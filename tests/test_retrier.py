@@ -13,7 +13,7 @@ import redis
 from processor.errors import RetryGaveUp, RetryStopped
 from processor.store import outage as outages
 from processor.store.outage import Backoff, Outage, Retrier
-from tests.helpers import tagged
+from tests.helpers import logged, tagged
 
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
@@ -47,7 +47,7 @@ class CountingBackoff(Backoff):
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == outages.__name__]
+    return [logged(record) for record in caplog.records if record.name == outages.__name__]
 
 
 def test_a_call_is_retried_until_it_succeeds_logging_the_outage_once_and_its_end(

@@ -35,7 +35,7 @@ from processor.consumer.writer import Writer, WriteResult, evalsha_packed
 from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.scripts import load_script
-from tests.helpers import tagged, wait_until
+from tests.helpers import logged, tagged, wait_until
 
 CONSUMER = "test-consumer-1"
 
@@ -558,7 +558,7 @@ def test_an_evicting_maxmemory_policy_is_warned_about_at_start(
         finally:
             r.config_set("maxmemory-policy", "noeviction")
             r.config_set("maxmemory", "0")
-    (warning,) = [record.getMessage() for record in caplog.records]
+    (warning,) = [logged(record) for record in caplog.records]
     assert "maxmemory-policy is volatile-lru" in warning
     assert "set maxmemory-policy noeviction" in warning
 
@@ -660,6 +660,6 @@ def test_a_write_no_replica_confirms_is_kept_and_later_writes_stop_waiting_for_a
             result = writer.write(_entries(start, start + 10), CONSUMER, "")
             assert result is not None and result.written == 10
     assert _ids(r, keys.output) == [f"m-{index}" for index in range(30)]
-    warnings = [record.getMessage() for record in caplog.records]
+    warnings = [logged(record) for record in caplog.records]
     assert len(warnings) == 1, warnings
     assert "0 of 1 replicas confirmed a write to messages:processed" in warnings[0]

@@ -71,7 +71,7 @@ class Consumer:
         self._flushed = threading.Event()
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
-        self._log = Tagged(log, self._tag)
+        self._log = Tagged(log, self._tag, self._log_fields)
         self._busy = BusyMeter()
         self._totals = ConsumerTotals()
         # The slot's sums before us (see stats.ADDED): ours are added to them.
@@ -92,6 +92,10 @@ class Consumer:
     def _tag(self) -> str:
         """Who we are in the log, as of now: our id changes as we rejoin."""
         return f"[{self._membership.consumer_id or 'joining'} pid={os.getpid()}]"
+
+    def _log_fields(self) -> dict[str, object]:
+        """Who we are in a JSON log line (the pid is on every line already)."""
+        return {"consumer_id": self._membership.consumer_id or None, "slot": self.slot}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -318,7 +322,9 @@ class Consumer:
         if skip_written:
             entries, messages = without_written(self._seen, entries, messages)
         if messages:
+            handler_started = time.monotonic()
             results = self._runner.run([message.body for _, message in messages])
+            self._metrics.handled(time.monotonic() - handler_started)
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):
                     entries[position] = handler_failed(message, result.reason, max_bytes)

@@ -128,6 +128,10 @@ _REASON_KINDS = (
 )
 
 
+# Every kind, in the order above, and the catch-all: the metric's labels exist from the start.
+REASON_KINDS = (*dict.fromkeys(kind for _, kind in _REASON_KINDS), "other")
+
+
 def reason_kind(reason: str | bytes) -> str:
     """The kind of a dead-letter reason: ``invalid_json``, ``handler_error``..."""
     text = reason.decode(errors="replace") if isinstance(reason, bytes) else reason

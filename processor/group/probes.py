@@ -4,10 +4,13 @@ and ``/readyz`` served for the whole host (see :mod:`processor.observe.health`).
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable
 
+from processor import __version__
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.group.slot import Slot
@@ -50,9 +53,21 @@ class Probes:
             multiprocess_mode="livemax",
         )
         self._restarts = Counter("processor_consumer_restarts", "Local consumers replaced")
+        Gauge(
+            "processor_build_info",
+            "Always 1: the daemon's version and Python's, as labels",
+            ["version", "python"],
+            multiprocess_mode="livemax",
+        ).labels(__version__, platform.python_version()).set(1)
+        from processor.observe.processes import ProcessUsage
+
         try:
             self._server = HealthServer(
-                settings.metrics_addr, settings.metrics_port, self._alive, self._ready
+                settings.metrics_addr,
+                settings.metrics_port,
+                self._alive,
+                self._ready,
+                ProcessUsage(self._processes),
             )
         except OSError as error:
             remove_multiprocess_dir(self._directory)
@@ -83,6 +98,14 @@ class Probes:
     def close(self) -> None:
         self._server.close()
         remove_multiprocess_dir(self._directory)
+
+    def _processes(self) -> list[tuple[str, int]]:
+        """The local processes, named for their CPU and memory: a consumer as its log lines are."""
+        found = [("supervisor", os.getpid())]
+        for slot in self._slots():
+            if slot.process is not None and slot.process.pid is not None:
+                found.append((f"consumer-{slot.index}", slot.process.pid))
+        return found
 
     def _alive(self) -> tuple[bool, str]:
         stalled_s = time.monotonic() - self._loop_tick()

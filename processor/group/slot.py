@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
     from processor.consumer.consumer import Consumer
     from processor.observe.logs import configure_logging
 
-    configure_logging(settings.loglevel)
+    configure_logging(settings.loglevel, settings.log_format)
     consumer = Consumer(settings, slot, stats)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -46,6 +47,11 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
         consumer.run()
     except ConsumerFailed:
         sys.exit(ExitCode.CONSUMER_ERROR)  # the failing thread's traceback is logged already
+    except Exception:
+        # Outside the watched threads (its set-up): logged in LOG_FORMAT, where multiprocessing
+        # would print the traceback raw to stderr.
+        logging.getLogger(__name__).exception("consumer process failed")
+        sys.exit(ExitCode.CONSUMER_ERROR)
     # A signal arriving while the interpreter finalizes would find the default handler again
     # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
     for signum in SIGNALS:

@@ -12,7 +12,10 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +23,17 @@ Probe = Callable[[], tuple[bool, str]]
 
 
 class HealthServer:
-    def __init__(self, addr: str, port: int, alive: Probe, ready: Probe) -> None:
+    def __init__(
+        self, addr: str, port: int, alive: Probe, ready: Probe, *collectors: Collector
+    ) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        # Read at scrape time in this process, beside the multiprocess files.
+        for collector in collectors:
+            registry.register(collector)
 
         def metrics() -> tuple[int, str, bytes]:
             return 200, CONTENT_TYPE_LATEST, generate_latest(registry)

@@ -6,6 +6,9 @@ and exports it in ``PROMETHEUS_MULTIPROC_DIR`` before any process imports promet
 records into its own files and the supervisor's endpoint (``processor.observe.health``) sums them,
 so one scrape shows the whole local group, dead consumers' counts included. Nothing here runs per
 message: the write thread records per batch, the heartbeat thread syncs the rest per beat.
+
+Labelled counters are created at 0 for every label value they can take (each dead-letter
+reason, each connection), so ``rate()`` and ``absent()`` work before the first event.
 """
 
 from __future__ import annotations
@@ -16,11 +19,23 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
+from processor.consumer.messages import REASON_KINDS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The consumer's Outage names (writer, heartbeat, subscriber, registration), which label its
+# reconnects: a connection missing here still counts, from its first reconnect on.
+CONNECTIONS = (
+    "Redis (writes)",
+    "Redis (heartbeat)",
+    "Redis (group events)",
+    "Redis (registration)",
+    "Pub/Sub subscription",
+)
 
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 SCRIPT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HANDLER_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
 
 def prepare_multiprocess_dir() -> str:
@@ -44,8 +59,12 @@ class ConsumerMetrics:
             return
         from prometheus_client import Counter, Gauge, Histogram
 
+        # Per process: every consumer reads every message of the channel (ownership is decided
+        # after the read), so N consumers count N per message published.
         self._received = Counter(
-            "processor_messages_received", "Messages read from the channel by the consumers"
+            "processor_messages_received",
+            "Messages read from the subscription by this process; each consumer reads every "
+            "message, so the sum over N consumers is N per message published",
         )
         self._written = Counter(
             "processor_messages_written", "Messages appended to the output stream"
@@ -64,6 +83,8 @@ class ConsumerMetrics:
             "Entries appended to the dead-letter stream, by reason",
             ["reason"],
         )
+        for reason in REASON_KINDS:
+            self._dead.labels(reason)
         self._taken_over = Counter(
             "processor_messages_taken_over",
             "Buffered messages tried for a consumer that left, died or reported a gap",
@@ -89,6 +110,8 @@ class ConsumerMetrics:
             "Redis outages recovered from, by connection",
             ["connection"],
         )
+        for connection in CONNECTIONS:
+            self._reconnects.labels(connection)
         self._batch = Histogram(
             "processor_batch_size_messages", "Entries per script call", buckets=BATCH_BUCKETS
         )
@@ -101,6 +124,11 @@ class ConsumerMetrics:
             "processor_publish_to_stream_seconds",
             "From the receipt of a batch's oldest message to the script's reply",
             buckets=LATENCY_BUCKETS,
+        )
+        self._handler = Histogram(
+            "processor_handler_batch_seconds",
+            "Time the handler took over one batch's valid messages (HANDLER_CONCURRENCY at once)",
+            buckets=HANDLER_BUCKETS,
         )
         self._buffered = Gauge(
             "processor_takeover_buffer_messages",
@@ -128,6 +156,10 @@ class ConsumerMetrics:
         self._script.observe(script_s)
         if oldest_received is not None:
             self._latency.observe(max(0.0, replied - oldest_received))
+
+    def handled(self, seconds: float) -> None:
+        if self.enabled:
+            self._handler.observe(seconds)
 
     def written(self, written: int, skipped: int, dead_reasons: Iterable[str]) -> None:
         if not self.enabled:

@@ -54,9 +54,11 @@ class Monitor:
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
         group_before = self._last_group
-        parts = [self._group_part(elapsed)]
+        group_text, group = self._group_part(elapsed)
+        parts = [group_text]
         moved = self._last_group != group_before
         local_parts = []
+        consumers: dict[str, dict[str, float]] = {}
         for index, stats in enumerate(self._local()):
             current = stats.snapshot()
             previous = self._last_local.get(id(stats), current)
@@ -69,6 +71,11 @@ class Monitor:
             # What it keeps for takeovers: flat once TAKEOVER_BUFFER_MS of traffic is in.
             extra += f" buffered={current['buffered']:,}" if current["buffered"] else ""
             local_parts.append(f"{name}={rate:,.0f}/s{extra}")
+            consumers[name] = {
+                "written_per_s": round(rate, 1),
+                "dead": dead,
+                "buffered": current["buffered"],
+            }
         parts.append("local " + " ".join(local_parts))
         parts.append(self._gaps_part())
         line = " | ".join(parts)
@@ -76,9 +83,11 @@ class Monitor:
         if idle and not final and now - self._logged_at < self._idle_report_s:
             return
         self._logged_line, self._logged_at = line, now
-        log.info("%sthroughput %s", "final " if final else "", line)
+        # The same figures as fields, for a JSON log (LOG_FORMAT=json).
+        fields = {"group": group, "consumers": consumers}
+        log.info("%sthroughput %s", "final " if final else "", line, extra=fields)
 
-    def _group_part(self, elapsed: float) -> str:
+    def _group_part(self, elapsed: float) -> tuple[str, dict[str, object]]:
         try:
             counters = read_counters(self._client, self._keys)
             written, dead = counters["written"], counters["dead"]
@@ -86,13 +95,16 @@ class Monitor:
         except REDIS_ERRORS as error:
             # A report is never worth the supervisor: whatever Redis says, say it and go on.
             self._last_group = None
-            return f"group: Redis unavailable ({type(error).__name__}: {error})"
+            return f"group: Redis unavailable ({type(error).__name__}: {error})", {}
         previous, self._last_group = self._last_group, (written, dead)
+        fields: dict[str, object] = {"live": live, "written": written, "dead": dead}
         if previous is None:
-            return f"group {live} consumers: total written={written:,} dead={dead:,}"
+            return f"group {live} consumers: total written={written:,} dead={dead:,}", fields
         rate = (written - previous[0]) / elapsed
         dead_rate = (dead - previous[1]) / elapsed
-        return f"group {live} consumers: {rate:>9,.0f} msg/s written, {dead_rate:,.0f}/s dead"
+        fields.update(written_per_s=round(rate, 1), dead_per_s=round(dead_rate, 1))
+        text = f"group {live} consumers: {rate:>9,.0f} msg/s written, {dead_rate:,.0f}/s dead"
+        return text, fields
 
     def _gaps_part(self) -> str:
         try:
