@@ -29,7 +29,6 @@ from processor.consumer.messages import (
     handler_failed,
     output_entry,
     parse,
-    reason_kind,
 )
 from processor.consumer.reporting import Reporting
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals
@@ -354,7 +353,7 @@ class Consumer:
         self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
         dead_entries = (entry for entry in entries if entry.kind == DEAD)
         reasons = [
-            reason_kind(entry.reason)
+            entry.code
             for entry, flag in zip(dead_entries, result.dead_flags, strict=False)
             if flag == "1"
         ]
