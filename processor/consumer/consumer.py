@@ -36,7 +36,7 @@ from processor.consumer.takeover import without_written
 from processor.consumer.write_thread import Batch
 from processor.consumer.writer import WriteResult
 from processor.errors import ConsumerFailed, RetryStopped
-from processor.handlers import Failure
+from processor.handlers import Failure, run_with_retries
 from processor.observe.logs import Tagged
 from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
@@ -317,7 +317,9 @@ class Consumer:
         if skip_written:
             entries, messages = without_written(self._seen, entries, messages)
         if messages:
-            results = self._runner.run([message.body for _, message in messages])
+            retries = self.settings.handler_retries
+            chosen = [message for _, message in messages]
+            results = run_with_retries(self._runner, chosen, retries, self.stop)
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):
                     entries[position] = handler_failed(message, result.reason, max_bytes)
