@@ -12,11 +12,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
+from demo.redis_cluster import LocalCluster
 from processor.commands.deadletters import by_reason, select
 from processor.commands.replay import (
     GONE,
@@ -24,6 +26,7 @@ from processor.commands.replay import (
     NOT_REPLAYABLE,
     REPLAYED,
     Replayer,
+    live_consumers,
 )
 from processor.config import GroupSettings
 from processor.consumer.dedup import SeenCheck, Window
@@ -294,3 +297,42 @@ def _run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
     assert result.returncode == 0, result.stderr
     return result
+
+
+def test_on_a_cluster_each_partition_replays_to_its_own_shard_channel(
+    module_cluster: LocalCluster,
+) -> None:
+    settings = GroupSettings(redis_url=module_cluster.url, redis_cluster=True, partitions=3)
+    keys = Keys.from_settings(settings)
+    cluster = command_client(settings, name="test-replay-cluster")
+    subscribers = []
+    try:
+        writer = Writer(cluster, keys, WINDOW_MS, 0.2, tagged("[test]"), threading.Event(), 1.0)
+        ids = [f"c-{n}" for n in range(9)]
+        assert writer.write([_failure(item) for item in ids], CONSUMER, "").dead == 9  # type: ignore[union-attr]
+        assert {keys.partition_of(item) for item in ids} == {0, 1, 2}
+        for part in keys.partitions:
+            node = cast(RedisCluster, cluster).get_node_from_key(part.channel)
+            pubsub = redis.Redis(host=node.host, port=node.port).pubsub(
+                ignore_subscribe_messages=True
+            )
+            pubsub.ssubscribe(part.channel)
+            subscribers.append(pubsub)
+        letters = select(cluster, keys, by_reason(None))
+        assert sorted(letter.message_id for letter in letters) == ids
+        replayer = Replayer(cluster, keys)
+        for letter in letters:
+            outcome = replayer.replay(letter)
+            assert (outcome.outcome, outcome.receivers, outcome.forgotten) == (REPLAYED, 1, True)
+            assert _received(subscribers[letter.partition]) == _raw(letter.message_id)
+        assert not any(SeenCheck(cluster, keys, Window.for_ttl(WINDOW_MS)).seen(ids))
+        assert select(cluster, keys, by_reason(None)) == []
+        # The command's check of live consumers reads the group's keys on their one slot.
+        assert live_consumers(cluster, keys) == 0
+        cluster.rpush(keys.consumers, "alive", "gone")
+        cluster.set(keys.heartbeat("alive"), "token", px=60_000)
+        assert live_consumers(cluster, keys) == 1
+    finally:
+        for pubsub in subscribers:
+            pubsub.close()
+        cluster.close()
