@@ -247,5 +247,11 @@ def main(argv: Sequence[str], prog: str) -> int:
                 + [f"{replayed} of {len(outcomes)} dead letters replayed"]
             )
         )
-    everything = all(outcome.outcome == REPLAYED for outcome in outcomes)
-    return ExitCode.OK if everything else ExitCode.NOT_REPLAYED
+    # What failed validation is left quietly by --reason and --all, not when named.
+    named = bool(args.entry_ids or args.message_ids)
+    missed = [
+        outcome
+        for outcome in outcomes
+        if outcome.outcome != REPLAYED and (named or outcome.outcome != NOT_REPLAYABLE)
+    ]
+    return ExitCode.NOT_REPLAYED if missed else ExitCode.OK
