@@ -20,6 +20,7 @@ from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
 from processor.commands.deadletters import by_reason, select
+from processor.commands.replay import ACL_RULES as REPLAY_ACL_RULES
 from processor.commands.replay import (
     GONE,
     NOT_RECEIVED,
@@ -32,6 +33,7 @@ from processor.config import GroupSettings
 from processor.consumer.dedup import SeenCheck, Window
 from processor.consumer.messages import OUTPUT, Entry, Message, handler_failed, parse
 from processor.consumer.writer import Writer, WriteResult
+from processor.store.access import ACL_RULES as DAEMON_ACL_RULES
 from processor.store.connection import command_client
 from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT, Processes
@@ -211,6 +213,36 @@ def test_replay_is_refused_without_a_live_consumer(
     assert "no live consumer" in result.stderr
     assert client.xlen(keys.dead) == 1
     assert _seen(client, keys, "m-5")
+
+
+@pytest.fixture
+def acl_users(r: redis.Redis) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        r.execute_command("ACL", "DELUSER", "replayer", "narrow")
+
+
+def test_the_documented_acl_lets_a_user_replay_and_a_narrower_one_gets_one_line(
+    redis_url: str, r: redis.Redis, keys: Keys, writer: Writer, subscriber: Any, acl_users: None
+) -> None:
+    writer.write([_failure("m-6")], CONSUMER, "")
+    r.rpush(keys.consumers, "live-1")
+    r.set(keys.heartbeat("live-1"), "token", px=60_000)
+    rules = [*DAEMON_ACL_RULES.split(), *REPLAY_ACL_RULES.split()]
+    r.execute_command("ACL", "SETUSER", "replayer", "on", ">r-pass", *rules)
+    r.execute_command("ACL", "SETUSER", "narrow", "on", ">n-pass", *DAEMON_ACL_RULES.split())
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    narrow = _replay(f"redis://narrow:n-pass@127.0.0.1:{port}/0", "--all")
+    assert narrow.returncode == 1
+    (line,) = narrow.stderr.splitlines()
+    assert "Redis refused the command" in line and "no permissions" in line, line
+    assert line.endswith(f"(replay needs, beyond the daemon's permissions: {REPLAY_ACL_RULES})")
+    assert "n-pass" not in line
+    allowed = _replay(f"redis://replayer:r-pass@127.0.0.1:{port}/0", "--all")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "m-6  handler_error: replayed, received by 1 subscribers" in allowed.stdout
+    assert _received(subscriber) == _raw("m-6")
 
 
 def test_replay_needs_a_choice_and_reports_an_unreachable_redis(redis_url: str) -> None:

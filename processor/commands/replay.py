@@ -47,6 +47,10 @@ RECORD_TTL_MS = 7 * 24 * 3600 * 1000
 _NO_LIMIT = 1 << 62
 _ENTRY_ID = re.compile(r"\d+-\d+")
 
+# What a Redis user needs for ``processor replay`` beyond the daemon's (ACL_RULES in
+# processor/store/access.py); +spublish instead of +publish on a cluster.
+ACL_RULES = "+publish +xrange +xdel +srem +exists"
+
 REPLAYED = "replayed"
 NOT_RECEIVED = "not received"
 GONE = "gone"
@@ -229,7 +233,10 @@ def main(argv: Sequence[str], prog: str) -> int:
         )
         return ExitCode.UNREACHABLE
     except redis.ResponseError as error:
-        print(f"{prog}: error: Redis refused the command: {error}", file=sys.stderr)
+        hint = ""
+        if isinstance(error, redis.exceptions.NoPermissionError):
+            hint = f" (replay needs, beyond the daemon's permissions: {ACL_RULES})"
+        print(f"{prog}: error: Redis refused the command: {error}{hint}", file=sys.stderr)
         return ExitCode.UNREACHABLE
     finally:
         if client is not None:
