@@ -71,7 +71,7 @@ class Outcome:
     def line(self) -> str:
         what = f"{self.entry_id}  {self.message_id or '-'}  {self.reason_code}: "
         if self.outcome == REPLAYED:
-            forgot = "" if self.forgotten else "; already replayed since: published as it was"
+            forgot = "" if self.forgotten else " (its id left as it was: replayed since this entry)"
             return what + f"replayed, received by {self.receivers} subscribers{forgot}"
         if self.outcome == NOT_RECEIVED:
             return what + "published, but no subscriber received it: kept"
