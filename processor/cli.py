@@ -31,6 +31,8 @@ commands:
   scale     set the size of the whole group, split across its hosts (scale N, scale --clear)
   stop      ask every daemon of the group, on every host, to stop gracefully
   start     clear a group stop, so daemons may start again
+  dead-letters  list the recent dead letters (newest first, by reason, --json)
+  replay    publish chosen dead letters again, once the handler is fixed
 
 '{prog} COMMAND --help' describes a command's options.
 """
@@ -141,6 +143,18 @@ def start(argv: Sequence[str], prog: str) -> int:
     return _control(commands.start, argv, prog)
 
 
+def dead_letters(argv: Sequence[str], prog: str) -> int:
+    from processor.commands import deadletters
+
+    return _control(deadletters.main, argv, prog)
+
+
+def replay(argv: Sequence[str], prog: str) -> int:
+    from processor.commands import replay as command
+
+    return _control(command.main, argv, prog)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "consume": consume,
     "publish": publish,
@@ -148,6 +162,8 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "scale": scale,
     "stop": stop,
     "start": start,
+    "dead-letters": dead_letters,
+    "replay": replay,
 }
 
 

@@ -189,10 +189,7 @@ class Settings(GroupSettings):
         minimum=1,
     )
     batch_window_ms: int = setting(
-        50,
-        "BATCH_WINDOW_MS",
-        "a partial batch is flushed after this many ms",
-        minimum=0,
+        50, "BATCH_WINDOW_MS", "a partial batch is flushed after this many ms", minimum=0
     )
     monitor_interval_s: float = setting(
         3.0,
@@ -213,16 +210,18 @@ class Settings(GroupSettings):
         "message handler as package.module:function",
     )
     handler_timeout_s: float = setting(
-        5.0,
-        "HANDLER_TIMEOUT",
-        "seconds a handler may run per message; 0 disables",
-        minimum=0,
+        5.0, "HANDLER_TIMEOUT", "seconds a handler may run per message; 0 disables", minimum=0
     )
     handler_concurrency: int = setting(
-        1,
-        "HANDLER_CONCURRENCY",
-        "handler calls in flight per consumer",
-        minimum=1,
+        1, "HANDLER_CONCURRENCY", "handler calls in flight per consumer", minimum=1
+    )
+    handler_retries: int = setting(
+        0,
+        "HANDLER_RETRIES",
+        "tries again of a message the handler raised on, before it is dead-lettered: after "
+        "0.1 s, 0.2 s, doubling; the consumer's batch waits for them (3.1 s at most)",
+        minimum=0,
+        maximum=5,
     )
     strategy: str = setting(
         "partitioned",

@@ -28,6 +28,8 @@ class ExitCode(enum.IntEnum):
     FORCED = 3
     # The daemon that gave up waiting for Redis at start-up (STARTUP_TIMEOUT).
     STARTUP_TIMEOUT = 4
+    # ``replay``: not every chosen dead letter was replayed, or none was (no live consumer).
+    NOT_REPLAYED = 5
 
 
 class ProcessorError(Exception):

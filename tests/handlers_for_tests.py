@@ -9,9 +9,11 @@ otherwise keep the interpreter from exiting. They are still interrupted by a sig
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import warnings
+from collections import Counter
 from typing import Any
 
 SLEEP_FOREVER_S = 10.0
@@ -99,6 +101,30 @@ async def async_slow_100ms(message: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.1)
     finally:
         IN_FLIGHT.leave()
+    return message
+
+
+# The file whose existence says the handler below is fixed (set by the test that starts it).
+FIXED_FILE_ENV = "PROCESSOR_TEST_FIXED_FILE"
+
+
+def fails_odd_until_fixed(message: dict[str, Any]) -> dict[str, Any]:
+    """Raises for a message with an odd ``n`` until the file named by FIXED_FILE_ENV exists."""
+    if message.get("n", 0) % 2 == 1 and not os.path.exists(os.environ[FIXED_FILE_ENV]):
+        raise RuntimeError(f"not fixed yet: {message.get('message_id')}")
+    return message
+
+
+TRIES: Counter[str] = Counter()
+
+
+def fails_twice_then_works(message: dict[str, Any]) -> dict[str, Any]:
+    """Raises on the first two calls for each message_id (counted in this process)."""
+    message_id = str(message.get("message_id"))
+    TRIES[message_id] += 1
+    if TRIES[message_id] <= 2:
+        message["changed by a failed call"] = True
+        raise RuntimeError(f"try {TRIES[message_id]} of {message_id}")
     return message
 
 

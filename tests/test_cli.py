@@ -47,7 +47,7 @@ def test_an_unknown_command_is_one_line_and_exit_2():
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "python -m processor: error: unknown command 'consumme' "
-        "(choose from consume, publish, status, scale, stop, start)"
+        "(choose from consume, publish, status, scale, stop, start, dead-letters, replay)"
     )
 
 

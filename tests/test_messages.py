@@ -141,7 +141,14 @@ def test_handler_failed_truncates_raw_and_keeps_the_reason() -> None:
     parsed = parse(raw, 1024)
     assert isinstance(parsed, Message)
     entry = handler_failed(parsed, "handler raised ValueError: boom", 64)
-    assert entry == Entry(DEAD, "m-9", reason="handler raised ValueError: boom", raw=raw[:64])
+    assert entry == Entry(
+        DEAD,
+        "m-9",
+        reason="handler raised ValueError: boom",
+        raw=raw[:64],
+        code="handler_error",
+        message_id="m-9",
+    )
 
 
 def _nested(depth: int) -> bytes:
@@ -181,6 +188,7 @@ def test_a_message_nested_past_what_can_be_written_is_dead_lettered_on_input(dep
     assert entry.reason == f"nested deeper than {MAX_DEPTH} levels"
     assert reason_kind(entry.reason) == "too_deep"
     assert entry.dedup_id == "deep"  # a valid id: deduplicated by it, as a handler failure is
+    assert (entry.message_id, entry.code) == ("deep", "too_deep")
     assert entry.raw == raw
 
 

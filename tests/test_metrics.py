@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from demo.redis_server import free_port
 from processor import __version__
-from processor.consumer.messages import REASON_KINDS
+from processor.consumer.messages import REASON_CODES
 from processor.observe.metrics import CONNECTIONS
 from processor.observe.processes import usage
 from tests.faults_support import (
@@ -117,7 +117,7 @@ def test_labelled_counters_exist_at_zero_from_the_start_beside_the_build_and_eac
         wait_until(lambda: get(port, "/readyz")[0] == 200, 20, message="never ready")
         samples = scrape(port)
         # Before any message or fault: every series rate() and absent() will look at.
-        for reason in REASON_KINDS:
+        for reason in REASON_CODES:
             assert samples[f'processor_messages_dead_lettered_total{{reason="{reason}"}}'] == 0
         for connection in CONNECTIONS:
             assert samples[f'processor_redis_reconnects_total{{connection="{connection}"}}'] == 0

@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from unittest import mock
 
 import pytest
@@ -28,10 +29,12 @@ from processor.consumer.messages import (
     OUTPUT,
     Entry,
     Message,
+    handler_failed,
     output_entry,
     parse,
+    reason_kind,
 )
-from processor.consumer.writer import Writer, WriteResult, evalsha_packed
+from processor.consumer.writer import Writer, WriteResult, dead_letter_time, evalsha_packed
 from processor.store.connection import CONNECTION_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.scripts import load_script
@@ -224,7 +227,9 @@ def test_dead_letters_go_to_the_dead_stream(
     assert all(fields[b"consumer_id"] == CONSUMER.encode() for _, fields in dead)
     assert dead[0][1][b"reason"].startswith(b"invalid UTF-8")
     assert dead[1][1][b"reason"] == b"not a JSON object: list"
-    assert set(dead[0][1]) == {b"reason", b"raw", b"consumer_id"}
+    # No message_id to carry: the payload had none that could be read.
+    assert set(dead[0][1]) == {b"reason_code", b"reason", b"raw", b"consumer_id", b"time"}
+    assert [fields[b"reason_code"] for _, fields in dead] == [b"invalid_utf8", b"not_an_object"]
     assert client.xlen(keys.output) == 2
     # The same invalid payload again (a re-publish) is not dead-lettered twice.
     again = writer.write([parse(raw_invalid_utf8, 1024)], CONSUMER, "")  # type: ignore[list-item]
@@ -233,6 +238,32 @@ def test_dead_letters_go_to_the_dead_stream(
     # The flags say which dead letters of a batch were appended, in order.
     mixed = [entries[1], parse(b"[3]", 1024)]
     assert writer.write(mixed, CONSUMER, "") == WriteResult(0, 1, 1, dead_flags="01")  # type: ignore[arg-type]
+
+
+def test_a_dead_letter_carries_its_message_id_reason_code_and_time(
+    writer: Writer, keys: Keys, r: redis.Redis
+) -> None:
+    message = parse(b'{"message_id": "m-7", "n": 1}', 1024)
+    assert isinstance(message, Message)
+    before = dead_letter_time()
+    failed = handler_failed(message, "handler raised ValueError: boom", 1024)
+    assert writer.write([failed], CONSUMER, "") == WriteResult(0, 1, 0, dead_flags="1")
+    ((entry_id, fields),) = r.xrange(keys.dead)
+    assert fields["message_id"] == "m-7"
+    assert fields["reason_code"] == "handler_error" == reason_kind(fields["reason"])
+    assert fields["reason"] == "handler raised ValueError: boom"
+    assert fields["raw"] == '{"message_id": "m-7", "n": 1}'
+    # UTC ISO-8601 to the millisecond: it sorts as text, and it is no earlier than the call.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["time"])
+    assert before <= fields["time"] <= dead_letter_time()
+    stamp = datetime.fromisoformat(fields["time"].replace("Z", "+00:00"))
+    assert abs(stamp.timestamp() * 1000 - int(entry_id.partition("-")[0])) < 5000
+    # Deduplicated by its message_id, as an output: the same failure again is not appended.
+    assert writer.write([failed], CONSUMER, "") == WriteResult(0, 0, 1, dead_flags="0")
+
+
+def test_dead_letter_time_is_utc_iso_8601_to_the_millisecond() -> None:
+    assert dead_letter_time(1_796_292_104.1234) == "2026-12-03T10:01:44.123Z"
 
 
 def test_fence_matching_token_writes(writer: Writer, keys: Keys, r: redis.Redis) -> None:

@@ -29,7 +29,6 @@ from processor.consumer.messages import (
     handler_failed,
     output_entry,
     parse,
-    reason_kind,
 )
 from processor.consumer.reporting import Reporting
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals
@@ -37,7 +36,7 @@ from processor.consumer.takeover import without_written
 from processor.consumer.write_thread import Batch
 from processor.consumer.writer import WriteResult
 from processor.errors import ConsumerFailed, RetryStopped
-from processor.handlers import Failure
+from processor.handlers import Failure, run_with_retries
 from processor.observe.logs import Tagged
 from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
@@ -323,7 +322,9 @@ class Consumer:
             entries, messages = without_written(self._seen, entries, messages)
         if messages:
             handler_started = time.monotonic()
-            results = self._runner.run([message.body for _, message in messages])
+            retries = self.settings.handler_retries
+            chosen = [message for _, message in messages]
+            results = run_with_retries(self._runner, chosen, retries, self.stop)
             self._metrics.handled(time.monotonic() - handler_started)
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):
@@ -360,7 +361,7 @@ class Consumer:
         self._metrics.batch(len(entries), replied - started, batch.received_at, replied)
         dead_entries = (entry for entry in entries if entry.kind == DEAD)
         reasons = [
-            reason_kind(entry.reason)
+            entry.code
             for entry, flag in zip(dead_entries, result.dead_flags, strict=False)
             if flag == "1"
         ]

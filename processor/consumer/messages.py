@@ -21,13 +21,16 @@ MAX_DEPTH = 254
 # Tuples rather than dataclasses: these are built for every message on the hot path.
 class Entry(NamedTuple):
     """One entry for the write script: an output message (``data``) or a dead letter
-    (``reason`` and ``raw``), with the id it is deduplicated by."""
+    (``reason``, its ``code``, ``raw`` and the ``message_id`` when it had one), with the id it
+    is deduplicated by."""
 
     kind: str
     dedup_id: str
     data: str | bytes = ""  # an output's JSON
-    reason: str = ""  # a dead letter's reason
+    reason: str = ""  # a dead letter's reason, for people
     raw: bytes = b""  # a dead letter's payload as received (cut at MAX_MESSAGE_BYTES)
+    code: str = ""  # a dead letter's reason code: reason_kind(reason), the metric's label
+    message_id: str = ""  # a dead letter's message_id, "" when it had none
 
 
 class Message(NamedTuple):
@@ -43,8 +46,16 @@ def payload_dedup_id(raw: bytes) -> str:
     return "#sha1:" + hashlib.sha1(raw).hexdigest()
 
 
-def dead_letter(reason: str, raw: bytes, max_bytes: int, dedup_id: str | None = None) -> Entry:
-    return Entry(DEAD, dedup_id or payload_dedup_id(raw), reason=reason, raw=raw[:max_bytes])
+def dead_letter(reason: str, raw: bytes, max_bytes: int, message_id: str = "") -> Entry:
+    """A dead letter, deduplicated by its ``message_id`` or, without one, by its payload."""
+    return Entry(
+        DEAD,
+        message_id or payload_dedup_id(raw),
+        reason=reason,
+        raw=raw[:max_bytes],
+        code=reason_kind(reason),
+        message_id=message_id,
+    )
 
 
 def parse(raw: bytes, max_bytes: int) -> Message | Entry:
@@ -73,7 +84,7 @@ def parse(raw: bytes, max_bytes: int) -> Message | Entry:
     # Nesting needs one bracket per level: most payloads are cleared by a count in C.
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
         return dead_letter(
-            f"nested deeper than {MAX_DEPTH} levels", raw, max_bytes, dedup_id=message_id
+            f"nested deeper than {MAX_DEPTH} levels", raw, max_bytes, message_id=message_id
         )
     return Message(message_id, body, raw)
 
@@ -108,10 +119,11 @@ def output_entry(message: Message, processed: object, max_bytes: int) -> Entry:
 
 def handler_failed(message: Message, reason: str, max_bytes: int) -> Entry:
     """A dead letter for a valid message the handler could not process; deduplicated by its id."""
-    return dead_letter(reason, message.raw, max_bytes, dedup_id=message.message_id)
+    return dead_letter(reason, message.raw, max_bytes, message_id=message.message_id)
 
 
-# Dead-letter reasons grouped into a few kinds, for a metric label of bounded cardinality.
+# Dead-letter reasons grouped into a few kinds, for a metric label of bounded cardinality: the
+# reason codes, written into each dead letter as ``reason_code`` too.
 _REASON_KINDS = (
     ("oversized", "oversized"),
     ("invalid UTF-8", "invalid_utf8"),
@@ -128,8 +140,12 @@ _REASON_KINDS = (
 )
 
 
-# Every kind, in the order above, and the catch-all: the metric's labels exist from the start.
-REASON_KINDS = (*dict.fromkeys(kind for _, kind in _REASON_KINDS), "other")
+# Every kind, in the order above, and the catch-all: the dead-letter metric's labels exist from
+# the start, and a dead letter's reason_code is one of them.
+REASON_CODES = (*dict.fromkeys(kind for _, kind in _REASON_KINDS), "other")
+# What a handler's failure is dead-lettered as; the others fail validation, so the same payload
+# sent again would fail again.
+HANDLER_CODES = ("handler_error", "handler_timeout", "handler_result")
 
 
 def reason_kind(reason: str | bytes) -> str:

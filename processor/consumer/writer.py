@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
 
@@ -136,7 +137,7 @@ class Writer:
     ) -> WriteResult | None:
         keys, window = self._keys, self._window
         part = keys.partitions[partition]
-        layout = _ScriptLayout(entries)
+        layout = _ScriptLayout(entries, dead_letter_time())
         args: list[str | bytes | int] = [
             part.seen_prefix,
             window.width_ms,
@@ -323,15 +324,23 @@ class _Hold:
     logged_at: float = 0.0
 
 
+def dead_letter_time(now: float | None = None) -> str:
+    """A dead letter's ``time``: UTC, ISO-8601 to the millisecond (``2026-12-03T10:01:44.123Z``),
+    by the writing consumer's clock (the entry id has Redis's)."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _ScriptLayout:
     """A batch as ``dedup_append.lua`` takes it: first occurrences of each dedup id, outputs then
     dead letters, digests first; repeats inside the batch are counted here as skipped."""
 
-    def __init__(self, entries: Sequence[Entry]) -> None:
+    def __init__(self, entries: Sequence[Entry], dead_time: str) -> None:
         self._output_digests: list[bytes] = []
         self._outputs: list[str | bytes] = []  # message_id, data
         self._dead_digests: list[bytes] = []
-        self._dead: list[str | bytes] = []  # dedup id, reason, raw
+        # message_id, reason code, reason, raw, time
+        self._dead: list[str | bytes] = []
         self._repeats = 0
         # Per dead letter of the batch, in order: its place among the dead letters sent, or
         # None for a repeat.
@@ -348,7 +357,7 @@ class _ScriptLayout:
             if entry.kind == DEAD:
                 self._dead_slots.append(len(self._dead_digests))
                 self._dead_digests.append(key)
-                self._dead += (entry.dedup_id, entry.reason, entry.raw)
+                self._dead += (entry.message_id, entry.code, entry.reason, entry.raw, dead_time)
             else:
                 self._output_digests.append(key)
                 self._outputs += (entry.dedup_id, entry.data)

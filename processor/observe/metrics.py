@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-from processor.consumer.messages import REASON_KINDS
+from processor.consumer.messages import REASON_CODES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The consumer's Outage names (writer, heartbeat, subscriber, registration), which label its
@@ -83,7 +83,7 @@ class ConsumerMetrics:
             "Entries appended to the dead-letter stream, by reason",
             ["reason"],
         )
-        for reason in REASON_KINDS:
+        for reason in REASON_CODES:
             self._dead.labels(reason)
         self._taken_over = Counter(
             "processor_messages_taken_over",

@@ -42,6 +42,8 @@ class PartitionKeys:
     seen_clock: str
     # Prefix of the per-partition fence keys (cluster); "" = the heartbeat key is the fence.
     fence_prefix: str
+    # When each replayed message_id was last replayed (processor replay), by its digest.
+    replayed: str
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Keys:
                 seen_prefix=f"{prefix}:seen:",
                 seen_clock=f"{prefix}:seen-clock",
                 fence_prefix="",
+                replayed=f"{prefix}:replayed",
             )
             return cls._group(prefix, settings.consumers_list, partition.stats, (partition,))
         partitions = tuple(
@@ -120,6 +123,7 @@ class Keys:
             seen_prefix=f"{own}:seen:",
             seen_clock=f"{own}:seen-clock",
             fence_prefix=f"{own}:fence:",
+            replayed=f"{own}:replayed",
         )
 
     @property

@@ -14,7 +14,8 @@
 -- ARGV[7]  n: output entries; ARGV[8] m: dead letters (dedup ids all different: the caller
 --          counts repeats inside the batch as skipped); ARGV[9] those repeats, added to skipped
 -- ARGV[10 .. 9+n+m]  the digests (fixed size) of the dedup ids: outputs, then dead letters
--- then n pairs (message_id, data as JSON), then m triples (dedup id, reason, raw payload)
+-- then n pairs (message_id, data as JSON), then m quintuples (message_id or "" when the message
+--          had none, reason code, reason, raw payload, time as UTC ISO-8601)
 --
 -- Returns {written, dead, skipped, dead_flags}, or {-1, 0, 0, ""} when the fence token does not
 -- match, or a WRONGTYPE error naming the key, before any write, when KEYS[1], KEYS[2] or KEYS[3]
@@ -62,15 +63,7 @@ end
 local bucket, clock = current_bucket(KEYS[5], width, k)
 local seen, any_seen = seen_in_buckets(prefix, bucket, k, first, last)
 
-local function append(stream, f1, v1, f2, v2, f3, v3)
-    if maxlen > 0 then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', f1, v1, f2, v2, f3, v3)
-    else
-        redis.call('XADD', stream, '*', f1, v1, f2, v2, f3, v3)
-    end
-end
-
--- The outputs' XADD spelled out, not through append(): measured 0.3 µs less per message.
+-- The outputs' XADD spelled out (no table of fields): they are the hot path.
 local output, at = KEYS[1], last + 1
 for j = 1, outputs do
     if seen[j] then
@@ -93,11 +86,20 @@ for j = outputs + 1, outputs + deads do
         skipped = skipped + 1
         dead_flags[#dead_flags + 1] = '0'
     else
-        append(KEYS[2], 'reason', ARGV[at + 1], 'raw', ARGV[at + 2], 'consumer_id', consumer)
+        local fields = {'reason_code', ARGV[at + 1], 'reason', ARGV[at + 2], 'raw', ARGV[at + 3],
+            'consumer_id', consumer, 'time', ARGV[at + 4]}
+        if ARGV[at] ~= '' then
+            fields[#fields + 1], fields[#fields + 2] = 'message_id', ARGV[at]
+        end
+        if maxlen > 0 then
+            redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+        else
+            redis.call('XADD', KEYS[2], '*', unpack(fields))
+        end
         dead = dead + 1
         dead_flags[#dead_flags + 1] = '1'
     end
-    at = at + 3
+    at = at + 5
 end
 
 if written + dead > 0 then
