@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from processor.errors import ConfigError
+from processor.bounds import Bounds, parse_bounds
 from processor.options import options_of, setting
 from processor.urls import MAX_PORT, host_problem, secret_free, url_problem
 
@@ -105,31 +105,6 @@ class GroupSettings(RedisSettings):
         "Redis list of live consumer ids",
     )
     key_prefix: str = setting("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
-
-
-@dataclass(frozen=True)
-class Bounds:
-    low: int
-    high: int
-
-    def __str__(self) -> str:
-        return f"{self.low}:{self.high}"
-
-
-def parse_bounds(text: str) -> Bounds | None:
-    """``MIN:MAX`` from AUTOSCALE; None when empty (autoscale off)."""
-    if not text.strip():
-        return None
-    low_text, colon, high_text = text.partition(":")
-    try:
-        low, high = int(low_text), int(high_text)
-    except ValueError:
-        low = high = 0
-    if not colon or low < 1 or high < low:
-        raise ConfigError(
-            f"invalid AUTOSCALE: {text!r} must be MIN:MAX with 1 <= MIN <= MAX (for example 1:8)"
-        )
-    return Bounds(low, high)
 
 
 @dataclass(frozen=True)
