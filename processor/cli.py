@@ -49,11 +49,13 @@ def consume(argv: Sequence[str], prog: str) -> int:
     from processor.handlers import load_handler
     from processor.loading import load_daemon_settings
     from processor.observe.logs import configure_logging
+    from processor.observe.titles import set_title, supervisor_title
 
     try:
         settings = load_daemon_settings(argv, prog=prog)
         load_handler(settings.handler)
         configure_logging(settings.loglevel)
+        set_title(supervisor_title(settings))
         return run(settings, reload=lambda: load_daemon_settings(argv, prog=prog))
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
