@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from processor.bounds import Bounds, parse_bounds
+from processor.group.systemd import address_problem
 from processor.options import options_of, setting
 from processor.urls import MAX_PORT, host_problem, secret_free, url_problem
 
@@ -309,6 +310,14 @@ class Settings(GroupSettings):
         "seconds to wait for Redis at start, before any consumer starts; past it the daemon "
         "exits with code 4; 0 = wait forever",
         minimum=0,
+    )
+    notify_socket: str = setting(
+        "",
+        "NOTIFY_SOCKET",
+        "systemd's notification socket, set by systemd for Type=notify: READY=1 once every "
+        "local consumer is subscribed and registered, STOPPING=1 when a graceful stop starts; "
+        "empty = not under systemd",
+        check=address_problem,
     )
 
     @property

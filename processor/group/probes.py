@@ -1,5 +1,6 @@
 """The supervisor's metrics and probes: the local group's gauges, and ``/metrics``, ``/healthz``
-and ``/readyz`` served for the whole host (see :mod:`processor.observe.health`)."""
+and ``/readyz`` served for the whole host (see :mod:`processor.observe.health`); the one notion
+of ready, which systemd's READY=1 follows too."""
 
 from __future__ import annotations
 
@@ -93,10 +94,14 @@ class Probes:
         return True, "ok"
 
     def _ready(self) -> tuple[bool, str]:
-        slots = self._slots()
-        waiting = [slot.index for slot in slots if not slot.is_ready()]
-        if self._stopping.is_set():
-            return False, "stopping"
-        if waiting:
-            return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
-        return True, f"ok: {len(slots)} consumers subscribed and registered"
+        return readiness(self._slots(), self._stopping)
+
+
+def readiness(slots: list[Slot], stopping: threading.Event) -> tuple[bool, str]:
+    """Whether the local group is ready, and why: ``/readyz`` and systemd's READY=1."""
+    waiting = [slot.index for slot in slots if not slot.is_ready()]
+    if stopping.is_set():
+        return False, "stopping"
+    if waiting:
+        return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
+    return True, f"ok: {len(slots)} consumers subscribed and registered"
