@@ -56,10 +56,12 @@ def consumer_pids(supervisor: int) -> list[int]:
             continue
         for child in children:
             try:
-                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    pids.append(int(child))
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
+            # Until its entry point titles it, a consumer shows multiprocessing's spawn_main.
+            if b"spawn_main" in command or command.startswith(b"processor: consumer "):
+                pids.append(int(child))
     return sorted(pids)
 
 

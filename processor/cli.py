@@ -1,11 +1,13 @@
 """The ``processor`` command: ``consume`` (the daemon), ``publish`` (demo messages), ``status``,
 and the control plane's ``scale``, ``stop`` and ``start``.
 
-Each subcommand parses its own flags (``processor consume --help``) and names itself in help and
-error lines as the user typed it. Wrong settings and refused credentials exit with code 2 and
-one line; a daemon that gave up waiting for Redis at start (STARTUP_TIMEOUT) exits with code 4,
-a publisher that could publish nothing because Redis was unreachable with code 1; anything else
-is the subcommand's own exit code.
+Each subcommand parses its own flags (``processor consume --help``), refuses the flags of the
+others, and names itself in help and error lines as the user typed it. ``--version`` (``-V``)
+prints the version. Wrong settings, unknown flags and refused credentials exit with code 2 and
+one line; a daemon that gave up waiting for Redis at start (STARTUP_TIMEOUT) exits with code 4;
+a publisher that could publish nothing, a control command or ``status`` that could not reach
+Redis exit with code 1; ``status`` exits with code 5 when no consumer of the group is live;
+anything else is the subcommand's own exit code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from types import FrameType
 from processor.errors import ConfigError, ExitCode, StartupTimeout
 
 USAGE = """usage: {prog} COMMAND [options]
+       {prog} --version
 
 Consume a Redis Pub/Sub channel into an exactly-once Redis Stream.
 
@@ -49,6 +52,7 @@ def consume(argv: Sequence[str], prog: str) -> int:
     from processor.handlers import load_handler
     from processor.loading import load_daemon_settings
     from processor.observe.logs import configure_logging
+    from processor.observe.titles import set_title, supervisor_title
 
     try:
         settings = load_daemon_settings(argv, prog=prog)
@@ -58,6 +62,7 @@ def consume(argv: Sequence[str], prog: str) -> int:
         return ExitCode.CONFIG
     # Before the handler's import, so what it logs or warns there is in the chosen format.
     configure_logging(settings.loglevel, settings.log_format)
+    set_title(supervisor_title(settings))
     try:
         load_handler(settings.handler)
         return run(settings, reload=lambda: load_daemon_settings(argv, prog=prog))
@@ -177,6 +182,11 @@ def program_name(argv0: str) -> str:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = prog or program_name(sys.argv[0])
+    if args and args[0] in ("-V", "--version"):
+        from processor.version import version
+
+        print(f"processor {version()}")
+        return ExitCode.OK
     if not args or args[0] in ("-h", "--help"):
         print(USAGE.format(prog=prog), end="")
         return ExitCode.OK if args else ExitCode.CONFIG

@@ -12,7 +12,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-from processor.errors import ConfigError
+from processor.bounds import Bounds, parse_bounds
+from processor.group.systemd import address_problem
 from processor.options import options_of, setting
 from processor.urls import MAX_PORT, host_problem, secret_free, url_problem
 
@@ -105,31 +106,6 @@ class GroupSettings(RedisSettings):
         "consumer:ids", "CONSUMERS_LIST", "Redis list of live consumer ids"
     )
     key_prefix: str = setting("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
-
-
-@dataclass(frozen=True)
-class Bounds:
-    low: int
-    high: int
-
-    def __str__(self) -> str:
-        return f"{self.low}:{self.high}"
-
-
-def parse_bounds(text: str) -> Bounds | None:
-    """``MIN:MAX`` from AUTOSCALE; None when empty (autoscale off)."""
-    if not text.strip():
-        return None
-    low_text, colon, high_text = text.partition(":")
-    try:
-        low, high = int(low_text), int(high_text)
-    except ValueError:
-        low = high = 0
-    if not colon or low < 1 or high < low:
-        raise ConfigError(
-            f"invalid AUTOSCALE: {text!r} must be MIN:MAX with 1 <= MIN <= MAX (for example 1:8)"
-        )
-    return Bounds(low, high)
 
 
 @dataclass(frozen=True)
@@ -333,6 +309,14 @@ class Settings(GroupSettings):
         "seconds to wait for Redis at start, before any consumer starts; past it the daemon "
         "exits with code 4; 0 = wait forever",
         minimum=0,
+    )
+    notify_socket: str = setting(
+        "",
+        "NOTIFY_SOCKET",
+        "systemd's notification socket, set by systemd for Type=notify: READY=1 once every "
+        "local consumer is subscribed and registered, STOPPING=1 when a graceful stop starts; "
+        "empty = not under systemd",
+        check=address_problem,
     )
 
     @property

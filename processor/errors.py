@@ -16,20 +16,22 @@ class ExitCode(enum.IntEnum):
     """
 
     OK = 0
-    # ``publish``, ``scale``, ``stop``, ``start``: Redis was unreachable or refused the command.
+    # ``status``, ``publish``, ``scale``, ``stop``, ``start``: Redis was unreachable or refused
+    # the command.
     UNREACHABLE = 1
     # A consumer process whose thread died; the daemon when one of its consumers failed to stop.
     CONSUMER_ERROR = 1
-    # ``status``: no live consumer in the group.
-    NO_CONSUMER = 1
     # Any entry point stopped by a wrong setting.
     CONFIG = 2
     # The daemon after a second SIGINT or SIGTERM killed its consumers.
     FORCED = 3
     # The daemon that gave up waiting for Redis at start-up (STARTUP_TIMEOUT).
     STARTUP_TIMEOUT = 4
+    # ``status``: Redis answered, and no consumer of the group is live. Not 1, so a check can
+    # tell a group that is down from a Redis it could not reach.
+    NO_CONSUMER = 5
     # ``replay``: not every chosen dead letter was replayed, or none was (no live consumer).
-    NOT_REPLAYED = 5
+    NOT_REPLAYED = 6
 
 
 class ProcessorError(Exception):

@@ -13,8 +13,10 @@ import concurrent.futures
 import importlib
 import inspect
 import logging
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,11 +43,25 @@ def add_random_score(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
+def working_directory_on_path() -> None:
+    """Puts the directory the daemon runs in on the import path, as rq, arq and celery do (the
+    ``processor`` command has its script's directory there instead).
+
+    Appended, not first: a stray ``redis.py`` or ``json.py`` there must not replace a library
+    the daemon imports. Spawned consumers start in the parent's directory and find it too.
+    """
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+
+
 def load_handler(spec: str) -> Handler:
-    """The callable named by ``package.module:function``."""
+    """The callable named by ``package.module:function``, found on the path or in the working
+    directory."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise HandlerLoadError(f"invalid HANDLER {spec!r}: expected package.module:function")
+    working_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # a broken module raises anything at import time

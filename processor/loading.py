@@ -13,6 +13,7 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+from processor.bounds import parse_bounds
 from processor.config import (
     MAX_BATCH_SIZE,
     GroupSettings,
@@ -20,7 +21,6 @@ from processor.config import (
     RedisSettings,
     Settings,
     StatusSettings,
-    parse_bounds,
 )
 from processor.errors import ConfigError
 from processor.options import load, load_with_args

@@ -13,9 +13,9 @@ import dataclasses
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from processor.errors import ConfigError
+from processor.errors import ConfigError, ExitCode
 
 # A setting's own validator: what is wrong with a value already of the right type, or None.
 Check = Callable[[Any], str | None]
@@ -204,10 +204,28 @@ def _old(option: Option) -> str:
     return f"{option.name}__formerly"
 
 
+class Parser(argparse.ArgumentParser):
+    """A command's parser: a wrong argument is one line and exit code 2, as a wrong value is;
+    argparse's default prints the whole usage (dozens of lines) before the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            ExitCode.CONFIG,
+            f"{self.prog}: error: {message} ('{self.prog} --help' lists the flags it takes)\n",
+        )
+
+
+def _help(option: Option, defaults: Mapping[str, object]) -> str:
+    choices = f" (one of: {', '.join(option.choices)})" if option.choices else ""
+    return f"{option.help}{choices} [env {option.env}; default {defaults[option.name]!r}]"
+
+
 def build_parser(
     prog: str, description: str, options: Sequence[Option], defaults: Mapping[str, object]
 ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    # No abbreviations: "status --consumers 3" would set --consumers-list, not refuse the flag
+    # that belongs to "consume".
+    parser = Parser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file of settings (keys as the flags, with _)"
     )
@@ -222,7 +240,7 @@ def build_parser(
                 dest=option.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{option.help} [env {option.env}; default {defaults[option.name]!r}]",
+                help=_help(option, defaults),
             )
         else:
             parser.add_argument(
@@ -230,7 +248,7 @@ def build_parser(
                 dest=option.name,
                 default=None,
                 metavar=option.env,
-                help=f"{option.help} [env {option.env}; default {defaults[option.name]!r}]",
+                help=_help(option, defaults),
             )
     return parser
 

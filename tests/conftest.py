@@ -108,16 +108,24 @@ class Processes:
         self._started: list[LoggedProcess] = []
 
     def start(
-        self, args: list[str], env: dict[str, str] | None = None, **popen_kwargs: Any
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO_ROOT,
+        unset: tuple[str, ...] = (),
+        **popen_kwargs: Any,
     ) -> LoggedProcess:
+        """``unset``: variables of our own environment the process must not see."""
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        for name in unset:
+            full_env.pop(name, None)
         log_path = self._log_dir / f"proc-{len(self._started)}.log"
         with open(log_path, "wb") as log_file:
             # A session of its own, so teardown can signal the process and every child it
             # forked (a supervisor's consumers) with one killpg.
             proc = LoggedProcess(
                 [sys.executable, *args],
-                cwd=REPO_ROOT,
+                cwd=cwd,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,

@@ -136,11 +136,13 @@ def exists(pid: int) -> bool:
 
 
 def _is_consumer(pid: int) -> bool:
-    # multiprocessing also forks a resource tracker; consumers run spawn_main.
+    # multiprocessing also forks a resource tracker; consumers run spawn_main until their
+    # entry point gives them their title.
     try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return b"spawn_main" in command or command.startswith(b"processor: consumer ")
 
 
 def group_alive(pgid: int) -> bool:

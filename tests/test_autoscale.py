@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from processor.config import Bounds, parse_bounds
+from processor.bounds import Bounds, parse_bounds
 from processor.consumer.stats import BusyMeter
 from processor.errors import ConfigError
 from processor.group.autoscale import BEHIND_BYTES, BEHIND_INBOX, Load, decide

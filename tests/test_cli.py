@@ -7,10 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from processor.config import MAX_CONSUMERS_PER_HOST
+from processor.config import LOG_LEVELS, MAX_CONSUMERS_PER_HOST, STRATEGIES
+from processor.errors import ExitCode
+from processor.version import checkout_version, version
 from tests.conftest import REPO_ROOT
 
 
@@ -65,6 +69,73 @@ def test_subcommand_help_and_errors_name_the_command_as_typed():
     publish = run("publish", "--batch-size", "x")
     assert publish.returncode == 2
     assert publish.stderr.startswith("python -m processor publish: error: invalid BATCH_SIZE")
+
+
+def pyproject_version() -> str:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as handle:
+        return str(tomllib.load(handle)["project"]["version"])
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_prints_the_version_in_pyproject(flag):
+    result = run(flag)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"processor {pyproject_version()}\n"
+    assert result.stderr == ""
+
+
+def test_the_version_of_a_checkout_is_its_pyproject_and_nothing_else(tmp_path: Path):
+    assert version() == pyproject_version()
+    assert checkout_version(tmp_path) is None  # no pyproject.toml: the installed metadata decides
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\nversion = "9.9"\n')
+    assert checkout_version(tmp_path) is None  # another project's checkout around the package
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "processor"\nversion = "1.2"\n')
+    assert checkout_version(tmp_path) == "1.2"
+    (tmp_path / "pyproject.toml").write_text("[project\n")
+    assert checkout_version(tmp_path) is None
+
+
+# (command, a flag of another command): refused, not ignored nor read as an abbreviation.
+FOREIGN_FLAGS = (
+    (("status",), ["--consumers-count", "3"]),
+    (("status",), ["--consumers", "3"]),  # once read as --consumers-list 3
+    (("status",), ["--strategy", "race"]),
+    (("publish",), ["--consumers-count", "3"]),
+    (("consume",), ["--json"]),
+    (("consume",), ["--target-duration-s", "3"]),
+    (("scale", "3"), ["--batch-size", "10"]),
+    (("stop",), ["--handler", "x:y"]),
+)
+
+
+@pytest.mark.parametrize(("command", "flag"), FOREIGN_FLAGS, ids=lambda item: " ".join(item))
+def test_a_command_refuses_the_flags_of_another_in_one_line(command, flag):
+    result = run(*command, *flag)
+    prog = f"python -m processor {command[0]}"
+    assert result.returncode == ExitCode.CONFIG == 2, result.stderr
+    assert result.stderr == (
+        f"{prog}: error: unrecognized arguments: {' '.join(flag)} "
+        f"('{prog} --help' lists the flags it takes)\n"
+    )
+    assert result.stdout == ""
+
+
+def test_help_shows_the_choices_of_strategy_and_loglevel():
+    consume_help = " ".join(run("consume", "--help").stdout.split())
+    assert f"(one of: {', '.join(STRATEGIES)})" in consume_help
+    assert f"(one of: {', '.join(LOG_LEVELS)})" in consume_help
+    status_help = " ".join(run("status", "--help").stdout.split())
+    assert f"(one of: {', '.join(LOG_LEVELS)})" in status_help
+    assert "--strategy" not in status_help
+
+
+def test_status_tells_no_live_consumer_from_an_unreachable_redis(redis_url):
+    unreachable = run("status")
+    assert unreachable.returncode == ExitCode.UNREACHABLE == 1, unreachable.stderr
+    assert "cannot read the group" in unreachable.stderr
+    empty = run("status", "--redis-url", redis_url)
+    assert empty.returncode == ExitCode.NO_CONSUMER == 5, empty.stderr
+    assert "NO LIVE CONSUMER" in empty.stdout and empty.stderr == ""
 
 
 def test_status_names_the_unreachable_server_without_a_secret():

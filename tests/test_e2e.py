@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from demo.redis_server import RedisServer
-from tests.conftest import LoggedProcess, Processes
+from tests.conftest import REPO_ROOT, LoggedProcess, Processes
 from tests.helpers import wait_until
 from tests.servers import Server
 
@@ -434,3 +434,34 @@ def test_toml_file_is_honoured_and_env_then_flags_override_it(procs, redis_url, 
     assert written_ids(r, "custom:out") == ["configured"]
     assert not r.exists(OUTPUT, DEAD, "file:dead", "file:ids", "env:ids", CONSUMERS)
     assert r.llen("flag:ids") == 0
+
+
+def test_a_handler_module_in_the_working_directory_needs_no_pythonpath(
+    procs: Processes, redis_url: str, r: redis.Redis, tmp_path: Path
+):
+    """As with rq, arq and celery: the daemon started where the handler's module is finds it,
+    in the supervisor's check and in every spawned consumer, without PYTHONPATH."""
+    here = tmp_path / "handlers"
+    here.mkdir()
+    (here / "local_handler.py").write_text(
+        "def tag(message):\n    message['handled_by'] = 'local_handler'\n    return message\n"
+    )
+    env = {"REDIS_URL": redis_url, "CONSUMERS_COUNT": "2", "HANDLER": "local_handler:tag", **FAST}
+    daemon = procs.start(
+        [str(REPO_ROOT / CONSUME)], env=env, cwd=here, unset=("PYTHONPATH", "PYTHONSAFEPATH")
+    )
+
+    def listed() -> bool:
+        assert daemon.poll() is None, f"daemon exited early:\n{procs.output(daemon)}"
+        return r.llen(CONSUMERS) == 2
+
+    wait_until(listed, WAIT_S, message="consumers not listed in time")
+    ids = {f"local-{n}" for n in range(20)}
+    for message_id in sorted(ids):
+        assert r.publish(CHANNEL, json.dumps({"message_id": message_id})) == 2
+    wait_until(lambda: r.xlen(OUTPUT) >= len(ids), WAIT_S, message="not all written")
+    assert_exactly_once(r, ids)
+    for _, fields in r.xrange(OUTPUT):
+        assert json.loads(fields["data"])["handled_by"] == "local_handler", fields
+    assert r.xlen(DEAD) == 0
+    stop_daemon(daemon)

@@ -65,8 +65,9 @@ def test_exit_codes_keep_their_values():
         "OK": 0,
         "UNREACHABLE": 1,
         "CONSUMER_ERROR": 1,
-        "NO_CONSUMER": 1,
         "CONFIG": 2,
         "FORCED": 3,
         "STARTUP_TIMEOUT": 4,
+        "NO_CONSUMER": 5,
+        "NOT_REPLAYED": 6,
     }

@@ -195,12 +195,14 @@ def test_a_bench_stopped_midway_removes_the_baseline_worktree_and_its_processes(
 
 
 def running_from(directory: str) -> list[int]:
-    """Processes whose command line names ``directory``: the baseline's daemon."""
+    """Processes run in ``directory`` or whose command line names it: the baseline's daemon
+    (its command line is its process title once it runs, so the working directory tells)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if directory.encode() in (entry / "cmdline").read_bytes():
+                named = directory.encode() in (entry / "cmdline").read_bytes()
+                if named or os.readlink(entry / "cwd") == os.path.realpath(directory):
                     found.append(int(entry.name))
     return found
 

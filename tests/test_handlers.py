@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +76,21 @@ def test_load_handler_finds_functions() -> None:
     assert load_handler("processor.handlers:add_random_score") is add_random_score
     assert load_handler("tests.handlers_for_tests:async_echo") is th.async_echo
     assert load_handler("tests.handlers_for_tests:IN_FLIGHT.reset") == th.IN_FLIGHT.reset
+
+
+def test_a_handler_module_in_the_working_directory_is_found_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd_only_handler.py").write_text("def echo(message):\n    return message\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", ".")])
+    handler = load_handler("cwd_only_handler:echo")
+    assert handler({"a": 1}) == {"a": 1}
+    # Last, so a stray module there named like a library the daemon imports cannot replace it.
+    assert sys.path[-1] == str(tmp_path)
+    load_handler("cwd_only_handler:echo")
+    assert sys.path.count(str(tmp_path)) == 1
+    del sys.modules["cwd_only_handler"]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 import urllib.request
 import venv
 import zipfile
@@ -71,6 +72,18 @@ def test_the_wheel_installs_and_its_command_consumes_end_to_end(tmp_path: Path, 
         check=True,
     )
     assert str(env_dir) in where.stdout
+    # Installed, the version comes from the distribution's metadata: no pyproject.toml here.
+    shown = subprocess.run(
+        [str(bin_dir / "processor"), "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    with open(REPO_ROOT / "pyproject.toml", "rb") as handle:
+        expected = tomllib.load(handle)["project"]["version"]
+    assert (shown.returncode, shown.stdout) == (0, f"processor {expected}\n"), shown.stderr
     log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 (closed in finally)
     daemon = subprocess.Popen(
         [str(bin_dir / "processor"), "consume"],

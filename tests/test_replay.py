@@ -209,7 +209,7 @@ def test_replay_is_refused_without_a_live_consumer(
     writer.write([_failure("m-5")], CONSUMER, "")
     # A subscriber is not a consumer: the group lists none.
     result = _replay(redis_url, "--all")
-    assert result.returncode == 5
+    assert result.returncode == 6
     assert "no live consumer" in result.stderr
     assert client.xlen(keys.dead) == 1
     assert _seen(client, keys, "m-5")
@@ -318,7 +318,7 @@ def test_failed_messages_replayed_after_the_fix_are_each_written_exactly_once(
         f"{junk.entry_id}  -  invalid_json: not replayed: it would fail validation again",
         "0 of 1 dead letters replayed",
     ]
-    assert _replay(redis_url, "--id", junk.entry_id).returncode == 5
+    assert _replay(redis_url, "--id", junk.entry_id).returncode == 6
     # A re-publish of every message is skipped as written.
     skipped = int(client.hget(keys.stats, "skipped") or 0)
     _publish(client, keys.channel, 20)

@@ -16,6 +16,7 @@ import pytest
 
 from processor.commands.status import read_group, render
 from processor.config import StatusSettings
+from processor.errors import ExitCode
 from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT
 from tests.faults_support import start_daemon
@@ -103,7 +104,7 @@ def _status(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_status_of_a_running_group_and_of_none(procs, redis_url):
     empty = _status(redis_url)
-    assert empty.returncode == 1, empty.stderr
+    assert empty.returncode == ExitCode.NO_CONSUMER == 5, empty.stderr
     assert "NO LIVE CONSUMER" in empty.stdout
     daemon = start_daemon(procs, redis_url, "partitioned", count=2)
     ids = set(daemon.listed())

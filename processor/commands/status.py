@@ -268,7 +268,7 @@ def main(argv: Sequence[str], prog: str) -> int:
             f"{explain(error, settings.url)}",
             file=sys.stderr,
         )
-        return ExitCode.NO_CONSUMER
+        return ExitCode.UNREACHABLE
     finally:
         if client is not None:
             client.close()

@@ -12,6 +12,7 @@ from processor.consumer.inbox import Inbox
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals, RateMeter
 from processor.observe.counters import record_unwritten
 from processor.observe.logs import Tagged
+from processor.observe.titles import retitle_consumer
 from processor.store.connection import CONNECTION_ERRORS
 from processor.store.keys import Keys
 
@@ -104,6 +105,7 @@ class Reporting:
         consumer_id = parts.membership.consumer_id
         if consumer_id and consumer_id != self._reported_id:
             self._reported_id = self._stats.consumer_id = consumer_id
+            retitle_consumer(self._slot, consumer_id)
         ready = self._ready()
         totals = self._totals.snapshot()
         base = self.stats_base

@@ -1,5 +1,6 @@
 """The supervisor's metrics and probes: the local group's gauges, and ``/metrics``, ``/healthz``
-and ``/readyz`` served for the whole host (see :mod:`processor.observe.health`)."""
+and ``/readyz`` served for the whole host (see :mod:`processor.observe.health`); the one notion
+of ready, which systemd's READY=1 follows too."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from processor import __version__
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.group.slot import Slot
 from processor.observe.health import HealthServer
 from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
+from processor.version import version
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Probes:
             "Always 1: the daemon's version and Python's, as labels",
             ["version", "python"],
             multiprocess_mode="livemax",
-        ).labels(__version__, platform.python_version()).set(1)
+        ).labels(version(), platform.python_version()).set(1)
         from processor.observe.processes import ProcessUsage
 
         try:
@@ -116,10 +117,14 @@ class Probes:
         return True, "ok"
 
     def _ready(self) -> tuple[bool, str]:
-        slots = self._slots()
-        waiting = [slot.index for slot in slots if not slot.is_ready()]
-        if self._stopping.is_set():
-            return False, "stopping"
-        if waiting:
-            return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
-        return True, f"ok: {len(slots)} consumers subscribed and registered"
+        return readiness(self._slots(), self._stopping)
+
+
+def readiness(slots: list[Slot], stopping: threading.Event) -> tuple[bool, str]:
+    """Whether the local group is ready, and why: ``/readyz`` and systemd's READY=1."""
+    waiting = [slot.index for slot in slots if not slot.is_ready()]
+    if stopping.is_set():
+        return False, "stopping"
+    if waiting:
+        return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
+    return True, f"ok: {len(slots)} consumers subscribed and registered"

@@ -25,8 +25,10 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
     """Entry point of a consumer process."""
     from processor.consumer.consumer import Consumer
     from processor.observe.logs import configure_logging
+    from processor.observe.titles import consumer_title, set_title
 
     configure_logging(settings.loglevel, settings.log_format)
+    set_title(consumer_title(slot, ""))
     consumer = Consumer(settings, slot, stats)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.config import Bounds, Settings
+from processor.bounds import Bounds
+from processor.config import Settings
 from processor.errors import ConfigError, GroupStopped
 from processor.group import autoscale
 from processor.group.controlplane import Beat, HostInfo, HostRegistry, set_desired

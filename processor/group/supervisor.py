@@ -29,12 +29,13 @@ from processor.config import Settings
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
 from processor.errors import ConfigError, ExitCode, GroupStopped
-from processor.group.probes import Probes
+from processor.group.probes import Probes, readiness
 from processor.group.shutdown import kill, stop_consumers, stop_resource_tracker
 from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload, resized_count
 from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process
 from processor.group.startup import connect_and_check
 from processor.group.steering import Order, Steering
+from processor.group.systemd import Notifier
 from processor.observe.counters import record_unwritten
 from processor.observe.monitor import Monitor
 from processor.store.connection import REDIS_ERRORS
@@ -62,6 +63,7 @@ class Supervisor:
         self._slots: list[Slot] = []
         self._local_count = settings.consumers_count
         self._order = Order(None)
+        self._systemd = Notifier(settings.notify_socket)
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -91,6 +93,7 @@ class Supervisor:
                 "'processor scale N' clears it",
                 stopped,
             )
+            self._systemd.declined(f"not starting: the group is asked to stop ({stopped})")
             self._client.close()
             return ExitCode.OK
         except REDIS_ERRORS as error:
@@ -135,6 +138,7 @@ class Supervisor:
             self._recycle_next()
             if self._probes is not None:
                 self._probes.update(self._target_count())
+            self._systemd.update(readiness(self._slots, self.stop))
             if time.monotonic() >= next_report:
                 next_report += self.settings.monitor_interval_s
                 monitor.report()
@@ -363,6 +367,7 @@ class Supervisor:
 
     def _shut_down(self) -> int:
         """Forwards the stop to every consumer, waits for their flush, kills stragglers."""
+        self._systemd.stopping()
         self._steering.leave()  # the other hosts take our share while ours drain
         code, killed_holding = stop_consumers(
             self._slots,
