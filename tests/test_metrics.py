@@ -14,10 +14,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.redis_server import free_port
-from processor import __version__
 from processor.consumer.messages import REASON_CODES
 from processor.observe.metrics import CONNECTIONS
 from processor.observe.processes import usage
+from processor.version import version
 from tests.faults_support import (
     CHANNEL,
     OUTPUT,
@@ -125,7 +125,7 @@ def test_labelled_counters_exist_at_zero_from_the_start_beside_the_build_and_eac
             assert samples[f"processor_messages_{name}_total"] == 0
         assert samples["processor_handler_batch_seconds_count"] == 0
         python = platform.python_version()
-        assert samples[f'processor_build_info{{python="{python}",version="{__version__}"}}'] == 1
+        assert samples[f'processor_build_info{{python="{python}",version="{version()}"}}'] == 1
         for process in ("supervisor", "consumer-0", "consumer-1"):
             assert samples[f'processor_process_cpu_seconds_total{{process="{process}"}}'] > 0
             memory = samples[f'processor_process_resident_memory_bytes{{process="{process}"}}']
