@@ -13,7 +13,8 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from processor.config import MAX_CONSUMERS_PER_HOST, Settings
+from processor.config import Settings
+from processor.sizes import MAX_CONSUMERS_PER_HOST
 
 log = logging.getLogger(__name__)
 
