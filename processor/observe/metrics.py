@@ -118,6 +118,18 @@ class ConsumerMetrics:
             "What Redis holds unsent for a consumer's subscription (CLIENT LIST omem)",
             multiprocess_mode="liveall",
         )
+        self._receiving = Gauge(
+            "processor_consumer_receiving",
+            "1 while a consumer receives its messages: a reader subscribed, a fed consumer fed "
+            "by a reader (label role)",
+            ["role"],
+            multiprocess_mode="liveall",
+        )
+        self._feeds = Gauge(
+            "processor_reader_feeds",
+            "Consumers a reader feeds now (0 for fed consumers)",
+            multiprocess_mode="liveall",
+        )
 
     def batch(
         self, size: int, script_s: float, oldest_received: float | None, replied: float
@@ -155,6 +167,13 @@ class ConsumerMetrics:
             self._lost.inc(lost)
         if left_to_takeover:
             self._left.inc(left_to_takeover)
+
+    def role(self, role: str, receiving: bool, feeds: int) -> None:
+        """Per heartbeat: what tells a reader from a fed consumer."""
+        if not self.enabled:
+            return
+        self._receiving.labels(role=role).set(int(receiving))
+        self._feeds.set(feeds)
 
     def sync(self, totals: dict[str, float], buffered: int, held: int, backlog_bytes: int) -> None:
         """Per heartbeat: counters that grow elsewhere, as deltas since the last sync."""
