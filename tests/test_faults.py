@@ -37,6 +37,7 @@ from tests.faults_support import (
     exists,
     fault_message,
     group_alive,
+    holds_copies,
     pid_of,
     publish_invalid,
     read_stream,
@@ -263,7 +264,13 @@ def test_stalled_consumers_rejoin_under_new_ids_without_duplicates(
     # the flush at shutdown also runs with whatever it still holds from before its stall.
     publisher.wait_published(rng.randint(total // 20, total // 10))
     ids = daemon.ids()
-    short_pid, long_pid = rng.sample(sorted(ids), 2)
+    # Two stalled at once; with partitioned, one reader and the fed consumer, so that a reader
+    # holding copies lives throughout (both readers stalled is every subscription down).
+    holders = sorted(pid for pid, cid in ids.items() if holds_copies(cid, strategy))
+    others = sorted(set(ids) - set(holders)) or holders
+    short_pid, long_pid = rng.sample([rng.choice(holders), rng.choice(others)], 2)
+    if short_pid == long_pid:
+        short_pid, long_pid = rng.sample(sorted(ids), 2)
     stalls = {short_pid: (short_s, ids[short_pid]), long_pid: (long_s, ids[long_pid])}
     order = [short_pid, long_pid] if rng.random() < 0.5 else [long_pid, short_pid]
     stopped_at: dict[int, float] = {}
@@ -546,9 +553,29 @@ def test_the_original_consumers_killed_one_after_another_lose_nothing(
     # always subscribed, but each victim's share lives only in the others' buffers.
     victims = sorted(daemon.consumers())
     rng.shuffle(victims)
+    listed_since: dict[str, float] = {}
+
+    def other_holder_listed_for_a_second(victim: int) -> bool:
+        """The promise: nothing is lost while one consumer holding copies (any with race, a
+        reader with partitioned) lives throughout; its replacement holds only what is newer."""
+        now = time.monotonic()
+        ids = daemon.ids()
+        for consumer_id in ids.values():
+            listed_since.setdefault(consumer_id, now)
+        return any(
+            now - listed_since[cid] >= 1.0 and holds_copies(cid, strategy)
+            for pid, cid in ids.items()
+            if pid != victim
+        )
+
     for index, pid in enumerate(victims):
         if index:
             time.sleep(rng.uniform(0.3, 0.8))  # the fault's timing, not a synchronisation
+        wait_for(
+            lambda pid=pid: other_holder_listed_for_a_second(pid),
+            REPLACE_S,
+            f"{context}: no other reader live for a second",
+        )
         os.kill(pid, signal.SIGKILL)
         print(f"{context}: killed pid {pid}")
     daemon.wait_in_step(REPLACE_S, f"{context}: not replaced after the kills")
@@ -572,11 +599,16 @@ def test_a_kill_every_second_for_a_storm_loses_nothing(
     listed_since: dict[str, float] = {}
 
     def veterans(now: float) -> set[int]:
-        """Consumers listed in the group for at least a second."""
+        """Consumers holding copies (every one with race, the readers with partitioned)
+        listed in the group for at least a second."""
         ids = daemon.ids()
         for consumer_id in ids.values():
             listed_since.setdefault(consumer_id, now)
-        return {pid for pid, cid in ids.items() if now - listed_since[cid] >= 1.0}
+        return {
+            pid
+            for pid, cid in ids.items()
+            if now - listed_since[cid] >= 1.0 and holds_copies(cid, strategy)
+        }
 
     kills = 0
     ends_at = time.monotonic() + storm_s
@@ -586,7 +618,7 @@ def test_a_kill_every_second_for_a_storm_loses_nothing(
         old = veterans(now)
         if now >= next_kill:
             running_now = daemon.consumers()
-            # Never the last consumer that has been live for a second.
+            # Never the last holder of copies that has been live for a second.
             candidates = sorted(pid for pid in running_now if old - {pid})
             if candidates:
                 victim = rng.choice(candidates)

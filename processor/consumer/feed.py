@@ -25,11 +25,15 @@ from processor.store.outage import Backoff, Outage, Retrier
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 1.0
-# How long a reader has to answer our hello: it waits until it is subscribed and has a view.
-ACK_TIMEOUT_S = 5.0
+# How long a reader has to answer our hello: it waits until it is subscribed and has a view
+# (a reader just started takes about a second). A stalled reader's socket still accepts
+# connections: we then try the next one, so a stall costs this long without a feed.
+ACK_TIMEOUT_S = 2.0
 POLL_S = 0.1
 # How long a new consumer waits quietly for a reader to listen: they start together.
 STARTING_S = 10.0
+# How long of that it waits for its preferred reader only, so the feeding stays spread.
+PREFERRED_S = 3.0
 
 
 class FeedEnded(ConnectionError):
@@ -63,12 +67,15 @@ class Feed(WatchedThread):
         self._reset_requested = threading.Event()
         self.subscribed = threading.Event()
         self.reader: int | None = None
+        # Where the next search for a reader starts: after the one whose feed ended.
+        self._first = 0
         self.received = 0
         self.gaps = 0
         self.gap_seconds = 0.0
         self._last_alive = 0
         self._fed_once = False
-        self._quiet_until = time.monotonic() + STARTING_S
+        self._born = time.monotonic()
+        self._quiet_until = self._born + STARTING_S
         self._retrier = Retrier(
             Outage("a local reader's feed", tagged), Backoff(0.05, 1.0), self._stop_requested
         )
@@ -129,7 +136,11 @@ class Feed(WatchedThread):
     def _connect(self) -> Connection | None:
         """Asks each reader in turn; backs off after a round that none answered."""
         error: BaseException | None = None
-        for address in self._addresses:
+        count = len(self._addresses)
+        starting = not self._fed_once and time.monotonic() < self._born + PREFERRED_S
+        for step in range(1 if starting else count):
+            index = (self._first + step) % count
+            address = self._addresses[index]
             if self._stop_requested.is_set():
                 return None
             try:
@@ -149,6 +160,7 @@ class Feed(WatchedThread):
                 error = failed
                 continue
             self.reader = int(address.rpartition("-")[2])
+            self._first = (index + 1) % count
             return connection
         if not self._fed_once and time.monotonic() < self._quiet_until:
             # Starting with the group: the readers are not listening yet.
