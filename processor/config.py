@@ -12,13 +12,26 @@ import os
 import socket
 from dataclasses import dataclass
 
+from processor.errors import ConfigError
 from processor.options import options_of, setting
-from processor.sizes import MAX_CONSUMERS_PER_HOST, Bounds, consumer_count_problem, parse_bounds
 from processor.urls import MAX_PORT, host_problem, secret_free, url_problem
 
 STRATEGIES = ("partitioned", "race")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The most consumer processes one daemon runs: far above what any host has cores for (each is a
+# Python process with its own connections), low enough that a typo (CONSUMERS_COUNT=100000)
+# cannot fork-bomb the host or exhaust Redis's clients.
+MAX_CONSUMERS_PER_HOST = 256
 WAIT_MODES = ("degrade", "strict")
+
+
+def _consumer_count_problem(count: int) -> str | None:
+    if count <= MAX_CONSUMERS_PER_HOST:
+        return None
+    return (
+        f"{count} is more than {MAX_CONSUMERS_PER_HOST}, the most consumer processes one "
+        "daemon runs (run more hosts instead)"
+    )
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,31 @@ class GroupSettings(RedisSettings):
 
 
 @dataclass(frozen=True)
+class Bounds:
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        return f"{self.low}:{self.high}"
+
+
+def parse_bounds(text: str) -> Bounds | None:
+    """``MIN:MAX`` from AUTOSCALE; None when empty (autoscale off)."""
+    if not text.strip():
+        return None
+    low_text, colon, high_text = text.partition(":")
+    try:
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        low = high = 0
+    if not colon or low < 1 or high < low:
+        raise ConfigError(
+            f"invalid AUTOSCALE: {text!r} must be MIN:MAX with 1 <= MIN <= MAX (for example 1:8)"
+        )
+    return Bounds(low, high)
+
+
+@dataclass(frozen=True)
 class Settings(GroupSettings):
     """Everything one consumer daemon needs; picklable, so it crosses to the consumer processes."""
 
@@ -104,7 +142,7 @@ class Settings(GroupSettings):
         "consumer processes on this host while the group has no desired size in Redis "
         f"(set by 'processor scale', which then wins); at most {MAX_CONSUMERS_PER_HOST}",
         minimum=1,
-        check=consumer_count_problem,
+        check=_consumer_count_problem,
     )
     host_id: str = setting(
         "",
@@ -117,7 +155,7 @@ class Settings(GroupSettings):
         f"most consumers this host runs for the group's desired size; at most "
         f"{MAX_CONSUMERS_PER_HOST}",
         minimum=1,
-        check=consumer_count_problem,
+        check=_consumer_count_problem,
     )
     idle_stop_s: float = setting(
         0.0,

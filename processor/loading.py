@@ -20,10 +20,10 @@ from processor.config import (
     RedisSettings,
     Settings,
     StatusSettings,
+    parse_bounds,
 )
 from processor.errors import ConfigError
 from processor.options import load, load_with_args
-from processor.sizes import parse_bounds
 from processor.store.partitions import MAX_PARTITIONS
 from processor.urls import database
 

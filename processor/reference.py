@@ -11,7 +11,6 @@ import sys
 
 from processor import config
 from processor.options import Option, bound, options_of
-from processor.sizes import MAX_CONSUMERS_PER_HOST
 
 REGENERATE = "python -m processor.reference > docs/configuration.md"
 
@@ -35,7 +34,7 @@ TITLES: dict[type, str] = {
 # so the reference reads the same wherever it is rendered.
 MACHINE_DEFAULTS: dict[str, str] = {
     "host_id": "the machine's host name",
-    "max_consumers": f"the CPU count, at most {MAX_CONSUMERS_PER_HOST}",
+    "max_consumers": f"the CPU count, at most {config.MAX_CONSUMERS_PER_HOST}",
 }
 
 HEADER = f"""\

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from processor.config import Bounds, parse_bounds
 from processor.consumer.stats import BusyMeter
 from processor.errors import ConfigError
 from processor.group.autoscale import BEHIND_BYTES, BEHIND_INBOX, Load, decide
-from processor.sizes import Bounds, parse_bounds
 
 BOUNDS = Bounds(1, 6)
 

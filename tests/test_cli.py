@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from processor.sizes import MAX_CONSUMERS_PER_HOST
+from processor.config import MAX_CONSUMERS_PER_HOST
 from tests.conftest import REPO_ROOT
 
 

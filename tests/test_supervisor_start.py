@@ -9,10 +9,9 @@ import signal
 import pytest
 
 from processor.cli import DAEMON_SIGNALS
-from processor.config import DAEMON_OPTIONS, Settings
+from processor.config import DAEMON_OPTIONS, MAX_CONSUMERS_PER_HOST, Settings
 from processor.group.slot import BLOCKED
 from processor.group.supervisor import Supervisor
-from processor.sizes import MAX_CONSUMERS_PER_HOST
 from tests.faults_support import Daemon, daemon_env, group_alive, group_members, wait_for_result
 from tests.helpers import wait_until
 

@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 
 import redis
 
+from processor.config import MAX_CONSUMERS_PER_HOST
 from processor.errors import ConfigError, ExitCode
 from processor.group import controlplane
 from processor.loading import load_group_command
-from processor.sizes import MAX_CONSUMERS_PER_HOST
 from processor.store.connection import (
     CONNECTION_ERRORS,
     REFUSALS,

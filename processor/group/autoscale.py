@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.sizes import Bounds
+from processor.config import Bounds
 from processor.store.keys import Keys
 
 BEHIND_INBOX = 1000  # messages a consumer holds unprocessed

@@ -13,8 +13,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from processor.config import Settings
-from processor.sizes import MAX_CONSUMERS_PER_HOST
+from processor.config import MAX_CONSUMERS_PER_HOST, Settings
 
 log = logging.getLogger(__name__)
 

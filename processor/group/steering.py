@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import redis
 
-from processor.config import Settings
+from processor.config import Bounds, Settings
 from processor.errors import ConfigError, GroupStopped
 from processor.group import autoscale
 from processor.group.controlplane import Beat, HostInfo, HostRegistry, set_desired
 from processor.group.shares import split
 from processor.observe.counters import COUNTERS, read_counters
-from processor.sizes import Bounds
 from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS
 from processor.store.keys import Keys
 from processor.store.outage import Outage
