@@ -205,6 +205,14 @@ class Settings(GroupSettings):
         "which messages a consumer tries",
         choices=STRATEGIES,
     )
+    readers_per_host: int = setting(
+        2,
+        "READERS_PER_HOST",
+        "consumers of a host that subscribe and feed the others their messages (partitioned; "
+        "with race every consumer subscribes); two or more, so a reader's death loses nothing",
+        minimum=1,
+        maximum=MAX_CONSUMERS_PER_HOST,
+    )
     dedup_window_ms: int = setting(
         600_000,
         "DEDUP_WINDOW_MS",

@@ -35,6 +35,9 @@ DEAD = "messages:dead"
 CONSUMERS = "consumer:ids"
 GAPS = "processor:gaps"
 
+# The daemon's default READERS_PER_HOST: the consumers in slots 0 and 1 subscribe and feed the
+# others (partitioned); they hold the copies that a takeover needs.
+READERS = 2
 HEARTBEAT_INTERVAL_MS = 200
 HEARTBEAT_TTL_MS = 1000
 # Fast settings: a dead consumer is noticed in about a second, a crash is replaced at once.
@@ -341,6 +344,15 @@ def subscriber_connections(redis_client: redis.Redis) -> list[dict[str, Any]]:
         for entry in redis_client.client_list(_type="pubsub")
         if entry.get("name") == "processor-subscriber"
     ]
+
+
+def slot_of(consumer_id: str) -> int:
+    return int(consumer_id.rsplit("-", 2)[1])
+
+
+def holds_copies(consumer_id: str, strategy: str) -> bool:
+    """A reader (partitioned), or any consumer (race: every consumer subscribes)."""
+    return strategy == "race" or slot_of(consumer_id) < READERS
 
 
 def subscribers(redis_client: redis.Redis) -> int:

@@ -39,6 +39,7 @@ from tests.faults_support import (
     exists,
     fault_message,
     group_alive,
+    holds_copies,
     pid_of,
     publish_invalid,
     read_stream,
@@ -198,12 +199,14 @@ def test_dropped_subscriptions_are_recovered_and_reported(
     total = int(RATE * duration)
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
 
-    # One consumer's subscription, while the others stay subscribed: nothing may be lost.
+    # Partitioned: two of the three consumers (the readers) subscribe; race: all three.
+    subscribed = 2 if strategy == "partitioned" else 3
+    # One subscription, while the others stay subscribed: nothing may be lost.
     publisher.wait_published(rng.randint(total // 10, total // 3))
     victim = rng.choice(subscriber_connections(bclient))
     assert bclient.client_kill_filter(_id=victim["id"]) == 1
     wait_for(
-        lambda: subscribers(bclient) == 3 and bclient.xlen(GAPS) >= 1,
+        lambda: subscribers(bclient) == subscribed and bclient.xlen(GAPS) >= 1,
         RECOVER_S,
         f"{context}: killed subscription not back, or its gap not reported",
     )
@@ -215,9 +218,10 @@ def test_dropped_subscriptions_are_recovered_and_reported(
     publisher.wait_published(max(one_down_until, rng.randint(total // 2, total * 4 // 5)))
     all_down_from = publisher.published()
     killed = bclient.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    assert int(killed) == 3, f"{context}: CLIENT KILL TYPE pubsub killed {killed}"
+    assert int(killed) == subscribed, f"{context}: CLIENT KILL TYPE pubsub killed {killed}"
+    # A gap from each consumer: the readers' own, and the fed one's as it is fed again.
     wait_for(
-        lambda: subscribers(bclient) == 3 and bclient.xlen(GAPS) >= 4,
+        lambda: subscribers(bclient) == subscribed and bclient.xlen(GAPS) >= 4,
         RECOVER_S,
         f"{context}: subscriptions not back, or their gaps not reported",
     )
@@ -226,7 +230,9 @@ def test_dropped_subscriptions_are_recovered_and_reported(
     records = publisher.records()
     unreceived = [message_id for message_id, n in records[:all_down_from] if n == 0]
     assert not unreceived, f"{context}: reached no subscriber with one killed: {unreceived[:5]}"
-    assert daemon.log().count("subscribed again after a gap") >= 4, f"{context}: gaps not logged"
+    log = daemon.log()
+    logged = log.count("subscribed again after a gap") + log.count("fed again by local reader")
+    assert logged >= 4, f"{context}: gaps not logged"
     finish(daemon, bclient, Expected(records), context)
 
 
@@ -289,7 +295,13 @@ def test_stalled_consumers_rejoin_under_new_ids_without_duplicates(
     # the flush at shutdown also runs with whatever it still holds from before its stall.
     publisher.wait_published(rng.randint(total // 20, total // 10))
     ids = daemon.ids()
-    short_pid, long_pid = rng.sample(sorted(ids), 2)
+    # Two stalled at once; with partitioned, one reader and the fed consumer, so that a reader
+    # holding copies lives throughout (both readers stalled is every subscription down).
+    holders = sorted(pid for pid, cid in ids.items() if holds_copies(cid, strategy))
+    others = sorted(set(ids) - set(holders)) or holders
+    short_pid, long_pid = rng.sample([rng.choice(holders), rng.choice(others)], 2)
+    if short_pid == long_pid:
+        short_pid, long_pid = rng.sample(sorted(ids), 2)
     stalls = {short_pid: (short_s, ids[short_pid]), long_pid: (long_s, ids[long_pid])}
     order = [short_pid, long_pid] if rng.random() < 0.5 else [long_pid, short_pid]
     stopped_at: dict[int, float] = {}
@@ -572,9 +584,29 @@ def test_the_original_consumers_killed_one_after_another_lose_nothing(
     # always subscribed, but each victim's share lives only in the others' buffers.
     victims = sorted(daemon.consumers())
     rng.shuffle(victims)
+    listed_since: dict[str, float] = {}
+
+    def other_holder_listed_for_a_second(victim: int) -> bool:
+        """The promise: nothing is lost while one consumer holding copies (any with race, a
+        reader with partitioned) lives throughout; its replacement holds only what is newer."""
+        now = time.monotonic()
+        ids = daemon.ids()
+        for consumer_id in ids.values():
+            listed_since.setdefault(consumer_id, now)
+        return any(
+            now - listed_since[cid] >= 1.0 and holds_copies(cid, strategy)
+            for pid, cid in ids.items()
+            if pid != victim
+        )
+
     for index, pid in enumerate(victims):
         if index:
             time.sleep(rng.uniform(0.3, 0.8))  # the fault's timing, not a synchronisation
+        wait_for(
+            lambda pid=pid: other_holder_listed_for_a_second(pid),
+            REPLACE_S,
+            f"{context}: no other reader live for a second",
+        )
         os.kill(pid, signal.SIGKILL)
         print(f"{context}: killed pid {pid}")
     daemon.wait_in_step(REPLACE_S, f"{context}: not replaced after the kills")
@@ -598,11 +630,16 @@ def test_a_kill_every_second_for_a_storm_loses_nothing(
     listed_since: dict[str, float] = {}
 
     def veterans(now: float) -> set[int]:
-        """Consumers listed in the group for at least a second."""
+        """Consumers holding copies (every one with race, the readers with partitioned)
+        listed in the group for at least a second."""
         ids = daemon.ids()
         for consumer_id in ids.values():
             listed_since.setdefault(consumer_id, now)
-        return {pid for pid, cid in ids.items() if now - listed_since[cid] >= 1.0}
+        return {
+            pid
+            for pid, cid in ids.items()
+            if now - listed_since[cid] >= 1.0 and holds_copies(cid, strategy)
+        }
 
     kills = 0
     ends_at = time.monotonic() + storm_s
@@ -612,7 +649,7 @@ def test_a_kill_every_second_for_a_storm_loses_nothing(
         old = veterans(now)
         if now >= next_kill:
             running_now = daemon.consumers()
-            # Never the last consumer that has been live for a second.
+            # Never the last holder of copies that has been live for a second.
             candidates = sorted(pid for pid in running_now if old - {pid})
             if candidates:
                 victim = rng.choice(candidates)
@@ -660,7 +697,9 @@ def test_a_schedule_of_mixed_faults_loses_nothing(
         if bclient.publish(CHANNEL, payload) >= 1:
             invalid[payload] = "invalid JSON"
         wait_for(
-            lambda: subscribers(bclient) == 3 and daemon.in_step(),
+            lambda: (
+                subscribers(bclient) == (2 if strategy == "partitioned" else 3) and daemon.in_step()
+            ),
             RECOVER_S,
             f"{context}: group not whole again after {fault}",
         )

@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import signal
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -72,9 +73,11 @@ def test_metrics_count_what_was_published_and_the_probes_follow_the_group(
 
         def counted() -> bool:
             samples = scrape(port)
-            return samples.get("processor_messages_written_total") == published and samples.get(
-                "processor_messages_received_total"
-            ) == 2 * (published + 3)
+            # Both consumers are readers (READERS_PER_HOST=2): each reads every message.
+            received = samples.get('processor_messages_received_total{role="reader"}')
+            return samples.get(
+                "processor_messages_written_total"
+            ) == published and received == 2 * (published + 3)
 
         wait_until(counted, 20, message=f"counters never matched: {scrape(port)}")
         samples = scrape(port)
@@ -121,8 +124,9 @@ def test_labelled_counters_exist_at_zero_from_the_start_beside_the_build_and_eac
             assert samples[f'processor_messages_dead_lettered_total{{reason="{reason}"}}'] == 0
         for connection in CONNECTIONS:
             assert samples[f'processor_redis_reconnects_total{{connection="{connection}"}}'] == 0
-        for name in ("lost", "left_to_takeover", "received", "written"):
+        for name in ("lost", "left_to_takeover", "written"):
             assert samples[f"processor_messages_{name}_total"] == 0
+        assert samples['processor_messages_received_total{role="reader"}'] == 0
         assert samples["processor_handler_batch_seconds_count"] == 0
         python = platform.python_version()
         assert samples[f'processor_build_info{{python="{python}",version="{version()}"}}'] == 1
@@ -135,9 +139,9 @@ def test_labelled_counters_exist_at_zero_from_the_start_beside_the_build_and_eac
             assert redis_client.publish(CHANNEL, f'{{"message_id": "m-{n}"}}') == 2
         wait_until(lambda: redis_client.xlen(OUTPUT) == 3, 20, message="not written")
         wait_until(
-            lambda: scrape(port)["processor_messages_received_total"] == 6,
+            lambda: scrape(port)['processor_messages_received_total{role="reader"}'] == 6,
             20,
-            message="received not counted per consumer",
+            message="received not counted per reader",
         )
         assert scrape(port)["processor_handler_batch_seconds_count"] >= 1
     finally:
@@ -164,3 +168,46 @@ def test_process_usage_reads_a_process_whose_name_holds_parentheses_and_skips_a_
     sleeper.terminate()
     sleeper.wait(timeout=10)  # reaped: its /proc entry is gone
     assert usage(sleeper.pid) is None
+
+
+def test_readers_and_fed_consumers_are_shown_apart(procs, redis_url):
+    """Three consumers: two readers subscribe and feed the third. /metrics, /readyz and
+    ``processor status`` tell them apart."""
+    port = free_port()
+    start_daemon(procs, redis_url, "partitioned", count=3, METRICS_PORT=port)
+    redis_client = client(redis_url)
+    try:
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 20, message="never ready")
+        text = get(port, "/readyz")[1]
+        assert "2 readers subscribed, 1 fed by them" in text, text
+        wait_until(
+            lambda: (
+                scrape(port).get('processor_consumer_receiving{role="fed"}') == 1
+                and scrape(port).get('processor_consumer_receiving{role="reader"}') == 2
+                and scrape(port).get("processor_reader_feeds") == 1
+            ),
+            20,
+            message=f"roles not shown: {scrape(port)}",
+        )
+        for n in range(60):
+            assert redis_client.publish(CHANNEL, f'{{"message_id": "r-{n}"}}') == 2
+        wait_until(lambda: redis_client.xlen(OUTPUT) == 60, 20, message="not written")
+        wait_until(
+            lambda: (
+                scrape(port)['processor_messages_received_total{role="reader"}'] == 120
+                and scrape(port).get('processor_messages_received_total{role="fed"}', 0) > 0
+            ),
+            20,
+            message=f"received not counted by role: {scrape(port)}",
+        )
+        table = subprocess.run(
+            [sys.executable, "-m", "processor", "status", "--redis-url", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert table.count(" fed ") == 1 and table.count("reader>") == 1, table
+        assert table.count("subscribed") == 2, table
+    finally:
+        redis_client.close()

@@ -151,7 +151,10 @@ def test_the_daemon_is_ready_once_its_consumers_are_registered_and_says_when_it_
     readied = set(READY_LINE.findall(procs.output(daemon)))
     assert listed == 3, (listed, before, procs.output(daemon)[-3000:])
     assert len(readied) == 3, procs.output(daemon)[-3000:]
-    assert ready == "READY=1\nSTATUS=ok: 3 consumers subscribed and registered"
+    assert ready == (
+        "READY=1\nSTATUS=ok: 3 consumers registered and receiving: 2 readers subscribed, "
+        "1 fed by them"
+    )
     assert all(datagram.startswith("STATUS=") for datagram in before), before
     daemon.send_signal(signal.SIGTERM)
     stopping, between = receive_until(sock, "STOPPING=1")

@@ -37,6 +37,9 @@ class ConsumerView:
     host: str = "?"
     pid: int = 0
     strategy: str = "?"
+    # "reader" (subscribes; "feeds" consumers) or "fed" (fed by a reader of its host).
+    role: str = "reader"
+    feeds: int = 0
     rate: float = 0.0
     beat_ms: int = 0
     written: int = 0
@@ -113,6 +116,8 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
                 host=_text(info.get("host")) or "?",
                 pid=_int(info.get("pid")),
                 strategy=_text(info.get("strategy")) or "?",
+                role=_text(info.get("role")) or "reader",
+                feeds=_int(info.get("feeds")),
                 rate=float(_text(info.get("rate")) or 0),
                 beat_ms=_int(info.get("beat_ms")),
                 written=_int(info.get("written")),
@@ -164,6 +169,22 @@ def _age(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _role(consumer: ConsumerView) -> str:
+    if consumer.role != "reader":
+        return consumer.role
+    return f"reader>{consumer.feeds}" if consumer.feeds else "reader"
+
+
+def _state(consumer: ConsumerView) -> str:
+    """A reader is subscribed; a fed consumer is fed (by a reader of its host)."""
+    if consumer.role == "fed":
+        return "fed" if consumer.subscribed else "NOT FED"
+    state = "subscribed" if consumer.subscribed else "NOT SUBSCRIBED"
+    if consumer.backlog_bytes:
+        state += f", {consumer.backlog_bytes / 1024:,.0f} KiB unread"
+    return state
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
@@ -220,8 +241,10 @@ def render(view: GroupView) -> str:
             "PID",
             "AGE",
             "STRATEGY",
+            "ROLE",
             "RATE",
             "HELD",
+            "BUFFERED",
             "LAST BEAT",
             "STATE",
         )
@@ -235,10 +258,12 @@ def render(view: GroupView) -> str:
                     str(consumer.pid or "?"),
                     _age((view.now_ms - consumer.registered_ms) / 1000),
                     consumer.strategy,
+                    _role(consumer),
                     f"{consumer.rate:,.0f}/s",
                     f"{consumer.held:,}",
+                    f"{consumer.buffered:,}",
                     "?" if beat_age is None else f"{beat_age:.1f} s ago",
-                    "subscribed" if consumer.subscribed else "NOT SUBSCRIBED",
+                    _state(consumer),
                 )
             )
         lines += _table(rows)

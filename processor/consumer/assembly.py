@@ -12,9 +12,17 @@ import redis
 
 from processor.config import Settings
 from processor.consumer.dedup import SeenCheck, Window
+from processor.consumer.feed import Feed
+from processor.consumer.feeds import FeedPlan
+from processor.consumer.forwarder import Forwarder
 from processor.consumer.heartbeat import Heartbeat
 from processor.consumer.membership import Membership
-from processor.consumer.ownership import PartitionedStrategy, RaceStrategy, make_strategy
+from processor.consumer.ownership import (
+    FedStrategy,
+    PartitionedStrategy,
+    RaceStrategy,
+    make_strategy,
+)
 from processor.consumer.subscriber import Gap
 from processor.consumer.subscribers import Subscribers
 from processor.consumer.threads import OnFailure
@@ -53,10 +61,29 @@ class Parts:
     seen: SeenCheck
     membership: Membership
     strategy: RaceStrategy | PartitionedStrategy
-    subscriber: Subscribers
+    # A reader's subscriptions, or a fed consumer's feed from a reader.
+    subscriber: Subscribers | Feed
+    # A reader's outlets to the consumers it feeds (None for a fed consumer, or with race).
+    forwarder: Forwarder | None
     heartbeat: Heartbeat
     writes: WriteThread
     registration: Retrier
+
+    @property
+    def role(self) -> str:
+        """A reader subscribes (and may feed others); a fed consumer is fed by a reader."""
+        return "fed" if isinstance(self.strategy, FedStrategy) else "reader"
+
+    def start_reading(self) -> None:
+        self.subscriber.start()
+        if self.forwarder is not None:
+            self.forwarder.start()
+
+    def stop_reading(self) -> None:
+        """Stops the subscriptions (which deliver what Redis sent before) and the feeds."""
+        self.subscriber.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
 
 
 def assemble(
@@ -66,8 +93,13 @@ def assemble(
     flushed: threading.Event,
     tagged: Tagged,
     hooks: Hooks,
+    slot: int = 0,
+    plan: FeedPlan | None = None,
 ) -> Parts:
-    metrics = ConsumerMetrics(enabled=settings.metrics_port > 0)
+    """With ``plan`` (a supervised group, partitioned) the slot is a reader or a fed consumer;
+    without, it subscribes (as every consumer does with race)."""
+    fed = plan is not None and settings.strategy != "race" and not plan.is_reader(slot)
+    metrics = ConsumerMetrics(enabled=settings.metrics_port > 0, role="fed" if fed else "reader")
     on_recovered = metrics.reconnected if metrics.enabled else None
     handler = load_handler(settings.handler)
     # The built-in handler cannot hang: skip the two timer syscalls per message.
@@ -93,25 +125,49 @@ def assemble(
         fence_ttl_ms=settings.takeover_buffer_ms,
         side_client=side_client,
     )
-    strategy = make_strategy(
-        settings.strategy,
-        settings.takeover_buffer_ms / 1000,
-        settings.takeover_buffer_max,
-        # Half the dedup window, as for a rejoin after a stall: a takeover of what is older
-        # could write again what its owner wrote before the window forgot it.
-        settings.dedup_window_ms / 2000,
+    # Half the dedup window, as for a rejoin after a stall: a takeover of what is older could
+    # write again what its owner wrote before the window forgot it.
+    strategy = (
+        FedStrategy()
+        if fed
+        else make_strategy(
+            settings.strategy,
+            settings.takeover_buffer_ms / 1000,
+            settings.takeover_buffer_max,
+            settings.dedup_window_ms / 2000,
+            # Long enough for the newcomer's reader to adopt the view too (it beats as often).
+            grace_s=1.0 + 2 * settings.heartbeat_interval_ms / 1000,
+        )
     )
     gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
-    subscriber = Subscribers(
-        settings,
-        keys,
-        deliver=hooks.route,
-        on_gap=gaps.put,
-        tagged=tagged,
-        backoff_max_s=settings.reconnect_backoff_max_s,
-        on_failure=hooks.failed,
-        on_recovered=on_recovered,
-    )
+    subscriber: Subscribers | Feed
+    forwarder: Forwarder | None = None
+    if fed:
+        assert plan is not None
+        subscriber = Feed(
+            plan.addresses_for(slot),
+            deliver=hooks.route,
+            on_gap=gaps.put,
+            tagged=tagged,
+            # Half the heartbeat's TTL: a stalled reader's consumers move before it is fenced.
+            stall_s=settings.heartbeat_ttl_ms / 2000,
+            on_failure=hooks.failed,
+        )
+    else:
+        subscriber = Subscribers(
+            settings,
+            keys,
+            deliver=hooks.route,
+            on_gap=gaps.put,
+            tagged=tagged,
+            backoff_max_s=settings.reconnect_backoff_max_s,
+            on_failure=hooks.failed,
+            on_recovered=on_recovered,
+        )
+        if plan is not None and isinstance(strategy, PartitionedStrategy):
+            forwarder = Forwarder(
+                plan.address(slot), strategy, subscriber, tagged, on_failure=hooks.failed
+            )
     heartbeat = Heartbeat(
         heartbeat_client,
         keys,
@@ -166,6 +222,7 @@ def assemble(
         membership,
         strategy,
         subscriber,
+        forwarder,
         heartbeat,
         writes,
         registration,

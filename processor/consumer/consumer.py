@@ -19,16 +19,15 @@ from typing import TypeVar
 
 from processor.config import Settings
 from processor.consumer.assembly import Hooks, assemble
+from processor.consumer.feeds import FeedPlan
 from processor.consumer.fence import Fence
 from processor.consumer.inbox import Inbox
 from processor.consumer.membership import new_consumer_id
 from processor.consumer.messages import (
     DEAD,
-    Entry,
-    Message,
     handler_failed,
     output_entry,
-    parse,
+    parse_all,
 )
 from processor.consumer.reporting import Reporting
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals
@@ -57,9 +56,11 @@ class Consumer:
         slot: int = 0,
         stats: ConsumerStats | None = None,
         stop: threading.Event | None = None,
+        plan: FeedPlan | None = None,
     ) -> None:
         self.settings = settings
         self.slot = slot
+        self._plan = plan
         self.stats = stats
         self.stop = stop or threading.Event()
         self.keys = Keys.from_settings(settings)
@@ -78,9 +79,8 @@ class Consumer:
 
     @property
     def _batch_size(self) -> int:
-        """Messages per batch: PROCESSING_BATCH_SIZE per partition, since a batch is written
-        with one script call per partition (measured: a 3-partition cluster spends 1.47x one
-        Redis's CPU per message with 100 per batch, 1.23x with 300)."""
+        """PROCESSING_BATCH_SIZE per partition: a batch is one script call per partition (a
+        3-partition cluster spent 1.47x one Redis's CPU a message at 100 a batch, 1.23x at 300)."""
         return self.settings.processing_batch_size * len(self.keys.partitions)
 
     def _batches(self, items: list[T]) -> Iterator[list[T]]:
@@ -143,7 +143,17 @@ class Consumer:
             held=self._held,
             written=self._written,
         )
-        parts = assemble(self.settings, self.keys, self.stop, self._flushed, self._log, hooks)
+        parts = assemble(
+            self.settings,
+            self.keys,
+            self.stop,
+            self._flushed,
+            self._log,
+            hooks,
+            self.slot,
+            self._plan,
+        )
+        self._parts = parts
         self._metrics = parts.metrics
         self._runner = parts.runner
         self._failures = parts.failures
@@ -184,16 +194,18 @@ class Consumer:
         )
 
     def _join(self) -> None:
-        """Subscribes first, then registers: a listed consumer is always a subscribed one."""
-        self._subscriber.start()
+        """Subscribes (or is fed by a reader) first, then registers: a listed consumer is
+        always one that receives its messages."""
+        consumer_id = new_consumer_id(self.slot)
+        self._subscriber.rename(consumer_id)
+        self._parts.start_reading()
         self._writes.start()
-        while not self._subscriber.wait_subscribed(0.1):
-            if self.stop.is_set():
-                return
-        self._register(new_consumer_id(self.slot))
+        if self._receiving():
+            self._register(consumer_id)
         self._heartbeat.start()
         self._log.info(
-            "consumer ready: channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
+            "consumer ready: %s channels=%s strategy=%s batch=%d window=%dms concurrency=%d",
+            self._parts.role,
             ",".join(partition.channel for partition in self.keys.partitions),
             self._strategy.name,
             self._batch_size,
@@ -204,10 +216,20 @@ class Consumer:
     def _register(self, consumer_id: str) -> None:
         if self.stop.is_set():
             return
+        # A fed consumer's reader learns its new id first (after a rejoin).
+        if self._subscriber.rename(consumer_id) and not self._receiving():
+            return
         try:
             self._registration.call(partial(self._register_once, consumer_id))
         except RetryStopped:
             return
+
+    def _receiving(self) -> bool:
+        """Waits until subscribed (or fed by a reader); False when stopped first."""
+        while not self._subscriber.wait_subscribed(0.1):
+            if self.stop.is_set():
+                return False
+        return True
 
     def _register_once(self, consumer_id: str) -> None:
         with self._heartbeat.lock:
@@ -232,7 +254,7 @@ class Consumer:
     def _flush(self) -> None:
         """After a stop request: stop reading, write everything already received, leave."""
         stopping_since = time.monotonic()
-        self._subscriber.stop()
+        self._parts.stop_reading()
         self._subscriber.join(timeout=5)
         margin_s = self.settings.heartbeat_ttl_ms / 1000
         leftovers = self._strategy.leaving(stopping_since - margin_s)
@@ -247,7 +269,7 @@ class Consumer:
 
     def _tear_down(self) -> None:
         self.stop.set()
-        self._subscriber.stop()
+        self._parts.stop_reading()
         if self._failure is not None:
             # Leave first: whatever we still hold may never be written by us.
             self._flushed.set()
@@ -264,11 +286,9 @@ class Consumer:
         self._reporting.stopped()
 
     def _held(self) -> int:
-        """Messages received and not written yet, that we owned or had started to take over:
-        waiting for the handler or the write (the fenced ones are counted apart).
-
-        Not the takeovers still queued: copies of others' messages, which their owner wrote
-        (a departure announced as it stopped) or the other consumers' buffers also hold."""
+        """Messages received, ours or being taken over, not written yet (the fenced ones are
+        counted apart). Not the takeovers still queued: copies of others' messages, which their
+        owner wrote (a departure announced as it stopped) or the readers' buffers also hold."""
         return len(self._inbox) + self._in_hand + self._writes.holding()
 
     def _count_unwritten(self) -> None:
@@ -286,10 +306,7 @@ class Consumer:
             with self._heartbeat.lock:
                 self._membership.leave(reason)
         except CONNECTION_ERRORS as error:
-            self._log.warning(
-                "could not leave the group (%s): its heartbeat will expire",
-                error,
-            )
+            self._log.warning("could not leave the group (%s): its heartbeat will expire", error)
 
     # -- the hot path -------------------------------------------------------------------------
 
@@ -309,22 +326,15 @@ class Consumer:
         started = time.monotonic()
         self._in_hand = len(payloads)
         max_bytes = self.settings.max_message_bytes
-        entries: list[Entry | None] = []
-        messages: list[tuple[int, Message]] = []
-        for payload in payloads:
-            parsed = parse(payload, max_bytes)
-            if isinstance(parsed, Message):
-                messages.append((len(entries), parsed))
-                entries.append(None)
-            else:
-                entries.append(parsed)
+        entries, messages = parse_all(payloads, max_bytes)
         if skip_written:
             entries, messages = without_written(self._seen, entries, messages)
         if messages:
             handler_started = time.monotonic()
-            retries = self.settings.handler_retries
             chosen = [message for _, message in messages]
-            results = run_with_retries(self._runner, chosen, retries, self.stop)
+            results = run_with_retries(
+                self._runner, chosen, self.settings.handler_retries, self.stop
+            )
             self._metrics.handled(time.monotonic() - handler_started)
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):

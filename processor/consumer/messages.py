@@ -7,6 +7,7 @@ orjson (strict RFC 8259: NaN, Infinity and integers beyond 64 bits are invalid).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -155,3 +156,20 @@ def reason_kind(reason: str | bytes) -> str:
         if text.startswith(prefix):
             return kind
     return "other"
+
+
+def parse_all(
+    payloads: Sequence[bytes], max_bytes: int
+) -> tuple[list[Entry | None], list[tuple[int, Message]]]:
+    """Each payload's dead letter (or None, its place kept), and the valid messages with their
+    positions, so the handler's results go back in the order received."""
+    entries: list[Entry | None] = []
+    messages: list[tuple[int, Message]] = []
+    for payload in payloads:
+        parsed = parse(payload, max_bytes)
+        if isinstance(parsed, Message):
+            messages.append((len(entries), parsed))
+            entries.append(None)
+        else:
+            entries.append(parsed)
+    return entries, messages

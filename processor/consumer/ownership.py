@@ -5,13 +5,16 @@ but the work per message grows with the group.
 
 ``partitioned``: each message belongs to one of ``LANES`` lanes (CRC32 of the raw payload), and
 each lane to one live consumer, chosen by rendezvous hashing, so a membership change moves only
-the lanes of the consumer that left or joined. A consumer keeps the recent messages it does not
-own in a :class:`TakeoverBuffer`, with the owner it was routed to; when that owner leaves, dies
-or reports a subscription gap, every other consumer tries what it routed to it (one successor
-could be a newcomer that never received it, or in a gap of its own). A consumer that hands lanes
-to a newcomer keeps trying them for a grace period, in case messages published before the
-newcomer subscribed are still unread in its socket. Ownership never decides correctness: the
-write does.
+the lanes of the consumer that left or joined. A consumer that subscribes (a *reader*) keeps the
+recent messages it does not own in a :class:`TakeoverBuffer`, with the owner it was routed to;
+when that owner leaves, dies or reports a subscription gap, every other reader tries what it
+routed to it (one successor could be a newcomer that never received it, or in a gap of its
+own). A reader also forwards to the local consumers it *feeds* (which do not subscribe) the
+messages its view gives them, and buffers those too, as it buffers every message it does not
+own. A reader that hands lanes (its own or a fed consumer's) to a newcomer it does not feed keeps
+routing them as before for a grace period, in case messages published before the newcomer was
+fed are still unread in its socket, or the newcomer's reader adopts the new view later.
+Ownership never decides correctness: the write does.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ from processor.store.outage import DOWNTIME
 
 LANES = 1024
 _LANE_MASK = LANES - 1
-# How long a consumer keeps trying the lanes it handed to a newcomer: messages published before
+# How long a reader keeps routing lanes handed to a newcomer as before: messages published before
 # the newcomer subscribed may still be unread in our socket when we adopt the new view.
 HANDOVER_GRACE_S = 1.0
+# Where split() sends a lane: nowhere local (buffered only), this consumer, or a fed consumer
+# (FED and above, by its index in the sinks).
+NOT_LOCAL, MINE, FED = 0, 1, 2
 
 Owners = list[str | None]
+Sink = Callable[[list[bytes]], None]
 
 
 def lane_of(payload: bytes) -> int:
@@ -163,20 +170,25 @@ class PartitionedStrategy:
         buffer_held_s: float,
         downtime: Callable[[float], float],
         clock: Callable[[], float] = time.monotonic,
+        grace_s: float = HANDOVER_GRACE_S,
     ) -> None:
         self._clock = clock
+        self._grace_s = grace_s
         # One lock orders routing against view changes: a payload routed by the old view is in
         # the buffer before a takeover under the new view looks for it.
         self._lock = threading.Lock()
         self._buffer = TakeoverBuffer(buffer_age_s, buffer_max, buffer_held_s, downtime)
         self._owners: Owners = [None] * LANES
-        self._mine = bytearray(LANES)
-        # What split() routes to us: _mine, plus the lanes handed to a newcomer until then.
-        self._routing = self._mine
-        self._handed = bytearray(LANES)
+        # Per lane, where split() sends it (NOT_LOCAL, MINE or a fed consumer's FED + index).
+        self._routing = [NOT_LOCAL] * LANES
+        # Lanes handed by a local member (us or one we feed) to a newcomer: lane -> old owner.
+        self._handed: dict[int, str] = {}
         self._grace_until = 0.0
         self._members: set[str] = set()
         self._me = ""
+        # The consumers we feed: id -> where their messages go.
+        self._fed: dict[str, Sink] = {}
+        self._sinks: list[Sink] = []
 
     @property
     def buffered(self) -> int:
@@ -185,22 +197,62 @@ class PartitionedStrategy:
         with self._lock:
             return self._buffer.held(self._clock())
 
+    @property
+    def has_view(self) -> bool:
+        with self._lock:
+            return self._me in self._members
+
     def split(self, chunk: list[bytes], now: float) -> list[bytes]:
-        """The payloads of ``chunk`` this consumer owns; the rest go to the takeover buffer."""
+        """The payloads of ``chunk`` this consumer owns; those of the consumers it feeds go to
+        their sinks; all but its own go to the takeover buffer."""
         owned: list[bytes] = []
         others: list[bytes] = []
+        fed: dict[int, list[bytes]] = {}
         with self._lock:
             if self._grace_until and now >= self._grace_until:
-                self._routing, self._grace_until = self._mine, 0.0
+                self._grace_until = 0.0
+                self._handed = {}
+                self._route()
             routing = self._routing
             for payload in chunk:
-                if routing[zlib.crc32(payload) & _LANE_MASK]:
+                target = routing[zlib.crc32(payload) & _LANE_MASK]
+                if target == MINE:
                     owned.append(payload)
-                else:
-                    others.append(payload)
+                    continue
+                others.append(payload)
+                if target:
+                    fed.setdefault(target, []).append(payload)
             if others:
                 self._buffer.add(others, now, self._owners)
+            # Under the lock: once feed() returns, every later split reaches the new sink.
+            for target, payloads in fed.items():
+                self._sinks[target - FED](payloads)
         return owned
+
+    def feed(self, member: str, sink: Sink) -> None:
+        """From now on, sends ``member``'s messages (by our view) to ``sink`` as well."""
+        with self._lock:
+            self._fed[member] = sink
+            self._route()
+
+    def unfeed(self, member: str, sink: Sink) -> None:
+        with self._lock:
+            if self._fed.get(member) is sink:
+                del self._fed[member]
+                self._route()
+
+    def _route(self) -> None:
+        """Recomputes where each lane goes; the caller holds the lock."""
+        self._sinks = list(self._fed.values())
+        local = {member: FED + index for index, member in enumerate(self._fed)}
+        if self._me:
+            local[self._me] = MINE
+        routing = [local.get(owner, NOT_LOCAL) if owner else NOT_LOCAL for owner in self._owners]
+        for lane, old_owner in self._handed.items():
+            # A newcomer we feed gets its lanes from us at once: only the others' wait.
+            if routing[lane] == NOT_LOCAL:
+                routing[lane] = local.get(old_owner, NOT_LOCAL)
+        self._routing = routing
 
     def update(self, members: Collection[str], me: str, now: float | None = None) -> list[bytes]:
         """Adopts a new view of the group; returns buffered payloads this consumer took over.
@@ -221,26 +273,23 @@ class PartitionedStrategy:
                 # view, so our share is tried now and the rest if its owner departs.
                 self._buffer.relabel(self._owners, owners)
                 taken = self._buffer.routed_to({me}, now)
-            mine = bytearray(owner == me for owner in owners)
-            handed = [
-                lane
-                for lane, (old, new) in enumerate(zip(self._owners, owners, strict=True))
-                if old == me and new in newcomers
-            ]
+            local = {me, *self._fed}
             if now >= self._grace_until:
-                self._handed = bytearray(LANES)
+                self._handed = {}
+            handed = {
+                lane: old
+                for lane, (old, new) in enumerate(zip(self._owners, owners, strict=True))
+                if old in local and new in newcomers
+            }
             if handed:
-                for lane in handed:
-                    self._handed[lane] = 1
-                self._grace_until = now + HANDOVER_GRACE_S
-            if now < self._grace_until:
-                self._routing = bytearray(a | b for a, b in zip(mine, self._handed, strict=True))
-            else:
-                self._routing, self._grace_until = mine, 0.0
+                self._handed.update(handed)
+                self._grace_until = now + self._grace_s
+            if now >= self._grace_until:
+                self._grace_until = 0.0
             self._owners = owners
             self._members = live
             self._me = me
-            self._mine = mine
+            self._route()
             return taken
 
     def gap_reported(self, member: str, now: float | None = None) -> list[bytes]:
@@ -271,9 +320,22 @@ class PartitionedStrategy:
             return self._buffer.since(since, time.monotonic())
 
 
+class FedStrategy(RaceStrategy):
+    """A fed consumer's: its reader sends it only what it owns and keeps the copies (the
+    takeover buffer) itself; so everything received is tried, and nothing is buffered here."""
+
+    name = "partitioned"
+
+
 def make_strategy(
-    name: str, buffer_age_s: float, buffer_max: int, buffer_held_s: float
+    name: str,
+    buffer_age_s: float,
+    buffer_max: int,
+    buffer_held_s: float,
+    grace_s: float = HANDOVER_GRACE_S,
 ) -> RaceStrategy | PartitionedStrategy:
     if name == "race":
         return RaceStrategy()
-    return PartitionedStrategy(buffer_age_s, buffer_max, buffer_held_s, DOWNTIME.total_s)
+    return PartitionedStrategy(
+        buffer_age_s, buffer_max, buffer_held_s, DOWNTIME.total_s, grace_s=grace_s
+    )

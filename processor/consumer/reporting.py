@@ -70,6 +70,8 @@ class Reporting:
             "pid": os.getpid(),
             "slot": self._slot,
             "strategy": parts.strategy.name,
+            "role": parts.role,
+            "feeds": self._feeds(),
             "received": parts.subscriber.received,
             "written": totals.written,
             "dead": totals.dead,
@@ -85,6 +87,10 @@ class Reporting:
             "busy": round(self._busy.share(), 3),
         }
 
+    def _feeds(self) -> int:
+        forwarder = self._parts.forwarder
+        return 0 if forwarder is None else forwarder.fed
+
     def _sync_metrics(self, held: int) -> None:
         parts = self._parts
         subscriber = parts.subscriber
@@ -95,6 +101,7 @@ class Reporting:
             "gap_seconds": subscriber.gap_seconds,
         }
         parts.metrics.sync(totals, parts.strategy.buffered, held, parts.heartbeat.backlog_bytes)
+        parts.metrics.role(parts.subscriber.is_subscribed(), self._feeds())
 
     def report_stats(self) -> None:
         """Our id and counters for the supervisor, called by the heartbeat thread: the one
@@ -115,6 +122,8 @@ class Reporting:
             buffered=parts.strategy.buffered,
             held=self._held(),
             ready=int(ready),
+            reader=int(parts.role == "reader"),
+            feeds=self._feeds(),
             **{name: base[name] + getattr(totals, name) for name in ADDED},
         )
 

@@ -11,7 +11,8 @@ from typing import Any
 
 # "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz).
 # "held": messages received and not written yet, as of the consumer's last heartbeat (what a
-# forced stop of it loses).
+# forced stop of it loses). "reader": 1 for a reader (it subscribes), 0 for a fed consumer;
+# "feeds": how many consumers a reader feeds.
 FIELDS = (
     "received",
     "written",
@@ -22,6 +23,8 @@ FIELDS = (
     "buffered",
     "held",
     "ready",
+    "reader",
+    "feeds",
 )
 
 

@@ -113,6 +113,8 @@ class Subscriber(WatchedThread):
         self.subscribed = threading.Event()
         self.client_id: int | None = None
         self.received = 0
+        # Subscriptions confirmed so far: a reader's feeds end when it changes (see Outlet).
+        self.subscriptions = 0
         self.gaps = 0
         self.gap_seconds = 0.0
         self._last_alive = 0
@@ -290,6 +292,7 @@ class Subscriber(WatchedThread):
 
     def _confirmed(self, down_since: int | None) -> None:
         self._retrier.succeeded()
+        self.subscriptions += 1
         self.subscribed.set()
         if down_since is not None:
             gap = Gap(down_since, _now_ms())

@@ -86,6 +86,10 @@ class Subscribers:
         for reader in self.readers:
             reader.reset()
 
+    def rename(self, member: str) -> bool:
+        """Our subscriptions do not depend on who we are in the group (a Feed's does)."""
+        return False
+
     def is_subscribed(self) -> bool:
         return all(reader.subscribed.is_set() for reader in self.readers)
 
@@ -98,6 +102,10 @@ class Subscribers:
     @property
     def received(self) -> int:
         return sum(reader.received for reader in self.readers)
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(reader.subscriptions for reader in self.readers)
 
     @property
     def gaps(self) -> int:

@@ -126,5 +126,9 @@ def readiness(slots: list[Slot], stopping: threading.Event) -> tuple[bool, str]:
     if stopping.is_set():
         return False, "stopping"
     if waiting:
-        return False, "not subscribed and registered: slots " + ", ".join(map(str, waiting))
-    return True, f"ok: {len(slots)} consumers subscribed and registered"
+        return False, "not receiving and registered: slots " + ", ".join(map(str, waiting))
+    readers = sum(slot.stats.get("reader") for slot in slots)
+    return True, (
+        f"ok: {len(slots)} consumers registered and receiving: {readers} readers subscribed, "
+        f"{len(slots) - readers} fed by them"
+    )

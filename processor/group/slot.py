@@ -10,6 +10,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from processor.config import Settings
+from processor.consumer.feeds import FeedPlan
 from processor.consumer.stats import ConsumerStats
 from processor.errors import ConsumerFailed, ExitCode
 from processor.group.signals import CONTROL_SIGNALS
@@ -21,7 +22,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 BLOCKED = (*SIGNALS, *CONTROL_SIGNALS)
 
 
-def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> None:
+def consumer_process(
+    settings: Settings, slot: int, stats: ConsumerStats, plan: FeedPlan | None = None
+) -> None:
     """Entry point of a consumer process."""
     from processor.consumer.consumer import Consumer
     from processor.observe.logs import configure_logging
@@ -29,7 +32,7 @@ def consumer_process(settings: Settings, slot: int, stats: ConsumerStats) -> Non
 
     configure_logging(settings.loglevel, settings.log_format)
     set_title(consumer_title(slot, ""))
-    consumer = Consumer(settings, slot, stats)
+    consumer = Consumer(settings, slot, stats, plan=plan)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         # Every signal means "stop gracefully" here: a Ctrl-C in a terminal or systemd's

@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.resource_tracker
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from processor.config import Settings
+from processor.consumer.feeds import FeedPlan
 from processor.consumer.membership import evict_process, leave_script
 from processor.consumer.stats import ConsumerStats
 from processor.errors import ConfigError, ExitCode, GroupStopped
@@ -64,6 +66,8 @@ class Supervisor:
         self._local_count = settings.consumers_count
         self._order = Order(None)
         self._systemd = Notifier(settings.notify_socket)
+        # Names our readers' feed sockets: unique to this daemon, so two on one host never meet.
+        self._feed_prefix = f"processor-{os.getpid()}-{secrets.token_hex(4)}"
 
     def _new_slot(self, index: int) -> Slot:
         backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
@@ -257,9 +261,10 @@ class Supervisor:
         # Until the new consumer registers under its own id and says it is ready.
         slot.stats.consumer_id = ""
         slot.stats.set(ready=0)
+        plan = FeedPlan(self._feed_prefix, self.settings.readers_per_host)
         process = self._context.Process(
             target=consumer_process,
-            args=(self.settings, slot.index, slot.stats),
+            args=(self.settings, slot.index, slot.stats, plan),
             name=f"consumer-{slot.index}",
         )
         # Blocked across the start so a signal cannot reach the child before its handler is in.

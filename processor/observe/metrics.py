@@ -52,20 +52,23 @@ def remove_multiprocess_dir(directory: str) -> None:
 class ConsumerMetrics:
     """What one consumer records; a no-op unless built with ``enabled=True``."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, role: str = "reader") -> None:
         self.enabled = enabled
+        self._role = role
         self._synced: dict[str, float] = {}
         if not enabled:
             return
         from prometheus_client import Counter, Gauge, Histogram
 
-        # Per process: every consumer reads every message of the channel (ownership is decided
-        # after the read), so N consumers count N per message published.
+        # Per process: a reader reads every message of the channel (ownership is decided after
+        # the read), a fed consumer gets its share from a reader.
         self._received = Counter(
             "processor_messages_received",
-            "Messages read from the subscription by this process; each consumer reads every "
-            "message, so the sum over N consumers is N per message published",
-        )
+            "Messages a consumer received: role reader, every message of the channel read from "
+            "its subscription (R readers count R per message published); role fed, its share, "
+            "handed on by a reader",
+            ["role"],
+        ).labels(role=role)
         self._written = Counter(
             "processor_messages_written", "Messages appended to the output stream"
         )
@@ -146,6 +149,18 @@ class ConsumerMetrics:
             "What Redis holds unsent for a consumer's subscription (CLIENT LIST omem)",
             multiprocess_mode="liveall",
         )
+        self._receiving = Gauge(
+            "processor_consumer_receiving",
+            "1 while a consumer receives its messages: a reader subscribed, a fed consumer fed "
+            "by a reader (label role)",
+            ["role"],
+            multiprocess_mode="liveall",
+        )
+        self._feeds = Gauge(
+            "processor_reader_feeds",
+            "Consumers a reader feeds now (0 for fed consumers)",
+            multiprocess_mode="liveall",
+        )
 
     def batch(
         self, size: int, script_s: float, oldest_received: float | None, replied: float
@@ -187,6 +202,13 @@ class ConsumerMetrics:
             self._lost.inc(lost)
         if left_to_takeover:
             self._left.inc(left_to_takeover)
+
+    def role(self, receiving: bool, feeds: int) -> None:
+        """Per heartbeat: whether we receive (subscribed, or fed); how many a reader feeds."""
+        if not self.enabled:
+            return
+        self._receiving.labels(role=self._role).set(int(receiving))
+        self._feeds.set(feeds)
 
     def sync(self, totals: dict[str, float], buffered: int, held: int, backlog_bytes: int) -> None:
         """Per heartbeat: counters that grow elsewhere, as deltas since the last sync."""

@@ -1,0 +1,67 @@
+"""One subscription per reader, not per consumer: how a host's consumers find their readers.
+
+The first ``READERS_PER_HOST`` slots of a host are *readers*: they subscribe, keep the takeover
+buffer, and forward to each other local consumer (a *fed* consumer, which does not subscribe)
+the messages their view of the group gives it. A fed consumer is fed by one reader at a time
+and moves to another when that feed ends; each reader listens on a Unix socket named after the
+supervisor, in Linux's abstract namespace (nothing on disk to clean up after a kill -9).
+
+The protocol, over ``multiprocessing.connection`` (length-prefixed pickles): the fed consumer
+sends ``(HELLO, consumer id)``; the reader answers ``(ACK, consumer id)`` once it is subscribed
+and routes by a view of the group, then sends ``(MESSAGES, [payload, ...])`` and, when idle,
+``(TICK, None)``, so a stalled reader is noticed. A reader ends every feed when its subscription
+ends: the fed consumer then reports a gap, as a subscriber would.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+HELLO, ACK, MESSAGES, TICK = "hello", "ack", "messages", "tick"
+# How often an idle reader says it is alive.
+TICK_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPlan:
+    """The readers of one host: how many, and the prefix of their sockets' names."""
+
+    prefix: str
+    readers: int
+
+    def is_reader(self, slot: int) -> bool:
+        return slot < self.readers
+
+    def address(self, reader: int) -> str:
+        return f"\0{self.prefix}-reader-{reader}"
+
+    def addresses_for(self, slot: int) -> list[str]:
+        """The readers a fed consumer tries, its preferred one first: fed consumers are
+        spread over the readers, so the forwarding is shared."""
+        first = slot % self.readers
+        return [self.address((first + step) % self.readers) for step in range(self.readers)]
+
+
+def connect(address: str, timeout_s: float) -> Connection:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(address)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock.detach())
+
+
+def listen(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        sock.listen(256)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

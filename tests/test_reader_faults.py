@@ -1,0 +1,212 @@
+"""Faults of the readers, end to end: the consumers that subscribe and feed the others.
+
+Four consumers, two of them readers (slots 0 and 1): a reader killed, both readers killed one
+after the other, a reader stalled past the heartbeat's TTL, a reader's subscription killed by
+the server, and a fed consumer killed while the readers live. Each time every message that
+reached a subscriber is written exactly once, and the group is whole again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.faults_support import (
+    GAPS,
+    LINGER_S,
+    RATE,
+    RECOVER_S,
+    REPLACE_S,
+    Daemon,
+    Expected,
+    check_streams,
+    client,
+    publish_invalid,
+    settle,
+    slot_of,
+    start_daemon,
+    start_publisher,
+    subscriber_connections,
+    subscribers,
+    wait_for,
+)
+from tests.helpers import wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
+
+COUNT = 4
+READERS = 2
+
+
+@pytest.fixture
+def bclient(redis_url: str):
+    redis_client = client(redis_url)
+    try:
+        yield redis_client
+    finally:
+        redis_client.close()
+
+
+def by_role(daemon: Daemon) -> tuple[dict[int, str], dict[int, str]]:
+    """(readers, fed consumers), each as pid -> consumer id."""
+    ids = daemon.ids()
+    readers = {pid: cid for pid, cid in ids.items() if slot_of(cid) < READERS}
+    return readers, {pid: cid for pid, cid in ids.items() if pid not in readers}
+
+
+def start(procs, redis_url: str, redis_client: redis.Redis) -> Daemon:
+    daemon = start_daemon(procs, redis_url, "partitioned", count=COUNT, READERS_PER_HOST=READERS)
+    readers, fed = by_role(daemon)
+    assert len(readers) == READERS and len(fed) == COUNT - READERS, daemon.ids()
+    publish_invalid(redis_client, "readers")
+    return daemon
+
+
+def readers_subscribed(redis_client: redis.Redis) -> bool:
+    return subscribers(redis_client) == READERS
+
+
+def finish(daemon: Daemon, redis_client: redis.Redis, expected: Expected, context: str) -> None:
+    settled = settle(redis_client, expected)
+    summary = check_streams(redis_client, expected, context)
+    assert settled, f"{context}: streams did not settle ({summary})"
+    daemon.wait_in_step(LINGER_S, context)
+    daemon.stop(context)
+    print(f"{context}: {check_streams(redis_client, expected, context + ' after SIGTERM')}")
+
+
+def unreceived(records: list[tuple[str, int]]) -> list[str]:
+    return [message_id for message_id, receivers in records if receivers == 0]
+
+
+def test_only_the_readers_subscribe_and_the_group_writes_everything_once(
+    procs, redis_url, bclient, tmp_path: Path
+):
+    daemon = start(procs, redis_url, bclient)
+    assert subscribers(bclient) == READERS
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 2.0)
+    print(publisher.finish())
+    records = publisher.records()
+    assert all(receivers == READERS for _, receivers in records)
+    log = daemon.log()
+    assert log.count("consumer ready: fed") == COUNT - READERS, log[-3000:]
+    assert log.count("consumer ready: reader") == READERS
+    finish(daemon, bclient, Expected(records), "readers")
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["one-reader", "both-readers"])
+def test_killed_readers_lose_nothing(procs, redis_url, bclient, tmp_path: Path, seed: int, both):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed} both={both}"
+    daemon = start(procs, redis_url, bclient)
+    duration = 5.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    publisher.wait_published(rng.randint(total // 10, total // 4))
+    readers, _ = by_role(daemon)
+    first, second = rng.sample(sorted(readers), 2)
+    slot = slot_of(readers[first])
+    os.kill(first, signal.SIGKILL)
+    if both:
+        # The second once the first's replacement has subscribed (a consumer registers once
+        # subscribed): one reader lives throughout.
+        def replaced() -> bool:
+            return any(slot_of(cid) == slot and pid != first for pid, cid in daemon.ids().items())
+
+        wait_for(replaced, REPLACE_S, f"{context}: first reader not replaced")
+        time.sleep(rng.uniform(0.0, 0.3))  # the fault's timing, not a synchronisation
+        os.kill(second, signal.SIGKILL)
+    wait_for(daemon.in_step, REPLACE_S + LINGER_S, f"{context}: group not whole again")
+    print(context, publisher.finish())
+    records = publisher.records()
+    assert not unreceived(records), f"{context}: published while no reader was subscribed"
+    assert "moving to another reader" in daemon.log(), f"{context}: no fed consumer moved"
+    finish(daemon, bclient, Expected(records), context)
+
+
+def test_a_reader_stalled_past_the_ttl_loses_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed}"
+    daemon = start(procs, redis_url, bclient)
+    duration = 6.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    publisher.wait_published(rng.randint(total // 10, total // 4))
+    readers, _ = by_role(daemon)
+
+    def feeds(consumer_id: str) -> int:
+        return int(bclient.hget(f"processor:consumer:{consumer_id}", "feeds") or 0)
+
+    # A reader that feeds a consumer (each does, as the fed consumers spread over them).
+    wait_for(lambda: all(feeds(cid) for cid in readers.values()), RECOVER_S, "feeds not shown")
+    pid = rng.choice(sorted(readers))
+    old_id = readers[pid]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: old_id not in daemon.listed(), LINGER_S, f"{context}: not declared dead")
+        time.sleep(1.0)  # the stall is the fault: it outlasts the TTL by this much
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ids = daemon.wait_in_step(RECOVER_S, f"{context}: stalled reader did not rejoin")
+    assert ids.get(pid) not in (None, old_id), f"{context}: {pid} did not rejoin: {ids}"
+    print(context, publisher.finish())
+    log = daemon.log()
+    assert "silent for" in log, f"{context}: the fed consumers did not notice the stall"
+    finish(daemon, bclient, Expected(publisher.records()), context)
+
+
+def test_a_readers_subscription_killed_by_the_server_loses_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed}"
+    daemon = start(procs, redis_url, bclient)
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    publisher.wait_published(rng.randint(total // 10, total // 3))
+    gaps_before = bclient.xlen(GAPS)
+    victim = rng.choice(subscriber_connections(bclient))
+    assert bclient.client_kill_filter(_id=victim["id"]) == 1
+    # The reader's own gap, and one for each consumer it fed, as they move to the other reader.
+    wait_for(
+        lambda: readers_subscribed(bclient) and bclient.xlen(GAPS) >= gaps_before + 2,
+        RECOVER_S,
+        f"{context}: subscription not back, or the gaps not reported",
+    )
+    print(context, publisher.finish())
+    records = publisher.records()
+    assert not unreceived(records), f"{context}: reached no subscriber with one reader left"
+    assert "ending the feed of" in daemon.log(), f"{context}: the reader kept feeding"
+    finish(daemon, bclient, Expected(records), context)
+
+
+def test_a_fed_consumer_killed_has_its_messages_taken_over_from_the_readers(
+    procs, redis_url, bclient, tmp_path: Path, seed: int
+):
+    rng = random.Random(seed)
+    context = f"FAULT_SEED={seed}"
+    daemon = start(procs, redis_url, bclient)
+    duration = 4.0
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
+    publisher.wait_published(rng.randint(total // 10, total // 3))
+    _, fed = by_role(daemon)
+    pid = rng.choice(sorted(fed))
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: fed[pid] not in daemon.listed(), LINGER_S, message=f"{context}: listed")
+    wait_for(daemon.in_step, REPLACE_S, f"{context}: not replaced")
+    print(context, publisher.finish())
+    finish(daemon, bclient, Expected(publisher.records()), context)
+    # The readers held copies of what was routed to it, and tried them (skipping the written).
+    taken = [int(n) for n in re.findall(r"consumer stopped: .* taken_over=(\d+)", daemon.log())]
+    assert sum(taken) > 0, f"{context}: nothing taken over: {taken}"
