@@ -95,3 +95,8 @@ class WrongType(redis.ResponseError):
     half-written; the batch is held and retried until the key is deleted or renamed.
 
     Registered with redis-py's reply parser by :mod:`processor.store.connection`."""
+
+
+class FeedEnded(ConnectionError):
+    """Raised by a fed consumer's feed when its reader goes silent, refuses it, or closes the
+    feed: the consumer moves to another reader and reports a gap."""

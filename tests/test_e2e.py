@@ -234,7 +234,8 @@ def test_invalid_messages_are_dead_lettered_once_and_the_daemon_carries_on(procs
     for payload, reason in invalid.items():
         fields = by_raw.get(payload[:limit])
         assert fields is not None, f"no dead letter for {payload[:40]!r}"
-        assert set(fields) == {b"reason", b"raw", b"consumer_id"}
+        required = {b"reason", b"reason_code", b"raw", b"consumer_id", b"time"}
+        assert required <= set(fields) <= required | {b"message_id"}, set(fields)
         assert reason in fields[b"reason"].decode(), fields[b"reason"]
         assert fields[b"consumer_id"].decode() in ids
     assert len(by_raw[oversized[:limit]][b"raw"]) == limit

@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from processor.consumer.feeds import ACK, HELLO, MESSAGES, connect
 from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
+from processor.errors import FeedEnded
 from processor.observe.logs import Tagged
 from processor.store.outage import Backoff, Outage, Retrier
 
@@ -34,10 +35,6 @@ POLL_S = 0.1
 STARTING_S = 10.0
 # How long of that it waits for its preferred reader only, so the feeding stays spread.
 PREFERRED_S = 3.0
-
-
-class FeedEnded(ConnectionError):
-    """The reader went silent, refused us, or closed the feed."""
 
 
 def _now_ms() -> int:
