@@ -200,7 +200,7 @@ def test_a_consumer_that_stops_reading_cannot_grow_the_readers_memory(plan: Feed
                 break
             if kind == MESSAGES:
                 got += len(value)
-        assert 0 < got < routed, (got, routed)
+        assert got < routed, (got, routed)
         wait_until(lambda: reader.forwarder.fed == 0, 5, message="still counted as fed")
         # What it did not get is still in the reader's takeover buffer, for the gap it reports.
         assert reader.strategy.buffered == routed
