@@ -166,7 +166,13 @@ def assemble(
         )
         if plan is not None and isinstance(strategy, PartitionedStrategy):
             forwarder = Forwarder(
-                plan.address(slot), strategy, subscriber, tagged, on_failure=hooks.failed
+                plan.address(slot),
+                strategy,
+                subscriber,
+                tagged,
+                on_failure=hooks.failed,
+                # As many as the takeover buffer holds: past it, copies are gone anyway.
+                max_queued=settings.takeover_buffer_max,
             )
     heartbeat = Heartbeat(
         heartbeat_client,

@@ -32,8 +32,10 @@ class Forwarder(WatchedThread):
         subscribers: Subscribers,
         tagged: Tagged,
         on_failure: OnFailure,
+        max_queued: int,
     ) -> None:
         super().__init__("forwarder", on_failure)
+        self._max_queued = max_queued
         self._address = address
         self._strategy = strategy
         self._subscribers = subscribers
@@ -41,11 +43,12 @@ class Forwarder(WatchedThread):
         self._on_failure = on_failure
         self._stopping = threading.Event()
         self._outlets: list[Outlet] = []
+        self.listening = False
 
     @property
     def fed(self) -> int:
         """How many consumers this reader feeds now."""
-        return sum(outlet.member is not None for outlet in list(self._outlets))
+        return sum(o.member is not None and o.is_alive() for o in list(self._outlets))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -56,6 +59,7 @@ class Forwarder(WatchedThread):
         server = self._bind()
         if server is None:
             return
+        self.listening = True
         try:
             server.settimeout(TICK_S)
             while not self._stopping.is_set():
@@ -70,6 +74,7 @@ class Forwarder(WatchedThread):
                     self._subscribers,
                     self._log,
                     self._on_failure,
+                    self._max_queued,
                 )
                 self._outlets = [o for o in self._outlets if o.is_alive()] + [outlet]
                 outlet.start()
@@ -102,6 +107,7 @@ class Outlet(WatchedThread):
         subscribers: Subscribers,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
         on_failure: OnFailure,
+        max_queued: int,
     ) -> None:
         super().__init__("outlet", on_failure)
         self._connection = connection
@@ -109,7 +115,12 @@ class Outlet(WatchedThread):
         self._subscribers = subscribers
         self._log = log
         self._queue: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
-        self._sink = self._queue.put
+        self._sink = self._offer
+        # Messages queued and not sent yet (approximate: two threads count it), at most this
+        # many: a consumer that stopped reading (stalled) cannot grow our memory past it.
+        self._queued = 0
+        self._max_queued = max_queued
+        self._overflowed = False
         self._stopping = threading.Event()
         self.member: str | None = None
         # The subscriptions confirmed when we answered: another one since means a loss between.
@@ -117,6 +128,15 @@ class Outlet(WatchedThread):
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _offer(self, payloads: list[bytes]) -> None:
+        """Called by the subscriber thread, under the strategy's lock: queue, never block."""
+        if self._queued >= self._max_queued:
+            # What is not queued is in our takeover buffer: its gap report will find it.
+            self._overflowed = True
+            return
+        self._queued += len(payloads)
+        self._queue.put(payloads)
 
     def work(self) -> None:
         try:
@@ -139,6 +159,14 @@ class Outlet(WatchedThread):
                 continue
             if self.member is None:
                 continue
+            if self._overflowed:
+                self._log.warning(
+                    "%s stopped reading its feed (%d messages queued, more not): ending the "
+                    "feed; if it reads again, it reports a gap and the readers try those",
+                    self.member,
+                    self._max_queued,
+                )
+                return
             if not self._still_subscribed():
                 self._log.info(
                     "our subscription was lost: ending the feed of %s, which moves to "
@@ -156,6 +184,7 @@ class Outlet(WatchedThread):
                     batch = batch + self._queue.get_nowait()
                 except queue.Empty:
                     break
+            self._queued -= len(batch)
             connection.send((MESSAGES, batch))
 
     def _still_subscribed(self) -> bool:

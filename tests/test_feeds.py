@@ -1,0 +1,210 @@
+"""The feeds between a reader and the consumers it feeds, in one process: a real
+:class:`Forwarder` and :class:`Feed` over Unix sockets, a real ownership strategy, and a
+stand-in for the reader's subscriptions (whose state the tests set)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+
+import pytest
+
+from processor.consumer.feed import Feed
+from processor.consumer.feeds import ACK, HELLO, MESSAGES, FeedPlan, connect
+from processor.consumer.forwarder import Forwarder
+from processor.consumer.ownership import LANES, PartitionedStrategy, assign_lanes, lane_of
+from processor.consumer.subscriber import Gap
+from processor.observe.logs import Tagged
+from tests.helpers import wait_until
+
+log = logging.getLogger(__name__)
+
+
+class Subscriptions:
+    """What an Outlet asks of its reader's subscriptions."""
+
+    def __init__(self) -> None:
+        self.subscribed = True
+        self.subscriptions = 1
+
+    def is_subscribed(self) -> bool:
+        return self.subscribed
+
+
+class Reader:
+    """A reader's strategy and forwarder, routing what the test hands it."""
+
+    def __init__(self, address: str, members: list[str], me: str, max_queued: int = 10_000):
+        self.strategy = PartitionedStrategy(60.0, 100_000, 600.0, lambda now: 0.0)
+        self.strategy.update(members, me)
+        self.subscriptions = Subscriptions()
+        self.failures: list[BaseException] = []
+        self.forwarder = Forwarder(
+            address,
+            self.strategy,
+            self.subscriptions,  # type: ignore[arg-type]
+            Tagged(log, lambda: f"[{me}]"),
+            on_failure=lambda name, error: self.failures.append(error),
+            max_queued=max_queued,
+        )
+        self.forwarder.start()
+
+    def route(self, payloads: list[bytes]) -> list[bytes]:
+        return self.strategy.split(payloads, time.monotonic())
+
+    def stop(self) -> None:
+        self.forwarder.stop()
+        self.forwarder.join(5)
+
+
+class Fed:
+    """A fed consumer's Feed, recording what it delivers and the gaps it reports."""
+
+    def __init__(self, addresses: list[str], member: str, stall_s: float = 1.0) -> None:
+        self.delivered: list[bytes] = []
+        self.gaps: list[Gap] = []
+        self.failures: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.feed = Feed(
+            addresses,
+            deliver=self._deliver,
+            on_gap=self.gaps.append,
+            tagged=Tagged(log, lambda: f"[{member}]"),
+            stall_s=stall_s,
+            on_failure=lambda name, error: self.failures.append(error),
+        )
+        self.feed.rename(member)
+        self.feed.start()
+
+    def _deliver(self, payloads: list[bytes]) -> None:
+        with self.lock:
+            self.delivered.extend(payloads)
+
+    def received(self) -> list[bytes]:
+        with self.lock:
+            return list(self.delivered)
+
+
+def payloads_of(member: str, members: list[str], count: int) -> list[bytes]:
+    """``count`` distinct payloads whose lanes ``member`` owns among ``members``."""
+    owners = assign_lanes(members)
+    found: list[bytes] = []
+    n = 0
+    while len(found) < count:
+        payload = f'{{"message_id": "m-{n}"}}'.encode()
+        if owners[lane_of(payload)] == member:
+            found.append(payload)
+        n += 1
+    return found
+
+
+@pytest.fixture
+def plan() -> FeedPlan:
+    return FeedPlan(f"processor-test-{os.getpid()}-{secrets.token_hex(4)}", readers=2)
+
+
+MEMBERS = ["reader-0", "reader-1", "fed-2"]
+
+
+def test_a_plan_spreads_fed_consumers_over_the_readers(plan: FeedPlan) -> None:
+    assert [plan.is_reader(slot) for slot in range(4)] == [True, True, False, False]
+    assert plan.addresses_for(2) == [plan.address(0), plan.address(1)]
+    assert plan.addresses_for(3) == [plan.address(1), plan.address(0)]
+    assert plan.address(0).startswith("\0")  # abstract: nothing on disk after a kill -9
+    assert len({lane_of(f"{n}".encode()) for n in range(20_000)}) == LANES
+
+
+def test_a_reader_forwards_a_fed_consumers_share_and_keeps_a_copy(plan: FeedPlan) -> None:
+    reader = Reader(plan.address(0), MEMBERS, "reader-0")
+    fed = Fed([plan.address(0)], "fed-2")
+    try:
+        assert fed.feed.wait_subscribed(5), "never fed"
+        assert fed.gaps == [] and fed.feed.reader == 0
+        theirs = payloads_of("fed-2", MEMBERS, 50)
+        mine = payloads_of("reader-0", MEMBERS, 5)
+        others = payloads_of("reader-1", MEMBERS, 5)
+        assert reader.route(theirs + mine + others) == mine
+        wait_until(lambda: fed.received() == theirs, 5, message="not forwarded in order")
+        # Every payload it does not own stays in its takeover buffer, the forwarded ones too.
+        assert reader.strategy.buffered == 55
+        assert sorted(reader.strategy.gap_reported("fed-2")) == sorted(theirs)
+        assert reader.forwarder.fed == 1
+    finally:
+        fed.feed.stop()
+        reader.stop()
+    assert not reader.failures and not fed.failures
+
+
+def test_a_lost_subscription_moves_the_fed_consumer_to_the_other_reader_and_reports_a_gap(
+    plan: FeedPlan,
+) -> None:
+    first = Reader(plan.address(0), MEMBERS, "reader-0")
+    second = Reader(plan.address(1), MEMBERS, "reader-1")
+    fed = Fed(plan.addresses_for(2), "fed-2")
+    try:
+        assert fed.feed.wait_subscribed(5) and fed.feed.reader == 0
+        first.subscriptions.subscribed = False  # the first reader's connection dropped
+        wait_until(lambda: fed.feed.reader == 1, 5, message="did not move to the other reader")
+        wait_until(lambda: len(fed.gaps) == 1, 5, message="gap not reported")
+        # Reported once fed again: whatever the other reader routed to us before is buffered.
+        theirs = payloads_of("fed-2", MEMBERS, 20)
+        second.route(theirs)
+        wait_until(lambda: fed.received() == theirs, 5, message="the second reader did not feed")
+        assert fed.feed.gaps == 1
+    finally:
+        fed.feed.stop()
+        first.stop()
+        second.stop()
+
+
+def test_a_silent_reader_is_left_after_the_stall_time(plan: FeedPlan) -> None:
+    """A stalled reader (SIGSTOP) sends nothing, not even a tick: its socket still accepts."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(plan.address(0))
+    silent.listen(8)
+    second = Reader(plan.address(1), MEMBERS, "reader-1")
+    fed = Fed(plan.addresses_for(2), "fed-2", stall_s=0.3)
+    try:
+        # The preferred reader never answers the hello: after its wait, the other one feeds.
+        assert fed.feed.wait_subscribed(15), "never fed by the second reader"
+        assert fed.feed.reader == 1
+    finally:
+        fed.feed.stop()
+        second.stop()
+        silent.close()
+
+
+def test_a_consumer_that_stops_reading_cannot_grow_the_readers_memory(plan: FeedPlan) -> None:
+    reader = Reader(plan.address(0), MEMBERS, "reader-0", max_queued=1000)
+    wait_until(lambda: reader.forwarder.listening, 5, message="not listening")
+    connection = connect(plan.address(0), 5)
+    try:
+        connection.send((HELLO, "fed-2"))
+        assert connection.poll(5) and connection.recv() == (ACK, "fed-2")
+        # It stops reading: the socket fills, then the queue, past which nothing is queued.
+        theirs = payloads_of("fed-2", MEMBERS, 200)
+        for _ in range(300):
+            assert reader.route(theirs) == []
+        routed = 300 * len(theirs)
+        # Reading again, it gets what was in flight, then the end of the feed: not all of it.
+        got = 0
+        while True:
+            assert connection.poll(5), "the feed neither sent nor ended"
+            try:
+                kind, value = connection.recv()
+            except EOFError:
+                break
+            if kind == MESSAGES:
+                got += len(value)
+        assert got < routed, (got, routed)
+        wait_until(lambda: reader.forwarder.fed == 0, 5, message="still counted as fed")
+        # What it did not get is still in the reader's takeover buffer, for the gap it reports.
+        assert reader.strategy.buffered == routed
+    finally:
+        connection.close()
+        reader.stop()
+    assert not reader.failures
