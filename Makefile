@@ -51,9 +51,10 @@ docs: venv ## Regenerate docs/configuration.md from the settings' declarations
 demo: venv ## Run demo/run_demo.py (ARGS=... passed through)
 	$(BIN)/python demo/run_demo.py $(ARGS)
 
-bench: venv ## Run demo/bench.py (ARGS=... passed through)
+bench: venv ## Run demo/bench.py, then demo/fanout_bench.py (ARGS=... passed to both)
 	if [ -f bench-requirements.txt ]; then $(BIN)/python -m pip install --quiet -r bench-requirements.txt; fi
 	$(BIN)/python demo/bench.py $(ARGS)
+	$(BIN)/python demo/fanout_bench.py $(ARGS)
 
 bench-fanout: venv ## Run demo/fanout_bench.py: consumers 1 to 16, this tree against a baseline ref (ARGS=...)
 	if [ -f bench-requirements.txt ]; then $(BIN)/python -m pip install --quiet -r bench-requirements.txt; fi

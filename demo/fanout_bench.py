@@ -55,8 +55,9 @@ from demo.redis_server import (
     exit_cleanly_on_sigterm,
 )
 
-# The commit the current tree is compared with when --baseline is not given.
-BASELINE_REF = "HEAD"
+# The commit the current tree is compared with when --baseline is not given: the last one before
+# readers (every consumer subscribed and read every message).
+BASELINE_REF = "f8b058feb125a9d14b1bb87d23d1908e342bc5a4"
 COUNTS = (1, 2, 4, 8, 10, 16)
 QUICK_COUNTS = (1, 2, 10)
 MESSAGES = 200_000

@@ -355,6 +355,33 @@ def holds_copies(consumer_id: str, strategy: str) -> bool:
     return strategy == "race" or slot_of(consumer_id) < READERS
 
 
+class Veterans:
+    """The promise under kills: nothing is lost while one consumer holding copies (any with
+    race, a reader with partitioned) lives throughout; a replacement holds only what was
+    published after it subscribed. So a test kills a holder only while another has been listed
+    for a second."""
+
+    def __init__(self, daemon: Daemon, strategy: str) -> None:
+        self._daemon = daemon
+        self._strategy = strategy
+        self._listed_since: dict[str, float] = {}
+
+    def holders(self) -> set[int]:
+        """Pids of the holders of copies listed for at least a second."""
+        now = time.monotonic()
+        ids = self._daemon.ids()
+        for consumer_id in ids.values():
+            self._listed_since.setdefault(consumer_id, now)
+        return {
+            pid
+            for pid, cid in ids.items()
+            if now - self._listed_since[cid] >= 1.0 and holds_copies(cid, self._strategy)
+        }
+
+    def may_kill(self, victim: int) -> bool:
+        return bool(self.holders() - {victim})
+
+
 def subscribers(redis_client: redis.Redis) -> int:
     reply: Any = redis_client.pubsub_numsub(CHANNEL)
     return int(reply[0][1])

@@ -32,6 +32,7 @@ from tests.faults_support import (
     START_S,
     Daemon,
     Expected,
+    Veterans,
     check_streams,
     client,
     command_connections,
@@ -141,6 +142,8 @@ def kill_three_consumers(
     """While the publisher runs for 5 s, SIGKILLs a random consumer, its replacement during
     start-up, then a random one later: each replaced, nothing lost or doubled."""
     daemon = start_daemon(procs, url, strategy)
+    veterans = Veterans(daemon, strategy)
+    veterans.holders()  # when each was first seen listed
     publish_invalid(redis_client, context)
     duration = 5.0
     total = int(RATE * duration)
@@ -170,9 +173,13 @@ def kill_three_consumers(
     kill(newcomer)
     took = wait_for(daemon.in_step, REPLACE_S, f"{context}: not replaced after the start-up kill")
     print(f"{context}: group whole again {took:.2f} s after the start-up kill")
-    # And again, a random running one, later in the run.
+    veterans.holders()
+    # And again, a random running one, later in the run, once another holder of copies has
+    # been live for a second (Veterans).
     publisher.wait_published(rng.randint(total // 2, total * 3 // 4))
-    kill(rng.choice(sorted(daemon.consumers())))
+    victim = rng.choice(sorted(daemon.consumers()))
+    wait_for(lambda: veterans.may_kill(victim), REPLACE_S, f"{context}: no other veteran")
+    kill(victim)
     took = wait_for(daemon.in_step, REPLACE_S, f"{context}: not replaced after the third kill")
     print(f"{context}: group whole again {took:.2f} s after the third kill")
     ids = daemon.ids()
@@ -584,26 +591,13 @@ def test_the_original_consumers_killed_one_after_another_lose_nothing(
     # always subscribed, but each victim's share lives only in the others' buffers.
     victims = sorted(daemon.consumers())
     rng.shuffle(victims)
-    listed_since: dict[str, float] = {}
-
-    def other_holder_listed_for_a_second(victim: int) -> bool:
-        """The promise: nothing is lost while one consumer holding copies (any with race, a
-        reader with partitioned) lives throughout; its replacement holds only what is newer."""
-        now = time.monotonic()
-        ids = daemon.ids()
-        for consumer_id in ids.values():
-            listed_since.setdefault(consumer_id, now)
-        return any(
-            now - listed_since[cid] >= 1.0 and holds_copies(cid, strategy)
-            for pid, cid in ids.items()
-            if pid != victim
-        )
+    veterans = Veterans(daemon, strategy)
 
     for index, pid in enumerate(victims):
         if index:
             time.sleep(rng.uniform(0.3, 0.8))  # the fault's timing, not a synchronisation
         wait_for(
-            lambda pid=pid: other_holder_listed_for_a_second(pid),
+            lambda pid=pid: veterans.may_kill(pid),
             REPLACE_S,
             f"{context}: no other reader live for a second",
         )
@@ -627,26 +621,14 @@ def test_a_kill_every_second_for_a_storm_loses_nothing(
     publish_invalid(bclient, context)
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", storm_s + 2)
     publisher.wait_published(RATE // 2)
-    listed_since: dict[str, float] = {}
-
-    def veterans(now: float) -> set[int]:
-        """Consumers holding copies (every one with race, the readers with partitioned)
-        listed in the group for at least a second."""
-        ids = daemon.ids()
-        for consumer_id in ids.values():
-            listed_since.setdefault(consumer_id, now)
-        return {
-            pid
-            for pid, cid in ids.items()
-            if now - listed_since[cid] >= 1.0 and holds_copies(cid, strategy)
-        }
+    veterans = Veterans(daemon, strategy)
 
     kills = 0
     ends_at = time.monotonic() + storm_s
     next_kill = time.monotonic() + rng.uniform(0.5, 1.0)
     while time.monotonic() < ends_at:
         now = time.monotonic()
-        old = veterans(now)
+        old = veterans.holders()
         if now >= next_kill:
             running_now = daemon.consumers()
             # Never the last holder of copies that has been live for a second.
