@@ -34,7 +34,7 @@ from demo.benchmark.measure import poll, redis_cpu_us
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer
 from processor.config import DAEMON_OPTIONS, Settings
-from processor.consumer.ownership import HANDOVER_GRACE_S
+from processor.consumer.ownership import handover_grace_s
 from processor.observe.counters import read_counters
 from processor.store.connection import command_client
 from processor.store.keys import Keys
@@ -116,7 +116,9 @@ def measure(
     try:
         with daemon(env, log):
             poll(lambda: client.llen(keys.consumers) == CONSUMERS, "the consumers", START_TIMEOUT_S)
-            time.sleep(HANDOVER_GRACE_S)  # past the newcomers' hand-over grace
+            time.sleep(
+                handover_grace_s(Settings().heartbeat_interval_ms)
+            )  # past the newcomers' hand-over grace
             # What each node spends with nothing published (heartbeats, cron, cluster bus): it
             # is taken off the run's figures, so they are the cost of the messages.
             idle_start = [redis_cpu_us(node) for _, node in node_clients]

@@ -25,8 +25,8 @@ from demo.benchmark.plan import (
     WRITE_PATH_ENV,
     HandlerCase,
 )
-from processor.config import DAEMON_OPTIONS
-from processor.consumer.ownership import HANDOVER_GRACE_S
+from processor.config import DAEMON_OPTIONS, Settings
+from processor.consumer.ownership import handover_grace_s
 from processor.handlers import add_random_score
 
 PLAIN_BATCH = 100  # XADD commands per pipeline of the baseline subscriber
@@ -122,7 +122,7 @@ def daemon(
             # A consumer that handed slots to a newcomer keeps trying them for a grace period
             # that began at the latest with the beat just seen; wait it out, or a burst is
             # processed twice and the bench measures the join instead of the group.
-            time.sleep(HANDOVER_GRACE_S)
+            time.sleep(handover_grace_s(Settings().heartbeat_interval_ms))
         yield ids
     finally:
         stop(proc)

@@ -26,8 +26,8 @@ from demo.benchmark.daemon import wait_for_group, wait_for_heartbeats
 from demo.benchmark.measure import BenchError, flush, read_output, redis_cpu_us, wait_for_output
 from demo.benchmark.plan import ROOT, STOP_TIMEOUT_S
 from demo.benchmark.publishing import Published, PublishJob
-from processor.config import DAEMON_OPTIONS
-from processor.consumer.ownership import HANDOVER_GRACE_S
+from processor.config import DAEMON_OPTIONS, Settings
+from processor.consumer.ownership import handover_grace_s
 
 CLOCK_TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 GIT_TIMEOUT_S = 120.0
@@ -192,7 +192,7 @@ def daemon(client: redis.Redis, url: str, tree: Tree, consumers: int, log: TextI
         wait_for_heartbeats(client, ids)
         # A consumer that handed lanes to a newcomer keeps them for a grace period that began
         # at the latest with the beat just seen: a burst sent earlier measures the join.
-        time.sleep(HANDOVER_GRACE_S)
+        time.sleep(handover_grace_s(Settings().heartbeat_interval_ms))
         yield proc.pid
     finally:
         stop(proc, log)

@@ -21,6 +21,7 @@ from processor.consumer.ownership import (
     FedStrategy,
     PartitionedStrategy,
     RaceStrategy,
+    handover_grace_s,
     make_strategy,
 )
 from processor.consumer.subscriber import Gap
@@ -135,8 +136,7 @@ def assemble(
             settings.takeover_buffer_ms / 1000,
             settings.takeover_buffer_max,
             settings.dedup_window_ms / 2000,
-            # Long enough for the newcomer's reader to adopt the view too (it beats as often).
-            grace_s=1.0 + 2 * settings.heartbeat_interval_ms / 1000,
+            grace_s=handover_grace_s(settings.heartbeat_interval_ms),
         )
     )
     gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()  # read by the heartbeat only
