@@ -169,6 +169,7 @@ def test_a_bench_stopped_midway_removes_the_baseline_worktree_and_its_processes(
 ) -> None:
     bench = subprocess.Popen(
         [sys.executable, "demo/fanout_bench.py", "--consumers", "2", "--messages", "50000",
+         "--baseline", "HEAD",
          "--results", str(tmp_path)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches
@@ -188,6 +189,11 @@ def test_a_bench_stopped_midway_removes_the_baseline_worktree_and_its_processes(
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait()
+        # Closed here too when an assertion above failed: left to the garbage collector, they
+        # would fail whichever test runs next with an unraisable ResourceWarning.
+        for stream in (bench.stdout, bench.stderr):
+            if stream is not None:
+                stream.close()
     assert bench.returncode == (130 if signum == signal.SIGINT else 128 + signum), stderr
     assert baseline not in worktrees()
     assert not os.path.exists(baseline)
