@@ -56,6 +56,8 @@ def test_read_group_shows_live_consumers_counts_streams_dead_letters_and_gaps(fa
     for n in range(3):
         fake.xadd(KEYS.output, {"message_id": f"m{n}"})
     fake.xadd(KEYS.dead, {"reason": "invalid JSON: nope", "raw": b"x", "consumer_id": "c1"})
+    raised = {"reason": "handler raised ValueError: no", "raw": b'{"message_id": "m9"}'}
+    fake.xadd(KEYS.dead, {**raised, "consumer_id": "c2", "message_id": "m9"})
     fake.xadd(KEYS.gaps, {"consumer_id": "c1", "start_ms": 1000, "end_ms": 1500})
     view = read_group(fake, SETTINGS)
     assert [c.consumer_id for c in view.consumers] == ["vm-1-4242-0-aaaaaa"]
@@ -63,8 +65,11 @@ def test_read_group_shows_live_consumers_counts_streams_dead_letters_and_gaps(fa
     assert (consumer.host, consumer.pid, consumer.strategy) == ("vm-1", 4242, "partitioned")
     assert consumer.rate == 1234.5 and consumer.subscribed
     assert (view.written, view.dead, view.skipped) == (1500, 2, 7)
-    assert view.streams == {"messages:processed": 3, "messages:dead": 1}
-    assert view.dead_letters[0]["reason"] == "invalid JSON: nope"
+    assert view.streams == {"messages:processed": 3, "messages:dead": 2}
+    # Newest first, with the message's id when it had one (not on entries from before).
+    assert [letter["message_id"] for letter in view.dead_letters] == ["m9", ""]
+    assert view.dead_letters[1]["reason"] == "invalid JSON: nope"
+    assert "  m9  handler raised ValueError: no  (c2)" in render(view)
     assert view.gaps == [{"at_ms": 1000, "length_s": 0.5, "consumer_id": "c1"}]
     # Status only reads: the dead id is still listed for the next heartbeat to prune.
     assert fake.llen(KEYS.consumers) == 2

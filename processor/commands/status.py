@@ -142,11 +142,16 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
     # Newest first across partitions: entry ids start with their time in ms.
     recent_dead.sort(key=lambda entry: _stream_id(entry[0]), reverse=True)
     for entry_id, fields in recent_dead[:RECENT]:
+        values = {_text(name): value for name, value in fields.items()}
         view.dead_letters.append(
             {
                 "at_ms": _int(_text(entry_id).partition("-")[0]),
-                "reason": _text(fields.get(b"reason", fields.get("reason"))),
-                "consumer_id": _text(fields.get(b"consumer_id", fields.get("consumer_id"))),
+                "id": _text(entry_id),
+                # Entries written before dead letters carried these have none.
+                "message_id": _text(values.get("message_id")),
+                "reason_code": _text(values.get("reason_code")),
+                "reason": _text(values.get("reason")),
+                "consumer_id": _text(values.get("consumer_id")),
             }
         )
     for _, fields in gaps:
@@ -272,7 +277,13 @@ def render(view: GroupView) -> str:
     lines.append("")
     lines.append("last dead letters:" if view.dead_letters else "last dead letters: none")
     for letter in view.dead_letters:
-        lines.append(f"  {_clock(letter['at_ms'])}  {letter['reason']}  ({letter['consumer_id']})")
+        about = f"  {letter['message_id']}" if letter["message_id"] else ""
+        lines.append(
+            f"  {_clock(letter['at_ms'])}  {letter['id']}{about}  {letter['reason']}  "
+            f"({letter['consumer_id']})"
+        )
+    if view.dead_letters:
+        lines.append("  ('processor dead-letters' lists more; 'processor replay' sends them again)")
     lines.append("recent subscription gaps:" if view.gaps else "recent subscription gaps: none")
     for gap in view.gaps:
         lines.append(f"  {_clock(gap['at_ms'])}  {gap['length_s']:.3f} s  {gap['consumer_id']}")
