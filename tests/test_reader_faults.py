@@ -91,7 +91,7 @@ def test_only_the_readers_subscribe_and_the_group_writes_everything_once(
 ):
     daemon = start(procs, redis_url, bclient)
     assert subscribers(bclient) == READERS
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 2.0)
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 1.5)
     print(publisher.finish())
     records = publisher.records()
     assert all(receivers == READERS for _, receivers in records)
@@ -106,7 +106,7 @@ def test_killed_readers_lose_nothing(procs, redis_url, bclient, tmp_path: Path, 
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed} both={both}"
     daemon = start(procs, redis_url, bclient)
-    duration = 5.0
+    duration = 3.5
     total = int(RATE * duration)
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
     publisher.wait_published(rng.randint(total // 10, total // 4))
@@ -137,7 +137,7 @@ def test_a_reader_stalled_past_the_ttl_loses_nothing(
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed}"
     daemon = start(procs, redis_url, bclient)
-    duration = 6.0
+    duration = 4.5
     total = int(RATE * duration)
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
     publisher.wait_published(rng.randint(total // 10, total // 4))
@@ -170,7 +170,7 @@ def test_a_readers_subscription_killed_by_the_server_loses_nothing(
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed}"
     daemon = start(procs, redis_url, bclient)
-    duration = 4.0
+    duration = 3.0
     total = int(RATE * duration)
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
     publisher.wait_published(rng.randint(total // 10, total // 3))
@@ -196,7 +196,7 @@ def test_a_fed_consumer_killed_has_its_messages_taken_over_from_the_readers(
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed}"
     daemon = start(procs, redis_url, bclient)
-    duration = 4.0
+    duration = 3.0
     total = int(RATE * duration)
     publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
     publisher.wait_published(rng.randint(total // 10, total // 3))

@@ -306,12 +306,15 @@ def test_the_daemon_in_degrade_mode_counts_unconfirmed_writes(
     start_daemon(procs, url, "partitioned", count=1, WAIT_REPLICAS=1, METRICS_PORT=port)
     _publish(url, 0, 10)
     wait_until(lambda: len(_ids(replicated.primary, "messages:processed")) == 10, 20)
-    assert scrape(port).get("processor_messages_unconfirmed_total", 0) == 0
+    # In sync, normally 0; a loaded machine's replica can miss the daemon's short WAIT, and
+    # those are counted too: the assertion below is about the 20 written while it is paused.
+    in_sync = scrape(port).get("processor_messages_unconfirmed_total", 0)
+    assert in_sync <= 10
     replicated.pause_replica()
     _publish(url, 10, 30)
     wait_until(lambda: len(_ids(replicated.primary, "messages:processed")) == 30, 20)
     wait_until(
-        lambda: scrape(port).get("processor_messages_unconfirmed_total") == 20,
+        lambda: scrape(port).get("processor_messages_unconfirmed_total") == in_sync + 20,
         20,
         message=f"not counted: {scrape(port)}",
     )
