@@ -143,21 +143,26 @@ def test_every_server_of_the_matrix_gets_every_message_exactly_once(
     spec, server = matrix_server
     client = redis.Redis.from_url(server.url, decode_responses=True)
     try:
-        log = publish_and_compare(procs, server.url, client, tmp_path, "partitioned")
+        log = publish_and_compare(procs, server.url, client, tmp_path, "partitioned", seconds=2.5)
     finally:
         client.close()
     assert f"Redis at {server.url} is {spec.name} {spec.version}." in log, log[-3000:]
 
 
 def publish_and_compare(
-    procs: Processes, redis_url: str, r: redis.Redis, tmp_path: Path, strategy: str
+    procs: Processes,
+    redis_url: str,
+    r: redis.Redis,
+    tmp_path: Path,
+    strategy: str,
+    seconds: float = 5.0,
 ) -> str:
-    """Three consumers while the publisher runs for 5 s: every message it recorded is written
-    once, with the fields the daemon writes; returns the daemon's log."""
+    """Three consumers while the publisher runs for ``seconds``: every message it recorded is
+    written once, with the fields the daemon writes; returns the daemon's log."""
     daemon, ids = start_daemon(procs, redis_url, 3, STRATEGY=strategy)
     record = tmp_path / "published.txt"
     publisher = start_publisher(
-        procs, redis_url, record, "--target-duration-s", "5", "--pause-min-ms", "20",
+        procs, redis_url, record, "--target-duration-s", str(seconds), "--pause-min-ms", "20",
         "--pause-max-ms", "200",
     )  # fmt: skip
     seen = set(ids)

@@ -609,11 +609,11 @@ def test_the_original_consumers_killed_one_after_another_lose_nothing(
 
 
 @pytest.mark.parametrize("strategy", PARTITIONED_FIRST)
-@pytest.mark.parametrize("storm_s", [9.0, pytest.param(30.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("storm_s", [8.0, pytest.param(30.0, marks=pytest.mark.slow)])
 def test_a_kill_every_second_for_a_storm_loses_nothing(
     procs, redis_url, bclient, tmp_path: Path, seed: int, strategy: str, storm_s: float
 ):
-    """A kill every 0.5-1 s, each inside the previous victim's heartbeat TTL: 9 s by default,
+    """A kill every 0.5-1 s, each inside the previous victim's heartbeat TTL: 8 s by default,
     30 s with -m slow."""
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed} strategy={strategy}"

@@ -86,21 +86,6 @@ def unreceived(records: list[tuple[str, int]]) -> list[str]:
     return [message_id for message_id, receivers in records if receivers == 0]
 
 
-def test_only_the_readers_subscribe_and_the_group_writes_everything_once(
-    procs, redis_url, bclient, tmp_path: Path
-):
-    daemon = start(procs, redis_url, bclient)
-    assert subscribers(bclient) == READERS
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 1.5)
-    print(publisher.finish())
-    records = publisher.records()
-    assert all(receivers == READERS for _, receivers in records)
-    log = daemon.log()
-    assert log.count("consumer ready: fed") == COUNT - READERS, log[-3000:]
-    assert log.count("consumer ready: reader") == READERS
-    finish(daemon, bclient, Expected(records), "readers")
-
-
 @pytest.mark.parametrize("both", [False, True], ids=["one-reader", "both-readers"])
 def test_killed_readers_lose_nothing(procs, redis_url, bclient, tmp_path: Path, seed: int, both):
     rng = random.Random(seed)
