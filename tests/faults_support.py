@@ -584,3 +584,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str) -> f
     started = time.monotonic()
     wait_until(predicate, timeout, message=message)
     return time.monotonic() - started
+
+
+def finish(daemon: Daemon, redis_client: redis.Redis, expected: Expected, context: str) -> None:
+    """The checks every fault test ends with, while the daemon runs and after SIGTERM."""
+    settled = settle(redis_client, expected)
+    summary = check_streams(redis_client, expected, context)
+    assert settled, f"{context}: streams did not settle ({summary})"
+    daemon.wait_in_step(LINGER_S, context)
+    daemon.stop(context)
+    # The graceful stop flushes what was received: still nothing doubled or unexpected.
+    print(f"{context}: {check_streams(redis_client, expected, context + ' after SIGTERM')}")

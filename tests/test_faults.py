@@ -33,12 +33,12 @@ from tests.faults_support import (
     Daemon,
     Expected,
     Veterans,
-    check_streams,
     client,
     command_connections,
     daemon_env,
     exists,
     fault_message,
+    finish,
     group_alive,
     holds_copies,
     pid_of,
@@ -67,17 +67,6 @@ def bclient(redis_url: str):
         yield redis_client
     finally:
         redis_client.close()
-
-
-def finish(daemon: Daemon, redis_client: redis.Redis, expected: Expected, context: str) -> None:
-    """The checks every test ends with, while the daemon runs and after SIGTERM."""
-    settled = settle(redis_client, expected)
-    summary = check_streams(redis_client, expected, context)
-    assert settled, f"{context}: streams did not settle ({summary})"
-    daemon.wait_in_step(LINGER_S, context)
-    daemon.stop(context)
-    # The graceful stop flushes what was received: still nothing doubled or unexpected.
-    print(f"{context}: {check_streams(redis_client, expected, context + ' after SIGTERM')}")
 
 
 def kill_consumer(daemon: Daemon, pid: int, context: str) -> str | None:

@@ -22,14 +22,14 @@ from tests.faults_support import (
     GAPS,
     LINGER_S,
     RATE,
+    READERS,
     RECOVER_S,
     REPLACE_S,
     Daemon,
     Expected,
-    check_streams,
     client,
+    finish,
     publish_invalid,
-    settle,
     slot_of,
     start_daemon,
     start_publisher,
@@ -42,7 +42,6 @@ from tests.helpers import wait_until
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
 
 COUNT = 4
-READERS = 2
 
 
 @pytest.fixture
@@ -71,15 +70,6 @@ def start(procs, redis_url: str, redis_client: redis.Redis) -> Daemon:
 
 def readers_subscribed(redis_client: redis.Redis) -> bool:
     return subscribers(redis_client) == READERS
-
-
-def finish(daemon: Daemon, redis_client: redis.Redis, expected: Expected, context: str) -> None:
-    settled = settle(redis_client, expected)
-    summary = check_streams(redis_client, expected, context)
-    assert settled, f"{context}: streams did not settle ({summary})"
-    daemon.wait_in_step(LINGER_S, context)
-    daemon.stop(context)
-    print(f"{context}: {check_streams(redis_client, expected, context + ' after SIGTERM')}")
 
 
 def unreceived(records: list[tuple[str, int]]) -> list[str]:
