@@ -17,6 +17,7 @@ import redis
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerNotFound
+from tests import faults_support
 from tests.helpers import wait_until
 from tests.servers import MATRIX, REDIS_6_2, REDIS_7_0, Server
 
@@ -215,3 +216,13 @@ def module_cluster() -> Iterator[LocalCluster]:
     """A cluster shared by a module's tests, which must each use keys of their own."""
     with _local_cluster() as local:
         yield local
+
+
+@pytest.fixture
+def bclient(redis_url: str) -> Iterator[redis.Redis]:
+    """A bytes client of the test's server that rides out a Redis restart or a CLIENT KILL."""
+    redis_client = faults_support.client(redis_url)
+    try:
+        yield redis_client
+    finally:
+        redis_client.close()

@@ -346,6 +346,14 @@ def test_consumer_counts_have_a_per_host_bound() -> None:
     assert Settings().max_consumers <= limit  # the default (the CPU count) is capped too
 
 
+def test_readers_per_host_is_bounded_and_defaults_to_two() -> None:
+    assert Settings().readers_per_host == 2
+    assert load_daemon_settings([], {"READERS_PER_HOST": "3"}).readers_per_host == 3
+    for raw, why in (("0", "must be >= 1"), ("1000", "must be <= 256"), ("two", "not an integer")):
+        with pytest.raises(ConfigError, match=f"invalid READERS_PER_HOST .*{why}"):
+            load_daemon_settings([], {"READERS_PER_HOST": raw})
+
+
 def test_check_daemon_rejects_direct_construction() -> None:
     with pytest.raises(ConfigError, match="HEARTBEAT_TTL_MS"):
         check_daemon(Settings(heartbeat_interval_ms=1000, heartbeat_ttl_ms=900))

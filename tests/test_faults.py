@@ -60,15 +60,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
 STRATEGIES = ["partitioned", "race"]
 
 
-@pytest.fixture
-def bclient(redis_url: str):
-    redis_client = client(redis_url)
-    try:
-        yield redis_client
-    finally:
-        redis_client.close()
-
-
 def kill_consumer(daemon: Daemon, pid: int, context: str) -> str | None:
     """SIGKILLs one consumer; asserts its id is pruned in time and the supervisor reaps it."""
     consumer_id = daemon.ids().get(pid)

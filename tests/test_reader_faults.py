@@ -27,7 +27,6 @@ from tests.faults_support import (
     REPLACE_S,
     Daemon,
     Expected,
-    client,
     finish,
     publish_invalid,
     slot_of,
@@ -42,15 +41,6 @@ from tests.helpers import wait_until
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
 
 COUNT = 4
-
-
-@pytest.fixture
-def bclient(redis_url: str):
-    redis_client = client(redis_url)
-    try:
-        yield redis_client
-    finally:
-        redis_client.close()
 
 
 def by_role(daemon: Daemon) -> tuple[dict[int, str], dict[int, str]]:

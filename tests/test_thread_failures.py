@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from tests.conftest import REPO_ROOT
 from tests.faults_support import (
     Expected,
     check_streams,
-    client,
     publish_invalid,
     settle,
     start_daemon,
@@ -72,15 +71,6 @@ def _inject(thread: str, consumer: Consumer, fault: Fault, monkeypatch: pytest.M
         monkeypatch.setattr(Heartbeat, "beat", fault.wrap(Heartbeat.beat))
     else:  # the consumer's own loop, which runs the handler
         monkeypatch.setattr(consumer, "_handle", fault.wrap(consumer._handle))
-
-
-@pytest.fixture
-def bclient(redis_url: str) -> Iterator[Any]:
-    redis_client = client(redis_url)
-    try:
-        yield redis_client
-    finally:
-        redis_client.close()
 
 
 @pytest.mark.parametrize("thread", THREADS)

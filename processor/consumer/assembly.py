@@ -126,8 +126,6 @@ def assemble(
         fence_ttl_ms=settings.takeover_buffer_ms,
         side_client=side_client,
     )
-    # Half the dedup window, as for a rejoin after a stall: a takeover of what is older could
-    # write again what its owner wrote before the window forgot it.
     strategy = (
         FedStrategy()
         if fed
@@ -135,6 +133,8 @@ def assemble(
             settings.strategy,
             settings.takeover_buffer_ms / 1000,
             settings.takeover_buffer_max,
+            # Half the dedup window, as for a rejoin after a stall: a takeover of what is older
+            # could write again what its owner wrote before the window forgot it.
             settings.dedup_window_ms / 2000,
             grace_s=handover_grace_s(settings.heartbeat_interval_ms),
         )

@@ -45,7 +45,6 @@ class Forwarder(WatchedThread):
         self._strategy = strategy
         self._subscribers = subscribers
         self._log = tagged.on(log)
-        self._on_failure = on_failure
         self._stopping = threading.Event()
         self._outlets: list[Outlet] = []
         self.listening = False

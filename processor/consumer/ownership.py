@@ -38,15 +38,13 @@ HANDOVER_GRACE_S = 1.0
 NOT_LOCAL, MINE, FED = 0, 1, 2
 
 Owners = list[str | None]
+Sink = Callable[[list[bytes]], None]
 
 
 def handover_grace_s(heartbeat_interval_ms: int) -> float:
     """The grace: a second, and two heartbeat intervals for the newcomer's reader (which beats
     as often) to adopt the new view too."""
     return HANDOVER_GRACE_S + 2 * heartbeat_interval_ms / 1000
-
-
-Sink = Callable[[list[bytes]], None]
 
 
 def lane_of(payload: bytes) -> int:
