@@ -283,10 +283,12 @@ def test_the_daemon_in_strict_mode_holds_and_says_so_at_its_stop(
     replicated.pause_replica()
     _publish(url, 0, 20)
     wait_until(lambda: "holding" in daemon.log(), 20, message="never held")
-    wait_until(lambda: len(_ids(replicated.primary, "messages:processed")) == 20, 20)
+    # Held means written to the primary, not confirmed; a batch cut after it waits its turn.
+    assert _ids(replicated.primary, "messages:processed")
     replicated.resume_replica()
     wait_until(lambda: "held messages written to" in daemon.log(), 20, message="not confirmed")
     assert "confirmed by 1 of 1 replicas" in daemon.log()
+    wait_until(lambda: len(_ids(replicated.primary, "messages:processed")) == 20, 20)
     holds = daemon.log().count("] holding")
     replicated.pause_replica()
     _publish(url, 20, 30)
@@ -305,7 +307,8 @@ def test_the_daemon_in_degrade_mode_counts_unconfirmed_writes(
     port = free_port()
     start_daemon(procs, url, "partitioned", count=1, WAIT_REPLICAS=1, METRICS_PORT=port)
     _publish(url, 0, 10)
-    wait_until(lambda: len(_ids(replicated.primary, "messages:processed")) == 10, 20)
+    # The metrics count a batch once its WAIT returned, after its entries are in the stream.
+    wait_until(lambda: scrape(port).get("processor_messages_written_total") == 10, 20)
     # In sync, normally 0; a loaded machine's replica can miss the daemon's short WAIT, and
     # those are counted too: the assertion below is about the 20 written while it is paused.
     in_sync = scrape(port).get("processor_messages_unconfirmed_total", 0)
