@@ -316,8 +316,13 @@ def test_stalled_consumers_rejoin_under_new_ids_without_duplicates(
         assert pid in ids_after and ids_after[pid] != old_id, (
             f"{context}: pid {pid} (was {old_id}) did not rejoin under a new id: {ids_after}"
         )
+    # A rejoin is logged just after its new id registers.
+    wait_until(
+        lambda: daemon.log().count("rejoined after a stall") >= 2,
+        RECOVER_S,
+        message=f"{context}: rejoins not logged",
+    )
     log = daemon.log()
-    assert log.count("rejoined after a stall") >= 2, f"{context}: rejoins not logged"
     assert "past half the dedup window: dropped" in log, f"{context}: long stall kept its messages"
     print(context, publisher.finish())
     finish(daemon, bclient, Expected(publisher.records()), context)
