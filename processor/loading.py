@@ -209,3 +209,14 @@ def load_publisher_settings(
         description="Publish bursts of JSON messages to a Redis Pub/Sub channel.",
         extra_check=check_publisher,
     )
+
+
+def count_arg(text: str, hint: str = "") -> int:
+    """An argparse type: a whole number, at least 1; ``hint`` follows the "at least 1"."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} must be at least 1{hint}")
+    return count

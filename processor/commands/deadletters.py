@@ -21,8 +21,8 @@ import redis
 
 from processor.consumer.messages import REASON_CODES, reason_kind
 from processor.errors import ExitCode
-from processor.loading import load_group_command
-from processor.store.connection import CONNECTION_ERRORS, command_client, explain, refused_database
+from processor.loading import count_arg, load_group_command
+from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
 
 DEFAULT_COUNT = 20
@@ -152,20 +152,10 @@ def reason_code(text: str) -> str:
     return text
 
 
-def _count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{count} must be at least 1")
-    return count
-
-
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--count",
-        type=_count,
+        type=count_arg,
         default=DEFAULT_COUNT,
         help=f"how many to show, newest first (default {DEFAULT_COUNT})",
     )
@@ -178,11 +168,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str], prog: str) -> int:
     description = "List the recent dead letters, newest first; read only."
     settings, args = load_group_command(argv, prog, description, _arguments)
-    client: redis.Redis | None = None
     try:
-        # Inside: a cluster client reads the layout as it is made.
-        client = command_client(settings, name="processor-dead-letters", timeout_s=5.0)
-        with refused_database(settings):
+        with command_session(settings, "processor-dead-letters", 5.0) as client:
             letters = select(
                 client, Keys.from_settings(settings), by_reason(args.reason), args.count
             )
@@ -196,9 +183,6 @@ def main(argv: Sequence[str], prog: str) -> int:
     except redis.ResponseError as error:
         print(f"{prog}: error: Redis refused the command: {error}", file=sys.stderr)
         return ExitCode.UNREACHABLE
-    finally:
-        if client is not None:
-            client.close()
     if args.json:
         print(json.dumps([letter.as_json() for letter in letters], indent=2))
     else:

@@ -15,13 +15,12 @@ import redis
 from processor.config import MAX_CONSUMERS_PER_HOST
 from processor.errors import ConfigError, ExitCode
 from processor.group import controlplane
-from processor.loading import load_group_command
+from processor.loading import count_arg, load_group_command
 from processor.store.connection import (
     CONNECTION_ERRORS,
     REFUSALS,
-    command_client,
+    command_session,
     explain,
-    refused_database,
 )
 from processor.store.keys import Keys
 
@@ -29,13 +28,7 @@ Action = Callable[[redis.Redis, Keys, argparse.Namespace], str]
 
 
 def _size(text: str) -> int:
-    try:
-        size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{size} must be at least 1 (to stop: processor stop)")
-    return size
+    return count_arg(text, " (to stop: processor stop)")
 
 
 def _run(
@@ -47,11 +40,8 @@ def _run(
 ) -> int:
     """Parses, connects, runs ``action`` and prints what it did; one line on failure."""
     settings, args = load_group_command(argv, prog, description, arguments)
-    client: redis.Redis | None = None
     try:
-        # Inside: a cluster client reads the layout as it is made.
-        client = command_client(settings, name=prog.replace(" ", "-"), timeout_s=5.0)
-        with refused_database(settings):
+        with command_session(settings, prog.replace(" ", "-"), 5.0) as client:
             print(action(client, Keys.from_settings(settings), args), flush=True)
     except redis.AuthenticationError as error:
         return _failed(prog, f"Redis refused the credentials in REDIS_URL: {error}")
@@ -65,9 +55,6 @@ def _run(
         )
     except redis.ResponseError as error:
         return _failed(prog, f"Redis refused the command: {error}")
-    finally:
-        if client is not None:
-            client.close()
     return ExitCode.OK
 
 

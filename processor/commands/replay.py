@@ -36,7 +36,7 @@ from processor.consumer.dedup import BUCKETS_CHECKED, digest
 from processor.consumer.messages import Message, parse
 from processor.errors import ExitCode
 from processor.loading import load_group_command
-from processor.store.connection import CONNECTION_ERRORS, command_client, explain, refused_database
+from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
 from processor.store.scripts import Script
 
@@ -219,11 +219,8 @@ def main(argv: Sequence[str], prog: str) -> int:
         "once still holds. Refused with no live consumer."
     )
     settings, args = load_group_command(argv, prog, description, _arguments)
-    client: redis.Redis | None = None
     try:
-        # Inside: a cluster client reads the layout as it is made.
-        client = command_client(settings, name="processor-replay", timeout_s=5.0)
-        with refused_database(settings):
+        with command_session(settings, "processor-replay", 5.0) as client:
             outcomes, refused = replay_chosen(client, Keys.from_settings(settings), args)
     except CONNECTION_ERRORS as error:
         print(
@@ -238,9 +235,6 @@ def main(argv: Sequence[str], prog: str) -> int:
             hint = f" (replay needs, beyond the daemon's permissions: {ACL_RULES})"
         print(f"{prog}: error: Redis refused the command: {error}{hint}", file=sys.stderr)
         return ExitCode.UNREACHABLE
-    finally:
-        if client is not None:
-            client.close()
     if refused is not None:
         print(f"{prog}: error: {refused}", file=sys.stderr)
         return ExitCode.NOT_REPLAYED

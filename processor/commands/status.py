@@ -24,7 +24,7 @@ from processor.errors import ExitCode
 from processor.group.controlplane import Control, HostInfo, read_control
 from processor.loading import load_status_settings
 from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
-from processor.store.connection import CONNECTION_ERRORS, command_client, explain, refused_database
+from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
 
 RECENT = 5
@@ -292,11 +292,8 @@ def render(view: GroupView) -> str:
 
 def main(argv: Sequence[str], prog: str) -> int:
     settings = load_status_settings(argv, prog=prog)
-    client: redis.Redis | None = None
     try:
-        # Inside: a cluster client reads the layout as it is made.
-        client = command_client(settings, name="processor-status", timeout_s=2.0)
-        with refused_database(settings):
+        with command_session(settings, "processor-status", 2.0) as client:
             view = read_group(client, settings)
     except CONNECTION_ERRORS as error:
         print(
@@ -305,9 +302,6 @@ def main(argv: Sequence[str], prog: str) -> int:
             file=sys.stderr,
         )
         return ExitCode.UNREACHABLE
-    finally:
-        if client is not None:
-            client.close()
     if settings.json:
         print(json.dumps(asdict(view), indent=2))
     else:

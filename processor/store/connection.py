@@ -151,6 +151,19 @@ def refused_database(settings: RedisSettings) -> Iterator[None]:
         ) from None
 
 
+@contextlib.contextmanager
+def command_session(settings: RedisSettings, name: str, timeout_s: float) -> Iterator[redis.Redis]:
+    """A command's client for one ``with`` block, closed after; a database REDIS_URL selects and
+    Redis lacks is raised as the ConfigError it is (``refused_database``). Making the client may
+    raise a connection error already: a cluster client reads the layout as it is made."""
+    client = command_client(settings, name=name, timeout_s=timeout_s)
+    try:
+        with refused_database(settings):
+            yield client
+    finally:
+        client.close()
+
+
 def refused_credentials(error: BaseException) -> redis.AuthenticationError | None:
     """The refusal of our credentials in ``error``, also where the cluster client wrapped what
     a node answered in its own exception."""
