@@ -27,6 +27,7 @@ from tests.faults_support import (
     REPLACE_S,
     Daemon,
     Expected,
+    Publisher,
     finish,
     publish_invalid,
     slot_of,
@@ -50,12 +51,25 @@ def by_role(daemon: Daemon) -> tuple[dict[int, str], dict[int, str]]:
     return readers, {pid: cid for pid, cid in ids.items() if pid not in readers}
 
 
-def start(procs, redis_url: str, redis_client: redis.Redis) -> Daemon:
+def start(
+    procs,
+    redis_url: str,
+    redis_client: redis.Redis,
+    record: Path,
+    rng: random.Random,
+    duration: float,
+    by: int,
+) -> tuple[Daemon, Publisher]:
+    """The group, and a publisher for ``duration`` s that has published a random part of its
+    messages, from a tenth to 1/``by`` of them: the moment of the fault."""
     daemon = start_daemon(procs, redis_url, "partitioned", count=COUNT, READERS_PER_HOST=READERS)
     readers, fed = by_role(daemon)
     assert len(readers) == READERS and len(fed) == COUNT - READERS, daemon.ids()
     publish_invalid(redis_client, "readers")
-    return daemon
+    total = int(RATE * duration)
+    publisher = start_publisher(procs, redis_url, record, duration)
+    publisher.wait_published(rng.randint(total // 10, total // by))
+    return daemon, publisher
 
 
 def readers_subscribed(redis_client: redis.Redis) -> bool:
@@ -70,11 +84,7 @@ def unreceived(records: list[tuple[str, int]]) -> list[str]:
 def test_killed_readers_lose_nothing(procs, redis_url, bclient, tmp_path: Path, seed: int, both):
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed} both={both}"
-    daemon = start(procs, redis_url, bclient)
-    duration = 3.5
-    total = int(RATE * duration)
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
-    publisher.wait_published(rng.randint(total // 10, total // 4))
+    daemon, publisher = start(procs, redis_url, bclient, tmp_path / "record.txt", rng, 3.5, 4)
     readers, _ = by_role(daemon)
     first, second = rng.sample(sorted(readers), 2)
     slot = slot_of(readers[first])
@@ -101,11 +111,7 @@ def test_a_reader_stalled_past_the_ttl_loses_nothing(
 ):
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed}"
-    daemon = start(procs, redis_url, bclient)
-    duration = 4.5
-    total = int(RATE * duration)
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
-    publisher.wait_published(rng.randint(total // 10, total // 4))
+    daemon, publisher = start(procs, redis_url, bclient, tmp_path / "record.txt", rng, 4.5, 4)
     readers, _ = by_role(daemon)
 
     def feeds(consumer_id: str) -> int:
@@ -134,11 +140,7 @@ def test_a_readers_subscription_killed_by_the_server_loses_nothing(
 ):
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed}"
-    daemon = start(procs, redis_url, bclient)
-    duration = 3.0
-    total = int(RATE * duration)
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
-    publisher.wait_published(rng.randint(total // 10, total // 3))
+    daemon, publisher = start(procs, redis_url, bclient, tmp_path / "record.txt", rng, 3.0, 3)
     gaps_before = bclient.xlen(GAPS)
     victim = rng.choice(subscriber_connections(bclient))
     assert bclient.client_kill_filter(_id=victim["id"]) == 1
@@ -160,11 +162,7 @@ def test_a_fed_consumer_killed_has_its_messages_taken_over_from_the_readers(
 ):
     rng = random.Random(seed)
     context = f"FAULT_SEED={seed}"
-    daemon = start(procs, redis_url, bclient)
-    duration = 3.0
-    total = int(RATE * duration)
-    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", duration)
-    publisher.wait_published(rng.randint(total // 10, total // 3))
+    daemon, publisher = start(procs, redis_url, bclient, tmp_path / "record.txt", rng, 3.0, 3)
     _, fed = by_role(daemon)
     pid = rng.choice(sorted(fed))
     os.kill(pid, signal.SIGKILL)
