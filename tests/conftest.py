@@ -17,6 +17,9 @@ import redis
 
 from demo.redis_cluster import ClusterUnavailable, LocalCluster
 from demo.redis_server import RedisServer, RedisServerNotFound
+from processor.config import Settings
+from processor.store.connection import command_client
+from processor.store.keys import Keys
 from tests import faults_support
 from tests.helpers import wait_until
 from tests.servers import MATRIX, REDIS_6_2, REDIS_7_0, Server
@@ -216,6 +219,22 @@ def module_cluster() -> Iterator[LocalCluster]:
     """A cluster shared by a module's tests, which must each use keys of their own."""
     with _local_cluster() as local:
         yield local
+
+
+@pytest.fixture
+def keys() -> Keys:
+    """The keys of the default settings, which the tests' daemons and commands use."""
+    return Keys.from_settings(Settings())
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test's server made as the daemon and the commands make theirs."""
+    redis_client = command_client(Settings(redis_url=redis_url), name="test")
+    try:
+        yield redis_client
+    finally:
+        redis_client.close()
 
 
 @pytest.fixture

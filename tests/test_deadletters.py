@@ -7,36 +7,19 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from processor.commands import deadletters
 from processor.commands.deadletters import by_reason, render, select
-from processor.config import GroupSettings
 from processor.consumer.messages import REASON_CODES, Message, handler_failed, parse
 from processor.consumer.writer import Writer
-from processor.store.connection import command_client
 from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT
 from tests.helpers import tagged
 
 CONSUMER = "consumer-dl"
-
-
-@pytest.fixture
-def keys() -> Keys:
-    return Keys.from_settings(GroupSettings())
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = command_client(GroupSettings(redis_url=redis_url), name="test-dead-letters")
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _write_failures(client: redis.Redis, keys: Keys, ids: list[str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,25 +19,10 @@ from processor.consumer.membership import (
     read_view,
 )
 from processor.errors import WrongType
-from processor.store.connection import command_client
 from processor.store.keys import Keys
 from tests.helpers import wait_until
 
 TTL_MS = 5_000
-
-
-@pytest.fixture
-def keys(redis_url: str) -> Keys:
-    return Keys.from_settings(Settings(redis_url=redis_url))
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = command_client(Settings(redis_url=redis_url), name="test-membership")
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _member(client: redis.Redis, keys: Keys, consumer_id: str, ttl_ms: int = TTL_MS) -> Membership:

@@ -47,20 +47,6 @@ WAIT_S = 30.0
 
 
 @pytest.fixture
-def keys() -> Keys:
-    return Keys.from_settings(GroupSettings())
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = command_client(GroupSettings(redis_url=redis_url), name="test-replay")
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def writer(client: redis.Redis, keys: Keys) -> Writer:
     return Writer(client, keys, WINDOW_MS, 0.2, tagged("[test]"), threading.Event(), 1.0)
 
