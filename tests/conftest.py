@@ -21,10 +21,9 @@ from processor.config import Settings
 from processor.store.connection import command_client
 from processor.store.keys import Keys
 from tests import faults_support
-from tests.helpers import wait_until
+from tests.helpers import REPO_ROOT, wait_until
 from tests.servers import MATRIX, REDIS_6_2, REDIS_7_0, Server
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROCESS_STOP_TIMEOUT_S = 10.0
 _LOG_TAIL_CHARS = 4000
 

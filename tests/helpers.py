@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from processor.observe.logs import Tagged
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(
@@ -33,3 +38,18 @@ def tagged(tag: str) -> Tagged:
 def logged(record: logging.LogRecord) -> str:
     """A record's message as a text line shows it: a Tagged logger's tag first."""
     return f"{getattr(record, 'tag', '')}{record.getMessage()}"
+
+
+def processor_cli(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m processor ARGS`` from the repository, as an operator runs it; its output as
+    text."""
+    return subprocess.run(
+        [sys.executable, "-m", "processor", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )

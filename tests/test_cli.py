@@ -16,20 +16,14 @@ from processor.config import LOG_LEVELS, MAX_CONSUMERS_PER_HOST, STRATEGIES
 from processor.errors import ExitCode
 from processor.version import checkout_version, version
 from tests.conftest import REPO_ROOT
+from tests.helpers import processor_cli
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("REDIS_")}
     env["REDIS_URL"] = "redis://127.0.0.1:1/0"  # unreachable: nothing here may need a server
     env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "processor", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return processor_cli(*args, env=env)
 
 
 def test_help_lists_the_commands():

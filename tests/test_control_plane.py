@@ -12,7 +12,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,13 @@ from tests import faults_support
 from tests.faults_support import (
     CONSUMERS,
     HEARTBEAT_TTL_MS,
-    REPO_ROOT,
     Daemon,
     client,
     daemon_env,
     running,
     start_publisher,
 )
-from tests.helpers import wait_until
+from tests.helpers import processor_cli, wait_until
 
 WAIT_S = 30.0
 HOSTS = "processor:hosts"
@@ -44,14 +42,7 @@ def start_host(procs: Any, url: str, host_id: str, count: int = 1, **overrides: 
 
 def command(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m processor ARGS``, as an operator would run it."""
-    return subprocess.run(
-        [sys.executable, "-m", "processor", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, "REDIS_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return processor_cli(*args, env={**os.environ, "REDIS_URL": url})
 
 
 def wait_for_sizes(redis_client: redis.Redis, daemons: dict[str, Daemon], want: dict[str, int]):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -16,8 +15,7 @@ from processor.commands.deadletters import by_reason, render, select
 from processor.consumer.messages import REASON_CODES, Message, handler_failed, parse
 from processor.consumer.writer import Writer
 from processor.store.keys import Keys
-from tests.conftest import REPO_ROOT
-from tests.helpers import tagged
+from tests.helpers import processor_cli, tagged
 
 CONSUMER = "consumer-dl"
 
@@ -36,13 +34,7 @@ def _write_failures(client: redis.Redis, keys: Keys, ids: list[str]) -> None:
 
 
 def _cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "processor", "dead-letters", "--redis-url", redis_url, *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return processor_cli("dead-letters", "--redis-url", redis_url, *args)
 
 
 def test_dead_letters_are_listed_newest_first_with_a_limit_and_a_reason_filter(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -36,10 +35,10 @@ from processor.consumer.writer import Writer, WriteResult
 from processor.store.access import ACL_RULES as DAEMON_ACL_RULES
 from processor.store.connection import command_client
 from processor.store.keys import Keys
-from tests.conftest import REPO_ROOT, Processes
+from tests.conftest import Processes
 from tests.faults_support import start_daemon
 from tests.handlers_for_tests import FIXED_FILE_ENV
-from tests.helpers import tagged, wait_until
+from tests.helpers import processor_cli, tagged, wait_until
 
 CONSUMER = "consumer-replay"
 WINDOW_MS = 60_000
@@ -180,13 +179,7 @@ def test_what_failed_validation_is_not_replayed(
 
 
 def _replay(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "processor", "replay", "--redis-url", redis_url, *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return processor_cli("replay", "--redis-url", redis_url, *args)
 
 
 def test_replay_is_refused_without_a_live_consumer(
@@ -314,13 +307,7 @@ def test_failed_messages_replayed_after_the_fix_are_each_written_exactly_once(
 
 
 def _run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "processor", *args, "--redis-url", redis_url],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = processor_cli(*args, "--redis-url", redis_url)
     assert result.returncode == 0, result.stderr
     return result
 

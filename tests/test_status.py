@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import fakeredis
@@ -18,8 +17,8 @@ from processor.commands.status import read_group, render
 from processor.config import StatusSettings
 from processor.errors import ExitCode
 from processor.store.keys import Keys
-from tests.conftest import REPO_ROOT
 from tests.faults_support import start_daemon
+from tests.helpers import processor_cli
 
 SETTINGS = StatusSettings(redis_url="redis://example:6379/0")
 KEYS = Keys.from_settings(SETTINGS)
@@ -98,13 +97,7 @@ def test_the_url_shown_never_carries_the_password(fake):
 
 
 def _status(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "processor", "status", "--redis-url", redis_url, *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return processor_cli("status", "--redis-url", redis_url, *args)
 
 
 def test_status_of_a_running_group_and_of_none(procs, redis_url):
