@@ -11,14 +11,13 @@ us, so nothing routed to us while we were moving is lost.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from processor.consumer.feeds import ACK, HELLO, MESSAGES, connect
-from processor.consumer.subscriber import Gap
-from processor.consumer.threads import OnFailure, WatchedThread
+from processor.consumer.subscriber import Gap, Receiver, now_ms
+from processor.consumer.threads import OnFailure
 from processor.errors import FeedEnded
 from processor.observe.logs import Tagged
 from processor.store.outage import Backoff, Outage, Retrier
@@ -37,11 +36,7 @@ STARTING_S = 10.0
 PREFERRED_S = 3.0
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Feed(WatchedThread):
+class Feed(Receiver):
     """Receives our messages from the first reader of ``addresses`` that feeds us."""
 
     def __init__(
@@ -53,23 +48,13 @@ class Feed(WatchedThread):
         stall_s: float,
         on_failure: OnFailure,
     ) -> None:
-        super().__init__("feed", on_failure)
+        super().__init__("feed", deliver, on_gap, tagged, log, on_failure)
         self._addresses = addresses
-        self._deliver = deliver
-        self._on_gap = on_gap
-        self._log = tagged.on(log)
         self._stall_s = stall_s
         self._member = ""
-        self._stop_requested = threading.Event()
-        self._reset_requested = threading.Event()
-        self.subscribed = threading.Event()
         self.reader: int | None = None
         # Where the next search for a reader starts: after the one whose feed ended.
         self._first = 0
-        self.received = 0
-        self.gaps = 0
-        self.gap_seconds = 0.0
-        self._last_alive = 0
         self._fed_once = False
         self._born = time.monotonic()
         self._quiet_until = self._born + STARTING_S
@@ -78,13 +63,6 @@ class Feed(WatchedThread):
         )
 
     # -- what Subscribers offers ----------------------------------------------------------------
-
-    def stop(self) -> None:
-        self._stop_requested.set()
-
-    def reset(self) -> None:
-        self.subscribed.clear()
-        self._reset_requested.set()
 
     def is_subscribed(self) -> bool:
         return self.subscribed.is_set()
@@ -169,14 +147,12 @@ class Feed(WatchedThread):
     def _confirmed(self, down_since: int | None) -> None:
         self._fed_once = True
         self._retrier.succeeded()
-        self._last_alive = _now_ms()
+        self._last_alive = now_ms()
         self.subscribed.set()
         if down_since is None:
             self._log.debug("fed by local reader %s", self.reader)
             return
-        gap = Gap(down_since, _now_ms())
-        self.gaps += 1
-        self.gap_seconds += gap.length_s
+        gap = self._count_gap(down_since)
         self._log.warning(
             "fed again by local reader %s after a gap of %.3f s: the readers try what they "
             "buffered for us",
@@ -196,7 +172,7 @@ class Feed(WatchedThread):
                 continue
             kind, value = connection.recv()
             last_frame = time.monotonic()
-            self._last_alive = _now_ms()
+            self._last_alive = now_ms()
             if kind == MESSAGES:
                 self.received += len(value)
                 deliver(value)

@@ -71,11 +71,54 @@ class Gap:
         return (self.end_ms - self.start_ms) / 1000
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class Subscriber(WatchedThread):
+class Receiver(WatchedThread):
+    """What a consumer receives its messages through: a Subscriber (from Redis) or a Feed (from
+    a local reader). Its stop and reset requests, what it counts, and the gaps it records."""
+
+    def __init__(
+        self,
+        name: str,
+        deliver: Callable[[list[bytes]], None],
+        on_gap: Callable[[Gap], None],
+        tagged: Tagged,
+        logger: logging.Logger,
+        on_failure: OnFailure,
+    ) -> None:
+        super().__init__(name, on_failure)
+        self._deliver = deliver
+        self._on_gap = on_gap
+        self._log = tagged.on(logger)
+        self._stop_requested = threading.Event()
+        self._reset_requested = threading.Event()
+        self.subscribed = threading.Event()
+        self.received = 0
+        self.gaps = 0
+        self.gap_seconds = 0.0
+        # When something last came in (ms): a gap begins there.
+        self._last_alive = 0
+
+    def stop(self) -> None:
+        """Ends the thread; a Subscriber unsubscribes first and delivers what Redis sent."""
+        self._stop_requested.set()
+
+    def reset(self) -> None:
+        """Drops what we receive through, and what is still unread there, then receives anew."""
+        self.subscribed.clear()
+        self._reset_requested.set()
+
+    def _count_gap(self, down_since: int) -> Gap:
+        """Counts a gap from ``down_since`` to now; the caller logs it, then reports it."""
+        gap = Gap(down_since, now_ms())
+        self.gaps += 1
+        self.gap_seconds += gap.length_s
+        return gap
+
+
+class Subscriber(Receiver):
     """Subscribes to ``channels`` on one connection and hands every payload, in chunks, to
     ``deliver``. With ``locate`` (cluster mode) the channels are sharded ones and ``locate``
     names the URL of the primary to subscribe on, asked again after every error."""
@@ -94,7 +137,7 @@ class Subscriber(WatchedThread):
         name: str = "subscriber",
         on_recovered: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(name, on_failure)
+        super().__init__(name, deliver, on_gap, tagged, log, on_failure)
         self._settings = settings
         self._channels = list(channels)
         self._locate = locate
@@ -104,20 +147,10 @@ class Subscriber(WatchedThread):
         # Where the subscription lives now: (host, port), for the backlog check.
         self.address: tuple[str, int] | None = None
         self._url = settings.url
-        self._deliver = deliver
-        self._on_gap = on_gap
-        self._log = tagged.on(log)
         self._health_check_s = health_check_s
-        self._stop_requested = threading.Event()
-        self._reset_requested = threading.Event()
-        self.subscribed = threading.Event()
         self.client_id: int | None = None
-        self.received = 0
         # Subscriptions confirmed so far: a reader's feeds end when it changes (see Outlet).
         self.subscriptions = 0
-        self.gaps = 0
-        self.gap_seconds = 0.0
-        self._last_alive = 0
         self._retrier = Retrier(
             Outage("Pub/Sub subscription", tagged, on_recovered=on_recovered),
             Backoff(0.02, backoff_max_s),
@@ -127,15 +160,6 @@ class Subscriber(WatchedThread):
     @property
     def sharded(self) -> bool:
         return self._locate is not None
-
-    def stop(self) -> None:
-        """Unsubscribes, delivers what Redis sent before that, and ends the thread."""
-        self._stop_requested.set()
-
-    def reset(self) -> None:
-        """Drops the subscription and what the server still holds for it, then subscribes again."""
-        self.subscribed.clear()
-        self._reset_requested.set()
 
     def work(self) -> None:
         down_since: int | None = None
@@ -203,7 +227,7 @@ class Subscriber(WatchedThread):
         buffer = bytearray(READ_SIZE)
         view = memoryview(buffer)
         deliver = self._deliver
-        self._last_alive = _now_ms()
+        self._last_alive = now_ms()
         last_data = time.monotonic()
         next_location_check = time.monotonic() + LOCATION_CHECK_S
         ping_sent: float | None = None
@@ -243,7 +267,7 @@ class Subscriber(WatchedThread):
                 raise redis.ConnectionError("connection closed by the server")
             last_data = time.monotonic()
             ping_sent = None
-            self._last_alive = _now_ms()
+            self._last_alive = now_ms()
             reader.feed(buffer, 0, size)  # type: ignore[arg-type]
             payloads: list[bytes] = []
             lost: str | None = None
@@ -295,9 +319,7 @@ class Subscriber(WatchedThread):
         self.subscriptions += 1
         self.subscribed.set()
         if down_since is not None:
-            gap = Gap(down_since, _now_ms())
-            self.gaps += 1
-            self.gap_seconds += gap.length_s
+            gap = self._count_gap(down_since)
             self._log.warning(
                 "subscribed again after a gap of %.3f s: messages published in it were "
                 "not received by this consumer",
