@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
 import socket
+import struct
 import threading
 import time
+from multiprocessing.connection import Connection
 
 import pytest
 
 from processor.consumer.feed import Feed
-from processor.consumer.feeds import ACK, HELLO, MESSAGES, FeedPlan, connect
+from processor.consumer.feeds import ACK, HELLO, MESSAGES, FeedPlan, connect, listen
 from processor.consumer.forwarder import Forwarder
 from processor.consumer.ownership import LANES, PartitionedStrategy, assign_lanes, lane_of
 from processor.consumer.subscriber import Gap
@@ -178,10 +181,35 @@ def test_a_silent_reader_is_left_after_the_stall_time(plan: FeedPlan) -> None:
         silent.close()
 
 
+def test_a_reader_stalled_inside_a_frame_is_left_after_the_stall_time(plan: FeedPlan) -> None:
+    """Frames of more than 16 KiB go out in two writes, so a reader stopped (SIGSTOP) while
+    sending often leaves half a frame: the wait inside it is bounded too."""
+    stalled = listen(plan.address(0))
+    second = Reader(plan.address(1), MEMBERS, "reader-1")
+    fed = Fed(plan.addresses_for(2), "fed-2", stall_s=0.3)
+    try:
+        sock, _ = stalled.accept()
+        with Connection(sock.detach()) as connection:
+            assert connection.recv() == (HELLO, "fed-2")
+            connection.send((ACK, "fed-2"))
+            frame = pickle.dumps((MESSAGES, [b"x" * 200] * 2000))
+            with socket.socket(fileno=os.dup(connection.fileno())) as raw:
+                raw.sendall(struct.pack("!i", len(frame)) + frame[:1000])
+            # Then nothing, and the connection stays open: the fed consumer moves on its own.
+            wait_until(lambda: fed.feed.reader == 1, 10, message="still waiting inside the frame")
+        assert fed.feed.wait_subscribed(5)
+        wait_until(lambda: len(fed.gaps) == 1, 5, message="no gap reported")
+        assert not fed.failures
+    finally:
+        fed.feed.stop()
+        second.stop()
+        stalled.close()
+
+
 def test_a_consumer_that_stops_reading_cannot_grow_the_readers_memory(plan: FeedPlan) -> None:
     reader = Reader(plan.address(0), MEMBERS, "reader-0", max_queued=1000)
     wait_until(lambda: reader.forwarder.listening, 5, message="not listening")
-    connection = connect(plan.address(0), 5)
+    connection = connect(plan.address(0), 5, 5)
     try:
         connection.send((HELLO, "fed-2"))
         assert connection.poll(5) and connection.recv() == (ACK, "fed-2")

@@ -119,7 +119,7 @@ class Feed(Receiver):
             if self._stop_requested.is_set():
                 return None
             try:
-                connection = connect(address, CONNECT_TIMEOUT_S)
+                connection = connect(address, CONNECT_TIMEOUT_S, self._stall_s)
             except OSError as refused:
                 error = refused
                 continue
@@ -170,7 +170,10 @@ class Feed(Receiver):
                 if time.monotonic() - last_frame > self._stall_s:
                     raise FeedEnded(f"silent for {self._stall_s:g} s")
                 continue
-            kind, value = connection.recv()
+            try:
+                kind, value = connection.recv()
+            except BlockingIOError:  # the socket's read timeout: stalled inside a frame
+                raise FeedEnded(f"silent for {self._stall_s:g} s inside a frame") from None
             last_frame = time.monotonic()
             self._last_alive = now_ms()
             if kind == MESSAGES:

@@ -16,6 +16,7 @@ ends: the fed consumer then reports a gap, as a subscriber would.
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -44,12 +45,18 @@ class FeedPlan:
         return [self.address((first + step) % self.readers) for step in range(self.readers)]
 
 
-def connect(address: str, timeout_s: float) -> Connection:
+def connect(address: str, timeout_s: float, read_timeout_s: float) -> Connection:
+    """A connection whose every read fails with an OSError after ``read_timeout_s`` without a
+    byte: ``poll`` bounds the wait for a frame, this the wait inside one (a reader stalled in
+    the middle of a frame would otherwise hold us forever)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout_s)
         sock.connect(address)
         sock.settimeout(None)
+        seconds, fraction = divmod(read_timeout_s, 1.0)
+        timeval = struct.pack("ll", int(seconds), int(fraction * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     except BaseException:
         sock.close()
         raise
