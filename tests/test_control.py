@@ -8,6 +8,7 @@ import signal
 
 from tests.faults_support import (
     Daemon,
+    Expected,
     check_published,
     client,
     daemon_env,
@@ -15,9 +16,18 @@ from tests.faults_support import (
     start_daemon,
     start_publisher,
 )
+from tests.faults_support import finish as finish_fault
 from tests.helpers import wait_until
 
 WAIT_S = 30
+
+
+def logged_at(log: str, origin: str, text: str) -> float:
+    """When the first line from ``origin`` with ``text`` was logged, in seconds of its day."""
+    line = next(line for line in log.splitlines() if origin in line and text in line)
+    clock = line.split()[1].partition("+")[0]
+    hours, minutes, seconds = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def finish(daemon: Daemon, redis_url: str, publisher, why: str) -> None:
@@ -59,6 +69,40 @@ def test_sigttin_adds_a_consumer_and_sigttou_drains_and_removes_one(procs, redis
     )
     daemon.count = 1
     finish(daemon, redis_url, publisher, "SIGTTIN/SIGTTOU")
+
+
+def test_a_consumer_removed_with_more_work_than_the_takeover_buffer_spans_loses_nothing(
+    procs, redis_url, bclient, tmp_path
+):
+    """Its drain outlasts TAKEOVER_BUFFER_MS: what is published meanwhile must reach the others
+    at once (the readers keep what they routed to it only that long)."""
+    daemon = start_daemon(
+        procs,
+        redis_url,
+        "partitioned",
+        count=3,
+        HANDLER="tests.handlers_for_tests:slow_10ms",
+        TAKEOVER_BUFFER_MS=2000,
+        SHUTDOWN_GRACE=60,
+    )
+    publish_invalid(bclient, "drain")
+    # About 600 messages each: 6 s of work for the fed consumer in slot 2, the one removed.
+    burst = start_publisher(procs, redis_url, tmp_path / "burst.txt", 0.6, rate=3000)
+    burst.finish()
+    daemon.proc.send_signal(signal.SIGTTOU)
+    steady = start_publisher(procs, redis_url, tmp_path / "steady.txt", 8.0, rate=100)
+    wait_until(
+        lambda: "stopped with code 0 and leaves the group" in daemon.log(),
+        WAIT_S,
+        message="the removed consumer did not finish its drain",
+    )
+    steady.finish()
+    daemon.count = 2
+    log = daemon.log()
+    drain_s = logged_at(log, "consumer-2 ", "consumer stopped") - logged_at(log, "", "drains")
+    assert drain_s > 2.5, f"the drain took {drain_s:.1f} s: not the case under test"
+    expected = Expected(burst.records() + steady.records())
+    finish_fault(daemon, bclient, expected, "removed while holding more than the buffer spans")
 
 
 def test_sighup_applies_live_settings_by_replacing_consumers_one_by_one(procs, redis_url, tmp_path):

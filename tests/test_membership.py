@@ -118,6 +118,25 @@ def test_leave_removes_list_entry_and_heartbeat_and_announces_it(
     assert len(_departures(r, keys)) == 1
 
 
+def test_a_step_down_hands_the_share_over_and_keeps_the_heartbeat_until_the_leave(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    staying = _member(client, keys, "c-1")
+    flushing = _member(client, keys, "c-2")
+    flushing.step_down("stopping")
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+    assert _departures(r, keys) == [("c-2", "stopping")]
+    assert set(staying.beat().members) == {"c-1"}
+    # It still beats (its writes are not fenced) and is not listed again while it flushes.
+    view = flushing.beat()
+    assert view.alive and set(view.members) == {"c-1"}
+    assert r.get(keys.heartbeat("c-2")) == flushing.token
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+    flushing.leave("stopped")
+    assert not r.exists(keys.heartbeat("c-2"))
+    assert len(_departures(r, keys)) == 1  # announced once, when it stepped down
+
+
 def test_a_leaving_id_that_was_pruned_still_loses_its_heartbeat(
     client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:

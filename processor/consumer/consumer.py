@@ -256,6 +256,10 @@ class Consumer:
         stopping_since = time.monotonic()
         self._parts.stop_reading()
         self._subscriber.join(timeout=5)
+        if not self._fence.fenced:
+            # Our share goes to the others now, however long the flush takes: the readers keep
+            # what they routed to us only for TAKEOVER_BUFFER_MS.
+            self._leave("stopping", step_down=True)
         margin_s = self.settings.heartbeat_ttl_ms / 1000
         leftovers = self._strategy.leaving(stopping_since - margin_s)
         if leftovers:
@@ -301,10 +305,14 @@ class Consumer:
             failed=self._failure is not None,
         )
 
-    def _leave(self, reason: str) -> None:
+    def _leave(self, reason: str, step_down: bool = False) -> None:
+        """Leaves the group; a step down keeps our heartbeat, so the flush can still write."""
         try:
             with self._heartbeat.lock:
-                self._membership.leave(reason)
+                if step_down:
+                    self._membership.step_down(reason)
+                else:
+                    self._membership.leave(reason)
         except CONNECTION_ERRORS as error:
             self._log.warning("could not leave the group (%s): its heartbeat will expire", error)
 

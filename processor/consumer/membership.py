@@ -81,10 +81,13 @@ class Membership:
         self.consumer_id = ""
         self.token = ""
         self.last_beat_ms = 0
+        # Set once we have handed our share to the others (``step_down``), for this id.
+        self.stepped_down = False
 
     def register(self, consumer_id: str) -> None:
         """Joins the group: heartbeat and list entry in one transaction."""
         self.consumer_id = consumer_id
+        self.stepped_down = False
         sent_ms = now_ms()
         self.token = f"{secrets.token_hex(4)}:{sent_ms}"
         with self._client.pipeline(transaction=True) as pipe:
@@ -112,6 +115,7 @@ class Membership:
                 self.consumer_id,
                 self._ttl_ms,
                 self._keys.info_prefix,
+                0 if self.stepped_down else 1,
                 *pairs,
             ],
         )
@@ -149,9 +153,17 @@ class Membership:
             self._script(
                 # No status hash is written; a name under the prefix keeps ACL key patterns happy.
                 keys=[self._keys.consumers, self._keys.info_prefix],
-                args=[self._keys.heartbeat_prefix, "", 1, self._keys.info_prefix],
+                args=[self._keys.heartbeat_prefix, "", 1, self._keys.info_prefix, 1],
             )
         )
+
+    def step_down(self, reason: str) -> None:
+        """Hands our share to the others while we still hold messages to write: the id leaves
+        the list (the others take over at once, as for a departure) and its heartbeat stays,
+        so our last writes are not fenced. ``leave`` ends it."""
+        if self.consumer_id:
+            remove(self._leave, self._keys, self.consumer_id, False, reason, keep=True)
+            self.stepped_down = True
 
     def leave(self, reason: str) -> None:
         """Leaves the group and tells the others, who take over our share at once."""
@@ -171,7 +183,9 @@ def leave_script(client: redis.Redis) -> Script:
     return Script(client, "leave.lua")
 
 
-def remove(script: Script, keys: Keys, match: str, is_prefix: bool, reason: str) -> list[str]:
+def remove(
+    script: Script, keys: Keys, match: str, is_prefix: bool, reason: str, keep: bool = False
+) -> list[str]:
     reply = script(
         keys=[keys.consumers, keys.departures],
         args=[
@@ -181,6 +195,7 @@ def remove(script: Script, keys: Keys, match: str, is_prefix: bool, reason: str)
             reason,
             DEPARTURES_MAXLEN,
             keys.info_prefix,
+            int(keep),
         ],
     )
     return [item.decode() for item in reply]

@@ -7,9 +7,10 @@
 -- ARGV[2]  this consumer's id, or "" to only prune and read (the supervisor's monitor)
 -- ARGV[3]  heartbeat TTL in ms
 -- ARGV[4]  status hash key prefix (the hashes of pruned ids are deleted with them)
--- ARGV[5..] field, value pairs written to KEYS[2] when the heartbeat was refreshed
---
--- A live consumer missing from the list (deleted or overwritten under the group) is listed again.
+-- ARGV[5]  1 to list this consumer again when it is live but missing from the list (deleted or
+--          overwritten under the group); 0 once it has stepped down (leave.lua): it still
+--          beats, so its last writes are not fenced, while the others own its share
+-- ARGV[6..] field, value pairs written to KEYS[2] when the heartbeat was refreshed
 --
 -- Returns {refreshed, id1, value1, id2, value2, ...}: refreshed is 1 when this consumer's
 -- heartbeat was still alive and has been extended, 0 when it had expired (the group declared it
@@ -21,12 +22,12 @@
 -- gone, so a daemon never removes a live consumer it does not own. Heartbeat keys are built
 -- from the ids here: on Redis Cluster they share the group's hash tag with KEYS (keys.py).
 
-local prefix, me, ttl, info_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local prefix, me, ttl, info_prefix, relist = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 local refreshed = 0
 if me ~= '' then
     refreshed = redis.call('PEXPIRE', prefix .. me, ttl)
-    if refreshed == 1 and #ARGV > 4 then
-        redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+    if refreshed == 1 and #ARGV > 5 then
+        redis.call('HSET', KEYS[2], unpack(ARGV, 6))
         redis.call('PEXPIRE', KEYS[2], ttl)
     end
 end
@@ -42,7 +43,7 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
         redis.call('DEL', info_prefix .. id)
     end
 end
-if refreshed == 1 and not listed then
+if refreshed == 1 and relist and not listed then
     -- Alive but not listed: the list was deleted or overwritten under us. Listing ourselves
     -- again keeps every live consumer in every view (a view without them gives their share to
     -- no one).
