@@ -10,7 +10,7 @@ import pytest
 
 from processor.cli import DAEMON_SIGNALS
 from processor.config import DAEMON_OPTIONS, MAX_CONSUMERS_PER_HOST, Settings
-from processor.group.slot import BLOCKED
+from processor.group.slot import BLOCKED, Slot
 from processor.group.supervisor import Supervisor
 from tests.faults_support import Daemon, daemon_env, group_alive, group_members, wait_for_result
 from tests.helpers import wait_until
@@ -109,6 +109,31 @@ def test_a_stop_while_consumers_start_ends_the_start(monkeypatch):
     monkeypatch.setattr(supervisor, "_start", start)
     supervisor._resize()
     assert len(started) == 3
+
+
+def test_a_readers_index_freed_under_a_fed_consumer_is_taken_back(monkeypatch):
+    """Two consumers, then one (reader 1 drains), then two again before it left: the new one
+    is fed (slot 2). Once reader 1 has left, slot 2 gives way to a new reader in slot 1."""
+    supervisor = _supervisor(2)
+    started: list[int] = []
+    retired: list[int] = []
+    monkeypatch.setattr(supervisor, "_start", lambda slot: started.append(slot.index))
+
+    def retire(slot: Slot) -> None:
+        slot.retiring = True
+        retired.append(slot.index)
+
+    monkeypatch.setattr(supervisor, "_retire", retire)
+    supervisor._resize()
+    assert started == [0, 1]
+    reader = supervisor._slots[1]
+    reader.retiring = True  # SIGTTOU: it drains
+    supervisor._resize()  # SIGTTIN while it drains
+    assert started == [0, 1, 2] and retired == []
+    supervisor._slots.remove(reader)  # it has left
+    supervisor._resize()
+    assert retired == [2] and started == [0, 1, 2, 1]
+    assert sorted(slot.index for slot in supervisor._slots if not slot.retiring) == [0, 1]
 
 
 def test_sigttin_at_the_bound_is_logged_and_ignored(caplog):

@@ -83,3 +83,17 @@ class Slot:
         """Its consumer runs, subscribed and registered."""
         process = self.process
         return process is not None and process.is_alive() and self.stats.get("ready") == 1
+
+
+def reader_to_restore(slots: list[Slot], settings: Settings) -> Slot | None:
+    """The fed slot that gives way when a reader's index is free while it serves (the group
+    shrank while that reader drained, then grew before it left), so that its replacement takes
+    the reader's index: the host keeps its ``READERS_PER_HOST`` copies for takeovers."""
+    if settings.strategy == "race":
+        return None  # every consumer reads
+    readers = settings.readers_per_host
+    taken = {slot.index for slot in slots}
+    fed = [slot for slot in slots if not slot.retiring and slot.index >= readers]
+    if not fed or taken >= set(range(readers)):
+        return None
+    return max(fed, key=lambda slot: slot.index)

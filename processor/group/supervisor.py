@@ -34,7 +34,7 @@ from processor.errors import ConfigError, ExitCode, GroupStopped
 from processor.group.probes import Probes, readiness
 from processor.group.shutdown import kill, stop_consumers, stop_resource_tracker
 from processor.group.signals import CONTROL_SIGNALS, REQUESTS, plan_reload, resized_count
-from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process
+from processor.group.slot import BLOCKED, SIGNALS, Slot, consumer_process, reader_to_restore
 from processor.group.startup import connect_and_check
 from processor.group.steering import Order, Steering
 from processor.group.systemd import Notifier
@@ -197,6 +197,9 @@ class Supervisor:
         """Starts or retires consumers to match the order (or the local count without one)."""
         if self.stop.is_set():
             return  # a signal arrived meanwhile: the shutdown stops what runs
+        give_way = reader_to_restore(self._slots, self.settings)
+        if give_way is not None:
+            self._retire(give_way)  # its replacement, started below, takes the reader's index
         target = self._target_count()
         serving = self._serving()
         for _ in range(target - len(serving)):
@@ -346,11 +349,9 @@ class Supervisor:
             self._start(slot)
 
     def _evict(self, index: int, process: BaseProcess) -> None:
-        """Takes a dead consumer out of the group now, so the others take over its share.
-
-        Its heartbeat would expire on its own, but until then what it had not written lives
-        only in the takeover buffers of the others, which may die too in the meantime.
-        """
+        """Takes a dead consumer out of the group now, so the others take over its share: until
+        its heartbeat expired, what it had not written would live only in the others' takeover
+        buffers, and they may die too."""
         if process.pid is None:
             return
         reason = f"exited with code {process.exitcode}"
