@@ -10,6 +10,8 @@ import pickle
 import secrets
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -204,6 +206,49 @@ def test_a_reader_stalled_inside_a_frame_is_left_after_the_stall_time(plan: Feed
         fed.feed.stop()
         second.stop()
         stalled.close()
+
+
+# Another process of the same user: a connection to an abstract socket needs no permission.
+STRANGER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+address = "\\0" + sys.argv[2]  # abstract: a NUL cannot be in an argument
+if sys.argv[1] == "connect":
+    s.connect(address)
+    s.settimeout(10)
+    print(repr(s.recv(100)), flush=True)
+else:
+    s.bind(address)
+    s.listen(1)
+    print("listening", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_a_reader_refuses_a_process_that_is_not_one_of_the_daemons(plan: FeedPlan) -> None:
+    reader = Reader(plan.address(0), MEMBERS, "reader-0")
+    try:
+        wait_until(lambda: reader.forwarder.listening, 5, message="not listening")
+        stranger = [sys.executable, "-c", STRANGER, "connect", plan.address(0)[1:]]
+        answer = subprocess.run(stranger, capture_output=True, text=True, timeout=30)
+        assert answer.stdout.strip() == "b''", answer  # closed at once, never read
+        assert reader.forwarder.fed == 0
+    finally:
+        reader.stop()
+
+
+def test_a_fed_consumer_refuses_a_socket_held_by_a_process_not_of_the_daemon(
+    plan: FeedPlan,
+) -> None:
+    """A reader's address taken by another process (after the reader died) is not a reader."""
+    args = [sys.executable, "-c", STRANGER, "listen", plan.address(0)[1:]]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as stranger:
+        try:
+            assert stranger.stdout is not None and stranger.stdout.readline() == "listening\n"
+            with pytest.raises(ConnectionRefusedError, match="not held by a reader of ours"):
+                connect(plan.address(0), 5, 5)
+        finally:
+            stranger.kill()
 
 
 def test_a_consumer_that_stops_reading_cannot_grow_the_readers_memory(plan: FeedPlan) -> None:
