@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -20,6 +21,7 @@ from processor.config import (
     Settings,
 )
 from processor.errors import ConfigError
+from processor.group.startup import warn_if_one_reader
 from processor.loading import check_daemon, load_daemon_settings, load_publisher_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -512,3 +514,19 @@ def test_the_dedup_window_is_read_under_its_old_name_too(tmp_path: Path) -> None
 def test_a_duration_longer_than_a_week_is_refused(name: str, value: str, limit: str) -> None:
     with pytest.raises(ConfigError, match=rf"invalid {name} \(from environment\): .* <= {limit}$"):
         load_daemon_settings([], {name: value})
+
+
+@pytest.mark.parametrize(
+    ("readers", "count", "strategy", "warned"),
+    [
+        (1, 3, "partitioned", True),
+        (2, 3, "partitioned", False),
+        (1, 1, "partitioned", False),
+        (1, 3, "race", False),
+    ],
+)
+def test_a_single_reader_is_warned_about(caplog, readers, count, strategy, warned) -> None:
+    settings = Settings(readers_per_host=readers, consumers_count=count, strategy=strategy)
+    with caplog.at_level(logging.WARNING, logger="processor.group.startup"):
+        warn_if_one_reader(settings)
+    assert ("READERS_PER_HOST=1: one copy" in caplog.text) is warned

@@ -124,9 +124,10 @@ class Outlet(WatchedThread):
         self._log = log
         self._queue: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self._sink = self._offer
-        # Messages queued and not sent yet (approximate: two threads count it), at most this
-        # many: a consumer that stopped reading (stalled) cannot grow our memory past it.
-        self._queued = 0
+        # Messages queued and not sent yet, offered - sent (each counted by one thread only), at
+        # most max_queued: a consumer that stopped reading (stalled) cannot grow our memory.
+        self._offered = 0
+        self._sent = 0
         self._max_queued = max_queued
         self._overflowed = False
         self._stopping = threading.Event()
@@ -139,11 +140,11 @@ class Outlet(WatchedThread):
 
     def _offer(self, payloads: list[bytes]) -> None:
         """Called by the subscriber thread, under the strategy's lock: queue, never block."""
-        if self._queued >= self._max_queued:
+        if self._offered - self._sent >= self._max_queued:
             # What is not queued is in our takeover buffer: its gap report will find it.
             self._overflowed = True
             return
-        self._queued += len(payloads)
+        self._offered += len(payloads)
         self._queue.put(payloads)
 
     def work(self) -> None:
@@ -195,7 +196,7 @@ class Outlet(WatchedThread):
                     batch.extend(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._queued -= len(batch)
+            self._sent += len(batch)
             connection.send((MESSAGES, batch))
 
     def _still_subscribed(self) -> bool:

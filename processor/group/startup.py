@@ -26,6 +26,7 @@ def connect_and_check(settings: Settings, keys: Keys, stop: threading.Event) -> 
     """The supervisor's client, once Redis answers and every check passed; None if stopped
     first. Raises ConfigError (a wrong setting, a key of the wrong type, a server older than
     Redis 6.2) or StartupTimeout."""
+    warn_if_one_reader(settings)
     deadline = startup_deadline(settings)
     check_access(settings, stop, deadline)
     client = _connect(settings, stop, deadline)
@@ -46,6 +47,14 @@ def connect_and_check(settings: Settings, keys: Keys, stop: threading.Event) -> 
     except REDIS_ERRORS as error:
         log.warning("could not check Redis's maxmemory-policy: %s", error)
     return client
+
+
+def warn_if_one_reader(settings: Settings) -> None:
+    if settings.readers_per_host == 1 < settings.consumers_count and settings.strategy != "race":
+        log.warning(
+            "READERS_PER_HOST=1: one copy of each message on this host; what the reader held "
+            "alone is lost with it (2 or more keep a copy while one reader lives)"
+        )
 
 
 def _connect(
