@@ -18,6 +18,8 @@ import pytest
 import redis
 
 from demo.redis_server import RedisServer
+from processor.config import Settings
+from processor.store.keys import Keys
 from tests.conftest import REPO_ROOT, LoggedProcess, Processes
 from tests.helpers import wait_until
 from tests.servers import Server
@@ -323,6 +325,32 @@ def test_sigterm_with_a_backlog_writes_everything_received_before_it(procs, redi
     assert_exactly_once(r, expected)
     assert {fields["consumer_id"] for _, fields in r.xrange(OUTPUT)} <= ids
     assert r.llen(CONSUMERS) == 0
+
+
+def test_a_stop_past_the_grace_counts_what_it_could_not_write_as_lost(procs, redis_url, r):
+    """SHUTDOWN_GRACE shorter than the work held: the consumer is killed, and every message it
+    received and did not write is in the group's lost counter (none hidden by its flush)."""
+    daemon, _ = start_daemon(
+        procs,
+        redis_url,
+        1,
+        args=["--handler", "tests.handlers_for_tests:slow_10ms"],
+        # Past the first batch (a second) and a few heartbeats into its flush.
+        SHUTDOWN_GRACE="2.5",
+    )
+    expected = {f"held-{n}" for n in range(500)}  # 5 s of work
+    with r.pipeline(transaction=False) as pipe:
+        for message_id in sorted(expected):
+            pipe.publish(CHANNEL, json.dumps({"message_id": message_id}))
+        assert pipe.execute() == [1] * len(expected)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=EXIT_WITHIN_S) == 1  # the consumer was killed: not a clean stop
+    ids = written_ids(r)
+    assert len(ids) == len(set(ids)), "written twice"
+    missing = expected - set(ids)
+    lost = int(r.hget(Keys.from_settings(Settings()).partitions[0].stats, "lost") or 0)
+    assert len(missing) >= 100, "written within the grace: the test proves nothing"
+    assert lost >= len(missing), f"{len(missing)} not written, {lost} counted as lost"
 
 
 def test_ctrl_c_to_the_whole_process_group_stops_gracefully(procs, redis_url, r):

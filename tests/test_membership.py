@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from processor.config import Settings
+from processor.consumer import membership
 from processor.consumer.membership import (
     Membership,
     evict_process,
@@ -135,6 +136,29 @@ def test_a_step_down_hands_the_share_over_and_keeps_the_heartbeat_until_the_leav
     flushing.leave("stopped")
     assert not r.exists(keys.heartbeat("c-2"))
     assert len(_departures(r, keys)) == 1  # announced once, when it stepped down
+
+
+def test_a_step_down_that_did_not_reach_redis_is_repeated_by_the_next_beat(
+    client: redis.Redis, keys: Keys, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staying = _member(client, keys, "c-1")
+    flushing = _member(client, keys, "c-2")
+    real_remove = membership.remove
+
+    def unreachable(*args: object, **kwargs: object) -> list[str]:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(membership, "remove", unreachable)
+    flushing.step_down("stopping")  # logged, not raised: the flush goes on
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1", "c-2"]
+    monkeypatch.setattr(membership, "remove", real_remove)
+    view = flushing.beat()
+    assert view.alive and set(view.members) == {"c-1"}
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+    assert _departures(r, keys) == [("c-2", "stopping")]
+    assert set(staying.beat().members) == {"c-1"}
+    flushing.beat()
+    assert len(_departures(r, keys)) == 1
 
 
 def test_a_leaving_id_that_was_pruned_still_loses_its_heartbeat(

@@ -252,22 +252,24 @@ class Consumer:
         self._failures.report()
 
     def _flush(self) -> None:
-        """After a stop request: stop reading, write everything already received, leave."""
+        """After a stop request: stop reading, hand our share over, write everything already
+        received (ours first: nobody else holds it), leave."""
         stopping_since = time.monotonic()
         self._parts.stop_reading()
         self._subscriber.join(timeout=5)
         if not self._fence.fenced:
             # Our share goes to the others now, however long the flush takes: the readers keep
             # what they routed to us only for TAKEOVER_BUFFER_MS.
-            self._leave("stopping", step_down=True)
+            with self._heartbeat.lock:
+                self._membership.step_down("stopping")
         margin_s = self.settings.heartbeat_ttl_ms / 1000
         leftovers = self._strategy.leaving(stopping_since - margin_s)
         if leftovers:
             self._takeovers.append(leftovers)
+        while len(self._inbox):  # batch by batch, so what is left is counted as held
+            self._handle(self._inbox.take(self._batch_size, 0, 0))
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
-        for batch in self._batches(self._inbox.drain()):
-            self._handle(batch)
         self._writes.wait_idle()
         self._failures.report(final=True)
 
@@ -305,14 +307,10 @@ class Consumer:
             failed=self._failure is not None,
         )
 
-    def _leave(self, reason: str, step_down: bool = False) -> None:
-        """Leaves the group; a step down keeps our heartbeat, so the flush can still write."""
+    def _leave(self, reason: str) -> None:
         try:
             with self._heartbeat.lock:
-                if step_down:
-                    self._membership.step_down(reason)
-                else:
-                    self._membership.leave(reason)
+                self._membership.leave(reason)
         except CONNECTION_ERRORS as error:
             self._log.warning("could not leave the group (%s): its heartbeat will expire", error)
 

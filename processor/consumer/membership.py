@@ -81,8 +81,9 @@ class Membership:
         self.consumer_id = ""
         self.token = ""
         self.last_beat_ms = 0
-        # Set once we have handed our share to the others (``step_down``), for this id.
+        # Set once we hand our share to the others (``step_down``), for this id.
         self.stepped_down = False
+        self._step_down_reason = ""
 
     def register(self, consumer_id: str) -> None:
         """Joins the group: heartbeat and list entry in one transaction."""
@@ -120,6 +121,10 @@ class Membership:
             ],
         )
         view = parse_view(reply)
+        if view.alive and self.stepped_down and self.consumer_id in view.members:
+            # Our step down did not reach Redis: again, before more is routed to us.
+            remove(self._leave, self._keys, self.consumer_id, False, self._step_down_reason, True)
+            del view.members[self.consumer_id]
         if view.alive:
             self.last_beat_ms = sent_ms
             try:
@@ -160,10 +165,16 @@ class Membership:
     def step_down(self, reason: str) -> None:
         """Hands our share to the others while we still hold messages to write: the id leaves
         the list (the others take over at once, as for a departure) and its heartbeat stays,
-        so our last writes are not fenced. ``leave`` ends it."""
-        if self.consumer_id:
+        so our last writes are not fenced. ``leave`` ends it. Redis unreachable: every beat from
+        now on tries again (and none lists us again)."""
+        if not self.consumer_id:
+            return
+        self.stepped_down = True
+        self._step_down_reason = reason
+        try:
             remove(self._leave, self._keys, self.consumer_id, False, reason, keep=True)
-            self.stepped_down = True
+        except CONNECTION_ERRORS as error:
+            log.warning("could not hand our share over yet (%s): the heartbeat tries again", error)
 
     def leave(self, reason: str) -> None:
         """Leaves the group and tells the others, who take over our share at once."""
