@@ -11,6 +11,7 @@ us, so nothing routed to us while we were moving is lost.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -52,6 +53,8 @@ class Feed(Receiver):
         self._addresses = addresses
         self._stall_s = stall_s
         self._member = ""
+        # Orders a rename against the check that a reader feeds us under our current id.
+        self._naming = threading.Lock()
         self.reader: int | None = None
         # Where the next search for a reader starts: after the one whose feed ended.
         self._first = 0
@@ -75,12 +78,13 @@ class Feed(Receiver):
 
     def rename(self, member: str) -> bool:
         """Feeds ``member`` from now on; True when that needs a new feed (wait_subscribed)."""
-        if member == self._member:
-            return False
-        first = not self._member
-        self._member = member
-        if not first:
-            self.reset()
+        with self._naming:
+            if member == self._member:
+                return False
+            first = not self._member
+            self._member = member
+            if not first:
+                self.reset()
         return True
 
     # -- the thread -------------------------------------------------------------------------------
@@ -128,8 +132,10 @@ class Feed(Receiver):
                 if not connection.poll(ACK_TIMEOUT_S):
                     raise FeedEnded("no answer to our hello")
                 kind, value = connection.recv()
-                if kind != ACK or value != self._member:
-                    raise FeedEnded(f"unexpected answer {kind!r}")
+                with self._naming:  # fed as who we are now, or renamed after (and reset)
+                    if kind != ACK or value != self._member:
+                        raise FeedEnded(f"unexpected answer {kind!r}")
+                    self.subscribed.set()
             except (OSError, EOFError) as failed:
                 connection.close()
                 error = failed
@@ -148,7 +154,6 @@ class Feed(Receiver):
         self._fed_once = True
         self._retrier.succeeded()
         self._last_alive = now_ms()
-        self.subscribed.set()
         if down_since is None:
             self._log.debug("fed by local reader %s", self.reader)
             return
