@@ -86,11 +86,11 @@ def test_a_consumer_removed_with_more_work_than_the_takeover_buffer_spans_loses_
         SHUTDOWN_GRACE=60,
     )
     publish_invalid(bclient, "drain")
-    # About 600 messages each: 6 s of work for the fed consumer in slot 2, the one removed.
-    burst = start_publisher(procs, redis_url, tmp_path / "burst.txt", 0.6, rate=3000)
+    # About 450 messages each: 4.5 s of work for the fed consumer in slot 2, the one removed.
+    burst = start_publisher(procs, redis_url, tmp_path / "burst.txt", 0.45, rate=3000)
     burst.finish()
     daemon.proc.send_signal(signal.SIGTTOU)
-    steady = start_publisher(procs, redis_url, tmp_path / "steady.txt", 8.0, rate=100)
+    steady = start_publisher(procs, redis_url, tmp_path / "steady.txt", 6.0, rate=100)
     wait_until(
         lambda: "stopped with code 0 and leaves the group" in daemon.log(),
         WAIT_S,
