@@ -161,6 +161,21 @@ def test_a_step_down_that_did_not_reach_redis_is_repeated_by_the_next_beat(
     assert len(_departures(r, keys)) == 1
 
 
+def test_a_step_down_with_the_departures_key_of_another_type_still_hands_the_share_over(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """Someone overwrote the departures stream: the flush must go on, and the others see the
+    share handed over at their next beat instead of at once."""
+    staying = _member(client, keys, "c-1")
+    flushing = _member(client, keys, "c-2")
+    r.set(keys.departures, "not a stream")
+    flushing.step_down("stopping")  # logged, not raised
+    assert set(staying.beat().members) == {"c-1"}
+    view = flushing.beat()
+    assert view.alive and set(view.members) == {"c-1"}
+    assert r.lrange(keys.consumers, 0, -1) == ["c-1"]
+
+
 def test_a_leaving_id_that_was_pruned_still_loses_its_heartbeat(
     client: redis.Redis, keys: Keys, r: redis.Redis
 ) -> None:

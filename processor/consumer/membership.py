@@ -121,9 +121,9 @@ class Membership:
             ],
         )
         view = parse_view(reply)
-        if view.alive and self.stepped_down and self.consumer_id in view.members:
-            # Our step down did not reach Redis: again, before more is routed to us.
-            remove(self._leave, self._keys, self.consumer_id, False, self._step_down_reason, True)
+        # Listed after our step down: it did not reach Redis. Again, before more is routed to us.
+        listed = view.alive and self.stepped_down and self.consumer_id in view.members
+        if listed and self._try_step_down():
             del view.members[self.consumer_id]
         if view.alive:
             self.last_beat_ms = sent_ms
@@ -171,10 +171,17 @@ class Membership:
             return
         self.stepped_down = True
         self._step_down_reason = reason
+        self._try_step_down()
+
+    def _try_step_down(self) -> bool:
+        """One attempt; False (logged) when it did not reach Redis: the next beat tries again
+        (a failure of this alone is not the beat's)."""
         try:
-            remove(self._leave, self._keys, self.consumer_id, False, reason, keep=True)
+            remove(self._leave, self._keys, self.consumer_id, False, self._step_down_reason, True)
         except CONNECTION_ERRORS as error:
             log.warning("could not hand our share over yet (%s): the heartbeat tries again", error)
+            return False
+        return True
 
     def leave(self, reason: str) -> None:
         """Leaves the group and tells the others, who take over our share at once."""
