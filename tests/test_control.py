@@ -6,13 +6,17 @@ from __future__ import annotations
 import re
 import signal
 
+import pytest
+
 from tests.faults_support import (
     Daemon,
     Expected,
     check_published,
+    check_streams,
     client,
     daemon_env,
     publish_invalid,
+    settle,
     start_daemon,
     start_publisher,
 )
@@ -140,3 +144,29 @@ def test_sighup_applies_live_settings_by_replacing_consumers_one_by_one(procs, r
     )
     assert proc.poll() is None
     finish(daemon, redis_url, publisher, "SIGHUP")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGTTOU], ids=["stop", "scale-down"])
+def test_a_stop_while_redis_pauses_writes_past_the_ttl_loses_nothing(
+    procs, redis_url, bclient, tmp_path, signum
+):
+    """Every stopping consumer is declared dead in its flush (the pause outlasts the heartbeat
+    TTL), and with SIGTERM nobody is left to take over: each writes what it holds anyway."""
+    daemon = start_daemon(procs, redis_url, "partitioned", count=3)
+    publish_invalid(bclient, "pause")
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 4.0, rate=2000)
+    publisher.wait_published(4000)
+    daemon.proc.send_signal(signum)
+    bclient.execute_command("CLIENT", "PAUSE", 2500, "WRITE")
+    if signum == signal.SIGTERM:
+        assert daemon.proc.wait(timeout=60) == 0, daemon.log()[-3000:]
+        publisher.finish()
+        expected = Expected(publisher.records())
+        assert settle(bclient, expected, timeout=10), check_streams(bclient, expected, "stop")
+        check_streams(bclient, expected, "stop while paused")
+        assert "rejoined after a stall" in daemon.log()
+        daemon.close()
+        return
+    publisher.finish()
+    daemon.count = 2
+    finish_fault(daemon, bclient, Expected(publisher.records()), "scale-down while paused")

@@ -213,16 +213,19 @@ class Consumer:
             self.settings.handler_concurrency,
         )
 
-    def _register(self, consumer_id: str) -> None:
+    def _register(self, consumer_id: str) -> bool:
+        """True once registered; stopping, under an id never listed (to write what we hold)."""
         if self.stop.is_set():
-            return
+            self._register_once(consumer_id, listed=False)  # raises while Redis is away
+            return True
         # A fed consumer's reader learns its new id first (after a rejoin).
         if self._subscriber.rename(consumer_id) and not self._receiving():
-            return
+            return False
         try:
             self._registration.call(partial(self._register_once, consumer_id))
         except RetryStopped:
-            return
+            return False
+        return True
 
     def _receiving(self) -> bool:
         """Waits until subscribed (or fed by a reader); False when stopped first."""
@@ -231,9 +234,9 @@ class Consumer:
                 return False
         return True
 
-    def _register_once(self, consumer_id: str) -> None:
+    def _register_once(self, consumer_id: str, listed: bool = True) -> None:
         with self._heartbeat.lock:
-            self._membership.register(consumer_id)
+            self._membership.register(consumer_id, listed)
             self._heartbeat.beat()
 
     def _step(self) -> None:
@@ -252,25 +255,24 @@ class Consumer:
         self._failures.report()
 
     def _flush(self) -> None:
-        """After a stop request: stop reading, hand our share over, write everything already
-        received (ours first: nobody else holds it), leave."""
+        """After a stop request: stop reading, hand our share over, write what we hold, leave."""
         stopping_since = time.monotonic()
         self._parts.stop_reading()
         self._subscriber.join(timeout=5)
         if not self._fence.fenced:
-            # Our share goes to the others now, however long the flush takes: the readers keep
-            # what they routed to us only for TAKEOVER_BUFFER_MS.
+            # Ours are theirs now, however long this takes: buffers keep TAKEOVER_BUFFER_MS.
             with self._heartbeat.lock:
                 self._membership.step_down("stopping")
         margin_s = self.settings.heartbeat_ttl_ms / 1000
         leftovers = self._strategy.leaving(stopping_since - margin_s)
         if leftovers:
             self._takeovers.append(leftovers)
-        while len(self._inbox):  # batch by batch, so what is left is counted as held
+        # Ours first (nobody else holds them), batch by batch: what is left counts as held.
+        while len(self._inbox):
             self._handle(self._inbox.take(self._batch_size, 0, 0))
         while self._takeovers:
             self._take_over(self._takeovers.popleft())
-        self._writes.wait_idle()
+        self._fence.write_refused()
         self._failures.report(final=True)
 
     def _tear_down(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -14,6 +15,9 @@ from processor.consumer.membership import now_ms
 from processor.consumer.messages import Entry
 from processor.observe.logs import Tagged
 from processor.store.connection import CONNECTION_ERRORS
+
+# How often a stopping consumer tries to rejoin while Redis is away.
+RETRY_S = 0.1
 
 
 class Fence:
@@ -31,7 +35,7 @@ class Fence:
         takeovers: deque[list[bytes]],
         stop: threading.Event,
         dedup_window_ms: int,
-        register: Callable[[], None],
+        register: Callable[[], bool],
         batches: Callable[[list[Entry]], Iterator[list[Entry]]],
         tagged: Tagged,
     ) -> None:
@@ -86,7 +90,12 @@ class Fence:
         )
         if covered and stalled_ms * 2 >= self._dedup_window_ms:
             self._drop_held(stalled_ms)
-        self._register()
+        try:
+            registered = self._register()
+        except CONNECTION_ERRORS:  # Redis away while we stop: still fenced, tried again
+            registered = False
+        if not registered:
+            return
         # Reports of the old id made before the new one beat: the rejoin answers them.
         self.take_reports()
         self.fenced = False
@@ -100,6 +109,20 @@ class Fence:
         # whole or refused whole by a fence, so a refusal never strands a written part here.
         for batch in self._batches(held):
             parts.writes.submit(batch)
+
+    def write_refused(self) -> None:
+        """At the end of a flush: while the fence refuses what we write (declared dead during
+        the flush: a stall, Redis paused past the heartbeat TTL), rejoin, under an id never
+        listed, and write it again. Nobody may be left to take it over: the whole group may
+        be stopping. The supervisor's SHUTDOWN_GRACE bounds the tries."""
+        writes = self._parts.writes
+        writes.wait_idle()
+        while (self.take_reports() or self.fenced) and writes.is_alive():
+            self.fenced = True
+            self.rejoin()
+            if self.fenced:
+                time.sleep(RETRY_S)  # Redis away: the rejoin could not register
+            writes.wait_idle()
 
     def _drop_held(self, stalled_ms: int) -> None:
         subscriber = self._parts.subscriber

@@ -85,17 +85,19 @@ class Membership:
         self.stepped_down = False
         self._step_down_reason = ""
 
-    def register(self, consumer_id: str) -> None:
-        """Joins the group: heartbeat and list entry in one transaction."""
+    def register(self, consumer_id: str, listed: bool = True) -> None:
+        """Joins the group: heartbeat and list entry in one transaction. Not ``listed``: a
+        heartbeat only, as after a step down (a stopping consumer's id, only to write)."""
         self.consumer_id = consumer_id
-        self.stepped_down = False
+        self.stepped_down = not listed
         sent_ms = now_ms()
         self.token = f"{secrets.token_hex(4)}:{sent_ms}"
         with self._client.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.heartbeat(consumer_id), self.token, px=self._ttl_ms)
-            # LREM first: a retried registration must not list the id twice.
-            pipe.lrem(self._keys.consumers, 0, consumer_id)
-            pipe.rpush(self._keys.consumers, consumer_id)
+            if listed:
+                # LREM first: a retried registration must not list the id twice.
+                pipe.lrem(self._keys.consumers, 0, consumer_id)
+                pipe.rpush(self._keys.consumers, consumer_id)
             pipe.execute()
         self._refresh_fences()
         self.last_beat_ms = sent_ms
