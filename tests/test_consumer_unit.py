@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ import redis
 
 from processor.config import Settings
 from processor.consumer.consumer import Consumer
+from processor.consumer.fence import Fence
+from processor.consumer.inbox import Inbox
 from processor.consumer.messages import OUTPUT, Entry
 from processor.consumer.stats import ADDED, ConsumerStats
 from processor.consumer.write_thread import Batch
@@ -232,3 +235,16 @@ def test_the_consumers_lines_start_with_its_identity_and_keep_their_modules_name
     changed = [rec for rec in caplog.records if "group changed" in logged(rec)]
     assert changed and changed[0].name == "processor.consumer.heartbeat"
     assert logged(changed[0]) == f"[{consumer_id} pid={pid}] group changed: 1 live consumers"
+
+
+def test_what_the_fence_refused_is_held_until_written_again() -> None:
+    """A consumer killed with refused batches (declared dead, then SHUTDOWN_GRACE) must count
+    them as held: the supervisor records what a killed consumer held as lost."""
+    fence = Fence(None, Inbox(), deque(), threading.Event(), 60_000, lambda: True, None, None)  # type: ignore[arg-type]
+    fence.report([])  # the heartbeat's report: nothing refused
+    fence.report(entries(3))
+    assert fence.holding() == 3  # reported, not taken yet
+    assert fence.take_reports()
+    assert fence.holding() == 3  # taken, not written yet
+    fence.unwritten = []  # as a rejoin hands them back to the writer
+    assert fence.holding() == 0

@@ -184,7 +184,7 @@ class Consumer:
             self._busy,
             self._inbox,
             self._stats_base,
-            held=self._held,
+            held=lambda: self._held() + self._fence.holding(),
             ready=lambda: (
                 self._subscriber.is_subscribed()
                 and not self._fence.fenced

@@ -48,12 +48,22 @@ class Fence:
         self._batches = batches
         self._log = tagged
         self._reports: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        # Entries refused, and taken from the reports: each counted by one thread only.
+        self._refused = 0
+        self._taken = 0
         self.fenced = False
         self.unwritten: list[Entry] = []
 
     def report(self, refused: list[Entry]) -> None:
-        """From any thread: the group declared us dead; ``refused`` is what a write lost to it."""
+        """From any thread: the group declared us dead; ``refused`` is what a write lost to it
+        (only the write thread has any)."""
+        if refused:
+            self._refused += len(refused)
         self._reports.put(refused)
+
+    def holding(self) -> int:
+        """Entries the fence refused that we still hold (reported, or taken, not written)."""
+        return self._refused - self._taken + len(self.unwritten)
 
     def take_reports(self) -> bool:
         """Takes what the heartbeat and the write thread reported of a fence; True if any."""
@@ -64,6 +74,7 @@ class Fence:
             except queue.Empty:
                 return reported
             self.unwritten.extend(refused)
+            self._taken += len(refused)
             reported = True
 
     def rejoin(self) -> None:
