@@ -215,9 +215,10 @@ class Consumer:
 
     def _register(self, consumer_id: str) -> bool:
         """True once registered; stopping, under an id never listed (to write what we hold)."""
-        if self.stop.is_set():
-            self._register_once(consumer_id, listed=False)  # raises while Redis is away
-            return True
+        if self.stop.is_set():  # a rejoin in the flush, or stopped before we joined
+            if self._fence.fenced:
+                self._register_once(consumer_id, listed=False)  # raises while Redis is away
+            return self._fence.fenced
         # A fed consumer's reader learns its new id first (after a rejoin).
         if self._subscriber.rename(consumer_id) and not self._receiving():
             return False
@@ -294,9 +295,8 @@ class Consumer:
         self._reporting.stopped()
 
     def _held(self) -> int:
-        """Messages received, ours or being taken over, not written yet (the fenced ones are
-        counted apart). Not the takeovers still queued: copies of others' messages, which their
-        owner wrote (a departure announced as it stopped) or the readers' buffers also hold."""
+        """Messages received, ours or taken over, not written yet (the fenced counted apart); not
+        the takeovers still queued: copies their owner wrote or the readers' buffers hold."""
         return len(self._inbox) + self._in_hand + self._writes.holding()
 
     def _count_unwritten(self) -> None:

@@ -128,12 +128,15 @@ class Fence:
         be stopping. The supervisor's SHUTDOWN_GRACE bounds the tries."""
         writes = self._parts.writes
         writes.wait_idle()
-        while (self.take_reports() or self.fenced) and writes.is_alive():
+        self.take_reports()
+        # Only what was refused: a consumer stopped before it joined is "dead" too, holding none.
+        while self.unwritten and writes.is_alive():
             self.fenced = True
             self.rejoin()
             if self.fenced:
                 time.sleep(RETRY_S)  # Redis away: the rejoin could not register
             writes.wait_idle()
+            self.take_reports()
 
     def _drop_held(self, stalled_ms: int) -> None:
         subscriber = self._parts.subscriber
