@@ -46,18 +46,18 @@ class FeedPlan:
         return [self.address((first + step) % self.readers) for step in range(self.readers)]
 
 
-def sibling_peer(sock: socket.socket) -> int | None:
-    """The pid at the other end when it is a consumer of our daemon (our user, our parent),
-    else None. The abstract namespace has no permissions and the frames are pickles: a feed
-    socket must serve and trust our own processes only."""
+def is_sibling(sock: socket.socket) -> bool:
+    """Whether the other end is a consumer of our daemon (our user, our parent). The abstract
+    namespace has no permissions and the frames are pickles: a feed socket must serve and
+    trust our own processes only."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _ = struct.unpack("3i", creds)
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             parent = int(stat.read().rpartition(b")")[2].split()[1])
     except (OSError, ValueError, IndexError):
-        return None
-    return pid if uid == os.getuid() and parent == os.getppid() else None
+        return False
+    return uid == os.getuid() and parent == os.getppid()
 
 
 def connect(address: str, timeout_s: float, read_timeout_s: float) -> Connection:
@@ -72,7 +72,7 @@ def connect(address: str, timeout_s: float, read_timeout_s: float) -> Connection
         seconds, fraction = divmod(read_timeout_s, 1.0)
         timeval = struct.pack("ll", int(seconds), int(fraction * 1_000_000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        if sibling_peer(sock) is None:
+        if not is_sibling(sock):
             raise ConnectionRefusedError(f"{address[1:]!r} is not held by a reader of ours")
     except BaseException:
         sock.close()

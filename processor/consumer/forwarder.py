@@ -10,7 +10,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from processor.consumer.feeds import ACK, HELLO, MESSAGES, TICK, TICK_S, listen, sibling_peer
+from processor.consumer.feeds import ACK, HELLO, MESSAGES, TICK, TICK_S, is_sibling, listen
 from processor.consumer.ownership import PartitionedStrategy
 from processor.consumer.subscribers import Subscribers
 from processor.consumer.threads import OnFailure, WatchedThread
@@ -71,7 +71,7 @@ class Forwarder(WatchedThread):
                     sock, _ = server.accept()
                 except TimeoutError:
                     continue
-                if sibling_peer(sock) is None:
+                if not is_sibling(sock):
                     self._log.warning("feed socket: refused a process that is not one of ours")
                     sock.close()
                     continue
