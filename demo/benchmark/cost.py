@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import redis
 
-from demo.benchmark.daemon import consumer_pid, daemon
+from demo.benchmark.daemon import consumer_pid, consumer_slot, daemon
 from demo.benchmark.measure import (
     Bench,
     Run,
@@ -18,7 +18,7 @@ from demo.benchmark.measure import (
     redis_cpu_us,
     redis_write_us,
 )
-from demo.benchmark.plan import DEDUP, KEYS, LOCK_PREFIX, PIPELINES, TRIVIAL
+from demo.benchmark.plan import DEDUP, DEFAULTS, KEYS, LOCK_PREFIX, PIPELINES, TRIVIAL
 
 
 @dataclass
@@ -71,7 +71,12 @@ def cost(bench: Bench, strategy: str, consumers: int, path: str = DEDUP) -> Cost
         memory = measure_memory(client, used_delta, run.written, path)
     received = run.published - run.unreceived
     per_consumer = [
-        ConsumerCpu(consumer_id, received, output.by_consumer[consumer_id], after - before)
+        ConsumerCpu(
+            consumer_id,
+            received if is_reader(strategy, consumer_id) else output.by_consumer[consumer_id],
+            output.by_consumer[consumer_id],
+            after - before,
+        )
         for consumer_id, before, after in zip(ids, cpu_before, cpu_after, strict=True)
     ]
     written = max(run.written, 1)
@@ -89,6 +94,11 @@ def cost(bench: Bench, strategy: str, consumers: int, path: str = DEDUP) -> Cost
     )
     bench.progress(f"cost {strategy} {path} x{consumers}", run, cost_note(result))
     return result
+
+
+def is_reader(strategy: str, consumer_id: str) -> bool:
+    """Whether the consumer subscribes (reads every message) or is fed only its own."""
+    return strategy == "race" or consumer_slot(consumer_id) < DEFAULTS.readers_per_host
 
 
 def measure_memory(client: redis.Redis, used_delta: int, written: int, path: str) -> Memory:
@@ -115,7 +125,8 @@ def cost_note(cost: Cost) -> str:
 
 @dataclass
 class CpuSplit:
-    """Consumer CPU per message: one it owns, and one it only reads and buffers."""
+    """Consumer CPU per message: one it owns, and one a reader only reads, buffers and
+    forwards."""
 
     owned_us: float
     buffered_us: float

@@ -179,3 +179,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def consumer_pid(consumer_id: str) -> int:
     """Consumer ids are ``host-pid-slot-suffix`` (the host name may hold dashes)."""
     return int(consumer_id.rsplit("-", 3)[1])
+
+
+def consumer_slot(consumer_id: str) -> int:
+    return int(consumer_id.rsplit("-", 3)[2])

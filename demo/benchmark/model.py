@@ -1,9 +1,12 @@
 """The cost model of the README's "Scaling out": CPU µs per message per component, from this run.
 
-A group writes at the least of three bounds. Consumers: a message costs the group c_owned + h
-once and c_buf on each other consumer (race: c_owned + h on every one), spread over at most
-min(N, cores) cores. Redis: one core at r(N) = r1 + r_sub (N - 1) per message. CPU: on a shared
-host, Redis, publisher and consumers together within its cores.
+Partitioned, only readers subscribe: S = min(N, READERS_PER_HOST x hosts) subscriptions (race:
+every consumer, S = N). A group writes at the least of four bounds. Consumers: a message costs
+the group c_owned + h once and c_buf on each reader that does not own it (race: c_owned + h on
+every consumer), spread over at most min(N, cores) cores. Readers: each reads every message, so
+one core must carry c_buf for those it does not own and c_owned + h for its own share. Redis: one
+core at r(S) = r1 + r_sub (S - 1) per message. CPU: on a shared host, Redis, publisher and
+consumers together within its cores.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from demo.benchmark.plan import CPU, DEDUP, STRATEGIES, TRIVIAL
+from demo.benchmark.plan import CPU, DEDUP, DEFAULTS, STRATEGIES, TRIVIAL
 from demo.benchmark.scenarios import Results
 
 # Measured on this project's machine: pipelines of 1000 PUBLISH, messages built in advance.
@@ -21,6 +24,7 @@ PUBLISHER_FACT_US = 3.5
 HANDLER_US = {TRIVIAL.name: 0.0, CPU.name: 100.0}  # what the handler adds to an owned message
 BIG_HOST_CORES = 16
 HOST_CONSUMERS = (1, 2, 4, 8, 16, 32, 64)  # the several-hosts table
+CONSUMERS_PER_HOST = 4  # in that table: hosts of 4 cores, a consumer on each
 MAX_CONSUMERS = 256
 CHECK_HEADER = ("handler", "strategy", "N", "predicted msg/s", "bound", "measured msg/s", "error")
 
@@ -29,36 +33,56 @@ CHECK_HEADER = ("handler", "strategy", "N", "predicted msg/s", "bound", "measure
 class Costs:
     """CPU µs per written message, per component."""
 
-    redis_1: float  # r1: redis-server with one consumer
+    redis_1: float  # r1: redis-server with one subscriber
     redis_sub: float  # r_sub: what each further subscriber adds (fan-out; race: lock calls too)
     owned: float  # c_owned: a consumer, for a message it owns (read, validate, process, write)
-    buffered: float  # c_buf: a consumer, for a message it only reads and buffers
+    buffered: float  # c_buf: a reader, for a message it only reads, buffers and forwards
     publisher: float
     publisher_source: str
+    readers: int  # READERS_PER_HOST
 
-    def redis(self, consumers: int) -> float:
-        return self.redis_1 + self.redis_sub * (consumers - 1)
+    def subscribers(self, strategy: str, consumers: int, hosts: int = 1) -> int:
+        if strategy == "race":
+            return consumers
+        return min(consumers, self.readers * hosts)
 
-    def group(self, strategy: str, handler_us: float, consumers: int) -> float:
+    def redis(self, strategy: str, consumers: int, hosts: int = 1) -> float:
+        return self.redis_1 + self.redis_sub * (self.subscribers(strategy, consumers, hosts) - 1)
+
+    def group(self, strategy: str, handler_us: float, consumers: int, hosts: int = 1) -> float:
         if strategy == "race":  # every consumer runs the handler on every message
             return consumers * (self.owned + handler_us)
-        return self.owned + handler_us + (consumers - 1) * self.buffered
+        # Every reader but the owner, when a reader owns it (S of the N own alike).
+        readers = self.subscribers(strategy, consumers, hosts)
+        return self.owned + handler_us + (readers - readers / consumers) * self.buffered
+
+    def reader(self, handler_us: float, consumers: int) -> float:
+        """What one reader spends per message of the channel: it reads them all."""
+        return (1 - 1 / consumers) * self.buffered + (self.owned + handler_us) / consumers
 
 
 @dataclass(frozen=True)
 class Rate:
     msg_s: float
-    bound: str  # consumers, redis or cpu
+    bound: str  # consumers, readers, redis or cpu
 
 
-def rate(costs: Costs, strategy: str, handler_us: float, n: int, cores: int | None) -> Rate:
+def rate(
+    costs: Costs, strategy: str, handler_us: float, n: int, cores: int | None, hosts: int = 1
+) -> Rate:
     """Written msg/s on a host of ``cores`` shared by all; None: a core for every process."""
-    group, redis = costs.group(strategy, handler_us, n), costs.redis(n)
+    group, redis = costs.group(strategy, handler_us, n, hosts), costs.redis(strategy, n, hosts)
     bounds = {"consumers": min(n, cores or n) * 1e6 / group, "redis": 1e6 / redis}
+    if strategy != "race":
+        bounds["readers"] = 1e6 / costs.reader(handler_us, n)
     if cores is not None:
         bounds["cpu"] = cores * 1e6 / (redis + costs.publisher + group)
     bound = min(bounds, key=bounds.__getitem__)
     return Rate(bounds[bound], bound)
+
+
+def hosts_for(consumers: int) -> int:
+    return -(-consumers // CONSUMERS_PER_HOST)
 
 
 @dataclass(frozen=True)
@@ -107,7 +131,8 @@ class Model:
 
 
 def line_fit(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares r = r1 + r_sub (n - 1); a negative slope is noise, read as 0."""
+    """Least squares r = r1 + r_sub (s - 1) over (subscribers, r); a negative slope is noise,
+    read as 0."""
     if len({n for n, _ in points}) < 2:
         return statistics.fmean(r for _, r in points), 0.0
     slope, r1 = statistics.linear_regression([n - 1 for n, _ in points], [r for _, r in points])
@@ -126,8 +151,12 @@ def measured(results: Results, handler: str, strategy: str, n: int) -> tuple[flo
 
 
 def scan(costs: Costs, handler: str, cores: int | None) -> Cap:
+    """One host of ``cores``; None: hosts of CONSUMERS_PER_HOST consumers, a core each."""
     us = HANDLER_US[handler]
-    rates = {n: rate(costs, "partitioned", us, n, cores) for n in range(1, MAX_CONSUMERS + 1)}
+    rates = {
+        n: rate(costs, "partitioned", us, n, cores, 1 if cores else hosts_for(n))
+        for n in range(1, MAX_CONSUMERS + 1)
+    }
     best_at = max(rates, key=lambda n: rates[n].msg_s)
     redis_from = next((n for n, r in rates.items() if r.bound == "redis"), None)
     return Cap(handler, redis_from, rates[best_at], best_at)
@@ -142,14 +171,18 @@ def build_model(results: Results) -> Model | None:
     if publisher is None:
         publisher, source = PUBLISHER_FACT_US, "an earlier measurement"
     costs = {}
+    readers = DEFAULTS.readers_per_host
     for strategy in STRATEGIES:
+        shape = Costs(0, 0, 0, 0, 0, "", readers)
         points = [
-            (c.consumers, c.redis_us_per_msg)
+            (shape.subscribers(strategy, c.consumers), c.redis_us_per_msg)
             for c in results.costs
             if (c.strategy, c.path) == (strategy, DEDUP)
         ]
         r1, r_sub = line_fit(points)
-        costs[strategy] = Costs(r1, r_sub, split.owned_us, split.buffered_us, publisher, source)
+        costs[strategy] = Costs(
+            r1, r_sub, split.owned_us, split.buffered_us, publisher, source, readers
+        )
     cores = int(results.meta.get("cpus") or 1)
     checks = []
     for handler, strategy, n in itertools.product(
@@ -175,7 +208,7 @@ def build_model(results: Results) -> Model | None:
         [scan(ours, handler, BIG_HOST_CORES) for handler in HANDLER_US],
         [scan(ours, handler, None) for handler in HANDLER_US],
         {
-            h: [rate(ours, "partitioned", us, n, None) for n in HOST_CONSUMERS]
+            h: [rate(ours, "partitioned", us, n, None, hosts_for(n)) for n in HOST_CONSUMERS]
             for h, us in HANDLER_US.items()
         },
     )
@@ -201,13 +234,13 @@ def markdown(model: Model) -> str:
     """The model as the README's "Scaling out" shows it."""
     ours, race = model.costs["partitioned"], model.costs["race"]
     components = [
-        ("redis-server, 1 consumer (r1)", f"{ours.redis_1:.1f} (race {race.redis_1:.1f})"),
+        ("redis-server, 1 subscriber (r1)", f"{ours.redis_1:.1f} (race {race.redis_1:.1f})"),
         (
             "redis-server, per extra subscriber (r_sub)",
             f"{ours.redis_sub:.2f} (race {race.redis_sub:.2f})",
         ),
         ("consumer, message owned (c_owned)", f"{ours.owned:.1f}"),
-        ("consumer, message only read and buffered (c_buf)", f"{ours.buffered:.1f}"),
+        ("reader, message only read, buffered, forwarded (c_buf)", f"{ours.buffered:.1f}"),
         ("publisher (p)", f"{ours.publisher:.1f} ({ours.publisher_source})"),
     ]
     hosts = [
@@ -232,14 +265,16 @@ def markdown(model: Model) -> str:
         f"Prediction, one host of {BIG_HOST_CORES} cores shared by Redis, publisher, consumers:",
         *map(cap_line, model.big_host),
         "",
-        "Prediction, consumers on several hosts (a core each), one Redis (a core of its own):",
+        f"Prediction, consumers on several hosts of {CONSUMERS_PER_HOST} (a core each, "
+        f"{ours.readers} readers a host), one Redis (a core of its own):",
         "",
         *md_table(("consumers", *(f"{h} msg/s" for h in HANDLER_US)), hosts),
         "",
         *map(cap_line, model.many_hosts),
-        "- Every consumer reads every message: even an unlimited Redis leaves a group under "
-        f"1 / c_buf = {1e6 / ours.buffered:,.0f} msg/s; every subscriber adds r_sub to Redis.",
-        "- Next: sharded Pub/Sub (SPUBLISH/SSUBSCRIBE) on Redis Cluster, one group and one "
-        f"output stream per shard: about {shards} msg/s for S shards.",
+        f"- Every reader reads every message: even an unlimited Redis leaves a group under "
+        f"1 / c_buf = {1e6 / ours.buffered:,.0f} msg/s; every host adds {ours.readers} "
+        "subscribers, r_sub each, to Redis.",
+        "- Past one Redis core: Redis Cluster partitions (sharded Pub/Sub, an output stream "
+        f"per partition), about {shards} msg/s for S shards.",
     ]
     return "\n".join(lines)
