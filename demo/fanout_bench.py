@@ -1,6 +1,7 @@
 """The fan-out bench: ``python demo/fanout_bench.py [--baseline REF] [--quick]``.
 
-What more consumers cost when every consumer reads every message. For each consumer count and
+What more consumers cost: this tree, where only readers subscribe, against a baseline from
+before readers, where every consumer read every message. For each consumer count and
 each of two source trees (this one, and ``--baseline``, a git ref checked out into a temporary
 worktree for the length of the bench), ``--rounds`` times, the trees alternating: flush a private
 redis-server, start the tree's ``demo/consume.py`` (trivial handler, partitioned), wait until

@@ -21,10 +21,11 @@ def _primary_locator(settings: RedisSettings, channel: str) -> Callable[[], str]
 
 
 class Subscribers:
-    """A consumer's subscriptions: one reader on a single Redis, one per partition on a cluster.
+    """A subscribing consumer's subscriptions (a reader's, or every consumer's with race): one
+    subscriber thread on a single Redis, one per partition on a cluster.
 
-    Every consumer reads every partition, so the ownership strategies and takeovers work as on
-    one Redis; each reader reports its own gaps.
+    Each reads every partition, so the ownership strategies and takeovers work as on one Redis;
+    each subscriber thread reports its own gaps.
     """
 
     def __init__(
