@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,16 @@ from redis.cluster import RedisCluster
 
 from demo.redis_cluster import LocalCluster
 from processor.config import Settings
+from processor.store.connection import REDIS_ERRORS, command_client
 from processor.store.keys import Keys
 from processor.store.partitions import partition_of
-from tests.faults_support import FAST_SETTINGS, INVALID_PAYLOADS, REPO_ROOT, wait_for_result
+from tests.faults_support import (
+    FAST_SETTINGS,
+    HEARTBEAT_TTL_MS,
+    INVALID_PAYLOADS,
+    REPO_ROOT,
+    wait_for_result,
+)
 from tests.helpers import wait_until
 
 PARTITIONS = 3
@@ -217,13 +225,22 @@ def fail_over_while_publishing(
     key_of: Callable[[Keys], str],
     duration_s: float,
     restart_old_primary: bool = False,
+    group_node_lives: bool = False,
 ) -> None:
     """Publishes with --retry-unreceived to a daemon with WAIT_REPLICAS=1, kill -9s the primary
     serving ``key_of(keys)`` mid-run (and starts it again, to rejoin as a replica, if asked),
-    then checks that nothing published was lost or doubled and the daemon went on by itself."""
+    then checks that nothing published was lost or doubled and the daemon went on by itself.
+
+    ``group_node_lives``: the group's own slot is elsewhere. A client made before the kill still
+    reads the group's streams (XREAD, whose keys redis-py asks its first primary for), and the
+    consumers beat on after the failover (while the cluster said CLUSTERDOWN they may have been
+    declared dead and rejoined, as docs/cluster.md says)."""
     daemon = start_daemon(procs, cluster, WAIT_REPLICAS=1)
     keys = keys_for(cluster.url)
     client = RedisCluster.from_url(cluster.url)
+    events = command_client(
+        Settings(redis_url=cluster.url, redis_cluster=True, partitions=PARTITIONS), timeout_s=1
+    )
     try:
         record = tmp_path / "published.txt"
         publisher = start_publisher(procs, cluster, record, duration_s, "--retry-unreceived")
@@ -231,7 +248,10 @@ def fail_over_while_publishing(
         wait_until(lambda: record.exists() and record.stat().st_size > 100_000, 30)
         key = key_of(keys)
         primary = cluster.primary_of(key)
+        assert (cluster.primary_of(keys.gaps) is not primary) == group_node_lives
         cluster.kill(primary)
+        if group_node_lives:
+            wait_until(lambda: reads(events, keys.gaps), 15, message="XREAD failed for good")
         promoted = cluster.wait_for_primary_change(key, primary, timeout_s=30)
         if restart_old_primary:
             primary.restart(keep_data=False)
@@ -247,16 +267,47 @@ def fail_over_while_publishing(
         settle(client, keys, received)
         check_exactly_once(client, keys, received)
         assert daemon.poll() is None, procs.output(daemon)[-3000:]
+        if group_node_lives:
+            beating_on(client, keys)
         stop_daemon(procs, daemon)
     finally:
         client.close()
+        events.close()
+
+
+def beating_on(client: RedisCluster, keys: Keys) -> None:
+    """The group is whole again and stays so for three heartbeat TTLs: the same consumers
+    listed, each with its heartbeat key (one that stopped beating would lose it in one TTL)."""
+    wait_until(lambda: client.llen(keys.consumers) == CONSUMERS, 30, message="group not whole")
+    members = set(client.lrange(keys.consumers, 0, -1))
+    until = time.monotonic() + 3 * HEARTBEAT_TTL_MS / 1000
+    while time.monotonic() < until:
+        assert set(client.lrange(keys.consumers, 0, -1)) == members, "the group changed"
+        for member in members:
+            assert client.exists(keys.heartbeat(member.decode())), f"{member!r} stopped beating"
+        time.sleep(0.1)
+
+
+def reads(client: redis.Redis, stream: str) -> bool:
+    try:
+        client.xread({stream: "0"}, count=1)
+    except REDIS_ERRORS:
+        return False
+    return True
 
 
 def test_a_killed_primary_fails_over_and_nothing_published_is_lost_or_doubled(
     cluster: LocalCluster, procs: Any, tmp_path: Path
 ) -> None:
+    """Partition 0's primary also serves slot 0: redis-py's default node, which it asks for
+    the keys of an XREAD (the heartbeat's read of the group's events)."""
     fail_over_while_publishing(
-        cluster, procs, tmp_path, lambda keys: keys.partitions[0].channel, duration_s=8.0
+        cluster,
+        procs,
+        tmp_path,
+        lambda keys: keys.partitions[0].channel,
+        duration_s=8.0,
+        group_node_lives=True,
     )
 
 

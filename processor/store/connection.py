@@ -92,6 +92,25 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, that stops asking a dead node for a command's keys.
+
+    For a command whose keys it cannot find by itself (XREAD, which the heartbeat and the
+    monitor read the group's streams with), redis-py asks its default node (``COMMAND
+    GETKEYS``), the primary of the first slots, before routing. A failover of that primary only
+    replaces the default node in errors of the routed command, which never runs: every such
+    command would fail for good, and the heartbeats with it. We ask the next primary instead.
+    """
+
+    def _get_command_keys(self, *args: Any) -> Any:
+        for _ in range(len(self.get_primaries())):  # type: ignore[no-untyped-call]
+            try:
+                return super()._get_command_keys(*args)  # type: ignore[no-untyped-call]
+            except _RECONNECT_ON:
+                self.replace_default_node()
+        return super()._get_command_keys(*args)  # type: ignore[no-untyped-call]
+
+
 def command_client(
     settings: RedisSettings,
     name: str = "processor",
@@ -122,7 +141,7 @@ def command_client(
         **settings.tls_options,
     }
     if settings.redis_cluster:
-        return cast(redis.Redis, RedisCluster.from_url(settings.url, **options))
+        return cast(redis.Redis, _Cluster.from_url(settings.url, **options))
     return redis.Redis.from_url(settings.url, **options)
 
 
