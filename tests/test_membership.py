@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 
 import pytest
 import redis
 
 from processor.config import Settings
 from processor.consumer import membership
+from processor.consumer.heartbeat import Heartbeat
 from processor.consumer.membership import (
     Membership,
     evict_process,
@@ -19,9 +22,11 @@ from processor.consumer.membership import (
     process_id_prefix,
     read_view,
 )
+from processor.consumer.ownership import RaceStrategy
+from processor.consumer.subscriber import Gap
 from processor.errors import WrongType
 from processor.store.keys import Keys
-from tests.helpers import wait_until
+from tests.helpers import tagged, wait_until
 
 TTL_MS = 5_000
 
@@ -260,3 +265,35 @@ def test_a_live_consumer_lists_itself_again_when_the_list_is_deleted_or_overwrit
     first.beat()
     assert set(second.beat().members) == {"c-1", "c-2"}
     assert sorted(r.lrange(keys.consumers, 0, -1)) == ["c-1", "c-2"]
+
+
+def test_a_gap_of_the_last_moment_is_published_as_the_heartbeat_ends(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """A fed consumer whose reader stops first moves and counts a gap in its stop line; its
+    heartbeat ends with the flush, before another beat would publish it."""
+    gaps: queue.SimpleQueue[Gap] = queue.SimpleQueue()
+    done = threading.Event()
+    heartbeat = Heartbeat(
+        client,
+        keys,
+        _member(client, keys, "c-1"),
+        RaceStrategy(),
+        interval_s=60.0,
+        backlog_warn_bytes=2**30,
+        stop=threading.Event(),
+        done=done,
+        tagged=tagged("[c-1]"),
+        subscriptions=list,
+        on_takeover=lambda taken: None,
+        on_fenced=lambda: None,
+        on_failure=lambda name, error: None,
+        status=dict,
+        report=lambda: None,
+        gaps=gaps,
+    )
+    gaps.put(Gap(1_000, 1_012))
+    done.set()
+    heartbeat.work()
+    published = [fields for _, fields in r.xrange(keys.gaps)]
+    assert published == [{"consumer_id": "c-1", "start_ms": "1000", "end_ms": "1012"}]

@@ -27,7 +27,7 @@ from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
 from processor.errors import WrongType
 from processor.observe.logs import Tagged
-from processor.store.connection import CONNECTION_ERRORS
+from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS
 from processor.store.keys import Keys
 from processor.store.outage import Backoff, Outage, Retrier
 
@@ -156,6 +156,7 @@ class Heartbeat(WatchedThread):
                 continue
             self._retrier.succeeded()
         self._report()  # the last: every write is done by now
+        self._publish_last_gaps()
 
     @property
     def members(self) -> frozenset[str]:
@@ -239,6 +240,16 @@ class Heartbeat(WatchedThread):
                 len(taken),
             )
             self._on_takeover(taken)
+
+    def _publish_last_gaps(self) -> None:
+        """Gaps since the last beat (a fed consumer moved as its reader stopped first) are in
+        our stop line's count: published too, if Redis takes them."""
+        try:
+            self._publish_gaps()
+        except REDIS_ERRORS as error:
+            self._log.warning(
+                "%d subscription gaps not published: %s", len(self._unpublished), error
+            )
 
     def _publish_gaps(self) -> None:
         while True:
