@@ -281,3 +281,57 @@ def test_a_consumer_that_stops_reading_cannot_grow_the_readers_memory(plan: Feed
         connection.close()
         reader.stop()
     assert not reader.failures
+
+
+def outlets_alive(reader: Reader) -> int:
+    return sum(outlet.is_alive() for outlet in reader.forwarder._outlets)
+
+
+def test_a_hello_given_up_on_by_its_consumer_ends_its_outlet(plan: FeedPlan) -> None:
+    """While a reader cannot subscribe (Redis away), every fed consumer says hello, waits for an
+    answer, gives up and tries again; each try left a thread that waited for good (hundreds in
+    a long outage, each waking every 20 ms), then fed a consumer that was gone."""
+    reader = Reader(plan.address(0), MEMBERS, "reader-0")
+    reader.subscriptions.subscribed = False
+    try:
+        wait_until(lambda: reader.forwarder.listening, 5, message="the reader never listened")
+        for _ in range(3):
+            connection = connect(plan.address(0), 1.0, 1.0)
+            connection.send((HELLO, "fed-2"))
+            wait_until(lambda: outlets_alive(reader) == 1, 5, message="hello not taken")
+            connection.close()  # as a Feed does when no answer comes
+            wait_until(lambda: outlets_alive(reader) == 0, 5, message="the outlet waits on")
+        reader.subscriptions.subscribed = True
+        fed = Fed([plan.address(0)], "fed-2")
+        try:
+            assert fed.feed.wait_subscribed(5), "never fed"
+            theirs = payloads_of("fed-2", MEMBERS, 20)
+            reader.route(theirs)
+            wait_until(lambda: fed.received() == theirs, 5, message="not fed")
+        finally:
+            fed.feed.stop()
+    finally:
+        reader.stop()
+
+
+def test_an_outlet_whose_consumer_another_feed_took_ends_so_the_consumer_moves(
+    plan: FeedPlan,
+) -> None:
+    """Two feeds of one consumer in one reader (a stale hello answered late): when the other
+    feed replaces or drops this one's routing, this one must end, not go on ticking with
+    nothing routed to it while the messages age out of the buffers."""
+    first = Reader(plan.address(0), MEMBERS, "reader-0")
+    second = Reader(plan.address(1), MEMBERS, "reader-1")
+    fed = Fed(plan.addresses_for(2), "fed-2")
+    try:
+        assert fed.feed.wait_subscribed(5) and fed.feed.reader == 0
+        first.strategy.unfeed("fed-2", first.strategy._fed["fed-2"])  # as a stale outlet's end
+        wait_until(lambda: fed.feed.reader == 1, 5, message="the fed consumer stayed unrouted")
+        wait_until(lambda: len(fed.gaps) == 1, 5, message="gap not reported")
+        theirs = payloads_of("fed-2", MEMBERS, 20)
+        second.route(theirs)
+        wait_until(lambda: fed.received() == theirs, 5, message="the second reader did not feed")
+    finally:
+        fed.feed.stop()
+        first.stop()
+        second.stop()

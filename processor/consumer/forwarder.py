@@ -183,6 +183,13 @@ class Outlet(WatchedThread):
                     self.member,
                 )
                 return
+            if not self._strategy.feeds(self.member, self._sink):
+                self._log.warning(
+                    "another feed of %s took its place here: ending this one, so that it moves "
+                    "and reports the gap",
+                    self.member,
+                )
+                return
             try:
                 batch = self._queue.get(timeout=TICK_S)
             except queue.Empty:
@@ -206,7 +213,10 @@ class Outlet(WatchedThread):
     def _welcome(self, member: str) -> None:
         """Feeds ``member`` once we are subscribed and have a view to route by."""
         while not (self._subscribers.is_subscribed() and self._strategy.has_view):
-            if self._stopping.wait(0.02):
+            # A consumer we do not answer in time closes and tries another reader: then this
+            # connection reads as ended, which _serve finds (and a consumer that said more is
+            # read there too), and this outlet must not feed a consumer that is gone.
+            if self._stopping.is_set() or self._connection.poll(0.02):
                 return
         self._subscriptions = self._subscribers.subscriptions
         if self.member is not None:

@@ -241,6 +241,12 @@ class PartitionedStrategy:
             self._fed[member] = sink
             self._route()
 
+    def feeds(self, member: str, sink: Sink) -> bool:
+        """Whether ``member``'s messages go to ``sink``: another feed of it (a late answer to
+        a hello it had given up on) may have taken its place, or dropped it on ending."""
+        with self._lock:
+            return self._fed.get(member) is sink
+
     def unfeed(self, member: str, sink: Sink) -> None:
         with self._lock:
             if self._fed.get(member) is sink:
