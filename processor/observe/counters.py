@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from processor.errors import WrongType
 from processor.store.keys import Keys
 
 COUNTERS = ("written", "dead", "skipped")
@@ -19,14 +20,30 @@ UNWRITTEN = ("lost", "left_to_takeover")
 
 
 def read_counters(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The sums; WrongType naming the hash and field when one holds no integer."""
     with client.pipeline(transaction=False) as pipe:
         for partition in keys.partitions:
             pipe.hmget(partition.stats, [*COUNTERS, *UNWRITTEN])
         replies: list[Any] = pipe.execute()
-    return {
-        name: sum(int(reply[index] or 0) for reply in replies)
-        for index, name in enumerate((*COUNTERS, *UNWRITTEN))
-    }
+    names = (*COUNTERS, *UNWRITTEN)
+    totals = dict.fromkeys(names, 0)
+    for partition, reply in zip(keys.partitions, replies, strict=True):
+        for name, value in zip(names, reply, strict=True):
+            totals[name] += counter_value(partition.stats, name, value)
+    return totals
+
+
+def counter_value(key: str, name: str, value: bytes | str | None) -> int:
+    """A counter's value (0 when unset), or WrongType naming it: an operator's HSET of a word
+    would otherwise end whatever reads it."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        shown = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        raise WrongType(
+            f"WRONGTYPE {key} field {name} holds {shown[:40]!r} where the daemon counts an "
+            "integer: delete that field"
+        ) from None
 
 
 def record_unwritten(client: redis.Redis, keys: Keys, lost: int, left_to_takeover: int) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 
-from processor.errors import ConfigError
+from processor.errors import ConfigError, WrongType
+from processor.observe.counters import read_counters
 from processor.store.keys import Keys
 
 
@@ -67,3 +68,7 @@ def check_key_types(client: redis.Redis, keys: Keys) -> None:
                 f"invalid {name}: key {key!r} holds a {held_text} where the daemon writes a "
                 f"{kind}; delete or rename that key, or set {name} to another name"
             )
+    try:
+        read_counters(client, keys)
+    except WrongType as error:
+        raise ConfigError(f"invalid KEY_PREFIX: {str(error).removeprefix('WRONGTYPE ')}") from None

@@ -36,3 +36,17 @@ local function seen_in_buckets(prefix, bucket, k, first, last)
     end
     return seen, any_seen
 end
+
+-- A WRONGTYPE error naming the first set of those buckets that holds another type, or nil: the
+-- SMISMEMBER would fail anyway, before any write, but with no key named.
+local function wrong_bucket(prefix, bucket, k)
+    for b = bucket - k, bucket do
+        local key = prefix .. string.format('%.0f', b)
+        local found = redis.call('TYPE', key)['ok']
+        if found ~= 'set' and found ~= 'none' then
+            return 'WRONGTYPE ' .. key .. ' holds a ' .. found ..
+                ' where the daemon keeps a set of written ids: delete or rename that key'
+        end
+    end
+    return nil
+end

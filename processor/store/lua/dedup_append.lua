@@ -60,7 +60,21 @@ for i, kind in ipairs({'stream', 'stream', 'hash'}) do
             ' where the daemon writes a ' .. kind .. ': delete or rename that key')
     end
 end
+-- So is a counter that holds no integer, or one HINCRBY would overflow (an operator's HSET).
+local counters = {'written', 'dead', 'skipped'}
+local held = redis.call('HMGET', KEYS[3], unpack(counters))
+for i, name in ipairs(counters) do
+    local value = held[i]
+    if value and not (string.match(value, '^%-?%d+$') and string.len(value) < 19) then
+        return redis.error_reply('WRONGTYPE ' .. KEYS[3] .. ' field ' .. name .. ' holds ' ..
+            string.sub(value, 1, 40) .. ' where the daemon counts an integer: delete that field')
+    end
+end
 local bucket, clock = current_bucket(KEYS[5], width, k)
+local wrong = wrong_bucket(prefix, bucket, k)
+if wrong then
+    return redis.error_reply(wrong)
+end
 local seen, any_seen = seen_in_buckets(prefix, bucket, k, first, last)
 
 -- The outputs' XADD spelled out (no table of fields): they are the hot path.
