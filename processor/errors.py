@@ -32,6 +32,10 @@ class ExitCode(enum.IntEnum):
     NO_CONSUMER = 5
     # ``replay``: not every chosen dead letter was replayed, or none was (no live consumer).
     NOT_REPLAYED = 6
+    # ``replay`` stopped by SIGINT or SIGTERM between two dead letters: 128 + the signal's
+    # number, as a shell reports a command a signal ended.
+    INTERRUPTED = 130
+    TERMINATED = 143
 
 
 class ProcessorError(Exception):

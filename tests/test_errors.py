@@ -70,4 +70,6 @@ def test_exit_codes_keep_their_values():
         "STARTUP_TIMEOUT": 4,
         "NO_CONSUMER": 5,
         "NOT_REPLAYED": 6,
+        "INTERRUPTED": 130,
+        "TERMINATED": 143,
     }

@@ -11,16 +11,18 @@ Only what would pass validation is replayed: a payload that failed it (bad JSON,
 message_id, too large or too deep) would fail it again. Pub/Sub drops a message nobody is
 subscribed to, so with no live consumer nothing is published; a publish that reached no
 subscriber all the same leaves its entry where it was.
+
+Each outcome is printed as its script call returns. SIGINT or SIGTERM stops the run between two
+dead letters (:mod:`processor.commands.interrupt`): what was replayed has been said, the rest is
+left in the stream, and the exit code names the signal.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -32,6 +34,16 @@ from processor.commands.deadletters import (
     reason_code,
     select,
 )
+from processor.commands.interrupt import Interrupt
+from processor.commands.replay_report import (
+    GONE,
+    NOT_RECEIVED,
+    NOT_REPLAYABLE,
+    REPLAYED,
+    Outcome,
+    Report,
+)
+from processor.config import GroupSettings
 from processor.consumer.dedup import BUCKETS_CHECKED, digest
 from processor.consumer.messages import Message, parse
 from processor.errors import ExitCode
@@ -50,34 +62,6 @@ _ENTRY_ID = re.compile(r"\d+-\d+")
 # What a Redis user needs for ``processor replay`` beyond the daemon's (ACL_RULES in
 # processor/store/access.py); +spublish instead of +publish on a cluster.
 ACL_RULES = "+publish +xrange +xdel +srem +exists"
-
-REPLAYED = "replayed"
-NOT_RECEIVED = "not received"
-GONE = "gone"
-NOT_REPLAYABLE = "not replayable"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one chosen dead letter."""
-
-    entry_id: str
-    message_id: str
-    reason_code: str
-    outcome: str  # REPLAYED, NOT_RECEIVED, GONE or NOT_REPLAYABLE
-    receivers: int = 0  # subscribers the publish reached (PUBLISH's reply)
-    forgotten: bool = False  # its message_id forgotten in the dedup window first
-
-    def line(self) -> str:
-        what = f"{self.entry_id}  {self.message_id or '-'}  {self.reason_code}: "
-        if self.outcome == REPLAYED:
-            forgot = "" if self.forgotten else " (its id left as it was: replayed since this entry)"
-            return what + f"replayed, received by {self.receivers} subscribers{forgot}"
-        if self.outcome == NOT_RECEIVED:
-            return what + "published, but no subscriber received it: kept"
-        if self.outcome == GONE:
-            return what + "gone: already replayed, or trimmed"
-        return what + "not replayed: it would fail validation again"
 
 
 def live_consumers(client: redis.Redis, keys: Keys) -> int:
@@ -193,35 +177,64 @@ def _message_id(letter: DeadLetter) -> str:
 
 
 def replay_chosen(
-    client: redis.Redis, keys: Keys, args: argparse.Namespace
-) -> tuple[list[Outcome], str | None]:
-    """The outcome of each chosen dead letter, or why none was published."""
+    client: redis.Redis, keys: Keys, args: argparse.Namespace, interrupt: Interrupt, report: Report
+) -> str | None:
+    """Replays each chosen dead letter into ``report``, until ``interrupt`` says to stop; or why
+    none was published."""
     if not live_consumers(client, keys):
-        return [], "no live consumer: Pub/Sub would drop the replays; start the daemon first"
+        return "no live consumer: Pub/Sub would drop the replays; start the daemon first"
     letters = _chosen(client, keys, args)
+    report.begin(len(letters))
     replayer = Replayer(client, keys)
-    outcomes = [replayer.replay(letter) for letter in letters]
+    for letter in letters:
+        # Between two script calls: every dead letter is replayed whole, or not at all.
+        if interrupt.signal is not None:
+            return None
+        report.add(replayer.replay(letter))
     # What was named and not found is reported, not passed over.
-    entry_ids = {outcome.entry_id for outcome in outcomes}
-    message_ids = {outcome.message_id for outcome in outcomes}
+    entry_ids = {outcome.entry_id for outcome in report.outcomes}
+    message_ids = {outcome.message_id for outcome in report.outcomes}
     for entry_id in args.entry_ids or ():
         if entry_id not in entry_ids:
-            outcomes.append(Outcome(entry_id, "", "-", GONE))
+            report.add(Outcome(entry_id, "", "-", GONE))
     for message_id in args.message_ids or ():
         if message_id not in message_ids:
-            outcomes.append(Outcome("-", message_id, "-", GONE))
-    return outcomes, None
+            report.add(Outcome("-", message_id, "-", GONE))
+    return None
 
 
 def main(argv: Sequence[str], prog: str) -> int:
     description = (
         "Publish chosen dead letters again to INPUT_CHANNEL, once the handler is fixed; exactly "
-        "once still holds. Refused with no live consumer."
+        "once still holds. Refused with no live consumer. SIGINT or SIGTERM stops it between "
+        "two dead letters, saying what was replayed."
     )
     settings, args = load_group_command(argv, prog, description, _arguments)
+    interrupt = Interrupt().install()
+    # What failed validation is left quietly by --reason and --all, not when named.
+    report = Report(args.json, named=bool(args.entry_ids or args.message_ids))
+    try:
+        failed = _replay(settings, args, interrupt, report, prog)
+    finally:
+        # What was replayed is said however the run ended: a signal, an error, or the last one.
+        report.close(interrupt.signal)
+    if failed is not None:
+        return failed
+    return interrupt.exit_code() or (ExitCode.NOT_REPLAYED if report.missed() else ExitCode.OK)
+
+
+def _replay(
+    settings: GroupSettings,
+    args: argparse.Namespace,
+    interrupt: Interrupt,
+    report: Report,
+    prog: str,
+) -> ExitCode | None:
+    """Replays what ``args`` chose; the exit code when that failed (one line said why)."""
     try:
         with command_session(settings, "processor-replay", 5.0) as client:
-            outcomes, refused = replay_chosen(client, Keys.from_settings(settings), args)
+            keys = Keys.from_settings(settings)
+            refused = replay_chosen(client, keys, args, interrupt, report)
     except CONNECTION_ERRORS as error:
         print(
             f"{prog}: error: cannot replay from {settings.safe_url}: "
@@ -238,21 +251,4 @@ def main(argv: Sequence[str], prog: str) -> int:
     if refused is not None:
         print(f"{prog}: error: {refused}", file=sys.stderr)
         return ExitCode.NOT_REPLAYED
-    if args.json:
-        print(json.dumps([asdict(outcome) for outcome in outcomes], indent=2))
-    else:
-        replayed = sum(outcome.outcome == REPLAYED for outcome in outcomes)
-        print(
-            "\n".join(
-                [outcome.line() for outcome in outcomes]
-                + [f"{replayed} of {len(outcomes)} dead letters replayed"]
-            )
-        )
-    # What failed validation is left quietly by --reason and --all, not when named.
-    named = bool(args.entry_ids or args.message_ids)
-    missed = [
-        outcome
-        for outcome in outcomes
-        if outcome.outcome != REPLAYED and (named or outcome.outcome != NOT_REPLAYABLE)
-    ]
-    return ExitCode.NOT_REPLAYED if missed else ExitCode.OK
+    return None
