@@ -21,7 +21,8 @@ class ExitCode(enum.IntEnum):
     UNREACHABLE = 1
     # A consumer process whose thread died; the daemon when one of its consumers failed to stop.
     CONSUMER_ERROR = 1
-    # Any entry point stopped by a wrong setting.
+    # Any entry point stopped by a wrong setting; ``status``, ``dead-letters`` and ``replay``
+    # also when a key they read holds another type than the daemon (or replay) writes there.
     CONFIG = 2
     # The daemon after a second SIGINT or SIGTERM killed its consumers.
     FORCED = 3

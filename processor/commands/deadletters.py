@@ -24,6 +24,7 @@ from processor.errors import ExitCode
 from processor.loading import count_arg, load_group_command
 from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
+from processor.store.keytypes import dead_letter_types, named_wrong_type
 
 DEFAULT_COUNT = 20
 # Entries read per XREVRANGE while looking for matches.
@@ -169,10 +170,12 @@ def main(argv: Sequence[str], prog: str) -> int:
     description = "List the recent dead letters, newest first; read only."
     settings, args = load_group_command(argv, prog, description, _arguments)
     try:
-        with command_session(settings, "processor-dead-letters", 5.0) as client:
-            letters = select(
-                client, Keys.from_settings(settings), by_reason(args.reason), args.count
-            )
+        keys = Keys.from_settings(settings)
+        with (
+            command_session(settings, "processor-dead-letters", 5.0) as client,
+            named_wrong_type(client, keys, dead_letter_types(keys)),
+        ):
+            letters = select(client, keys, by_reason(args.reason), args.count)
     except CONNECTION_ERRORS as error:
         print(
             f"{prog}: error: cannot read the dead letters from {settings.safe_url}: "

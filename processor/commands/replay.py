@@ -50,6 +50,7 @@ from processor.errors import ExitCode
 from processor.loading import load_group_command
 from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
+from processor.store.keytypes import named_wrong_type, replay_types
 from processor.store.scripts import Script
 
 # How long a replay's record of the ids it forgot is kept after the last one: the record must
@@ -230,10 +231,14 @@ def _replay(
     report: Report,
     prog: str,
 ) -> ExitCode | None:
-    """Replays what ``args`` chose; the exit code when that failed (one line said why)."""
+    """Replays what ``args`` chose; the exit code when that failed (one line said why). A key
+    of the wrong type is raised as the ConfigError naming it."""
     try:
-        with command_session(settings, "processor-replay", 5.0) as client:
-            keys = Keys.from_settings(settings)
+        keys = Keys.from_settings(settings)
+        with (
+            command_session(settings, "processor-replay", 5.0) as client,
+            named_wrong_type(client, keys, replay_types(keys)),
+        ):
             refused = replay_chosen(client, keys, args, interrupt, report)
     except CONNECTION_ERRORS as error:
         print(

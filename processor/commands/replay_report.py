@@ -72,10 +72,12 @@ class Report:
         """The count, or what was left when the run stopped early; nothing before ``begin``."""
         if self._chosen is None:
             return
+        left = self._chosen - len(self.outcomes)
+        if left > 0 and not self.outcomes and interrupted is None:
+            return  # an error before the first replay: its own line says it all
         if self._json:
             print(json.dumps([asdict(outcome) for outcome in self.outcomes], indent=2))
         replayed = sum(outcome.outcome == REPLAYED for outcome in self.outcomes)
-        left = self._chosen - len(self.outcomes)
         if left <= 0:
             if not self._json:
                 print(f"{replayed} of {len(self.outcomes)} dead letters replayed")

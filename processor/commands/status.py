@@ -6,6 +6,10 @@ autoscale decision, and every live host with its share, what it runs and its sho
 Live consumers come from ``CONSUMERS_LIST`` and their heartbeat keys (an id whose heartbeat has
 expired is shown as dead, not pruned: status only reads); each consumer's status hash, refreshed
 with every heartbeat, gives its host, pid, strategy, rate and counters.
+
+A key of the group that holds another type than the daemon writes there is named at the top, in
+the daemon's start-up words, and the rest is shown: status is what an operator runs to find out
+what is wrong (exit code 2 then).
 """
 
 from __future__ import annotations
@@ -13,21 +17,23 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from processor.config import StatusSettings
-from processor.errors import ExitCode
+from processor.errors import ExitCode, WrongType
 from processor.group.controlplane import Control, HostInfo, read_control
 from processor.loading import load_status_settings
 from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
+from processor.store.keytypes import wrong_types
 
 RECENT = 5
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,6 +74,8 @@ class GroupView:
     gaps: list[dict[str, Any]] = field(default_factory=list)
     control: Control = field(default_factory=Control)
     hosts: list[HostInfo] = field(default_factory=list)
+    # A line for each key of the group that holds another type than the daemon writes there.
+    wrong_types: list[str] = field(default_factory=list)
 
 
 def _text(value: bytes | str | None) -> str:
@@ -88,11 +96,32 @@ def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(milliseconds), int(sequence or 0)
 
 
+def _unless_wrong_type(read: Callable[[], T], otherwise: T) -> T:
+    """What ``read`` returns, or ``otherwise`` when a key it reads holds another type: the view
+    names that key and shows the rest (status is what an operator runs to see what is wrong)."""
+    try:
+        return read()
+    except WrongType:
+        return otherwise
+
+
+def _reply(reply: Any, otherwise: Any) -> Any:
+    """A pipeline's reply, or ``otherwise`` for a key of another type (as above)."""
+    if isinstance(reply, WrongType):
+        return otherwise
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
 def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
     """Everything the view shows, in a few round trips; never writes."""
     keys = Keys.from_settings(settings)
     view = GroupView(url=settings.safe_url, now_ms=int(time.time() * 1000))
-    ids = [_text(item) for item in client.lrange(keys.consumers, 0, -1)]
+    view.wrong_types = list(wrong_types(client, keys).values())
+    nobody: list[bytes | str] = []
+    listed = _unless_wrong_type(lambda: client.lrange(keys.consumers, 0, -1), nobody)
+    ids = [_text(item) for item in listed]
     with client.pipeline(transaction=False) as pipe:
         for consumer_id in ids:
             pipe.get(keys.heartbeat(consumer_id))
@@ -102,10 +131,12 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
             pipe.xlen(partition.output)
             pipe.xlen(partition.dead)
             pipe.xrevrange(partition.dead, count=RECENT)
-        replies: list[Any] = pipe.execute()
-    counters = read_counters(client, keys)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+    counters = _unless_wrong_type(
+        lambda: read_counters(client, keys), dict.fromkeys((*COUNTERS, *UNWRITTEN), 0)
+    )
     for index, consumer_id in enumerate(ids):
-        heartbeat, info = replies[2 * index], replies[2 * index + 1]
+        heartbeat, info = _reply(replies[2 * index], None), _reply(replies[2 * index + 1], {})
         if heartbeat is None:
             continue  # expired: dead, pruned by the next live heartbeat
         info = {_text(name): value for name, value in info.items()}
@@ -131,14 +162,16 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
             )
         )
     gaps, *per_partition = replies[2 * len(ids) :]
+    gaps = _reply(gaps, [])
     view.written, view.dead, view.skipped = (counters[name] for name in COUNTERS)
     view.lost, view.left_to_takeover = (counters[name] for name in UNWRITTEN)
     recent_dead: list[tuple[bytes | str, dict[Any, Any]]] = []
     for index, partition in enumerate(keys.partitions):
         output_length, dead_length, dead_entries = per_partition[3 * index : 3 * index + 3]
-        view.streams[partition.output] = int(output_length)
-        view.streams[partition.dead] = int(dead_length)
-        recent_dead += dead_entries
+        for stream, length in ((partition.output, output_length), (partition.dead, dead_length)):
+            if _reply(length, None) is not None:
+                view.streams[stream] = int(length)
+        recent_dead += _reply(dead_entries, [])
     # Newest first across partitions: entry ids start with their time in ms.
     recent_dead.sort(key=lambda entry: _stream_id(entry[0]), reverse=True)
     for entry_id, fields in recent_dead[:RECENT]:
@@ -160,7 +193,10 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
         view.gaps.append(
             {"at_ms": start, "length_s": (end - start) / 1000, "consumer_id": values["consumer_id"]}
         )
-    view.control, hosts = read_control(client, keys)
+    no_hosts: dict[str, HostInfo] = {}
+    view.control, hosts = _unless_wrong_type(
+        lambda: read_control(client, keys), (Control(), no_hosts)
+    )
     view.hosts = [hosts[host] for host in sorted(hosts)]
     return view
 
@@ -231,6 +267,7 @@ def render(view: GroupView) -> str:
     """The view for a person at a terminal."""
     lines = [
         f"processor status  {view.url}  {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        *(f"WRONG TYPE: {problem}" for problem in view.wrong_types),
         f"group: {len(view.consumers)} live consumers | written {view.written:,} | "
         f"dead-lettered {view.dead:,} | skipped as already written {view.skipped:,}",
         f"held unwritten by consumers that exited: lost {view.lost:,} | "
@@ -306,4 +343,6 @@ def main(argv: Sequence[str], prog: str) -> int:
         print(json.dumps(asdict(view), indent=2))
     else:
         print(render(view))
+    if view.wrong_types:
+        return ExitCode.CONFIG
     return ExitCode.OK if view.consumers else ExitCode.NO_CONSUMER

@@ -49,8 +49,9 @@ REFUSALS: tuple[type[redis.RedisError], ...] = (
 _RECONNECT_ON = (redis.ConnectionError, redis.TimeoutError, socket.timeout)
 
 # Redis before 7 reports a command refused inside a script as the script's error: "Error running
-# script (call to f_<sha>): @user_script:107: @user_script: 107: -OOM command not allowed ...".
-_ERROR_IN_SCRIPT = re.compile(r"^Error running script .*?: -([A-Z]+ .*)", re.DOTALL)
+# script (call to f_<sha>): @user_script:107: @user_script: 107: -OOM command not allowed ...",
+# and with no dash where the command itself refused: "...: @user_script:51: WRONGTYPE ...".
+_ERROR_IN_SCRIPT = re.compile(r"^Error running script .*?: -?([A-Z]+ .*)", re.DOTALL)
 
 
 @contextlib.contextmanager

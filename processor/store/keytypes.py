@@ -1,9 +1,11 @@
-"""The start-up check that every key the daemon writes holds what it writes there, or nothing.
+"""The check that every key the daemon writes holds what it writes there, or nothing.
 
 A key of another type (another application's, or an old one under a name now given to a
 setting) would fail every write to it with WRONGTYPE. At run time that is an outage the
 consumers wait out, holding their messages; at start it is a wrong setting: one line naming the
-key, its type and the setting, before any consumer starts.
+key, its type and the setting, before any consumer starts. The one-shot commands name such a
+key in the same words: ``processor status`` lists every one, ``dead-letters`` and ``replay``
+the one that refused them (Redis's WRONGTYPE names no key).
 
 Only the keys with fixed names are checked: the per-consumer keys (heartbeats, status hashes)
 carry a fresh random id, and the dedup sets a time bucket, so no other application holds them
@@ -12,6 +14,9 @@ by accident.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -21,54 +26,120 @@ from processor.observe.counters import read_counters
 from processor.store.keys import Keys
 
 
-def expected_types(keys: Keys) -> list[tuple[str, str, str]]:
-    """(key, the type the daemon writes there, the setting that names it), for every key with
-    a fixed name."""
+@dataclass(frozen=True)
+class KeyType:
+    """A key with a fixed name, the type written there, and the setting that names it."""
+
+    key: str
+    kind: str
+    setting: str
+    writer: str = "the daemon"
+
+    def problem(self, held: str) -> str:
+        """The one line saying that the key holds ``held`` instead."""
+        return (
+            f"invalid {self.setting}: key {self.key!r} holds a {held} where {self.writer} "
+            f"writes a {self.kind}; delete or rename that key, or set {self.setting} to "
+            "another name"
+        )
+
+
+def expected_types(keys: Keys) -> list[KeyType]:
+    """Every key with a fixed name that the daemon writes."""
     expected = [
-        (keys.consumers, "list", "CONSUMERS_LIST"),
-        (keys.departures, "stream", "KEY_PREFIX"),
-        (keys.gaps, "stream", "KEY_PREFIX"),
-        (keys.control, "hash", "KEY_PREFIX"),
-        (keys.stop, "string", "KEY_PREFIX"),
-        (keys.hosts, "zset", "KEY_PREFIX"),
-        (keys.host_info, "hash", "KEY_PREFIX"),
-        (keys.autoscale_lock, "string", "KEY_PREFIX"),
-        (keys.group_stats, "hash", "KEY_PREFIX"),
+        KeyType(keys.consumers, "list", "CONSUMERS_LIST"),
+        KeyType(keys.departures, "stream", "KEY_PREFIX"),
+        KeyType(keys.gaps, "stream", "KEY_PREFIX"),
+        KeyType(keys.control, "hash", "KEY_PREFIX"),
+        KeyType(keys.stop, "string", "KEY_PREFIX"),
+        KeyType(keys.hosts, "zset", "KEY_PREFIX"),
+        KeyType(keys.host_info, "hash", "KEY_PREFIX"),
+        KeyType(keys.autoscale_lock, "string", "KEY_PREFIX"),
+        KeyType(keys.group_stats, "hash", "KEY_PREFIX"),
     ]
     for partition in keys.partitions:
         expected += [
-            (partition.output, "stream", "OUTPUT_STREAM"),
-            (partition.dead, "stream", "DEAD_LETTER_STREAM"),
-            (partition.stats, "hash", "KEY_PREFIX"),
-            (partition.seen_clock, "string", "KEY_PREFIX"),
+            KeyType(partition.output, "stream", "OUTPUT_STREAM"),
+            KeyType(partition.dead, "stream", "DEAD_LETTER_STREAM"),
+            KeyType(partition.stats, "hash", "KEY_PREFIX"),
+            KeyType(partition.seen_clock, "string", "KEY_PREFIX"),
         ]
-    unique: dict[str, tuple[str, str, str]] = {}
+    unique: dict[str, KeyType] = {}
     for item in expected:
-        unique.setdefault(item[0], item)
+        unique.setdefault(item.key, item)
     return list(unique.values())
 
 
-def check_key_types(client: redis.Redis, keys: Keys) -> None:
-    """Raises ConfigError naming the first key that holds another type than the daemon writes.
+def _only(keys: Keys, names: Collection[str]) -> list[KeyType]:
+    return [item for item in expected_types(keys) if item.key in names]
+
+
+def dead_letter_types(keys: Keys) -> list[KeyType]:
+    """The keys ``processor dead-letters`` reads: the dead-letter streams."""
+    return _only(keys, {partition.dead for partition in keys.partitions})
+
+
+def replay_types(keys: Keys) -> list[KeyType]:
+    """The keys ``processor replay`` reads or writes, its own replay records among them."""
+    used = {keys.consumers}
+    for partition in keys.partitions:
+        used |= {partition.dead, partition.seen_clock}
+    records = [
+        KeyType(partition.replayed, "hash", "KEY_PREFIX", "processor replay")
+        for partition in keys.partitions
+    ]
+    return _only(keys, used) + records
+
+
+def wrong_types(
+    client: redis.Redis, keys: Keys, expected: Sequence[KeyType] | None = None
+) -> dict[str, str]:
+    """Each key of ``expected`` (by default every key the daemon writes) that holds another
+    type, with the line saying so.
 
     One TYPE per key; on a cluster the client routes each to its node.
     """
-    expected = expected_types(keys)
+    expected = expected_types(keys) if expected is None else expected
+    found: list[Any]
     if keys.cluster:
-        found: list[Any] = [client.type(key) for key, _, _ in expected]
+        found = [client.type(item.key) for item in expected]
     else:
         pipe = client.pipeline(transaction=False)
-        for key, _, _ in expected:
-            pipe.type(key)
+        for item in expected:
+            pipe.type(item.key)
         found = pipe.execute()
-    for (key, kind, name), held in zip(expected, found, strict=True):
+    problems = {}
+    for item, held in zip(expected, found, strict=True):
         held_text = held.decode() if isinstance(held, bytes) else str(held)
-        if held_text not in (kind, "none"):
-            raise ConfigError(
-                f"invalid {name}: key {key!r} holds a {held_text} where the daemon writes a "
-                f"{kind}; delete or rename that key, or set {name} to another name"
-            )
+        if held_text not in (item.kind, "none"):
+            problems[item.key] = item.problem(held_text)
+    return problems
+
+
+def check_key_types(client: redis.Redis, keys: Keys) -> None:
+    """Raises ConfigError naming the first key that holds another type than the daemon writes."""
+    problems = list(wrong_types(client, keys).values())
+    if problems:
+        raise ConfigError(problems[0])
     try:
         read_counters(client, keys)
     except WrongType as error:
         raise ConfigError(f"invalid KEY_PREFIX: {str(error).removeprefix('WRONGTYPE ')}") from None
+
+
+@contextlib.contextmanager
+def named_wrong_type(
+    client: redis.Redis, keys: Keys, expected: Sequence[KeyType]
+) -> Iterator[None]:
+    """Raises a WRONGTYPE refusal from the block as the ConfigError naming the key of
+    ``expected`` that holds another type, in the start-up check's words: Redis's own reply
+    names no key (in a script, only the script's line)."""
+    try:
+        yield
+    except WrongType as error:
+        problems = list(wrong_types(client, keys, expected).values())
+        if problems:
+            raise ConfigError(problems[0]) from None
+        raise ConfigError(
+            f"a key held another type than expected ({error}); none does now: try again"
+        ) from None
