@@ -5,6 +5,10 @@ environment < flags and checks each value on its own; the ``check_*`` functions 
 rules between values (partitions need a cluster, two settings may not name one key, the takeover
 buffer must outlive a dead consumer's detection...). Nothing else in the package reads
 ``os.environ``.
+
+The other commands read the daemon's own file (``--config``), so that an operator's tools find
+the keys the daemon writes: each takes the settings it reads and passes over the daemon's
+others; a key that is no setting at all is still refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from processor.bounds import parse_bounds
 from processor.config import (
+    DAEMON_OPTIONS,
     MAX_BATCH_SIZE,
     GroupSettings,
     PublisherSettings,
@@ -176,6 +181,7 @@ def load_status_settings(
         prog=prog,
         description="Show the consumer group: live consumers, counts, streams, dead letters, gaps.",
         extra_check=check_group,
+        others=DAEMON_OPTIONS,
     )
 
 
@@ -195,6 +201,7 @@ def load_group_command(
         description=description,
         extra_check=check_group,
         add_arguments=add_arguments,
+        others=DAEMON_OPTIONS,
     )
 
 
@@ -208,6 +215,7 @@ def load_publisher_settings(
         prog=prog,
         description="Publish bursts of JSON messages to a Redis Pub/Sub channel.",
         extra_check=check_publisher,
+        others=DAEMON_OPTIONS,
     )
 
 

@@ -173,8 +173,18 @@ def _convert(option: Option, raw: object, source: str) -> object:
     return value
 
 
-def read_toml(path: str, options: Sequence[Option]) -> dict[str, object]:
-    """The settings in a TOML file, keyed by field name; unknown keys are an error."""
+def _file_keys(option: Option) -> set[str]:
+    """The keys a TOML file may give the setting under: its field name, its variable in lower
+    case, its former name."""
+    return {option.name, option.env.lower(), option.formerly} - {""}
+
+
+def read_toml(
+    path: str, options: Sequence[Option], others: Sequence[Option] = ()
+) -> dict[str, object]:
+    """The settings in a TOML file, keyed by field name. A key of ``others`` (settings another
+    command reads from the same file) is passed over unread; any other unknown key is an
+    error."""
     try:
         with open(path, "rb") as handle:
             document = tomllib.load(handle)
@@ -185,12 +195,13 @@ def read_toml(path: str, options: Sequence[Option]) -> dict[str, object]:
     by_key = {option.name: option for option in options}
     by_key.update({option.env.lower(): option for option in options})
     old_keys = {option.formerly: option for option in options if option.formerly}
+    passed_over = {key for option in others for key in _file_keys(option)}
     values: dict[str, object] = {}
     for key, raw in document.items():
         option = by_key.get(key.lower())
         if option is not None:
             values[option.name] = _convert(option, raw, f"config file {path}")
-        elif key.lower() not in old_keys:
+        elif key.lower() not in old_keys and key.lower() not in passed_over:
             raise ConfigError(f"unknown key {key!r} in config file {path}")
     for key, raw in document.items():
         old = old_keys.get(key.lower())
@@ -221,13 +232,20 @@ def _help(option: Option, defaults: Mapping[str, object]) -> str:
 
 
 def build_parser(
-    prog: str, description: str, options: Sequence[Option], defaults: Mapping[str, object]
+    prog: str,
+    description: str,
+    options: Sequence[Option],
+    defaults: Mapping[str, object],
+    others: Sequence[Option] = (),
 ) -> argparse.ArgumentParser:
     # No abbreviations: "status --consumers 3" would set --consumers-list, not refuse the flag
     # that belongs to "consume".
     parser = Parser(prog=prog, description=description, allow_abbrev=False)
+    shared = "; the daemon's own file too: its other settings are passed over"
     parser.add_argument(
-        "--config", metavar="FILE", help="TOML file of settings (keys as the flags, with _)"
+        "--config",
+        metavar="FILE",
+        help=f"TOML file of settings (keys as the flags, with _{shared if others else ''})",
     )
     for option in options:
         if option.formerly:
@@ -260,9 +278,11 @@ def load(
     prog: str,
     description: str,
     extra_check: Callable[[SettingsT], None] | None = None,
+    others: Sequence[Option] = (),
 ) -> SettingsT:
-    """Settings from defaults < file < environment < flags, validated; ConfigError otherwise."""
-    return load_with_args(cls, argv, environ, prog, description, extra_check)[0]
+    """Settings from defaults < file < environment < flags, validated; ConfigError otherwise.
+    ``others``: settings the file may hold for another command (the daemon's), passed over."""
+    return load_with_args(cls, argv, environ, prog, description, extra_check, others=others)[0]
 
 
 def load_with_args(
@@ -273,17 +293,18 @@ def load_with_args(
     description: str,
     extra_check: Callable[[SettingsT], None] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    others: Sequence[Option] = (),
 ) -> tuple[SettingsT, argparse.Namespace]:
     """As :func:`load`, with a command's own arguments (``add_arguments``) parsed alongside."""
     options = options_of(cls)
     defaults = {item.name: item.default for item in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    parser = build_parser(prog, description, options, defaults)
+    parser = build_parser(prog, description, options, defaults, others)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
-        values.update(read_toml(args.config, options))
+        values.update(read_toml(args.config, options, others))
     for option in options:
         if option.env in environ:
             values[option.name] = _convert(option, environ[option.env], "environment")

@@ -19,7 +19,7 @@ COMMANDS: tuple[tuple[str, type], ...] = (
     ("processor consume", config.Settings),
     ("processor publish", config.PublisherSettings),
     ("processor status", config.StatusSettings),
-    ("processor scale, stop and start", config.GroupSettings),
+    ("processor scale, stop, start, dead-letters and replay", config.GroupSettings),
 )
 
 TITLES: dict[type, str] = {
@@ -61,6 +61,12 @@ strategy = "partitioned"
 handler = "myapp.handlers:enrich"
 handler_concurrency = 16
 ```
+
+The other commands take the daemon's file as it is (`processor status --config processor.toml`),
+so that they find the keys the daemon writes: each reads the settings it uses (the tables below
+say which) and passes over the daemon's others. A key that is neither the command's setting nor
+the daemon's is refused with one line naming it (`unknown key 'consumer_count' in config file
+processor.toml`), exit code 2.
 
 What a handler is and how its failures are handled: [operating.md](operating.md#handlers).
 Settings that only make sense together are checked together at start (for example
