@@ -109,3 +109,18 @@ def test_status_names_every_key_of_another_type_and_shows_the_rest(
         "invalid DEAD_LETTER_STREAM",
     ]
     assert [consumer["consumer_id"] for consumer in document["consumers"]] == ["live-1"]
+
+
+def test_status_names_a_counter_that_holds_no_integer(
+    redis_url: str, client: redis.Redis, keys: Keys
+) -> None:
+    _live_consumer(client, keys)
+    client.hset(keys.stats, mapping={"written": "abc", "dead": "3"})
+    result = processor_cli("status", "--redis-url", redis_url)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        f"WRONG TYPE: invalid KEY_PREFIX: {keys.stats} field written holds 'abc' where the "
+        "daemon counts an integer: delete that field"
+    ) in result.stdout.splitlines()
+    assert any(line.startswith("live-1 ") for line in result.stdout.splitlines())

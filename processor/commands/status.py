@@ -27,7 +27,7 @@ from processor.config import StatusSettings
 from processor.errors import ExitCode, WrongType
 from processor.group.controlplane import Control, HostInfo, read_control
 from processor.loading import load_status_settings
-from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
+from processor.observe.counters import COUNTERS, UNWRITTEN, NotACount, read_counters
 from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
 from processor.store.keytypes import wrong_types
@@ -132,9 +132,13 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
             pipe.xlen(partition.dead)
             pipe.xrevrange(partition.dead, count=RECENT)
         replies: list[Any] = pipe.execute(raise_on_error=False)
-    counters = _unless_wrong_type(
-        lambda: read_counters(client, keys), dict.fromkeys((*COUNTERS, *UNWRITTEN), 0)
-    )
+    counters = dict.fromkeys((*COUNTERS, *UNWRITTEN), 0)
+    try:
+        counters = read_counters(client, keys)
+    except NotACount as error:
+        view.wrong_types.append(error.problem())
+    except WrongType:
+        pass  # the stats hash holds another type: wrong_types names it
     for index, consumer_id in enumerate(ids):
         heartbeat, info = _reply(replies[2 * index], None), _reply(replies[2 * index + 1], {})
         if heartbeat is None:

@@ -20,7 +20,7 @@ UNWRITTEN = ("lost", "left_to_takeover")
 
 
 def read_counters(client: redis.Redis, keys: Keys) -> dict[str, int]:
-    """The sums; WrongType naming the hash and field when one holds no integer."""
+    """The sums; NotACount naming the hash and field when one holds no integer."""
     with client.pipeline(transaction=False) as pipe:
         for partition in keys.partitions:
             pipe.hmget(partition.stats, [*COUNTERS, *UNWRITTEN])
@@ -33,14 +33,22 @@ def read_counters(client: redis.Redis, keys: Keys) -> dict[str, int]:
     return totals
 
 
+class NotACount(WrongType):
+    """A counter's field holds something else than an integer; the message names it."""
+
+    def problem(self) -> str:
+        """As the start-up check words a wrong key."""
+        return f"invalid KEY_PREFIX: {str(self).removeprefix('WRONGTYPE ')}"
+
+
 def counter_value(key: str, name: str, value: bytes | str | None) -> int:
-    """A counter's value (0 when unset), or WrongType naming it: an operator's HSET of a word
+    """A counter's value (0 when unset), or NotACount naming it: an operator's HSET of a word
     would otherwise end whatever reads it."""
     try:
         return int(value or 0)
     except ValueError:
         shown = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        raise WrongType(
+        raise NotACount(
             f"WRONGTYPE {key} field {name} holds {shown[:40]!r} where the daemon counts an "
             "integer: delete that field"
         ) from None

@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from processor.errors import ConfigError, WrongType
-from processor.observe.counters import read_counters
+from processor.observe.counters import NotACount, read_counters
 from processor.store.keys import Keys
 
 
@@ -123,8 +123,8 @@ def check_key_types(client: redis.Redis, keys: Keys) -> None:
         raise ConfigError(problems[0])
     try:
         read_counters(client, keys)
-    except WrongType as error:
-        raise ConfigError(f"invalid KEY_PREFIX: {str(error).removeprefix('WRONGTYPE ')}") from None
+    except NotACount as error:
+        raise ConfigError(error.problem()) from None
 
 
 @contextlib.contextmanager
