@@ -27,6 +27,12 @@ MAX_CONSUMERS_PER_HOST = 256
 WAIT_MODES = ("degrade", "strict")
 
 
+def _name_problem(name: str) -> str | None:
+    """A key or channel name. Redis takes an empty one, so an env file's ``OUTPUT_STREAM=``
+    would send the daemon's writes to the key "" (or subscribe it to channel "")."""
+    return None if name.strip() else f"{name!r} is no name: a key or channel needs one"
+
+
 def _consumer_count_problem(count: int) -> str | None:
     if count <= MAX_CONSUMERS_PER_HOST:
         return None
@@ -56,7 +62,9 @@ class RedisSettings:
         "", "REDIS_TLS_CERT_FILE", "client certificate, when the server asks for one"
     )
     redis_tls_key_file: str = setting("", "REDIS_TLS_KEY_FILE", "the client certificate's key")
-    input_channel: str = setting("messages:published", "INPUT_CHANNEL", "Pub/Sub channel to read")
+    input_channel: str = setting(
+        "messages:published", "INPUT_CHANNEL", "Pub/Sub channel to read", check=_name_problem
+    )
     redis_cluster: bool = setting(
         False,
         "REDIS_CLUSTER",
@@ -98,14 +106,21 @@ class RedisSettings:
 class GroupSettings(RedisSettings):
     """Where one group keeps its streams and bookkeeping: shared by the daemon and the tools."""
 
-    output_stream: str = setting("messages:processed", "OUTPUT_STREAM", "output stream")
+    output_stream: str = setting(
+        "messages:processed", "OUTPUT_STREAM", "output stream", check=_name_problem
+    )
     dead_letter_stream: str = setting(
-        "messages:dead", "DEAD_LETTER_STREAM", "stream for invalid messages (not OUTPUT_STREAM)"
+        "messages:dead",
+        "DEAD_LETTER_STREAM",
+        "stream for invalid messages (not OUTPUT_STREAM)",
+        check=_name_problem,
     )
     consumers_list: str = setting(
-        "consumer:ids", "CONSUMERS_LIST", "Redis list of live consumer ids"
+        "consumer:ids", "CONSUMERS_LIST", "Redis list of live consumer ids", check=_name_problem
     )
-    key_prefix: str = setting("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
+    key_prefix: str = setting(
+        "processor", "KEY_PREFIX", "prefix of the daemon's own keys", check=_name_problem
+    )
 
 
 @dataclass(frozen=True)

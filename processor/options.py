@@ -192,6 +192,8 @@ def read_toml(
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {error}") from None
     by_key = {option.name: option for option in options}
     by_key.update({option.env.lower(): option for option in options})
     old_keys = {option.formerly: option for option in options if option.formerly}

@@ -183,6 +183,27 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
         load_daemon_settings(["--config", path], {})
 
 
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """The same read serves a SIGHUP, which keeps the running configuration on a ConfigError;
+    the UnicodeDecodeError it raised before ended the supervisor's loop."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"\xff\xfe output_stream = 'x'\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_daemon_settings(["--config", str(path)], {})
+
+
+@pytest.mark.parametrize(
+    "name", ["INPUT_CHANNEL", "OUTPUT_STREAM", "DEAD_LETTER_STREAM", "CONSUMERS_LIST", "KEY_PREFIX"]
+)
+def test_an_empty_key_or_channel_name_is_refused(name: str) -> None:
+    """An env file's ``OUTPUT_STREAM=`` wrote every message to the key "" (and an empty
+    channel subscribed to "", where nothing is published), with the daemon ready."""
+    with pytest.raises(ConfigError, match=f"{name}.*is no name"):
+        load_daemon_settings([], {name: ""})
+    with pytest.raises(ConfigError, match=f"{name}.*is no name"):
+        load_daemon_settings([], {name: "  "})
+
+
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_daemon_settings(["--config", str(tmp_path / "absent.toml")], {})
