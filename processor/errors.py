@@ -19,7 +19,8 @@ class ExitCode(enum.IntEnum):
     # ``status``, ``publish``, ``scale``, ``stop``, ``start``: Redis was unreachable or refused
     # the command.
     UNREACHABLE = 1
-    # A consumer process whose thread died; the daemon when one of its consumers failed to stop.
+    # A consumer process whose thread died, or that stopped with messages it counted lost; the
+    # daemon when one of its consumers failed to stop or stopped so.
     CONSUMER_ERROR = 1
     # Any entry point stopped by a wrong setting; ``status``, ``dead-letters`` and ``replay``
     # also when a key they read holds another type than the daemon (or replay) writes there.

@@ -265,3 +265,28 @@ def test_a_stop_that_outlasts_the_grace_logs_what_the_killed_consumers_held(
     held = int(found.group(1))
     assert held > 0
     assert int(r.hget("processor:stats", "lost") or 0) == held
+
+
+def test_a_stop_that_could_not_write_what_it_held_exits_1(
+    procs, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """Writes refused (the output stream overwritten) when SIGTERM comes: the consumers stop
+    within the grace, counting what they held as lost. The daemon exited 0 all the same, which
+    the exit-code table calls "every consumer flushed" and Restart=on-failure takes as clean."""
+    env = daemon_env(redis_url, "partitioned", 2, {})
+    daemon = procs.start(["demo/consume.py"], env=env)
+    wait_until(lambda: r.llen("consumer:ids") == 2, 20, message="consumers not listed")
+    r.set("messages:processed", "someone else's value")
+    publisher = start_publisher(procs, redis_url, tmp_path / "record.txt", 0.5, rate=100)
+    publisher.finish()
+    wait_until(
+        lambda: "Redis (writes) refused: WRONGTYPE" in procs.output(daemon),
+        20,
+        message="no consumer logged the refusal",
+    )
+    daemon.send_signal(15)
+    assert daemon.wait(timeout=30) == 1, procs.output(daemon)[-3000:]
+    stops = _stop_lines(procs.output(daemon))
+    assert len(stops) == 2, stops
+    assert sum(stop["lost"] for stop in stops) >= 50, stops
+    assert "did not stop in time" not in procs.output(daemon)

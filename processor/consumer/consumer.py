@@ -84,8 +84,7 @@ class Consumer:
         return self.settings.processing_batch_size * len(self.keys.partitions)
 
     def _batches(self, items: list[T]) -> Iterator[list[T]]:
-        size = self._batch_size
-        for start in range(0, len(items), size):
+        for start in range(0, len(items), size := self._batch_size):
             yield items[start : start + size]
 
     def _tag(self) -> str:
@@ -98,8 +97,8 @@ class Consumer:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Blocks until stopped; raises ConsumerFailed if one of its threads died."""
+    def run(self) -> int:
+        """Blocks until stopped; returns how many it counted lost; raises ConsumerFailed."""
         self._set_up()
         try:
             self._join()
@@ -113,6 +112,7 @@ class Consumer:
             self._tear_down()
         if self._failure is not None:
             raise ConsumerFailed(self._failure)
+        return self._totals.snapshot().lost
 
     def _thread_failed(self, thread: str, error: BaseException) -> None:
         """Any thread's unexpected death: stop now and leave, rather than linger half-dead."""
@@ -367,7 +367,7 @@ class Consumer:
         if result is None:
             self._totals.writes.lost += len(entries)
             self._log.error(
-                "Redis still unreachable at shutdown: %d received messages not written",
+                "Redis still unreachable or refusing at shutdown: %d received messages not written",
                 len(entries),
             )
             return

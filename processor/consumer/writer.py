@@ -104,6 +104,8 @@ class Writer:
         self._unprotected_until: dict[int, float] = {}
         # Strict mode, once stopping: when held batches are let go unconfirmed (monotonic).
         self._hold_until: float | None = None
+        # Once stopping: when failing writes are given up (monotonic), from the first failure.
+        self._give_up_at: float | None = None
 
     def write(self, entries: Sequence[Entry], consumer_id: str, fence: str) -> WriteResult | None:
         """Writes the batch; retries connection failures until it succeeds.
@@ -198,16 +200,17 @@ class Writer:
     def _after_error(self) -> Callable[[BaseException], None]:
         """What a batch's failed write does before its retry: on a cluster, read the layout
         again, so the retry goes to the replica that took over; once the consumer is stopping,
-        give the batch up (RetryGaveUp) if Redis stays away for ``grace_s`` more."""
-        give_up_at: float | None = None
+        give the batch up (RetryGaveUp) if Redis stays away for ``grace_s`` more. That time
+        counts from the stop's first failure for every batch after it: each batch retrying
+        ``grace_s`` of its own, a consumer holding a few outlasted SHUTDOWN_GRACE and was
+        killed."""
 
         def after(error: BaseException) -> None:
-            nonlocal give_up_at
             if self._keys.cluster:
                 reread_layout(self._client)
             if self._stop.is_set():
-                give_up_at = give_up_at or time.monotonic() + self._grace_s
-                if time.monotonic() >= give_up_at:
+                self._give_up_at = self._give_up_at or time.monotonic() + self._grace_s
+                if time.monotonic() >= self._give_up_at:
                     raise RetryGaveUp(self._retrier.outage.describe())
 
         return after

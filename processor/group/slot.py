@@ -49,7 +49,7 @@ def consumer_process(
     # The supervisor blocked these before starting us; they are safe to receive now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
     try:
-        consumer.run()
+        lost = consumer.run()
     except ConsumerFailed:
         sys.exit(ExitCode.CONSUMER_ERROR)  # the failing thread's traceback is logged already
     except Exception:
@@ -61,6 +61,10 @@ def consumer_process(
     # (Python restores it) and kill us with -SIGTERM after a clean stop: ignore them from here.
     for signum in SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    if lost:
+        # Said in our stop line; the exit code tells the supervisor, and through it an
+        # operator's Restart=on-failure, that this stop was not clean.
+        sys.exit(ExitCode.CONSUMER_ERROR)
 
 
 @dataclass
