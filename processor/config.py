@@ -11,6 +11,7 @@ import dataclasses
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from processor.bounds import Bounds, parse_bounds
 from processor.group.systemd import address_problem
@@ -28,9 +29,13 @@ WAIT_MODES = ("degrade", "strict")
 
 
 def _name_problem(name: str) -> str | None:
+    return None if name.strip() else f"{name!r} is no name: a key or channel needs one"
+
+
+def _name(default: str, env: str, help: str) -> Any:
     """A key or channel name. Redis takes an empty one, so an env file's ``OUTPUT_STREAM=``
     would send the daemon's writes to the key "" (or subscribe it to channel "")."""
-    return None if name.strip() else f"{name!r} is no name: a key or channel needs one"
+    return setting(default, env, help, check=_name_problem)
 
 
 def _consumer_count_problem(count: int) -> str | None:
@@ -62,9 +67,7 @@ class RedisSettings:
         "", "REDIS_TLS_CERT_FILE", "client certificate, when the server asks for one"
     )
     redis_tls_key_file: str = setting("", "REDIS_TLS_KEY_FILE", "the client certificate's key")
-    input_channel: str = setting(
-        "messages:published", "INPUT_CHANNEL", "Pub/Sub channel to read", check=_name_problem
-    )
+    input_channel: str = _name("messages:published", "INPUT_CHANNEL", "Pub/Sub channel to read")
     redis_cluster: bool = setting(
         False,
         "REDIS_CLUSTER",
@@ -106,21 +109,12 @@ class RedisSettings:
 class GroupSettings(RedisSettings):
     """Where one group keeps its streams and bookkeeping: shared by the daemon and the tools."""
 
-    output_stream: str = setting(
-        "messages:processed", "OUTPUT_STREAM", "output stream", check=_name_problem
+    output_stream: str = _name("messages:processed", "OUTPUT_STREAM", "output stream")
+    dead_letter_stream: str = _name(
+        "messages:dead", "DEAD_LETTER_STREAM", "stream for invalid messages (not OUTPUT_STREAM)"
     )
-    dead_letter_stream: str = setting(
-        "messages:dead",
-        "DEAD_LETTER_STREAM",
-        "stream for invalid messages (not OUTPUT_STREAM)",
-        check=_name_problem,
-    )
-    consumers_list: str = setting(
-        "consumer:ids", "CONSUMERS_LIST", "Redis list of live consumer ids", check=_name_problem
-    )
-    key_prefix: str = setting(
-        "processor", "KEY_PREFIX", "prefix of the daemon's own keys", check=_name_problem
-    )
+    consumers_list: str = _name("consumer:ids", "CONSUMERS_LIST", "Redis list of live consumer ids")
+    key_prefix: str = _name("processor", "KEY_PREFIX", "prefix of the daemon's own keys")
 
 
 @dataclass(frozen=True)

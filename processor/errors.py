@@ -103,6 +103,15 @@ class WrongType(redis.ResponseError):
     Registered with redis-py's reply parser by :mod:`processor.store.connection`."""
 
 
+class NotACount(WrongType):
+    """Raised when a counter's field holds something else than an integer (an operator's
+    HSET), where a counter is read: the message names the hash and the field."""
+
+    def problem(self) -> str:
+        """As the start-up check words a wrong key."""
+        return f"invalid KEY_PREFIX: {str(self).removeprefix('WRONGTYPE ')}"
+
+
 class FeedEnded(ConnectionError):
     """Raised by a fed consumer's feed when its reader goes silent, refuses it, or closes the
     feed: the consumer moves to another reader and reports a gap."""

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 import redis
 
 from processor.config import StatusSettings
-from processor.errors import ExitCode, WrongType
+from processor.errors import ExitCode, NotACount, WrongType
 from processor.group.controlplane import Control, HostInfo, read_control
 from processor.loading import load_status_settings
-from processor.observe.counters import COUNTERS, UNWRITTEN, NotACount, read_counters
+from processor.observe.counters import COUNTERS, UNWRITTEN, read_counters
 from processor.store.connection import CONNECTION_ERRORS, command_session, explain
 from processor.store.keys import Keys
 from processor.store.keytypes import wrong_types

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from processor.errors import WrongType
+from processor.errors import NotACount
 from processor.store.keys import Keys
 
 COUNTERS = ("written", "dead", "skipped")
@@ -31,14 +31,6 @@ def read_counters(client: redis.Redis, keys: Keys) -> dict[str, int]:
         for name, value in zip(names, reply, strict=True):
             totals[name] += counter_value(partition.stats, name, value)
     return totals
-
-
-class NotACount(WrongType):
-    """A counter's field holds something else than an integer; the message names it."""
-
-    def problem(self) -> str:
-        """As the start-up check words a wrong key."""
-        return f"invalid KEY_PREFIX: {str(self).removeprefix('WRONGTYPE ')}"
 
 
 def counter_value(key: str, name: str, value: bytes | str | None) -> int:

@@ -21,8 +21,8 @@ from typing import Any
 
 import redis
 
-from processor.errors import ConfigError, WrongType
-from processor.observe.counters import NotACount, read_counters
+from processor.errors import ConfigError, NotACount, WrongType
+from processor.observe.counters import read_counters
 from processor.store.keys import Keys
 
 
