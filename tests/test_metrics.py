@@ -21,6 +21,7 @@ from processor.observe.processes import usage
 from processor.version import version
 from tests.faults_support import (
     CHANNEL,
+    HEARTBEAT_TTL_MS,
     OUTPUT,
     client,
     start_daemon,
@@ -52,6 +53,18 @@ def scrape(port: int) -> dict[str, float]:
             name = f"{sample.name}{{{labels}}}" if labels else sample.name
             samples[name] = samples.get(name, 0.0) + sample.value
     return samples
+
+
+def receiving(port: int) -> dict[int, float]:
+    """processor_consumer_receiving by consumer pid."""
+    status, text = get(port, "/metrics")
+    assert status == 200, text
+    return {
+        int(sample.labels["pid"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "processor_consumer_receiving"
+    }
 
 
 def test_metrics_count_what_was_published_and_the_probes_follow_the_group(
@@ -211,3 +224,38 @@ def test_readers_and_fed_consumers_are_shown_apart(procs, redis_url):
         assert table.count("subscribed") == 2, table
     finally:
         redis_client.close()
+
+
+def test_a_stopped_consumer_is_not_believed_past_the_heartbeat_ttl(procs, redis_url):
+    """A reader SIGSTOPped writes nothing: the ready and receiving it last reported count for
+    nothing once older than HEARTBEAT_TTL_MS (/readyz, processor_consumers_live,
+    processor_consumer_receiving), and the probes follow it back once it runs again."""
+    port = free_port()
+    daemon = start_daemon(procs, redis_url, "partitioned", count=2, METRICS_PORT=port)
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, message="never ready")
+    victim, other = sorted(daemon.consumers())
+    os.kill(victim, signal.SIGSTOP)
+    try:
+
+        def not_believed() -> bool:
+            status, text = get(port, "/readyz")
+            return (
+                status == 503
+                and text.startswith("not reporting")
+                and receiving(port) == {victim: 0, other: 1}
+                and scrape(port)["processor_consumers_live"] == 1
+            )
+
+        # The supervisor's loop updates the live gauge about every TTL / 3.
+        wait_until(
+            not_believed,
+            2.5 * HEARTBEAT_TTL_MS / 1000,
+            message=f"a stopped consumer still believed: {get(port, '/readyz')} {receiving(port)}",
+        )
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    wait_until(
+        lambda: get(port, "/readyz")[0] == 200 and receiving(port) == {victim: 1, other: 1},
+        20,
+        message=f"not ready again: {get(port, '/readyz')}",
+    )

@@ -101,11 +101,12 @@ class Reporting:
             "gap_seconds": subscriber.gap_seconds,
         }
         parts.metrics.sync(totals, parts.strategy.buffered, held, parts.heartbeat.backlog_bytes)
-        parts.metrics.role(parts.subscriber.is_subscribed(), self._feeds())
+        parts.metrics.feeds(self._feeds())
 
     def report_stats(self) -> None:
         """Our id and counters for the supervisor, called by the heartbeat thread: the one
-        writer of ``stats``, which goes on while the loop waits for a handler."""
+        writer of ``stats``, which goes on while the loop waits for a handler. The supervisor
+        believes a report only while recent."""
         if self._stats is None:
             return
         parts = self._parts
@@ -122,10 +123,12 @@ class Reporting:
             buffered=parts.strategy.buffered,
             held=self._held(),
             ready=int(ready),
+            receiving=int(parts.subscriber.is_subscribed()),
             reader=int(parts.role == "reader"),
             feeds=self._feeds(),
             **{name: base[name] + getattr(totals, name) for name in ADDED},
         )
+        self._stats.reported()
 
     def unwritten(self, untried: int, fenced: int, held: int, failed: bool) -> None:
         """Counts what we still hold once every thread has stopped, where operators read it.

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any
 
-# "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz).
+# "ready": 1 while the consumer is subscribed and registered (the supervisor's /readyz);
+# "receiving": 1 while it is subscribed (a reader) or fed (a fed consumer).
 # "held": messages received and not written yet, as of the consumer's last heartbeat (what a
 # forced stop of it loses). "reader": 1 for a reader (it subscribes), 0 for a fed consumer;
 # "feeds": how many consumers a reader feeds.
@@ -23,6 +24,7 @@ FIELDS = (
     "buffered",
     "held",
     "ready",
+    "receiving",
     "reader",
     "feeds",
 )
@@ -37,11 +39,15 @@ class ConsumerStats:
 
     The supervisor writes them before it starts a consumer, and the consumer's heartbeat thread
     alone while the consumer runs (it goes on while a handler holds up the consumer's loop).
+    Each report is stamped: a consumer stopped, or whose heartbeat thread is stuck, writes
+    nothing, so its last values are believed only while the stamp is recent (:meth:`age_s`).
     """
 
     def __init__(self, context: BaseContext) -> None:
         self._values: Any = context.RawArray("q", len(FIELDS))
         self._ident: Any = context.RawArray("c", 160)
+        # time.monotonic() of the last report: one clock for every process of the host.
+        self._reported: Any = context.RawValue("d", float("-inf"))
 
     def set(self, **values: int) -> None:
         for name, value in values.items():
@@ -52,6 +58,23 @@ class ConsumerStats:
 
     def get(self, name: str) -> int:
         return int(self._values[FIELDS.index(name)])
+
+    def reported(self) -> None:
+        """Stamps the values just set as current."""
+        self._reported.value = time.monotonic()
+
+    def reported_once(self) -> bool:
+        """Its consumer has reported since the slot was (re)started."""
+        return self.age_s() != float("inf")
+
+    def age_s(self) -> float:
+        """Seconds since the last report (infinite before the first)."""
+        return time.monotonic() - float(self._reported.value)
+
+    def starting(self) -> None:
+        """Before a new consumer fills the slot: not ready, and nothing reported yet."""
+        self.set(ready=0, receiving=0)
+        self._reported.value = float("-inf")
 
     def snapshot(self) -> dict[str, int]:
         return {name: int(self._values[index]) for index, name in enumerate(FIELDS)}

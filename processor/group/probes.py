@@ -10,6 +10,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from processor.config import Settings
 from processor.errors import ConfigError
@@ -17,6 +18,9 @@ from processor.group.slot import Slot
 from processor.observe.health import HealthServer
 from processor.observe.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 from processor.version import version
+
+if TYPE_CHECKING:
+    from processor.observe.receiving import Receiving
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class Probes:
             multiprocess_mode="livemax",
         ).labels(version(), platform.python_version()).set(1)
         from processor.observe.processes import ProcessUsage
+        from processor.observe.receiving import ConsumersReceiving
 
         try:
             self._server = HealthServer(
@@ -69,6 +74,7 @@ class Probes:
                 self._alive,
                 self._ready,
                 ProcessUsage(self._processes),
+                ConsumersReceiving(self._receiving),
             )
         except OSError as error:
             remove_multiprocess_dir(self._directory)
@@ -108,6 +114,19 @@ class Probes:
                 found.append((f"consumer-{slot.index}", slot.process.pid))
         return found
 
+    def _receiving(self) -> list[Receiving]:
+        """Each local consumer that has reported since it started: a reader subscribed, a fed
+        consumer fed, as the supervisor believes it (:meth:`Slot.is_receiving`)."""
+        from processor.observe.receiving import Receiving
+
+        found = []
+        for slot in self._slots():
+            process = slot.process
+            if process is not None and process.pid is not None and slot.stats.reported_once():
+                role = "reader" if slot.stats.get("reader") else "fed"
+                found.append(Receiving(role, process.pid, slot.is_receiving()))
+        return found
+
     def _alive(self) -> tuple[bool, str]:
         stalled_s = time.monotonic() - self._loop_tick()
         if self._stopping.is_set():
@@ -122,13 +141,23 @@ class Probes:
 
 def readiness(slots: list[Slot], stopping: threading.Event) -> tuple[bool, str]:
     """Whether the local group is ready, and why: ``/readyz`` and systemd's READY=1."""
-    waiting = [slot.index for slot in slots if not slot.is_ready()]
     if stopping.is_set():
         return False, "stopping"
+    silent = [slot.index for slot in slots if not slot.reports()]
+    waiting = [slot.index for slot in slots if slot.reports() and not slot.is_ready()]
+    why = []
+    if silent:
+        why.append("not reporting (starting, exited, stopped or stuck): slots " + listed(silent))
     if waiting:
-        return False, "not receiving and registered: slots " + ", ".join(map(str, waiting))
+        why.append("not receiving and registered: slots " + listed(waiting))
+    if why:
+        return False, "; ".join(why)
     readers = sum(slot.stats.get("reader") for slot in slots)
     return True, (
         f"ok: {len(slots)} consumers registered and receiving: {readers} readers subscribed, "
         f"{len(slots) - readers} fed by them"
     )
+
+
+def listed(indexes: list[int]) -> str:
+    return ", ".join(map(str, indexes))

@@ -74,6 +74,9 @@ class Slot:
     index: int
     stats: ConsumerStats
     backoff: Backoff
+    # HEARTBEAT_TTL_MS: a consumer silent this long is stopped, or its heartbeat thread stuck;
+    # its last report is not believed past it (the group declares it dead as late).
+    stale_s: float
     process: BaseProcess | None = None
     started_at: float = 0.0
     restart_at: float | None = None
@@ -84,9 +87,18 @@ class Slot:
     recycling: bool = False
 
     def is_ready(self) -> bool:
-        """Its consumer runs, subscribed and registered."""
+        """Its consumer runs, subscribed (or fed) and registered, as of a recent report."""
+        return self.reports() and self.stats.get("ready") == 1
+
+    def is_receiving(self) -> bool:
+        """Its consumer runs, subscribed (a reader) or fed, as of a recent report."""
+        return self.reports() and self.stats.get("receiving") == 1
+
+    def reports(self) -> bool:
+        """Its process lives and has reported within ``stale_s``: the one age check of what the
+        consumer says of itself, which a stopped one would otherwise keep saying for good."""
         process = self.process
-        return process is not None and process.is_alive() and self.stats.get("ready") == 1
+        return process is not None and process.is_alive() and self.stats.age_s() < self.stale_s
 
 
 def reader_to_restore(slots: list[Slot], settings: Settings) -> Slot | None:

@@ -70,8 +70,8 @@ class Supervisor:
         self._feed_prefix = f"processor-{os.getpid()}-{secrets.token_hex(4)}"
 
     def _new_slot(self, index: int) -> Slot:
-        backoff = Backoff(0.5, self.settings.restart_backoff_max_s)
-        return Slot(index, ConsumerStats(self._context), backoff)
+        stats, stale_s = ConsumerStats(self._context), self.settings.heartbeat_ttl_ms / 1000
+        return Slot(index, stats, Backoff(0.5, self.settings.restart_backoff_max_s), stale_s)
 
     def run(self) -> int:
         for signum in SIGNALS:
@@ -263,7 +263,7 @@ class Supervisor:
     def _start(self, slot: Slot) -> None:
         # Until the new consumer registers under its own id and says it is ready.
         slot.stats.consumer_id = ""
-        slot.stats.set(ready=0)
+        slot.stats.starting()
         plan = FeedPlan(self._feed_prefix, self.settings.readers_per_host)
         process = self._context.Process(
             target=consumer_process,

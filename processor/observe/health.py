@@ -2,8 +2,9 @@
 
 ``/metrics`` sums the metric files of every local process (prometheus-client's multiprocess
 collector), so it shows the whole local group. ``/healthz`` answers 200 while the supervisor's
-loop runs; ``/readyz`` answers 200 only while every local consumer is subscribed and registered,
-503 with the reason otherwise. Nothing it serves carries a credential.
+loop runs; ``/readyz`` answers 200 only while every local consumer is subscribed and registered
+as of a recent report (see ``processor.group.slot``), 503 with the reason otherwise. Nothing it
+serves carries a credential.
 """
 
 from __future__ import annotations

@@ -149,13 +149,6 @@ class ConsumerMetrics:
             "What Redis holds unsent for a consumer's subscription (CLIENT LIST omem)",
             multiprocess_mode="liveall",
         )
-        self._receiving = Gauge(
-            "processor_consumer_receiving",
-            "1 while a consumer receives its messages: a reader subscribed, a fed consumer fed "
-            "by a reader (label role)",
-            ["role"],
-            multiprocess_mode="liveall",
-        )
         self._feeds = Gauge(
             "processor_reader_feeds",
             "Consumers a reader feeds now (0 for fed consumers)",
@@ -203,12 +196,11 @@ class ConsumerMetrics:
         if left_to_takeover:
             self._left.inc(left_to_takeover)
 
-    def role(self, receiving: bool, feeds: int) -> None:
-        """Per heartbeat: whether we receive (subscribed, or fed); how many a reader feeds."""
-        if not self.enabled:
-            return
-        self._receiving.labels(role=self._role).set(int(receiving))
-        self._feeds.set(feeds)
+    def feeds(self, feeds: int) -> None:
+        """Per heartbeat: how many consumers a reader feeds. Whether we receive is exported by
+        the supervisor (``processor.observe.receiving``), which sees when we stop reporting."""
+        if self.enabled:
+            self._feeds.set(feeds)
 
     def sync(self, totals: dict[str, float], buffered: int, held: int, backlog_bytes: int) -> None:
         """Per heartbeat: counters that grow elsewhere, as deltas since the last sync."""
