@@ -248,3 +248,21 @@ def test_what_the_fence_refused_is_held_until_written_again() -> None:
     assert fence.holding() == 3  # taken, not written yet
     fence.unwritten = []  # as a rejoin hands them back to the writer
     assert fence.holding() == 0
+
+
+def test_a_subscribed_consumer_whose_beats_fail_reports_itself_not_ready_past_the_ttl(
+    make_consumer: MakeConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its reports go on without Redis, but once its last live beat is older than
+    HEARTBEAT_TTL_MS the group may have declared it dead: receiving, not registered."""
+    consumer = make_consumer(joined=True)
+    stats = consumer.stats
+    wait_until(lambda: stats.get("ready") == 1, 5, message="never ready")
+
+    def refused(status: object = None) -> None:
+        raise redis.ConnectionError("beats refused by the test")
+
+    monkeypatch.setattr(consumer._membership, "beat", refused)
+    wait_until(lambda: stats.get("ready") == 0, 3, message="still ready without a beat")
+    assert stats.get("receiving") == 1
+    assert stats.age_s() < consumer.settings.heartbeat_ttl_ms / 1000

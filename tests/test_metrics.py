@@ -8,13 +8,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.redis_server import free_port
+from demo.redis_server import RedisServer, free_port
 from processor.consumer.messages import REASON_CODES
 from processor.observe.metrics import CONNECTIONS
 from processor.observe.processes import usage
@@ -259,3 +260,42 @@ def test_a_stopped_consumer_is_not_believed_past_the_heartbeat_ttl(procs, redis_
         20,
         message=f"not ready again: {get(port, '/readyz')}",
     )
+
+
+def test_a_redis_outage_shows_at_once_and_ready_returns_only_once_registered(
+    procs, private_redis: RedisServer
+):
+    """Redis down: every consumer goes on reporting (the reports need no Redis) that it does
+    not receive (readers unsubscribed, the fed one unfed), past the TTL; back up and empty,
+    /readyz is 200 again only once every consumer is listed again."""
+    port = free_port()
+    daemon = start_daemon(procs, private_redis.url, "partitioned", count=3, METRICS_PORT=port)
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, message="never ready")
+    os.kill(private_redis.pid, signal.SIGKILL)
+    wait_until(lambda: not private_redis.is_running(), 10, message="Redis not down")
+
+    def in_a_gap() -> bool:
+        status, text = get(port, "/readyz")
+        return (
+            status == 503
+            and text == "not receiving and registered: slots 0, 1, 2\n"
+            and set(receiving(port).values()) == {0}
+            and scrape(port)["processor_consumers_live"] == 0
+        )
+
+    wait_until(in_a_gap, HEARTBEAT_TTL_MS / 1000, message=f"no gap: {get(port, '/readyz')}")
+    # Reports older than the TTL would read "not reporting": they go on without Redis.
+    until = time.monotonic() + 2 * HEARTBEAT_TTL_MS / 1000
+    while time.monotonic() < until:
+        assert in_a_gap(), f"{get(port, '/readyz')} {receiving(port)}"
+    private_redis.start()
+
+    def ready() -> bool:
+        if get(port, "/readyz")[0] != 200:
+            return False
+        listed = daemon.listed()
+        assert len(listed) == 3, f"ready while only {listed} are listed"
+        return True
+
+    wait_until(ready, 20, interval=0.01, message=f"not ready again: {get(port, '/readyz')}")
+    assert set(receiving(port).values()) == {1}

@@ -185,11 +185,7 @@ class Consumer:
             self._inbox,
             self._stats_base,
             held=lambda: self._held() + self._fence.holding(),
-            ready=lambda: (
-                self._subscriber.is_subscribed()
-                and not self._fence.fenced
-                and not self.stop.is_set()
-            ),
+            serving=lambda: not self._fence.fenced and not self.stop.is_set(),
             tagged=self._log,
         )
 

@@ -151,6 +151,9 @@ class Heartbeat(WatchedThread):
                         # one failing over: not a failed heartbeat.
                         self._log.debug("backlog not checked: %s", error)
             except CONNECTION_ERRORS as error:
+                # Reported all the same: a subscription lost with Redis shows at once, and the
+                # supervisor takes a consumer whose reports stop for one stalled.
+                self._report()
                 self._retrier.failed(error)
                 next_beat = time.monotonic()
                 continue

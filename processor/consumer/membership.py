@@ -102,6 +102,11 @@ class Membership:
         self._refresh_fences()
         self.last_beat_ms = sent_ms
 
+    def registered(self) -> bool:
+        """Listed as far as we know: our last beat that found us live was less than the TTL
+        ago (a beat that fails, or finds us dead, leaves it older)."""
+        return bool(self.consumer_id) and now_ms() - self.last_beat_ms < self._ttl_ms
+
     def beat(self, status: Mapping[str, str | int | float] | None = None) -> View:
         """Extends our heartbeat (and writes ``status`` to our status hash), prunes dead ids
         and returns the live members."""

@@ -35,7 +35,7 @@ class Reporting:
         inbox: Inbox,
         stats_base: dict[str, int],
         held: Callable[[], int],
-        ready: Callable[[], bool],
+        serving: Callable[[], bool],
         tagged: Tagged,
     ) -> None:
         self._settings = settings
@@ -47,7 +47,8 @@ class Reporting:
         self._busy = busy
         self._inbox = inbox
         self._held = held
-        self._ready = ready
+        # False once fenced or stopping: not ready, subscribed and registered or not.
+        self._serving = serving
         self._log = tagged
         self._rate = RateMeter()
         # The slot's sums before us (see stats.ADDED): ours are added to them.
@@ -105,8 +106,8 @@ class Reporting:
 
     def report_stats(self) -> None:
         """Our id and counters for the supervisor, called by the heartbeat thread: the one
-        writer of ``stats``, which goes on while the loop waits for a handler. The supervisor
-        believes a report only while recent."""
+        writer of ``stats``, which goes on while the loop waits for a handler, and while Redis
+        is away (no Redis call here). The supervisor believes a report only while recent."""
         if self._stats is None:
             return
         parts = self._parts
@@ -114,7 +115,10 @@ class Reporting:
         if consumer_id and consumer_id != self._reported_id:
             self._reported_id = self._stats.consumer_id = consumer_id
             retitle_consumer(self._slot, consumer_id)
-        ready = self._ready()
+        receiving = parts.subscriber.is_subscribed()
+        # Registered: our last beat found us listed, less than the TTL ago (after that the group
+        # may have declared us dead, or a restarted Redis lost us, before our next beat says so).
+        ready = receiving and parts.membership.registered() and self._serving()
         totals = self._totals.snapshot()
         base = self.stats_base
         self._stats.set(
@@ -123,7 +127,7 @@ class Reporting:
             buffered=parts.strategy.buffered,
             held=self._held(),
             ready=int(ready),
-            receiving=int(parts.subscriber.is_subscribed()),
+            receiving=int(receiving),
             reader=int(parts.role == "reader"),
             feeds=self._feeds(),
             **{name: base[name] + getattr(totals, name) for name in ADDED},
