@@ -22,31 +22,23 @@ end
 
 -- Which of the digests ARGV[first .. last] the sets of the current bucket and the k before it
 -- hold: seen[j] is true for the j-th digest found, and any_seen whether one was. One SMISMEMBER
--- per bucket, the digests straight from ARGV (unpack with a range).
+-- per bucket, the digests straight from ARGV (unpack with a range). A set of another type fails
+-- it before any write; the third value is then a WRONGTYPE error naming it (Redis's names no
+-- key), found only then: no TYPE per bucket on every call.
 local function seen_in_buckets(prefix, bucket, k, first, last)
     local seen, any_seen = {}, false
     for b = bucket - k, bucket do
-        local flags =
-            redis.call('SMISMEMBER', prefix .. string.format('%.0f', b), unpack(ARGV, first, last))
+        local key = prefix .. string.format('%.0f', b)
+        local flags = redis.pcall('SMISMEMBER', key, unpack(ARGV, first, last))
+        if flags['err'] then
+            return nil, nil, 'WRONGTYPE ' .. key .. ' holds a ' .. redis.call('TYPE', key)['ok'] ..
+                ' where the daemon keeps a set of written ids: delete or rename that key'
+        end
         for j = 1, #flags do
             if flags[j] == 1 then
                 seen[j], any_seen = true, true
             end
         end
     end
-    return seen, any_seen
-end
-
--- A WRONGTYPE error naming the first set of those buckets that holds another type, or nil: the
--- SMISMEMBER would fail anyway, before any write, but with no key named.
-local function wrong_bucket(prefix, bucket, k)
-    for b = bucket - k, bucket do
-        local key = prefix .. string.format('%.0f', b)
-        local found = redis.call('TYPE', key)['ok']
-        if found ~= 'set' and found ~= 'none' then
-            return 'WRONGTYPE ' .. key .. ' holds a ' .. found ..
-                ' where the daemon keeps a set of written ids: delete or rename that key'
-        end
-    end
-    return nil
+    return seen, any_seen, nil
 end

@@ -71,11 +71,10 @@ for i, name in ipairs(counters) do
     end
 end
 local bucket, clock = current_bucket(KEYS[5], width, k)
-local wrong = wrong_bucket(prefix, bucket, k)
+local seen, any_seen, wrong = seen_in_buckets(prefix, bucket, k, first, last)
 if wrong then
     return redis.error_reply(wrong)
 end
-local seen, any_seen = seen_in_buckets(prefix, bucket, k, first, last)
 
 -- The outputs' XADD spelled out (no table of fields): they are the hot path.
 local output, at = KEYS[1], last + 1

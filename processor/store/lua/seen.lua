@@ -19,11 +19,10 @@ if n == 0 then
     return result
 end
 local bucket = current_bucket(KEYS[1], width, k)
-local wrong = wrong_bucket(prefix, bucket, k)
+local seen, _, wrong = seen_in_buckets(prefix, bucket, k, 4, 3 + n)
 if wrong then
     return redis.error_reply(wrong)
 end
-local seen = seen_in_buckets(prefix, bucket, k, 4, 3 + n)
 for j = 1, n do
     result[j] = seen[j] and 1 or 0
 end
