@@ -144,23 +144,25 @@ def _seen_bucket(r: redis.Redis) -> str:
     return f"processor:seen:{(seconds * 1000 + micros // 1000) // width_ms}"
 
 
-@pytest.mark.parametrize("target", ["counter", "seen-set"])
+@pytest.mark.parametrize("target", ["counter", "counter-007", "seen-set"])
 def test_a_counter_or_a_dedup_set_overwritten_while_running_is_waited_out_naming_it(
     procs, redis_url: str, r: redis.Redis, tmp_path: Path, target: str
 ) -> None:
     """A counter holding a word failed the write script's HINCRBY after its appends (the write
     thread died, 980 of 1,000 messages were missing and no counter said so); a dedup set of
     another type failed it with an error that named no key."""
-    if target == "counter":
+    if target.startswith("counter"):
         key, field = "processor:stats", "written"
+        # HINCRBY refuses a leading zero, which int() takes.
+        value = "007" if target == "counter-007" else "abc"
 
         def overwrite() -> None:
-            r.hset(key, field, "abc")
+            r.hset(key, field, value)
 
         def restore() -> None:
             r.hdel(key, field)
 
-        refusal = rf"Redis \(writes\) refused: WRONGTYPE {key} field {field} holds abc where"
+        refusal = rf"Redis \(writes\) refused: WRONGTYPE {key} field {field} holds {value} where"
     else:
         key = _seen_bucket(r)
 
@@ -221,15 +223,18 @@ def _waited_out(
     assert all(stop["lost"] == 0 and stop["left_to_takeover"] == 0 for stop in stops), stops
 
 
+@pytest.mark.parametrize("value", ["abc", "007", "-0", "", "+5", "1" * 19])
 def test_a_counter_holding_no_integer_at_start_exits_2_naming_it(
-    redis_url: str, r: redis.Redis
+    redis_url: str, r: redis.Redis, value: str
 ) -> None:
-    r.hset("processor:stats", "written", "abc")
+    """HINCRBY's rule, which the write script applies before its first write: Python's int()
+    took "007" and "-0" (HINCRBY then failed after the appends) and "" as 0."""
+    r.hset("processor:stats", "written", value)
     done = _consume(redis_url)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
-    assert "invalid KEY_PREFIX: processor:stats field written holds 'abc'" in line, line
+    assert f"invalid KEY_PREFIX: processor:stats field written holds {value!r}" in line, line
     assert not r.keys("processor:heartbeat:*"), "a consumer started"
 
 

@@ -104,7 +104,8 @@ class Writer:
         self._unprotected_until: dict[int, float] = {}
         # Strict mode, once stopping: when held batches are let go unconfirmed (monotonic).
         self._hold_until: float | None = None
-        # Once stopping: when failing writes are given up (monotonic), from the first failure.
+        # Once stopping: when failing writes are given up (monotonic), from an outage's first
+        # failure; cleared by a write that goes through.
         self._give_up_at: float | None = None
 
     def write(self, entries: Sequence[Entry], consumer_id: str, fence: str) -> WriteResult | None:
@@ -162,6 +163,7 @@ class Writer:
             reply, wait = self._retrier.call(attempt, on_error=self._after_error())
         except RetryGaveUp:
             return None
+        self._give_up_at = None  # Redis took it: a later failure gets its own grace
         DOWNTIME.end(hold, time.monotonic())
         confirmed = reply[4] if wait else 0
         if hold.first_reply is not None and int(reply[0]) >= 0:
@@ -201,9 +203,9 @@ class Writer:
         """What a batch's failed write does before its retry: on a cluster, read the layout
         again, so the retry goes to the replica that took over; once the consumer is stopping,
         give the batch up (RetryGaveUp) if Redis stays away for ``grace_s`` more. That time
-        counts from the stop's first failure for every batch after it: each batch retrying
-        ``grace_s`` of its own, a consumer holding a few outlasted SHUTDOWN_GRACE and was
-        killed."""
+        counts from the first failure of an outage for every batch it holds up: each batch
+        retrying ``grace_s`` of its own, a consumer holding a few outlasted SHUTDOWN_GRACE and
+        was killed."""
 
         def after(error: BaseException) -> None:
             if self._keys.cluster:

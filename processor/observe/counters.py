@@ -8,6 +8,7 @@ unwritten counts to the first partition's hash as it exits.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import redis
@@ -16,6 +17,7 @@ from processor.errors import NotACount
 from processor.store.keys import Keys
 
 COUNTERS = ("written", "dead", "skipped")
+_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
 UNWRITTEN = ("lost", "left_to_takeover")
 
 
@@ -35,15 +37,17 @@ def read_counters(client: redis.Redis, keys: Keys) -> dict[str, int]:
 
 def counter_value(key: str, name: str, value: bytes | str | None) -> int:
     """A counter's value (0 when unset), or NotACount naming it: an operator's HSET of a word
-    would otherwise end whatever reads it."""
-    try:
-        return int(value or 0)
-    except ValueError:
-        shown = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        raise NotACount(
-            f"WRONGTYPE {key} field {name} holds {shown[:40]!r} where the daemon counts an "
-            "integer: delete that field"
-        ) from None
+    would otherwise end whatever reads it. The write script's rule, HINCRBY's: digits with an
+    optional minus, no leading zero, room to grow."""
+    if value is None:
+        return 0
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if _INTEGER.fullmatch(text) and len(text) < 19:
+        return int(text)
+    raise NotACount(
+        f"WRONGTYPE {key} field {name} holds {text[:40]!r} where the daemon counts an "
+        "integer: delete that field"
+    )
 
 
 def record_unwritten(client: redis.Redis, keys: Keys, lost: int, left_to_takeover: int) -> None:

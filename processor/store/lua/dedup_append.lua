@@ -65,7 +65,9 @@ local counters = {'written', 'dead', 'skipped'}
 local held = redis.call('HMGET', KEYS[3], unpack(counters))
 for i, name in ipairs(counters) do
     local value = held[i]
-    if value and not (string.match(value, '^%-?%d+$') and string.len(value) < 19) then
+    -- As HINCRBY reads one: no sign but a minus, no leading zero, no "-0"; with room to grow.
+    local integer = value == '0' or string.match(value or '', '^%-?[1-9]%d*$')
+    if value and not (integer and string.len(value) < 19) then
         return redis.error_reply('WRONGTYPE ' .. KEYS[3] .. ' field ' .. name .. ' holds ' ..
             string.sub(value, 1, 40) .. ' where the daemon counts an integer: delete that field')
     end
