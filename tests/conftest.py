@@ -244,3 +244,16 @@ def bclient(redis_url: str) -> Iterator[redis.Redis]:
         yield redis_client
     finally:
         redis_client.close()
+
+
+@pytest.fixture
+def subscriber(redis_url: str, keys: Keys) -> Iterator[redis.client.PubSub]:
+    """A subscriber to the channel, standing in for a consumer (a replay's receiver)."""
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.channel)
+    try:
+        yield pubsub
+    finally:
+        pubsub.close()
+        client.close()

@@ -8,10 +8,20 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from processor.observe.logs import Tagged
+from processor.store.keys import Keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def list_live_consumer(
+    client: Any, keys: Keys, consumer_id: str = "live-1", ttl_ms: int = 60_000
+) -> None:
+    """A consumer the tools take for live: listed, with a heartbeat key (no process behind)."""
+    client.rpush(keys.consumers, consumer_id)
+    client.set(keys.heartbeat(consumer_id), "token", px=ttl_ms)
 
 
 def wait_until(

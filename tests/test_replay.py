@@ -38,7 +38,7 @@ from processor.store.keys import Keys
 from tests.conftest import Processes
 from tests.faults_support import start_daemon
 from tests.handlers_for_tests import FIXED_FILE_ENV
-from tests.helpers import processor_cli, tagged, wait_until
+from tests.helpers import list_live_consumer, processor_cli, tagged, wait_until
 
 CONSUMER = "consumer-replay"
 WINDOW_MS = 60_000
@@ -48,19 +48,6 @@ WAIT_S = 30.0
 @pytest.fixture
 def writer(client: redis.Redis, keys: Keys) -> Writer:
     return Writer(client, keys, WINDOW_MS, 0.2, tagged("[test]"), threading.Event(), 1.0)
-
-
-@pytest.fixture
-def subscriber(redis_url: str, keys: Keys) -> Iterator[redis.client.PubSub]:
-    """A subscriber to the channel, standing in for a consumer."""
-    client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(keys.channel)
-    try:
-        yield pubsub
-    finally:
-        pubsub.close()
-        client.close()
 
 
 def _raw(message_id: str) -> bytes:
@@ -206,8 +193,7 @@ def test_the_documented_acl_lets_a_user_replay_and_a_narrower_one_gets_one_line(
     redis_url: str, r: redis.Redis, keys: Keys, writer: Writer, subscriber: Any, acl_users: None
 ) -> None:
     writer.write([_failure("m-6")], CONSUMER, "")
-    r.rpush(keys.consumers, "live-1")
-    r.set(keys.heartbeat("live-1"), "token", px=60_000)
+    list_live_consumer(r, keys)
     rules = [*DAEMON_ACL_RULES.split(), *REPLAY_ACL_RULES.split()]
     r.execute_command("ACL", "SETUSER", "replayer", "on", ">r-pass", *rules)
     r.execute_command("ACL", "SETUSER", "narrow", "on", ">n-pass", *DAEMON_ACL_RULES.split())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,24 +14,16 @@ import redis
 from processor.errors import ExitCode
 from processor.store.keys import Keys
 from tests.conftest import Processes
-from tests.helpers import wait_until
+from tests.helpers import list_live_consumer, wait_until
 
 LETTERS = 20_000
 
 
 @pytest.fixture
-def subscribed(redis_url: str, keys: Keys) -> Iterator[redis.client.PubSub]:
+def subscribed(r: redis.Redis, keys: Keys, subscriber: redis.client.PubSub) -> redis.client.PubSub:
     """A listed consumer with a live heartbeat, and a subscriber standing in for it."""
-    client = redis.Redis.from_url(redis_url)
-    client.rpush(keys.consumers, "live-1")
-    client.set(keys.heartbeat("live-1"), "token", px=120_000)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(keys.channel)
-    try:
-        yield pubsub
-    finally:
-        pubsub.close()
-        client.close()
+    list_live_consumer(r, keys, ttl_ms=120_000)
+    return subscriber
 
 
 def _dead_letters(client: redis.Redis, keys: Keys, count: int) -> None:

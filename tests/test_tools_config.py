@@ -13,7 +13,7 @@ import redis
 from processor.config import GroupSettings
 from processor.loading import load_publisher_settings
 from processor.store.keys import Keys
-from tests.helpers import processor_cli
+from tests.helpers import list_live_consumer, processor_cli
 
 # A daemon's file: its own settings (under their field, variable and former names) beside the
 # group's key names the tools need.
@@ -59,8 +59,7 @@ def test_the_tools_read_the_daemons_file_and_its_key_names(
     entry = client.xadd(
         custom_keys.dead, {"message_id": "m-1", "reason_code": "handler_error", "raw": raw}
     ).decode()
-    client.rpush(custom_keys.consumers, "live-1")
-    client.set(custom_keys.heartbeat("live-1"), "token", px=60_000)
+    list_live_consumer(client, custom_keys)
 
     status = processor_cli("status", "--config", daemon_file, "--redis-url", redis_url)
     assert status.returncode == 0, status.stderr

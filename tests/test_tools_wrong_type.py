@@ -13,14 +13,9 @@ import redis
 
 from processor.errors import ExitCode
 from processor.store.keys import Keys
-from tests.helpers import processor_cli
+from tests.helpers import list_live_consumer, processor_cli
 
 _FIX = "delete or rename that key, or set {setting} to another name"
-
-
-def _live_consumer(client: redis.Redis, keys: Keys) -> None:
-    client.rpush(keys.consumers, "live-1")
-    client.set(keys.heartbeat("live-1"), "token", px=60_000)
 
 
 def _dead_letter(client: redis.Redis, keys: Keys) -> None:
@@ -45,7 +40,7 @@ def test_a_dead_letter_stream_of_another_type_is_named_with_exit_code_2(
     held: str,
     command: tuple[str, ...],
 ) -> None:
-    _live_consumer(client, keys)
+    list_live_consumer(client, keys)
     prepare(client, keys.dead)
     result = processor_cli(*command, "--redis-url", redis_url)
     assert result.returncode == ExitCode.CONFIG == 2, result.stderr
@@ -66,7 +61,7 @@ def test_a_replay_record_of_another_type_is_named_and_nothing_is_replayed(
     redis_url = request.getfixturevalue(server).url
     client = redis.Redis.from_url(redis_url)
     client.flushall()
-    _live_consumer(client, keys)
+    list_live_consumer(client, keys)
     _dead_letter(client, keys)
     client.set(keys.single.replayed, "oops")
     result = processor_cli("replay", "--all", "--redis-url", redis_url)
@@ -84,7 +79,7 @@ def test_a_replay_record_of_another_type_is_named_and_nothing_is_replayed(
 def test_status_names_every_key_of_another_type_and_shows_the_rest(
     redis_url: str, client: redis.Redis, keys: Keys
 ) -> None:
-    _live_consumer(client, keys)
+    list_live_consumer(client, keys)
     client.xadd(keys.output, {"message_id": "m-0"})
     client.set(keys.dead, "x")
     client.rpush(keys.stats, "x")
@@ -114,7 +109,7 @@ def test_status_names_every_key_of_another_type_and_shows_the_rest(
 def test_status_names_a_counter_that_holds_no_integer(
     redis_url: str, client: redis.Redis, keys: Keys
 ) -> None:
-    _live_consumer(client, keys)
+    list_live_consumer(client, keys)
     client.hset(keys.stats, mapping={"written": "abc", "dead": "3"})
     result = processor_cli("status", "--redis-url", redis_url)
     assert result.returncode == 2, result.stderr
