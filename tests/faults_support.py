@@ -216,8 +216,10 @@ class Daemon:
         wait_until(
             self.in_step,
             timeout,
-            message=f"{why}: CONSUMERS_LIST {self.listed()} != running consumers "
-            f"{sorted(self.consumers())} (want {self.count}) within {timeout:g} s",
+            message=lambda: (
+                f"{why}: CONSUMERS_LIST {self.listed()} != running consumers "
+                f"{sorted(self.consumers())} (want {self.count}) within {timeout:g} s"
+            ),
         )
         return self.ids()
 

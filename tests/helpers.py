@@ -28,15 +28,19 @@ def wait_until(
     predicate: Callable[[], object],
     timeout: float,
     interval: float = 0.05,
-    message: str = "",
+    message: str | Callable[[], str] = "",
 ) -> None:
-    """Poll predicate until it is truthy; raise AssertionError once timeout seconds have passed."""
+    """Poll predicate until it is truthy; raise AssertionError once timeout seconds have passed.
+
+    A callable ``message`` is called at the failure, so it can show the state that failed
+    (an f-string shows the state before the wait)."""
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
             return
         if time.monotonic() >= deadline:
-            raise AssertionError(message or f"condition not met within {timeout:g} s")
+            said = message() if callable(message) else message
+            raise AssertionError(said or f"condition not met within {timeout:g} s")
         time.sleep(interval)
 
 

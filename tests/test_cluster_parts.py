@@ -223,7 +223,9 @@ def test_the_documented_cluster_user_runs_the_daemon_the_publisher_and_status(
         wait_until(
             lambda: client.llen(keys.consumers) == 1,
             30,
-            message=f"the daemon did not start as the ACL user:\n{procs.output(daemon)[-3000:]}",
+            message=lambda: (
+                f"the daemon did not start as the ACL user:\n{procs.output(daemon)[-3000:]}"
+            ),
         )
         record = tmp_path / "record.txt"
         published, written = publish_and_wait_written(procs, env, client, keys, record)

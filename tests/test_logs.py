@@ -186,7 +186,7 @@ def test_a_consumer_that_fails_outside_its_threads_logs_a_json_object_with_the_t
     wait_until(
         lambda: procs.output(daemon).count("refuses to load in a consumer process") >= 2,
         EXIT_WITHIN_S,
-        message=f"no consumer failed twice:\n{procs.output(daemon)[-3000:]}",
+        message=lambda: f"no consumer failed twice:\n{procs.output(daemon)[-3000:]}",
     )
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(timeout=EXIT_WITHIN_S)

@@ -319,7 +319,7 @@ def test_the_daemon_in_degrade_mode_counts_unconfirmed_writes(
     wait_until(
         lambda: scrape(port).get("processor_messages_unconfirmed_total") == in_sync + 20,
         20,
-        message=f"not counted: {scrape(port)}",
+        message=lambda: f"not counted: {scrape(port)}",
     )
 
 
