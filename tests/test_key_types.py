@@ -118,8 +118,16 @@ WRITES_REFUSED = (
         ("messages:dead", WRITES_REFUSED),
         # The heartbeats go on (no consumer is declared dead), and the consumers list
         # themselves again once it is deleted.
-        ("consumer:ids", r"Redis \(heartbeat\) refused: WRONGTYPE"),
-        ("processor:departures", r"Redis \(group events\) refused: WRONGTYPE"),
+        (
+            "consumer:ids",
+            r"Redis \(heartbeat\) refused: WRONGTYPE consumer:ids holds a string where the "
+            r"daemon keeps a list \(membership\.lua\): delete or rename that key",
+        ),
+        (
+            "processor:departures",
+            r"Redis \(group events\) refused: WRONGTYPE processor:departures holds a string "
+            r"where the daemon keeps a stream \(the group's events\)",
+        ),
     ],
 )
 def test_a_key_overwritten_while_running_is_waited_out_and_every_message_written_once(

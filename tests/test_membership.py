@@ -297,3 +297,38 @@ def test_a_gap_of_the_last_moment_is_published_as_the_heartbeat_ends(
     heartbeat.work()
     published = [fields for _, fields in r.xrange(keys.gaps)]
     assert published == [{"consumer_id": "c-1", "start_ms": "1000", "end_ms": "1012"}]
+
+
+def test_a_script_refused_by_a_key_of_another_type_names_that_key(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """Redis's WRONGTYPE names no key (in a script, only its line): ours names the key, its
+    type and what the daemon keeps there, so the operator knows what to delete."""
+    member = _member(client, keys, "c-1")
+    r.delete(keys.consumers)
+    r.set(keys.consumers, "someone else's value")
+    with pytest.raises(WrongType) as beat:
+        member.beat()
+    assert beat.value.status_code == "WRONGTYPE"
+    assert str(beat.value) == (
+        f"{keys.consumers} holds a string where the daemon keeps a list "
+        "(membership.lua): delete or rename that key"
+    )
+    r.delete(keys.consumers)
+    r.rpush(keys.consumers, "c-1")
+    r.hset(keys.departures, "a", "b")
+    with pytest.raises(WrongType, match=rf"^{keys.departures} holds a hash where"):
+        member.leave("stopping")
+
+
+def test_a_wrong_type_under_a_name_built_inside_a_script_names_the_script(
+    client: redis.Redis, keys: Keys, r: redis.Redis
+) -> None:
+    """A heartbeat key is built inside the script from the id: its KEYS are all right, so the
+    refusal says which script refused, with Redis's words."""
+    member = _member(client, keys, "c-1")
+    r.rpush(keys.consumers, "c-2")
+    r.rpush(keys.heartbeat("c-2"), "not a heartbeat")
+    redis_words = r"^Operation against a key holding the wrong kind .*\(membership\.lua\)$"
+    with pytest.raises(WrongType, match=redis_words):
+        member.beat()

@@ -82,7 +82,7 @@ class Replayer:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._client = client
         self._keys = keys
-        self._script = Script(client, "replay.lua")
+        self._script = Script(client, "replay.lua", ("stream", "string", "hash"))
 
     def replay(self, letter: DeadLetter) -> Outcome:
         parsed = parse(letter.raw, _NO_LIMIT)

@@ -59,7 +59,7 @@ class SeenCheck:
     def __init__(self, client: redis.Redis, keys: Keys, window: Window) -> None:
         self._keys = keys
         self._window = window
-        self._script = Script(client, "seen.lua")
+        self._script = Script(client, "seen.lua", ("string",))
 
     def seen(self, dedup_ids: list[str]) -> list[bool]:
         flags = [False] * len(dedup_ids)

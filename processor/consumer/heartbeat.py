@@ -29,6 +29,7 @@ from processor.errors import WrongType
 from processor.observe.logs import Tagged
 from processor.store.connection import CONNECTION_ERRORS, REDIS_ERRORS
 from processor.store.keys import Keys
+from processor.store.keytypes import name_wrong_key
 from processor.store.outage import Backoff, Outage, Retrier
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,10 @@ class Heartbeat(WatchedThread):
         try:
             departed = self._wait_for_events(timeout_s)
         except WrongType as error:
-            self._events_outage.failed(error)
+            streams = [(self._keys.gaps, "stream"), (self._keys.departures, "stream")]
+            self._events_outage.failed(
+                name_wrong_key(error, self._client, streams, "the group's events")
+            )
             self._done.wait(max(0.0, timeout_s))
             return False
         self._events_outage.recovered()

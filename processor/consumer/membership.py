@@ -76,7 +76,7 @@ class Membership:
         self._keys = keys
         self._ttl_ms = heartbeat_ttl_ms
         self._fence_ttl_ms = max(fence_ttl_ms, heartbeat_ttl_ms)
-        self._script = Script(client, "membership.lua")
+        self._script = Script(client, "membership.lua", ("list", "hash"))
         self._leave = leave_script(client)
         self.consumer_id = ""
         self.token = ""
@@ -205,7 +205,7 @@ class Membership:
 def leave_script(client: redis.Redis) -> Script:
     """``leave.lua``, registered once by whoever removes consumers (themselves, or their
     supervisor), so it is read from disk once per process."""
-    return Script(client, "leave.lua")
+    return Script(client, "leave.lua", ("list", "stream"))
 
 
 def remove(

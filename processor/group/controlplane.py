@@ -138,7 +138,7 @@ def claim_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
     """Records PARTITIONS for the group, or refuses one that differs from the live group's
     (ConfigError). A count changed while the whole group is stopped is taken, with a warning:
     ids written under the old layout are not remembered by the new one."""
-    script = Script(client, "claim_partitions.lua")
+    script = Script(client, "claim_partitions.lua", ("hash", "zset"))
     accepted, before = script(keys=[keys.control, keys.hosts], args=[partitions])
     recorded = _text(before)
     if not int(accepted):
@@ -168,8 +168,8 @@ class HostRegistry:
         self._host_id = host_id
         self._ttl_ms = ttl_ms
         self._client = client
-        self._script = Script(client, "host_beat.lua")
-        self._leave = Script(client, "host_leave.lua")
+        self._script = Script(client, "host_beat.lua", ("zset", "hash", "hash", "string", "hash"))
+        self._leave = Script(client, "host_leave.lua", ("zset", "hash"))
 
     def beat(self, info: HostInfo, claim: bool = False) -> Beat:
         keys = self._keys
@@ -248,7 +248,7 @@ def set_desired(
 ) -> tuple[bool, int | None]:
     """Sets the group's desired size as ``lua/set_desired.lua`` describes (``mode`` scale, if
     or restore); returns whether it was set, and the previous size."""
-    script = Script(client, "set_desired.lua")
+    script = Script(client, "set_desired.lua", ("hash", "string"))
     args: list[Any] = [mode, "" if seen is None else seen, size, by, int(cool_down)]
     for field_name, value in (extra or {}).items():
         args += [field_name, value]

@@ -15,6 +15,7 @@ by accident.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,3 +144,34 @@ def named_wrong_type(
         raise ConfigError(
             f"a key held another type than expected ({error}); none does now: try again"
         ) from None
+
+
+# A WRONGTYPE our own scripts raise names its key: "<key> holds ..." or "<key> field ..." (the
+# reply's first word, WRONGTYPE, is the error's status_code).
+_NAMED = re.compile(r"^\S+ (holds|field) ")
+
+
+def name_wrong_key(
+    error: WrongType, client: redis.Redis, expected: Sequence[tuple[str, str | None]], where: str
+) -> WrongType:
+    """``error`` naming the key that refused it: Redis's WRONGTYPE names none (in a script, only
+    the script's line). ``expected`` pairs each key the call used with the type the daemon
+    keeps there (None: not checked, a prefix). The first that holds another type is named, in
+    the words the write script uses; when none does (a key built inside a script, or one
+    deleted since), ``where`` is added to Redis's words."""
+    if _NAMED.match(str(error)):
+        return error
+    checked = [(key, kind) for key, kind in expected if kind is not None]
+    try:
+        found = [client.type(key) for key, _ in checked]
+    except redis.RedisError:
+        return error
+    for (key, kind), held in zip(checked, found, strict=True):
+        held_text = held.decode() if isinstance(held, bytes) else str(held)
+        if held_text not in (kind, "none"):
+            return WrongType(
+                f"{key} holds a {held_text} where the daemon keeps a {kind} ({where}): "
+                "delete or rename that key",
+                status_code=error.status_code,
+            )
+    return WrongType(f"{str(error).rstrip('.')} ({where})", status_code=error.status_code)
