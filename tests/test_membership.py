@@ -6,6 +6,7 @@ import os
 import queue
 import socket
 import threading
+from typing import Any
 
 import pytest
 import redis
@@ -26,6 +27,7 @@ from processor.consumer.ownership import RaceStrategy
 from processor.consumer.subscriber import Gap
 from processor.errors import WrongType
 from processor.store.keys import Keys
+from processor.store.keytypes import name_wrong_key
 from tests.helpers import tagged, wait_until
 
 TTL_MS = 5_000
@@ -332,3 +334,16 @@ def test_a_wrong_type_under_a_name_built_inside_a_script_names_the_script(
     redis_words = r"^Operation against a key holding the wrong kind .*\(membership\.lua\)$"
     with pytest.raises(WrongType, match=redis_words):
         member.beat()
+
+
+def test_a_refusal_stays_in_redis_words_when_the_types_cannot_be_read() -> None:
+    """Naming the key takes a TYPE per key: with Redis gone meanwhile, the refusal is raised
+    as it came (and retried as one), not replaced by the failed lookup."""
+
+    class Unreachable:
+        def type(self, key: str) -> str:
+            raise redis.ConnectionError("Connection refused")
+
+    error = WrongType("Operation against a key holding the wrong kind of value")
+    unreachable: Any = Unreachable()
+    assert name_wrong_key(error, unreachable, [("consumer:ids", "list")], "leave.lua") is error

@@ -24,6 +24,7 @@ import redis
 
 from processor.errors import ConfigError, NotACount, WrongType
 from processor.observe.counters import read_counters
+from processor.store.connection import REDIS_ERRORS
 from processor.store.keys import Keys
 
 
@@ -164,7 +165,7 @@ def name_wrong_key(
     checked = [(key, kind) for key, kind in expected if kind is not None]
     try:
         found = [client.type(key) for key, _ in checked]
-    except redis.RedisError:
+    except REDIS_ERRORS:
         return error
     for (key, kind), held in zip(checked, found, strict=True):
         held_text = held.decode() if isinstance(held, bytes) else str(held)
