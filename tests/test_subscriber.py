@@ -10,7 +10,7 @@ import redis
 
 from demo.redis_server import RedisServer
 from processor.config import Settings
-from processor.consumer.subscriber import Gap, Subscriber
+from processor.consumer.subscriber import Gap, Subscriber, now_ms
 from tests.helpers import tagged, wait_until
 
 CHANNEL = "messages:published"
@@ -239,3 +239,70 @@ def test_an_unexpected_error_in_the_reader_is_reported_not_swallowed(
     subscriber.join(timeout=10)
     assert not subscriber.is_alive()
     assert [(name, str(error)) for name, error in failures] == [("subscriber", "routing bug")]
+
+
+def test_a_subscriber_cut_off_for_its_backlog_reports_a_gap_that_holds_what_it_lost(
+    private_redis: RedisServer,
+) -> None:
+    """Redis closes a subscriber whose output buffer passes its limit and drops what it held,
+    published before the bytes still unread in our socket. The gap must begin before those
+    messages, not at the last byte read, or the messages Pub/Sub lost fall outside every
+    reported gap."""
+    admin = _client(private_redis.url)
+    admin.config_set("client-output-buffer-limit", "pubsub 256kb 128kb 1")
+    stalled, release = threading.Event(), threading.Event()
+    delivered: list[bytes] = []
+    gaps: list[Gap] = []
+    failures: list[tuple[str, BaseException]] = []
+
+    def deliver(chunk: list[bytes]) -> None:
+        delivered.extend(chunk)
+        if not release.is_set():  # a consumer stuck behind a slow handler
+            stalled.set()
+            release.wait(60)
+
+    subscriber = Subscriber(
+        Settings(redis_url=private_redis.url),
+        [CHANNEL],
+        deliver=deliver,
+        on_gap=gaps.append,
+        tagged=tagged("[t]"),
+        backoff_max_s=0.2,
+        on_failure=lambda name, error: failures.append((name, error)),
+    )
+    subscriber.start()
+    try:
+        assert subscriber.subscribed.wait(10)
+        assert admin.publish(CHANNEL, b"first") == 1
+        assert stalled.wait(10)
+        published_at: dict[bytes, int] = {}
+        padding = b"x" * 1000
+        for batch in range(200):  # up to 200,000 messages of 1 kB, until Redis cuts it off
+            payloads = [b"%d-%d-%s" % (batch, n, padding) for n in range(1000)]
+            started_ms = now_ms()
+            with admin.pipeline(transaction=False) as pipe:
+                for payload in payloads:
+                    pipe.publish(CHANNEL, payload)
+                receivers = pipe.execute()
+            published_at.update(
+                (payload, started_ms)
+                for payload, count in zip(payloads, receivers, strict=True)
+                if count
+            )
+            if admin.pubsub_numsub(CHANNEL) == [(CHANNEL.encode(), 0)]:
+                break
+        else:
+            pytest.fail("Redis never cut the subscriber off")
+        release.set()
+        wait_until(lambda: gaps and subscriber.subscribed.is_set(), timeout=15)
+    finally:
+        release.set()
+        subscriber.stop()
+        subscriber.join(timeout=10)
+        admin.close()
+    assert not failures, failures
+    lost = set(published_at) - set(delivered)
+    assert lost, "Redis dropped nothing: not the case under test"
+    (gap,) = gaps
+    earliest = min(published_at[payload] for payload in lost)
+    assert gap.start_ms <= earliest <= gap.end_ms, (gap, earliest, len(lost))

@@ -46,6 +46,11 @@ READ_TIMEOUT_S = 0.5
 DRAIN_TIMEOUT_S = 3.0
 # How often a cluster subscription checks that it still lives on its slot's primary.
 LOCATION_CHECK_S = 1.0
+# How often a live subscription PINGs: a reply comes after every message published before the
+# PING, so a gap begins at the last PING answered. Not at the last byte read: when Redis closes
+# a subscriber whose output buffer overflowed, what it drops was published before the bytes
+# still unread in our socket, up to the whole buffer earlier.
+CATCH_UP_S = 0.2
 
 
 def pack_command(*args: str) -> bytes:
@@ -98,7 +103,7 @@ class Receiver(WatchedThread):
         self.received = 0
         self.gaps = 0
         self.gap_seconds = 0.0
-        # When something last came in (ms): a gap begins there.
+        # Until when (ms) everything published is known to have come in: a gap begins there.
         self._last_alive = 0
 
     def stop(self) -> None:
@@ -227,10 +232,13 @@ class Subscriber(Receiver):
         buffer = bytearray(READ_SIZE)
         view = memoryview(buffer)
         deliver = self._deliver
+        # Conservative until the first PING is answered: before our SUBSCRIBE was sent.
         self._last_alive = now_ms()
         last_data = time.monotonic()
         next_location_check = time.monotonic() + LOCATION_CHECK_S
         ping_sent: float | None = None
+        ping_sent_ms = 0
+        next_ping = time.monotonic() + CATCH_UP_S
         unsubscribe_sent: float | None = None
         confirmed = 0
         finished = False
@@ -251,23 +259,28 @@ class Subscriber(Receiver):
             if self._locate is not None and time.monotonic() >= next_location_check:
                 next_location_check = time.monotonic() + LOCATION_CHECK_S
                 self._check_location()
+            if ping_sent is None and unsubscribe_sent is None:
+                idle = time.monotonic() - last_data
+                due = self.subscribed.is_set() and time.monotonic() >= next_ping
+                if due or idle > self._health_check_s:
+                    ping_sent_ms = now_ms()
+                    sock.sendall(_PING)
+                    ping_sent = time.monotonic()
             try:
                 size = sock.recv_into(view)
             except TimeoutError:
-                idle = time.monotonic() - last_data
-                if ping_sent is not None and time.monotonic() - ping_sent > self._health_check_s:
+                # Unanswered while nothing comes in: its reply would have come after the data.
+                now = time.monotonic()
+                if ping_sent is not None and min(now - ping_sent, now - last_data) > (
+                    self._health_check_s
+                ):
                     raise redis.TimeoutError(
                         f"no reply to PING in {self._health_check_s:g} s"
                     ) from None
-                if ping_sent is None and idle > self._health_check_s:
-                    sock.sendall(_PING)
-                    ping_sent = time.monotonic()
                 continue
             if not size:
                 raise redis.ConnectionError("connection closed by the server")
             last_data = time.monotonic()
-            ping_sent = None
-            self._last_alive = now_ms()
             reader.feed(buffer, 0, size)  # type: ignore[arg-type]
             payloads: list[bytes] = []
             lost: str | None = None
@@ -285,6 +298,11 @@ class Subscriber(Receiver):
                     if confirmed == len(self._channels):
                         self._confirmed(down_since)
                         down_since = None
+                elif kind == b"pong":
+                    # Everything published before the PING has come in.
+                    self._last_alive = ping_sent_ms
+                    ping_sent = None
+                    next_ping = time.monotonic() + CATCH_UP_S
                 elif kind == b"unsubscribe" or kind == b"sunsubscribe":
                     if unsubscribe_sent is None:
                         lost = f"Redis ended the subscription to {reply[1].decode()} (slot moved)"
