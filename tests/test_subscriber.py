@@ -10,6 +10,7 @@ import redis
 
 from demo.redis_server import RedisServer
 from processor.config import Settings
+from processor.consumer.backlog import pubsub_limits, server_backlog_bytes, warn_if_cut_off_unwarned
 from processor.consumer.subscriber import Gap, Subscriber, now_ms
 from tests.helpers import tagged, wait_until
 
@@ -194,8 +195,6 @@ def test_waits_for_redis_that_is_not_up_yet(
 def test_server_backlog_of_a_subscriber_that_does_not_read_is_measured(
     redis_url: str, r: redis.Redis
 ) -> None:
-    from processor.consumer.heartbeat import server_backlog_bytes
-
     lazy = redis.Redis.from_url(redis_url).pubsub()
     lazy.subscribe("backlog")
     lazy.get_message(timeout=1.0)  # the subscribe confirmation; then we stop reading
@@ -306,3 +305,23 @@ def test_a_subscriber_cut_off_for_its_backlog_reports_a_gap_that_holds_what_it_l
     (gap,) = gaps
     earliest = min(published_at[payload] for payload in lost)
     assert gap.start_ms <= earliest <= gap.end_ms, (gap, earliest, len(lost))
+
+
+def test_a_pubsub_output_limit_below_the_backlog_warning_is_warned_at_start(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the limit at or below BACKLOG_WARN_BYTES a reader is cut off before the heartbeat
+    warns that it falls behind: said once, at start."""
+    admin = _client(private_redis.url)
+    try:
+        assert pubsub_limits(admin) == (32 * 2**20, 8 * 2**20, 60)  # Redis's default
+        warn_if_cut_off_unwarned(admin, warn_bytes=4 * 2**20)
+        assert "client-output-buffer-limit" not in caplog.text
+        admin.config_set("client-output-buffer-limit", "pubsub 64kb 0 0")
+        warn_if_cut_off_unwarned(admin, warn_bytes=4 * 2**20)
+    finally:
+        admin.close()
+    assert (
+        "Redis cuts a subscriber off at client-output-buffer-limit pubsub 64 KiB (hard), none "
+        "for 0 s (soft): at or below BACKLOG_WARN_BYTES (4 MiB)"
+    ) in caplog.text

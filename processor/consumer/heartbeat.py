@@ -16,11 +16,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
 
+from processor.consumer.backlog import server_backlog_bytes
 from processor.consumer.membership import Membership, now_ms
 from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
 from processor.consumer.subscriber import Gap
@@ -37,29 +37,6 @@ log = logging.getLogger(__name__)
 BACKLOG_CHECK_S = 1.0
 BACKLOG_WARN_REPEAT_S = 10.0
 GAPS_MAXLEN = 10_000
-
-
-def server_backlog_bytes(
-    client: redis.Redis, client_id: int, node: tuple[str, int] | None = None
-) -> int:
-    """What Redis holds unsent for one client (``omem`` in CLIENT LIST); on a cluster, for a
-    client of ``node``, asked through the cluster client."""
-    if node is None:
-        info = client.execute_command("CLIENT", "LIST", "ID", client_id)  # type: ignore[no-untyped-call]
-    else:
-        cluster = cast(RedisCluster, client)
-        target = cluster.get_node(host=node[0], port=node[1])  # type: ignore[no-untyped-call]
-        if target is None:
-            return 0  # a node the cluster client has not learnt yet: ask again next time
-        info = cluster.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "LIST", "ID", client_id, target_nodes=target
-        )
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    for item in text.split():
-        name, _, value = item.partition("=")
-        if name == "omem":
-            return int(value)
-    return 0
 
 
 class Heartbeat(WatchedThread):

@@ -279,7 +279,10 @@ class Subscriber(Receiver):
                     ) from None
                 continue
             if not size:
-                raise redis.ConnectionError("connection closed by the server")
+                raise redis.ConnectionError(
+                    "connection closed by the server (a restart, a CLIENT KILL, or our backlog "
+                    "past client-output-buffer-limit pubsub)"
+                )
             last_data = time.monotonic()
             reader.feed(buffer, 0, size)  # type: ignore[arg-type]
             payloads: list[bytes] = []

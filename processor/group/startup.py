@@ -1,6 +1,6 @@
 """What the daemon checks before any consumer starts: that the server is new enough (Redis 6.2,
 any Valkey), lets it in and do everything it needs, that the keys it writes hold their types,
-the cluster's PARTITIONS, and eviction."""
+the cluster's PARTITIONS, eviction, and the Pub/Sub output limit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import redis
 
 from processor.config import Settings
+from processor.consumer.backlog import warn_if_cut_off_unwarned
 from processor.consumer.dedup import warn_if_evicting
 from processor.errors import RetryStopped
 from processor.group.controlplane import claim_partitions
@@ -46,6 +47,10 @@ def connect_and_check(settings: Settings, keys: Keys, stop: threading.Event) -> 
         warn_if_evicting(client, keys.cluster)
     except REDIS_ERRORS as error:
         log.warning("could not check Redis's maxmemory-policy: %s", error)
+    try:
+        warn_if_cut_off_unwarned(client, settings.backlog_warn_bytes)
+    except REDIS_ERRORS as error:
+        log.warning("could not check Redis's Pub/Sub output limit: %s", error)
     return client
 
 
