@@ -324,6 +324,9 @@ def test_stalled_consumers_rejoin_under_new_ids_without_duplicates(
     )
     log = daemon.log()
     assert "past half the dedup window: dropped" in log, f"{context}: long stall kept its messages"
+    # A stall is told from a heartbeat key lost before its TTL (a FLUSHALL).
+    assert log.count("heartbeat had expired: the group declared us dead") >= 2, context
+    assert "our heartbeat key was gone" not in log, context
     print(context, publisher.finish())
     finish(daemon, bclient, Expected(publisher.records()), context)
 

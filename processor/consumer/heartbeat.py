@@ -157,7 +157,7 @@ class Heartbeat(WatchedThread):
             # Said and handed to the consumer loop once per id: the loop rejoins under a new one.
             if self._dead_as != me:
                 self._dead_as = me
-                self._log.warning("heartbeat had expired: the group declared us dead")
+                self._say_dead()
                 self._on_fenced()
             return
         members = frozenset(view.members)
@@ -167,6 +167,22 @@ class Heartbeat(WatchedThread):
             self._log.info("group changed: %d live consumers", len(members))
             if taken:
                 self._on_takeover(taken)
+
+    def _say_dead(self) -> None:
+        """Why the group declared us dead: our heartbeat expired (a stall past the TTL), or,
+        found gone though our last live beat was less than the TTL before this reply, it was
+        deleted: Redis lost the group's keys, and maybe the dedup window with them."""
+        since_ms = now_ms() - self.membership.last_beat_ms
+        if not self.membership.registered():
+            self._log.warning("heartbeat had expired: the group declared us dead")
+            return
+        self._log.warning(
+            "the group declared us dead: our heartbeat key was gone %.1f s after our last beat, "
+            "before its TTL; Redis lost the group's keys (FLUSHALL, a restart without "
+            "persistence, a failover to a replica that lacked them) or someone deleted them; "
+            "ids written before may be written again if the dedup window went with them",
+            since_ms / 1000,
+        )
 
     def _events_or_wait(self, timeout_s: float) -> bool:
         """As :meth:`_wait_for_events`; with the gaps or departures stream overwritten by
