@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -325,3 +328,41 @@ def test_a_pubsub_output_limit_below_the_backlog_warning_is_warned_at_start(
         "Redis cuts a subscriber off at client-output-buffer-limit pubsub 64 KiB (hard), none "
         "for 0 s (soft): at or below BACKLOG_WARN_BYTES (4 MiB)"
     ) in caplog.text
+
+
+def test_a_quiet_subscription_answering_its_pings_stays_up_and_a_silent_one_is_dropped(
+    private_redis: RedisServer,
+) -> None:
+    """Each answered PING counts as a sign of life (and moves the start of a future gap); a
+    server that stops answering is dropped after twice the health-check time."""
+    gaps: list[Gap] = []
+    failures: list[tuple[str, BaseException]] = []
+    subscriber = Subscriber(
+        Settings(redis_url=private_redis.url),
+        [CHANNEL],
+        deliver=lambda chunk: None,
+        on_gap=gaps.append,
+        tagged=tagged("[t]"),
+        backoff_max_s=0.2,
+        on_failure=lambda name, error: failures.append((name, error)),
+        health_check_s=0.3,
+    )
+    subscriber.start()
+    try:
+        assert subscriber.subscribed.wait(10)
+        first = subscriber.client_id
+        # Quiet for five times the silence allowed (the scenario, not a wait for an event):
+        # only the PINGs' replies come in.
+        time.sleep(3.0)
+        assert (subscriber.gaps, subscriber.subscriptions, subscriber.client_id) == (0, 1, first)
+        # Redis stops answering (SIGSTOP): the subscription is dropped, then taken up again.
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not subscriber.subscribed.is_set(), 10, message="never dropped")
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        wait_until(lambda: gaps and subscriber.subscribed.is_set(), 15, message="no gap")
+    finally:
+        subscriber.stop()
+        subscriber.join(timeout=10)
+    assert not failures, failures

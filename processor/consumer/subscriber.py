@@ -232,7 +232,7 @@ class Subscriber(Receiver):
         buffer = bytearray(READ_SIZE)
         view = memoryview(buffer)
         deliver = self._deliver
-        # Conservative until the first PING is answered: before our SUBSCRIBE was sent.
+        # Conservative until the first PING is answered: just after our SUBSCRIBE was sent.
         self._last_alive = now_ms()
         last_data = time.monotonic()
         next_location_check = time.monotonic() + LOCATION_CHECK_S
@@ -270,13 +270,12 @@ class Subscriber(Receiver):
                 size = sock.recv_into(view)
             except TimeoutError:
                 # Unanswered while nothing comes in: its reply would have come after the data.
+                # Twice the health-check time, as when a PING went out only after that much
+                # silence: a Redis stalled a few seconds (a fork, a pause) keeps its subscribers.
                 now = time.monotonic()
-                if ping_sent is not None and min(now - ping_sent, now - last_data) > (
-                    self._health_check_s
-                ):
-                    raise redis.TimeoutError(
-                        f"no reply to PING in {self._health_check_s:g} s"
-                    ) from None
+                silence_s = 2 * self._health_check_s
+                if ping_sent is not None and min(now - ping_sent, now - last_data) > silence_s:
+                    raise redis.TimeoutError(f"no reply to PING in {silence_s:g} s") from None
                 continue
             if not size:
                 raise redis.ConnectionError(
