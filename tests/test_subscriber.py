@@ -43,6 +43,13 @@ StartSubscriber = Callable[[str], tuple[Subscriber, Received]]
 
 
 @pytest.fixture
+def redis_url(private_redis: RedisServer) -> str:
+    """Each test's own server (the suite's shared one overridden here): these tests count a
+    message's receivers, and a subscriber another test left on a shared server counts too."""
+    return private_redis.url
+
+
+@pytest.fixture
 def start_subscriber() -> Iterator[StartSubscriber]:
     started: list[Subscriber] = []
     failures: list[tuple[str, BaseException]] = []
