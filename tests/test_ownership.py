@@ -110,6 +110,15 @@ def test_before_the_first_view_everything_is_buffered() -> None:
     assert strategy.buffered == 10
 
 
+def test_on_the_first_view_everything_buffered_before_it_is_taken() -> None:
+    """Received before we had a view: its owners by that view may never have received it (a
+    reader that subscribed later, a consumer not yet fed), so we try all of it."""
+    strategy = PartitionedStrategy(60.0, 100_000, 600.0, no_downtime, at_zero)
+    strategy.split(PAYLOADS, now=0.0)
+    taken = strategy.update(MEMBERS, MEMBERS[0], now=0.5)
+    assert sorted(taken) == sorted(PAYLOADS)
+
+
 def test_what_was_routed_to_a_departed_owner_is_returned_whoever_owns_it_next() -> None:
     me, gone = MEMBERS[0], MEMBERS[1]
     before = assign_lanes(MEMBERS)

@@ -271,7 +271,7 @@ class PartitionedStrategy:
 
         Taken over: whatever was routed to a member that is no longer live, whoever owns its
         lane now (the new owner may have joined after the death and never received it); and,
-        on our first view, our share of what we buffered before it.
+        on our first view, all we buffered before it.
         """
         now = time.monotonic() if now is None else now
         owners = assign_lanes(members)
@@ -281,10 +281,12 @@ class PartitionedStrategy:
             if self._members:
                 taken = self._buffer.routed_to(self._members - live, now)
             else:
-                # Everything buffered so far was routed to nobody: count it as routed by this
-                # view, so our share is tried now and the rest if its owner departs.
+                # Everything buffered so far was routed to nobody, and its owners by this view
+                # may not have received it (a reader that subscribed later, a consumer not yet
+                # fed): we try all of it now, and the write lets one writer through. Counted as
+                # routed by this view, so it is tried again if its owner departs.
                 self._buffer.relabel(self._owners, owners)
-                taken = self._buffer.routed_to({me}, now)
+                taken = self._buffer.since(float("-inf"), now)
             local = {me, *self._fed}
             if now >= self._grace_until:
                 self._handed = {}
