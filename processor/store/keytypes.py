@@ -112,10 +112,16 @@ def wrong_types(
         found = pipe.execute()
     problems = {}
     for item, held in zip(expected, found, strict=True):
-        held_text = held.decode() if isinstance(held, bytes) else str(held)
-        if held_text not in (item.kind, "none"):
-            problems[item.key] = item.problem(held_text)
+        other = _another_type(held, item.kind)
+        if other is not None:
+            problems[item.key] = item.problem(other)
     return problems
+
+
+def _another_type(held: Any, kind: str) -> str | None:
+    """The type TYPE replied, when the key holds another than ``kind`` (none is no key)."""
+    held_text = held.decode() if isinstance(held, bytes) else str(held)
+    return None if held_text in (kind, "none") else held_text
 
 
 def check_key_types(client: redis.Redis, keys: Keys) -> None:
@@ -168,10 +174,10 @@ def name_wrong_key(
     except REDIS_ERRORS:
         return error
     for (key, kind), held in zip(checked, found, strict=True):
-        held_text = held.decode() if isinstance(held, bytes) else str(held)
-        if held_text not in (kind, "none"):
+        other = _another_type(held, kind)
+        if other is not None:
             return WrongType(
-                f"{key} holds a {held_text} where the daemon keeps a {kind} ({where}): "
+                f"{key} holds a {other} where the daemon keeps a {kind} ({where}): "
                 "delete or rename that key",
                 status_code=error.status_code,
             )
