@@ -26,6 +26,7 @@ LOG_FORMATS = ("text", "json")
 # cannot fork-bomb the host or exhaust Redis's clients.
 MAX_CONSUMERS_PER_HOST = 256
 WAIT_MODES = ("degrade", "strict")
+SPREAD_MODES = ("auto", "always")
 
 
 def _name_problem(name: str) -> str | None:
@@ -130,9 +131,7 @@ class Settings(GroupSettings):
         check=_consumer_count_problem,
     )
     host_id: str = setting(
-        "",
-        "HOST_ID",
-        "this daemon's id among the group's hosts (default: the machine's host name)",
+        "", "HOST_ID", "this daemon's id among the group's hosts (default: the machine's host name)"
     )
     max_consumers: int = setting(
         min(os.cpu_count() or 1, MAX_CONSUMERS_PER_HOST),
@@ -177,10 +176,7 @@ class Settings(GroupSettings):
         50, "BATCH_WINDOW_MS", "a partial batch is flushed after this many ms", minimum=0
     )
     monitor_interval_s: float = setting(
-        3.0,
-        "MONITORING_INTERVAL",
-        "seconds between throughput reports",
-        minimum=0.1,
+        3.0, "MONITORING_INTERVAL", "seconds between throughput reports", minimum=0.1
     )
     monitor_idle_interval_s: float = setting(
         60.0,
@@ -209,10 +205,7 @@ class Settings(GroupSettings):
         maximum=5,
     )
     strategy: str = setting(
-        "partitioned",
-        "STRATEGY",
-        "which messages a consumer tries",
-        choices=STRATEGIES,
+        "partitioned", "STRATEGY", "which messages a consumer tries", choices=STRATEGIES
     )
     readers_per_host: int = setting(
         2,
@@ -221,6 +214,21 @@ class Settings(GroupSettings):
         "with race every consumer subscribes); two or more, so a reader's death loses nothing",
         minimum=1,
         maximum=MAX_CONSUMERS_PER_HOST,
+    )
+    spread: str = setting(
+        "auto",
+        "SPREAD",
+        "whether fed consumers (those that do not subscribe) own lanes: auto = only while "
+        "the readers alone would spend half their time or more in the handler (a cheap "
+        "handler costs less run by the readers); always",
+        choices=SPREAD_MODES,
+    )
+    spread_hold_ms: int = setting(
+        10_000,
+        "SPREAD_HOLD_MS",
+        "with SPREAD=auto, how long the fed consumers keep their lanes after the last load "
+        "that called for them (a quarter of the readers' time in the handler)",
+        minimum=100,
     )
     dedup_window_ms: int = setting(
         600_000,
@@ -231,10 +239,7 @@ class Settings(GroupSettings):
         formerly="lock_ttl_ms",
     )
     max_message_bytes: int = setting(
-        1_048_576,
-        "MAX_MESSAGE_BYTES",
-        "larger messages are dead-lettered",
-        minimum=64,
+        1_048_576, "MAX_MESSAGE_BYTES", "larger messages are dead-lettered", minimum=64
     )
     heartbeat_interval_ms: int = setting(
         500,
@@ -243,10 +248,7 @@ class Settings(GroupSettings):
         minimum=10,
     )
     heartbeat_ttl_ms: int = setting(
-        2_000,
-        "HEARTBEAT_TTL_MS",
-        "a consumer silent this long is dead",
-        minimum=50,
+        2_000, "HEARTBEAT_TTL_MS", "a consumer silent this long is dead", minimum=50
     )
     takeover_buffer_ms: int = setting(
         10_000,
@@ -303,10 +305,7 @@ class Settings(GroupSettings):
         "address the metrics endpoint binds (0.0.0.0 for remote scrapes and probes)",
     )
     shutdown_grace_s: float = setting(
-        10.0,
-        "SHUTDOWN_GRACE",
-        "seconds consumers get to flush on shutdown",
-        minimum=0.1,
+        10.0, "SHUTDOWN_GRACE", "seconds consumers get to flush on shutdown", minimum=0.1
     )
     restart_backoff_max_s: float = setting(
         10.0,
@@ -315,10 +314,7 @@ class Settings(GroupSettings):
         minimum=0.1,
     )
     reconnect_backoff_max_s: float = setting(
-        2.0,
-        "RECONNECT_BACKOFF_MAX",
-        "longest pause between reconnect attempts",
-        minimum=0.01,
+        2.0, "RECONNECT_BACKOFF_MAX", "longest pause between reconnect attempts", minimum=0.01
     )
     startup_timeout_s: float = setting(
         0.0,
@@ -376,20 +372,13 @@ class PublisherSettings(RedisSettings):
         minimum=0,
     )
     retry_unreceived: bool = setting(
-        False,
-        "RETRY_UNRECEIVED",
-        "re-publish messages that reached no subscriber",
+        False, "RETRY_UNRECEIVED", "re-publish messages that reached no subscriber"
     )
     record: str = setting(
-        "",
-        "PUBLISH_RECORD",
-        "append a line 'message_id receivers' per PUBLISH to this file",
+        "", "PUBLISH_RECORD", "append a line 'message_id receivers' per PUBLISH to this file"
     )
     progress_interval_s: float = setting(
-        5.0,
-        "PROGRESS_INTERVAL",
-        "seconds between progress lines",
-        minimum=0.1,
+        5.0, "PROGRESS_INTERVAL", "seconds between progress lines", minimum=0.1
     )
 
 

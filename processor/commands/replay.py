@@ -62,7 +62,9 @@ _ENTRY_ID = re.compile(r"\d+-\d+")
 
 # What a Redis user needs for ``processor replay`` beyond the daemon's (ACL_RULES in
 # processor/store/access.py); +spublish instead of +publish on a cluster.
-ACL_RULES = "+publish +xrange +xdel +srem +exists"
+ACL_RULES = "+publish +xrange +xdel +srem"
+# How Redis words a command an ACL refuses inside a script.
+SCRIPT_REFUSED = "The user executing the script can't run this command"
 
 
 def live_consumers(client: redis.Redis, keys: Keys) -> int:
@@ -249,7 +251,9 @@ def _replay(
         return ExitCode.UNREACHABLE
     except redis.ResponseError as error:
         hint = ""
-        if isinstance(error, redis.exceptions.NoPermissionError):
+        # Refused outside a script, or inside replay.lua (the first command the daemon's
+        # user lacks may come in either).
+        if isinstance(error, redis.exceptions.NoPermissionError) or SCRIPT_REFUSED in str(error):
             hint = f" (replay needs, beyond the daemon's permissions: {ACL_RULES})"
         print(f"{prog}: error: Redis refused the command: {error}{hint}", file=sys.stderr)
         return ExitCode.UNREACHABLE

@@ -56,6 +56,8 @@ class ConsumerView:
     gaps: int = 0
     subscribed: bool = False
     backlog_bytes: int = 0
+    # A fed consumer that owns no lanes: the group does not spread (SPREAD=auto).
+    standby: bool = False
 
 
 @dataclass
@@ -163,6 +165,7 @@ def read_group(client: redis.Redis, settings: StatusSettings) -> GroupView:
                 gaps=_int(info.get("gaps")),
                 subscribed=_int(info.get("subscribed")) == 1,
                 backlog_bytes=_int(info.get("backlog_bytes")),
+                standby=_int(info.get("standby")) == 1,
             )
         )
     gaps, *per_partition = replies[2 * len(ids) :]
@@ -225,7 +228,9 @@ def _role(consumer: ConsumerView) -> str:
 def _state(consumer: ConsumerView) -> str:
     """A reader is subscribed; a fed consumer is fed (by a reader of its host)."""
     if consumer.role == "fed":
-        return "fed" if consumer.subscribed else "NOT FED"
+        if not consumer.subscribed:
+            return "NOT FED"
+        return "fed, standing by" if consumer.standby else "fed"
     state = "subscribed" if consumer.subscribed else "NOT SUBSCRIBED"
     if consumer.backlog_bytes:
         state += f", {consumer.backlog_bytes / 1024:,.0f} KiB unread"

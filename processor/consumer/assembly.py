@@ -24,6 +24,7 @@ from processor.consumer.ownership import (
     handover_grace_s,
     make_strategy,
 )
+from processor.consumer.spread import Spread
 from processor.consumer.subscriber import Gap
 from processor.consumer.subscribers import Subscribers
 from processor.consumer.threads import OnFailure
@@ -51,6 +52,7 @@ class Hooks:
     report: Callable[[], None]  # the heartbeat: the supervisor's stats
     held: Callable[[], int]  # the writer, for what a give-up at shutdown loses
     written: Callable[[Batch, WriteResult | None, float], None]  # the write thread
+    handler_load: Callable[[], float]  # the heartbeat: how much of our time the handler takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ def assemble(
         settings.heartbeat_ttl_ms,
         fence_ttl_ms=settings.takeover_buffer_ms,
         side_client=side_client,
+        fed=fed,
     )
     strategy = (
         FedStrategy()
@@ -193,6 +196,16 @@ def assemble(
         gaps=gaps,
         side_client=side_client,
         on_recovered=on_recovered,
+        spread=None
+        if plan is None or settings.strategy == "race"
+        else Spread(
+            heartbeat_client,
+            keys,
+            settings.spread,
+            settings.spread_hold_ms,
+            hooks.handler_load,
+            tagged,
+        ),
     )
     writer = Writer(
         client,

@@ -30,6 +30,7 @@ from processor.consumer.messages import (
     parse_all,
 )
 from processor.consumer.reporting import Reporting
+from processor.consumer.spread import HandlerLoad
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals
 from processor.consumer.takeover import without_written
 from processor.consumer.write_thread import Batch
@@ -73,6 +74,7 @@ class Consumer:
         self._failure_lock = threading.Lock()
         self._log = Tagged(log, self._tag, self._log_fields)
         self._busy = BusyMeter()
+        self._handler_load = HandlerLoad()
         self._totals = ConsumerTotals()
         # The slot's sums before us (see stats.ADDED): ours are added to them.
         self._stats_base = {name: stats.get(name) for name in ADDED} if stats else {}
@@ -142,6 +144,7 @@ class Consumer:
             report=lambda: self._reporting.report_stats(),
             held=self._held,
             written=self._written,
+            handler_load=lambda: self._handler_load.load(len(self._inbox)),
         )
         parts = assemble(
             self.settings,
@@ -298,12 +301,9 @@ class Consumer:
     def _count_unwritten(self) -> None:
         """What we still hold once every thread has stopped, counted where operators read it."""
         self._fence.take_reports()  # the batches the fence refused, once the writer has stopped
-        self._reporting.unwritten(
-            untried=sum(len(chunk) for chunk in self._takeovers),
-            fenced=len(self._fence.unwritten),
-            held=self._held(),
-            failed=self._failure is not None,
-        )
+        untried = sum(len(chunk) for chunk in self._takeovers)
+        failed = self._failure is not None
+        self._reporting.unwritten(untried, len(self._fence.unwritten), self._held(), failed)
 
     def _leave(self, reason: str) -> None:
         try:
@@ -339,7 +339,9 @@ class Consumer:
             results = run_with_retries(
                 self._runner, chosen, self.settings.handler_retries, self.stop
             )
-            self._metrics.handled(time.monotonic() - handler_started)
+            handler_s = time.monotonic() - handler_started
+            self._metrics.handled(handler_s)
+            self._handler_load.add(handler_s, len(chosen))
             for (position, message), result in zip(messages, results, strict=True):
                 if isinstance(result, Failure):
                     entries[position] = handler_failed(message, result.reason, max_bytes)

@@ -23,6 +23,7 @@ import redis
 from processor.consumer.backlog import server_backlog_bytes
 from processor.consumer.membership import Membership, now_ms
 from processor.consumer.ownership import PartitionedStrategy, RaceStrategy
+from processor.consumer.spread import Spread
 from processor.consumer.subscriber import Gap
 from processor.consumer.threads import OnFailure, WatchedThread
 from processor.errors import WrongType
@@ -60,6 +61,7 @@ class Heartbeat(WatchedThread):
         gaps: queue.SimpleQueue[Gap],
         side_client: redis.Redis | None = None,
         on_recovered: Callable[[str], None] | None = None,
+        spread: Spread | None = None,
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
@@ -89,6 +91,9 @@ class Heartbeat(WatchedThread):
         self._gaps = gaps
         self._unpublished: deque[Gap] = deque()
         self._members: frozenset[str] = frozenset()
+        self._spread = spread
+        # The members that own lanes (all but the standing-by fed consumers, consumer/spread.py).
+        self._working: frozenset[str] = frozenset()
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
@@ -144,6 +149,12 @@ class Heartbeat(WatchedThread):
         """The live consumers at the last beat, ourselves included."""
         return self._members
 
+    @property
+    def standing_by(self) -> bool:
+        """Live but owning no lanes: a fed consumer while the group does not spread."""
+        me = self.membership.consumer_id
+        return me in self._members and me not in self._working
+
     def _check_supervisor(self) -> None:
         if os.getppid() != self._parent_pid and not self._stopping.is_set():
             self._log.error("supervisor is gone: stopping")
@@ -161,10 +172,16 @@ class Heartbeat(WatchedThread):
                 self._on_fenced()
             return
         members = frozenset(view.members)
-        if members != self._members:
-            self._members = members
-            taken = self._strategy.update(members, me)
-            self._log.info("group changed: %d live consumers", len(members))
+        working = members if self._spread is None else self._spread.working(view, me)
+        if members != self._members or working != self._working:
+            self._members, self._working = members, working
+            taken = self._strategy.update(working, me)
+            standing_by = len(members - working)
+            self._log.info(
+                "group changed: %d live consumers%s",
+                len(members),
+                f", {standing_by} standing by" if standing_by else "",
+            )
             if taken:
                 self._on_takeover(taken)
 
