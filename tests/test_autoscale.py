@@ -27,6 +27,16 @@ def test_a_growing_inbox_or_server_backlog_grows_the_group() -> None:
     assert decide(2, load(2, 0.5, backlog=BEHIND_BYTES + 1), BOUNDS, cooling=False).size == 3
 
 
+def test_a_group_with_consumers_standing_by_does_not_grow_but_still_shrinks() -> None:
+    # Two readers saturated with a cheap handler, one fed consumer standing by: one more
+    # would stand by too.
+    behind = Load(3, 1.9, BEHIND_INBOX + 1, 0, standing_by=1)
+    decision = decide(3, behind, BOUNDS, cooling=False)
+    assert decision.size == 3
+    assert "1 consumers stand by" in decision.reason
+    assert decide(3, Load(3, 0.2, 0, 0, standing_by=1), BOUNDS, cooling=False).size == 2
+
+
 def test_growth_stops_at_the_maximum() -> None:
     decision = decide(6, load(6, 6.0), BOUNDS, cooling=False)
     assert decision.size == 6

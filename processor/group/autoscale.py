@@ -9,7 +9,8 @@ reads them and decides:
 - **grow** when the group falls behind: a consumer's inbox holds more than ``BEHIND_INBOX``
   messages, or Redis holds more than ``BEHIND_BYTES`` for one, or the group is more than
   ``GROW_BUSY`` busy on average. The new size is what would bring the group to ``TARGET_BUSY``
-  (at least one more consumer);
+  (at least one more consumer). Not while a consumer stands by: the handler then costs the
+  readers little (:mod:`processor.consumer.spread`), and a consumer more would stand by too;
 - **shrink** by one when nothing is behind and one consumer fewer would be at most
   ``SHRINK_BUSY`` busy on average;
 - otherwise hold. After any change nothing moves for the cool-down, which gives new consumers
@@ -42,11 +43,14 @@ class Load:
     busy: float  # sum over the consumers: 1.0 = one consumer fully busy
     max_inbox: int
     max_backlog_bytes: int
+    # Fed consumers that own no lanes (consumer/spread.py): the readers do the work alone.
+    standing_by: int = 0
 
     def __str__(self) -> str:
         return (
             f"consumers={self.consumers} busy={self.busy:.2f} "
-            f"max_inbox={self.max_inbox} max_backlog_bytes={self.max_backlog_bytes}"
+            f"max_inbox={self.max_inbox} max_backlog_bytes={self.max_backlog_bytes} "
+            f"standing_by={self.standing_by}"
         )
 
 
@@ -71,6 +75,11 @@ def decide(current: int, load: Load, bounds: Bounds, cooling: bool) -> Decision:
         behind.append(f"Redis holds {load.max_backlog_bytes} bytes for a subscriber")
     if mean_busy > GROW_BUSY:
         behind.append(f"busy {mean_busy:.0%} on average")
+    if behind and load.standing_by:
+        # The handler costs the readers little, so the group does not spread: a consumer more
+        # would stand by too.
+        reason = f"behind ({'; '.join(behind)}) but {load.standing_by} consumers stand by"
+        return Decision(current, reason)
     if behind:
         needed = max(current + 1, math.ceil(load.busy / TARGET_BUSY))
         size = min(needed, bounds.high)
@@ -89,13 +98,14 @@ def group_load(client: redis.Redis, keys: Keys) -> Load:
     ids = [member.decode() for member in client.lrange(keys.consumers, 0, -1)]  # type: ignore[union-attr]
     pipe = client.pipeline(transaction=False)
     for consumer_id in ids:
-        pipe.hmget(keys.info(consumer_id), "busy", "inbox", "backlog_bytes")
+        pipe.hmget(keys.info(consumer_id), "busy", "inbox", "backlog_bytes", "standby")
     reports = [values for values in pipe.execute() if values[0] is not None]
     return Load(
         consumers=len(reports),
-        busy=sum(float(busy) for busy, _, _ in reports),
-        max_inbox=max((int(inbox or 0) for _, inbox, _ in reports), default=0),
-        max_backlog_bytes=max((int(backlog or 0) for _, _, backlog in reports), default=0),
+        busy=sum(float(busy) for busy, _, _, _ in reports),
+        max_inbox=max((int(inbox or 0) for _, inbox, _, _ in reports), default=0),
+        max_backlog_bytes=max((int(backlog or 0) for _, _, backlog, _ in reports), default=0),
+        standing_by=sum(standby == b"1" for _, _, _, standby in reports),
     )
 
 
