@@ -14,7 +14,9 @@ from processor.config import Settings
 from processor.consumer.membership import FED_TOKEN, View, parse_view
 from processor.consumer.spread import (
     KEEP_AT,
+    LOAD_WINDOW_S,
     SPREAD_AT,
+    HandlerLoad,
     Spread,
     calls_for_spreading,
     readers_load,
@@ -65,6 +67,15 @@ def test_spreading_starts_and_stops_at_thresholds_apart() -> None:
     # Once spreading, it is kept down to KEEP_AT, so a load between the two does not flap.
     assert calls_for_spreading(KEEP_AT, spreading=True)
     assert not calls_for_spreading(KEEP_AT - 0.01, spreading=True)
+
+
+def test_a_backlog_counts_for_a_slow_handler_only() -> None:
+    slow, cheap = HandlerLoad(), HandlerLoad()
+    slow.add(0.02, messages=100)  # 200 µs a message
+    cheap.add(0.0002, messages=100)  # 2 µs a message
+    # 5,000 held: a second of the slow handler's work ahead, a hundredth of the cheap one's.
+    assert slow.load(5000) == pytest.approx(5000 * 200e-6 / LOAD_WINDOW_S)
+    assert cheap.load(500_000) < SPREAD_AT  # its share only: it never spreads on a backlog
 
 
 # -- one member's side, against fakeredis -------------------------------------------------------

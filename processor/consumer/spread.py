@@ -46,13 +46,17 @@ KEEP_AT = 0.25
 # The handler's share of a consumer's time is measured over this long: a burst for a slow
 # handler must spread within a second or two, and the hold bridges a lull this short.
 LOAD_WINDOW_S = 1.0
+# A handler cheaper than this a message (ten times what the hop costs a fed consumer's message)
+# never spreads on a backlog alone: most of the time a backlog of such messages takes is spent
+# outside the handler, where more processes only add to it.
+BACKLOG_MIN_PER_MESSAGE_S = 50e-6
 
 
 class HandlerLoad:
     """How much of one consumer's time the handler takes: its share over the last
-    ``LOAD_WINDOW_S``, or more when what the consumer holds unprocessed would keep the handler
-    busy longer than that (a burst: the share only shows it once it is being worked off).
-    The consumer's loop adds; the heartbeat reads."""
+    ``LOAD_WINDOW_S``, or more when what the consumer holds unprocessed would keep a handler of
+    ``BACKLOG_MIN_PER_MESSAGE_S`` or more busy longer than that (a burst: the share only shows
+    it once it is being worked off). The consumer's loop adds; the heartbeat reads."""
 
     def __init__(self) -> None:
         self._busy = BusyMeter(LOAD_WINDOW_S)
@@ -63,8 +67,10 @@ class HandlerLoad:
         self._per_message_s = seconds / max(messages, 1)
 
     def load(self, unprocessed: int) -> float:
-        backlog_s = unprocessed * self._per_message_s
-        return max(self._busy.share(), backlog_s / LOAD_WINDOW_S)
+        share = self._busy.share()
+        if self._per_message_s < BACKLOG_MIN_PER_MESSAGE_S:
+            return share
+        return max(share, unprocessed * self._per_message_s / LOAD_WINDOW_S)
 
 
 def readers_load(handler_load: float, working: int, readers: int) -> float:
