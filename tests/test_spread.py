@@ -33,7 +33,7 @@ from tests.faults_support import (
     start_daemon,
     start_publisher,
 )
-from tests.helpers import tagged, wait_until
+from tests.helpers import processor_cli, tagged, wait_until
 
 KEYS = Keys.from_settings(Settings())
 VIEW = View(alive=True, members={"r0": 1, "r1": 1, "f2": 1, "f3": 1}, fed=frozenset({"f2", "f3"}))
@@ -165,6 +165,8 @@ def test_fed_consumers_take_lanes_while_the_handler_holds_the_readers_up(
     fed = {cid for cid in daemon.ids().values() if slot_of(cid) >= READERS}
     assert len(fed) == COUNT - READERS
     wait_until(lambda: standing_by(bclient, daemon) == fed, 10, message="fed not standing by")
+    status = processor_cli("status", "--redis-url", redis_url).stdout
+    assert status.count("fed, standing by") == len(fed), status
     publish_invalid(bclient, "spread")
     records = []
 
