@@ -218,17 +218,17 @@ class Settings(GroupSettings):
     spread: str = setting(
         "auto",
         "SPREAD",
-        "whether fed consumers (those that do not subscribe) own lanes: auto = only while "
-        "the readers alone would spend half their time or more in the handler (a cheap "
-        "handler costs less run by the readers); always",
+        "whether a reader sends the consumers it feeds their messages: auto = once the handler "
+        "takes half its time (with a cheaper handler it handles them itself, and they stand "
+        "by); always",
         choices=SPREAD_MODES,
     )
     spread_hold_ms: int = setting(
         10_000,
         "SPREAD_HOLD_MS",
-        "with SPREAD=auto, how long the fed consumers keep their lanes after the last load "
-        "that called for them (a quarter of the readers' time in the handler)",
-        minimum=100,
+        "with SPREAD=auto, how long a reader keeps sending them their messages after handling "
+        "them itself would last have taken a quarter of its time",
+        minimum=0,
     )
     dedup_window_ms: int = setting(
         600_000,

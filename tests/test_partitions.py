@@ -47,7 +47,6 @@ def test_each_partition_s_keys_share_one_slot_and_the_group_s_keys_another():
             keys.hosts,
             keys.host_info,
             keys.autoscale_lock,
-            keys.spread,
             keys.group_stats,
         )
     }

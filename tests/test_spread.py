@@ -1,28 +1,24 @@
-"""Spreading: the fed consumers stand by while the handler costs the readers little, and own
-their lanes while it holds them up; every message is written once across the changes."""
+"""Spreading: a reader handles the messages of the consumers it feeds itself while the handler
+takes little of its time, and sends them their messages while it holds the reader up; every
+message is written once across the changes."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import fakeredis
 import pytest
 import redis
 
-from processor.config import Settings
-from processor.consumer.membership import FED_TOKEN, View, parse_view
+from processor.consumer.ownership import PartitionedStrategy
 from processor.consumer.spread import (
     KEEP_AT,
     LOAD_WINDOW_S,
     SPREAD_AT,
     HandlerLoad,
     Spread,
-    calls_for_spreading,
-    readers_load,
-    working_members,
+    load_if_kept,
 )
-from processor.store.keys import Keys
 from tests.faults_support import (
     READERS,
     Daemon,
@@ -35,38 +31,91 @@ from tests.faults_support import (
 )
 from tests.helpers import processor_cli, tagged, wait_until
 
-KEYS = Keys.from_settings(Settings())
-VIEW = View(alive=True, members={"r0": 1, "r1": 1, "f2": 1, "f3": 1}, fed=frozenset({"f2", "f3"}))
+HOLD_S = 5.0
 
 
-# -- the decision, pure ---------------------------------------------------------------------------
+def strategy_feeding(*fed: str) -> tuple[PartitionedStrategy, dict[str, list[bytes]]]:
+    """A reader "r0" whose view holds another reader "r1" and the consumers it feeds."""
+    strategy = PartitionedStrategy(10.0, 1000, 60.0, lambda now: 0.0, clock=lambda: 2.0)
+    received: dict[str, list[bytes]] = {member: [] for member in fed}
+    for member in fed:
+        strategy.feed(member, received[member].extend)
+    strategy.update(["r0", "r1", *fed], "r0", now=0.0)
+    return strategy, received
 
 
-def test_a_view_tells_the_fed_consumers_by_their_token() -> None:
-    reply = [b"1", b"r0", b"ab12cd34:100", b"f2", f"{FED_TOKEN}ab12cd34:200".encode()]
-    view = parse_view(reply)
-    assert view.members == {"r0": 100, "f2": 200}
-    assert view.fed == {"f2"}
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def test_the_readers_own_every_lane_unless_the_group_spreads() -> None:
-    assert working_members(VIEW, spreading=False) == {"r0", "r1"}
-    assert working_members(VIEW, spreading=True) == {"r0", "r1", "f2", "f3"}
+# -- the routing, and the choice ----------------------------------------------------------------
 
 
-def test_the_readers_load_is_ours_scaled_to_the_readers_alone() -> None:
-    # Four working members, two readers: the readers alone would carry twice our share each.
-    assert readers_load(0.2, working=4, readers=2) == pytest.approx(0.4)
-    assert readers_load(0.2, working=2, readers=2) == pytest.approx(0.2)
-    assert readers_load(0.2, working=3, readers=0) == pytest.approx(0.6)  # no reader: as one
+def test_a_reader_that_does_not_spread_handles_its_fed_consumers_messages_itself() -> None:
+    strategy, received = strategy_feeding("f2", "f3")
+    own, family = strategy.lanes()
+    assert 0 < own < family < 1024
+    payloads = [b"m%d" % number for number in range(2000)]
+    strategy.spread(False)
+    owned = strategy.split(payloads, 1.0)
+    assert not received["f2"] and not received["f3"]
+    # Theirs and ours, not buffered: they are ours to write, and the other reader has copies.
+    assert len(owned) == pytest.approx(len(payloads) * family / 1024, rel=0.15)
+    assert strategy.buffered == len(payloads) - len(owned)
+    strategy.spread(True)
+    mine = strategy.split(payloads, 2.0)
+    assert received["f2"] and received["f3"]
+    assert len(mine) + len(received["f2"]) + len(received["f3"]) == len(owned)
 
 
-def test_spreading_starts_and_stops_at_thresholds_apart() -> None:
-    assert not calls_for_spreading(SPREAD_AT - 0.01, spreading=False)
-    assert calls_for_spreading(SPREAD_AT, spreading=False)
-    # Once spreading, it is kept down to KEEP_AT, so a load between the two does not flap.
-    assert calls_for_spreading(KEEP_AT, spreading=True)
-    assert not calls_for_spreading(KEEP_AT - 0.01, spreading=True)
+def test_the_load_kept_scales_our_share_to_the_lanes_we_would_handle() -> None:
+    assert load_if_kept(0.2, spreading=False, own_lanes=100, family_lanes=500) == 0.2
+    assert load_if_kept(0.2, spreading=True, own_lanes=100, family_lanes=500) == 1.0
+
+
+def test_a_reader_spreads_when_the_handler_holds_it_up_and_takes_back_after_the_hold(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    strategy, _ = strategy_feeding("f2", "f3")
+    own, family = strategy.lanes()
+    clock, load = Clock(), [0.0]
+    spread = Spread(strategy, "auto", HOLD_S, lambda: load[0], tagged("t"), clock)
+    assert not strategy.spreading  # auto starts by handling them itself
+    load[0] = SPREAD_AT - 0.01
+    spread.beat()
+    assert not strategy.spreading
+    load[0] = SPREAD_AT
+    spread.beat()
+    assert strategy.spreading
+    assert "sending the consumers we feed their messages: the handler took 50%" in caplog.text
+    # Spreading, our own lanes' share: kept while handling theirs too would take KEEP_AT.
+    load[0] = KEEP_AT * own / family
+    clock.now += HOLD_S * 2
+    spread.beat()
+    assert strategy.spreading
+    load[0] = (KEEP_AT - 0.01) * own / family
+    clock.now += HOLD_S - 0.1
+    spread.beat()
+    assert strategy.spreading  # within the hold
+    clock.now += 0.1
+    spread.beat()
+    assert not strategy.spreading
+    assert "handling the messages of the consumers we feed ourselves" in caplog.text
+
+
+def test_a_reader_without_fed_consumers_never_spreads_and_always_always_does() -> None:
+    alone, _ = strategy_feeding()
+    Spread(alone, "auto", HOLD_S, lambda: 1.0, tagged("t"), Clock()).beat()
+    assert not alone.spreading
+    strategy, _ = strategy_feeding("f2")
+    spread = Spread(strategy, "always", HOLD_S, lambda: 0.0, tagged("t"), Clock())
+    spread.beat()
+    assert strategy.spreading
 
 
 def test_a_backlog_counts_for_a_slow_handler_only() -> None:
@@ -76,52 +125,6 @@ def test_a_backlog_counts_for_a_slow_handler_only() -> None:
     # 5,000 held: a second of the slow handler's work ahead, a hundredth of the cheap one's.
     assert slow.load(5000) == pytest.approx(5000 * 200e-6 / LOAD_WINDOW_S)
     assert cheap.load(500_000) < SPREAD_AT  # its share only: it never spreads on a backlog
-
-
-# -- one member's side, against fakeredis -------------------------------------------------------
-
-
-def _spread(client: redis.Redis, mode: str, share: float) -> Spread:
-    return Spread(client, KEYS, mode, hold_ms=5000, handler_load=lambda: share, tagged=tagged("t"))
-
-
-def test_a_busy_reader_sets_the_groups_key_and_every_member_follows(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.INFO)
-    client = fakeredis.FakeRedis()
-    other = _spread(client, "auto", share=0.0)
-    assert other.working(VIEW, "f2") == {"r0", "r1"}
-    busy = _spread(client, "auto", share=SPREAD_AT)
-    assert busy.working(VIEW, "r0") == {"r0", "r1", "f2", "f3"}
-    assert 0 < client.pttl(KEYS.spread) <= 5000
-    assert "the readers alone would spend 50% of their time in the handler" in caplog.text
-    assert other.working(VIEW, "f2") == {"r0", "r1", "f2", "f3"}
-    # The key lapses (nobody's load calls for it any more): the readers take every lane back.
-    client.delete(KEYS.spread)
-    assert other.working(VIEW, "f2") == {"r0", "r1"}
-    assert "the group stopped spreading" in caplog.text
-
-
-def test_a_standing_by_consumer_never_starts_spreading() -> None:
-    client = fakeredis.FakeRedis()
-    # A fed consumer still draining what it owned: busy, but it owns no lanes now.
-    assert _spread(client, "auto", share=1.0).working(VIEW, "f2") == {"r0", "r1"}
-    assert not client.exists(KEYS.spread)
-
-
-def test_spread_always_sets_the_key_so_that_every_host_agrees() -> None:
-    client = fakeredis.FakeRedis()
-    assert _spread(client, "always", share=0.0).working(VIEW, "r0") == set(VIEW.members)
-    assert client.exists(KEYS.spread)
-    assert _spread(client, "auto", share=0.0).working(VIEW, "r1") == set(VIEW.members)
-
-
-def test_a_group_without_fed_consumers_sends_no_command() -> None:
-    client = fakeredis.FakeRedis()
-    readers = View(alive=True, members={"r0": 1, "r1": 1})
-    assert _spread(client, "always", share=1.0).working(readers, "r0") == {"r0", "r1"}
-    assert not client.exists(KEYS.spread)
 
 
 # -- end to end -----------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def writers(client: redis.Redis) -> set[int]:
 
 @pytest.mark.faults
 @pytest.mark.timeout(150)
-def test_fed_consumers_take_lanes_while_the_handler_holds_the_readers_up(
+def test_fed_consumers_get_their_messages_while_the_handler_holds_the_readers_up(
     procs, redis_url, bclient, tmp_path: Path
 ) -> None:
     daemon = start_daemon(
@@ -186,8 +189,8 @@ def test_fed_consumers_take_lanes_while_the_handler_holds_the_readers_up(
     records += high.records()
     wait_until(lambda: writers(bclient) - set(range(READERS)), 30, message="no fed one wrote")
 
-    # The load falls: once the handler's share has left the readers' window and the hold is
-    # over, the readers take every lane back, and the fed consumers finish what they hold.
+    # The load falls: once the hold is over, the readers handle their fed consumers' messages
+    # themselves again, and the fed consumers finish what they hold.
     calm = start_publisher(procs, redis_url, tmp_path / "calm.txt", 12, rate=LOW_RATE // 2)
     wait_until(
         lambda: standing_by(bclient, daemon) == fed,
@@ -197,6 +200,6 @@ def test_fed_consumers_take_lanes_while_the_handler_holds_the_readers_up(
     calm.finish()
     records += calm.records()
     log = daemon.log()
-    assert "the group spreads: fed consumers take their share" in log
-    assert "the group stopped spreading: the readers take back every lane" in log
+    assert "sending the consumers we feed their messages" in log
+    assert "handling the messages of the consumers we feed ourselves" in log
     finish(daemon, bclient, Expected(records), "spread")

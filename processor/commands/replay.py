@@ -62,9 +62,7 @@ _ENTRY_ID = re.compile(r"\d+-\d+")
 
 # What a Redis user needs for ``processor replay`` beyond the daemon's (ACL_RULES in
 # processor/store/access.py); +spublish instead of +publish on a cluster.
-ACL_RULES = "+publish +xrange +xdel +srem"
-# How Redis words a command an ACL refuses inside a script.
-SCRIPT_REFUSED = "The user executing the script can't run this command"
+ACL_RULES = "+publish +xrange +xdel +srem +exists"
 
 
 def live_consumers(client: redis.Redis, keys: Keys) -> int:
@@ -251,9 +249,7 @@ def _replay(
         return ExitCode.UNREACHABLE
     except redis.ResponseError as error:
         hint = ""
-        # Refused outside a script, or inside replay.lua (the first command the daemon's
-        # user lacks may come in either).
-        if isinstance(error, redis.exceptions.NoPermissionError) or SCRIPT_REFUSED in str(error):
+        if isinstance(error, redis.exceptions.NoPermissionError):
             hint = f" (replay needs, beyond the daemon's permissions: {ACL_RULES})"
         print(f"{prog}: error: Redis refused the command: {error}{hint}", file=sys.stderr)
         return ExitCode.UNREACHABLE

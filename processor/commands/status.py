@@ -56,7 +56,7 @@ class ConsumerView:
     gaps: int = 0
     subscribed: bool = False
     backlog_bytes: int = 0
-    # A fed consumer that owns no lanes: the group does not spread (SPREAD=auto).
+    # A fed consumer whose reader handles its messages itself (SPREAD=auto, a cheap handler).
     standby: bool = False
 
 

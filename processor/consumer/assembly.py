@@ -127,7 +127,6 @@ def assemble(
         settings.heartbeat_ttl_ms,
         fence_ttl_ms=settings.takeover_buffer_ms,
         side_client=side_client,
-        fed=fed,
     )
     strategy = (
         FedStrategy()
@@ -197,12 +196,11 @@ def assemble(
         side_client=side_client,
         on_recovered=on_recovered,
         spread=None
-        if plan is None or settings.strategy == "race"
+        if forwarder is None or not isinstance(strategy, PartitionedStrategy)
         else Spread(
-            heartbeat_client,
-            keys,
+            strategy,
             settings.spread,
-            settings.spread_hold_ms,
+            settings.spread_hold_ms / 1000,
             hooks.handler_load,
             tagged,
         ),

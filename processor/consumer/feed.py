@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from processor.consumer.feeds import ACK, HELLO, MESSAGES, connect
+from processor.consumer.feeds import ACK, HELLO, MESSAGES, TICK, connect
 from processor.consumer.subscriber import Gap, Receiver, now_ms
 from processor.consumer.threads import OnFailure
 from processor.errors import FeedEnded
@@ -56,6 +56,9 @@ class Feed(Receiver):
         # Orders a rename against the check that a reader feeds us under our current id.
         self._naming = threading.Lock()
         self.reader: int | None = None
+        # Our reader handles our messages itself (its ticks say so): we own our lanes but
+        # receive nothing (see processor.consumer.spread).
+        self.standing_by = False
         # Where the next search for a reader starts: after the one whose feed ended.
         self._first = 0
         self._fed_once = False
@@ -182,5 +185,8 @@ class Feed(Receiver):
             last_frame = time.monotonic()
             self._last_alive = now_ms()
             if kind == MESSAGES:
+                self.standing_by = False
                 self.received += len(value)
                 deliver(value)
+            elif kind == TICK:
+                self.standing_by = bool(value)

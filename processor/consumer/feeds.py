@@ -9,8 +9,10 @@ supervisor, in Linux's abstract namespace (nothing on disk to clean up after a k
 The protocol, over ``multiprocessing.connection`` (length-prefixed pickles): the fed consumer
 sends ``(HELLO, consumer id)``; the reader answers ``(ACK, consumer id)`` once it is subscribed
 and routes by a view of the group, then sends ``(MESSAGES, [payload, ...])`` and, when idle,
-``(TICK, None)``, so a stalled reader is noticed. A reader ends every feed when its subscription
-ends: the fed consumer then reports a gap, as a subscriber would.
+``(TICK, standing by)``, so a stalled reader is noticed (standing by: True while the reader
+handles the consumer's messages itself, see :mod:`processor.consumer.spread`). A reader ends
+every feed when its subscription ends: the fed consumer then reports a gap, as a subscriber
+would.
 """
 
 from __future__ import annotations

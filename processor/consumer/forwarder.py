@@ -193,7 +193,8 @@ class Outlet(WatchedThread):
             try:
                 batch = self._queue.get(timeout=TICK_S)
             except queue.Empty:
-                connection.send((TICK, None))
+                # True while we handle its messages ourselves: it stands by.
+                connection.send((TICK, not self._strategy.spreading))
                 continue
             if len(batch) < SEND_MIN:
                 time.sleep(LINGER_S)

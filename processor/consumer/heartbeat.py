@@ -3,7 +3,8 @@
 Every interval it extends the heartbeat and reads the live members (one script call), adopts
 the new view in the ownership strategy, hands buffered messages it now has to try to the
 consumer (takeovers), publishes its own subscription gaps and reads the others', and checks how
-much the server holds unread for its subscription. It has its own connection, so a slow write
+much the server holds unread for its subscription; a reader also chooses again whether to send
+the consumers it feeds their messages (spreading). It has its own connection, so a slow write
 never delays a heartbeat.
 """
 
@@ -91,9 +92,8 @@ class Heartbeat(WatchedThread):
         self._gaps = gaps
         self._unpublished: deque[Gap] = deque()
         self._members: frozenset[str] = frozenset()
+        # A reader's choice to send the consumers it feeds their messages (consumer/spread.py).
         self._spread = spread
-        # The members that own lanes (all but the standing-by fed consumers, consumer/spread.py).
-        self._working: frozenset[str] = frozenset()
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
@@ -149,12 +149,6 @@ class Heartbeat(WatchedThread):
         """The live consumers at the last beat, ourselves included."""
         return self._members
 
-    @property
-    def standing_by(self) -> bool:
-        """Live but owning no lanes: a fed consumer while the group does not spread."""
-        me = self.membership.consumer_id
-        return me in self._members and me not in self._working
-
     def _check_supervisor(self) -> None:
         if os.getppid() != self._parent_pid and not self._stopping.is_set():
             self._log.error("supervisor is gone: stopping")
@@ -172,18 +166,14 @@ class Heartbeat(WatchedThread):
                 self._on_fenced()
             return
         members = frozenset(view.members)
-        working = members if self._spread is None else self._spread.working(view, me)
-        if members != self._members or working != self._working:
-            self._members, self._working = members, working
-            taken = self._strategy.update(working, me)
-            standing_by = len(members - working)
-            self._log.info(
-                "group changed: %d live consumers%s",
-                len(members),
-                f", {standing_by} standing by" if standing_by else "",
-            )
+        if members != self._members:
+            self._members = members
+            taken = self._strategy.update(members, me)
+            self._log.info("group changed: %d live consumers", len(members))
             if taken:
                 self._on_takeover(taken)
+        if self._spread is not None:
+            self._spread.beat()
 
     def _say_dead(self) -> None:
         """Why the group declared us dead: our heartbeat expired (a stall past the TTL), or,

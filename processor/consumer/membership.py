@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 
 # Departures kept for the others to read: each is read within a heartbeat interval.
 DEPARTURES_MAXLEN = 1000
-# What a fed consumer's heartbeat token starts with, so that every member's view tells the
-# readers from the fed consumers (consumer/spread.py).
-FED_TOKEN = "fed-"
 
 
 def process_id_prefix(pid: int, slot: int) -> str:
@@ -51,18 +48,14 @@ class View:
 
     alive: bool
     members: dict[str, int]  # id -> registered at (ms)
-    fed: frozenset[str] = frozenset()  # the members that are fed consumers
 
 
 def parse_view(reply: list[bytes]) -> View:
     members: dict[str, int] = {}
-    fed: set[str] = set()
     for index in range(1, len(reply), 2):
-        member, value = reply[index].decode(), reply[index + 1].decode()
-        members[member] = int(value.rpartition(":")[2] or 0)
-        if value.startswith(FED_TOKEN):
-            fed.add(member)
-    return View(alive=int(reply[0]) == 1, members=members, fed=frozenset(fed))
+        value = reply[index + 1].decode()
+        members[reply[index].decode()] = int(value.rpartition(":")[2] or 0)
+    return View(alive=int(reply[0]) == 1, members=members)
 
 
 class Membership:
@@ -75,10 +68,8 @@ class Membership:
         heartbeat_ttl_ms: int,
         fence_ttl_ms: int = 0,
         side_client: redis.Redis | None = None,
-        fed: bool = False,
     ) -> None:
         self._client = client
-        self._token_prefix = FED_TOKEN if fed else ""
         # On a cluster the fences live on every partition's primary: a client with short
         # timeouts and no retries, so one that stops answering cannot hold up the heartbeat.
         self._side_client = side_client or client
@@ -100,7 +91,7 @@ class Membership:
         self.consumer_id = consumer_id
         self.stepped_down = not listed
         sent_ms = now_ms()
-        self.token = f"{self._token_prefix}{secrets.token_hex(4)}:{sent_ms}"
+        self.token = f"{secrets.token_hex(4)}:{sent_ms}"
         with self._client.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.heartbeat(consumer_id), self.token, px=self._ttl_ms)
             if listed:

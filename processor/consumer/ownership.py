@@ -11,7 +11,8 @@ when that owner leaves, dies or reports a subscription gap, every other reader t
 routed to it (one successor could be a newcomer that never received it, or in a gap of its
 own). A reader also forwards to the local consumers it *feeds* (which do not subscribe) the
 messages its view gives them, and buffers those too, as it buffers every message it does not
-own. A reader that hands lanes (its own or a fed consumer's) to a newcomer it does not feed keeps
+own; or, while the handler is cheap, handles them itself (spreading, consumer/spread.py). A
+reader that hands lanes (its own or a fed consumer's) to a newcomer it does not feed keeps
 routing them as before for a grace period, in case messages published before the newcomer was
 fed are still unread in its socket, or the newcomer's reader adopts the new view later.
 Ownership never decides correctness: the write does.
@@ -195,6 +196,8 @@ class PartitionedStrategy:
         # The consumers we feed: id -> where their messages go.
         self._fed: dict[str, Sink] = {}
         self._sinks: list[Sink] = []
+        # Whether their messages go to them, or stay with us (consumer/spread.py).
+        self._spreading = True
 
     @property
     def buffered(self) -> int:
@@ -253,10 +256,31 @@ class PartitionedStrategy:
                 del self._fed[member]
                 self._route()
 
+    @property
+    def spreading(self) -> bool:
+        return self._spreading
+
+    def spread(self, spreading: bool) -> None:
+        """From now on, sends the consumers we feed their messages (True) or handles them
+        ourselves (False). Ours to choose alone: they own their lanes either way, and what we
+        sent them before is theirs to write."""
+        with self._lock:
+            self._spreading = spreading
+            self._route()
+
+    def lanes(self) -> tuple[int, int]:
+        """How many lanes our view gives us, and us and the consumers we feed together."""
+        with self._lock:
+            own = sum(owner == self._me for owner in self._owners)
+            return own, own + sum(owner in self._fed for owner in self._owners)
+
     def _route(self) -> None:
         """Recomputes where each lane goes; the caller holds the lock."""
         self._sinks = list(self._fed.values())
-        local = {member: FED + index for index, member in enumerate(self._fed)}
+        local = {
+            member: FED + index if self._spreading else MINE
+            for index, member in enumerate(self._fed)
+        }
         if self._me:
             local[self._me] = MINE
         routing = [local.get(owner, NOT_LOCAL) if owner else NOT_LOCAL for owner in self._owners]

@@ -83,7 +83,7 @@ class Reporting:
             "gaps": parts.subscriber.gaps,
             "rate": round(self._rate.rate(totals.written), 1),
             "subscribed": int(parts.subscriber.is_subscribed()),
-            "standby": int(parts.heartbeat.standing_by),
+            "standby": int(parts.subscriber.standing_by),
             "backlog_bytes": parts.heartbeat.backlog_bytes,
             "inbox": len(self._inbox),
             "busy": round(self._busy.share(), 3),

@@ -1,54 +1,48 @@
-"""Spreading: whether the group's fed consumers own lanes now, or the readers own them all.
+"""Spreading: whether a reader sends the consumers it feeds their messages, or handles them itself.
 
-A fed consumer's message costs a hop a reader's own does not: its reader sends it, it receives
-it, in one more process. With a cheap handler that hop is most of what a message costs, and
-on a host whose cores the readers already keep busy, more processes only make the group slower
-(10 consumers drained 0.9x the rate of 2 on 2 cores, for 1.4x the CPU a message). More
-consumers help when the handler is what holds the readers up: a slow computation, a call to
-another service. So with ``SPREAD=auto`` the readers own every lane while the handler costs
-them little, and the fed consumers stand by (live, listed, fed, owning nothing); they own
-their share once a working member finds that the readers alone would spend ``SPREAD_AT`` of
-their time in the handler, and until that falls under ``KEEP_AT``. ``SPREAD=always``: the fed
-consumers always own their share.
+A fed consumer's message costs a hop a reader's own does not: the reader sends it, the fed
+consumer receives it, in one more process. With a cheap handler that hop is most of what a
+message costs, and on a host whose cores the readers already keep busy, more processes only
+make the group slower (10 consumers drained 0.86-0.95x the rate of 2 on 2 cores, for 1.3-1.44x
+the daemon's CPU a message). More consumers help when the handler is what holds the readers
+up: a slow computation, a call to another service.
 
-Every member must assign the lanes among the same members, so the decision is the group's: a
-key (``Keys.spread``) that exists while the group spreads. A working member whose load calls
-for spreading sets it, with a TTL of ``SPREAD_HOLD_MS``, at each beat; nobody deletes it, it
-lapses. A member tells the fed consumers by their heartbeat token (``FED_TOKEN``).
+So with ``SPREAD=auto`` a reader handles the messages of the consumers it feeds itself while
+the handler takes little of its time: they stand by (live, listed, owning their lanes, sent
+only ticks, which say so). Once the handler takes ``SPREAD_AT`` of the reader's time, it sends
+them their messages; it takes them back once, for ``SPREAD_HOLD_MS``, handling them itself
+would have taken less than ``KEEP_AT`` of its time. ``SPREAD=always``: it always sends them.
 
-To the ownership a change of the working members is a change of the group: fed consumers that
-start owning lanes are newcomers (their readers route to them at once, the others keep routing
-as before for the hand-over grace), and fed consumers that stop are departures (the readers
-try what they routed to them; the write skips what was written).
+The choice is the reader's alone, and nothing else changes with it: the fed consumers own their
+lanes throughout, the readers keep the same copies, and a takeover finds them as before (a
+reader that dies holding its fed consumers' messages ends their feeds, so they report a gap
+and the other readers try what they routed to them). Readers that choose differently, or
+switch at any pace, cannot leave a lane to nobody.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
-import redis
-
-from processor.consumer.membership import View
+from processor.consumer.ownership import PartitionedStrategy
 from processor.consumer.stats import BusyMeter
 from processor.observe.logs import Tagged
-from processor.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# The share of their time the readers alone would spend in the handler, above which the group
-# spreads: the hop then costs little beside the handler, and fed consumers take work off them.
+# The share of a reader's time the handler takes, from which it sends the consumers it feeds
+# their messages: the hop then costs little beside the handler, and they take work off it.
 SPREAD_AT = 0.5
-# ... and under which it stops (after the hold): apart from SPREAD_AT, so it does not flap.
+# ... and under which it takes them back (after the hold): apart, so that it does not flap.
 KEEP_AT = 0.25
-
-
-# The handler's share of a consumer's time is measured over this long: a burst for a slow
-# handler must spread within a second or two, and the hold bridges a lull this short.
+# The handler's share of a reader's time is measured over this long: a burst for a slow handler
+# spreads within a second or two, and the hold bridges a lull this short.
 LOAD_WINDOW_S = 1.0
-# A handler cheaper than this a message (ten times what the hop costs a fed consumer's message)
-# never spreads on a backlog alone: most of the time a backlog of such messages takes is spent
-# outside the handler, where more processes only add to it.
+# A handler cheaper than this a message (ten times what the hop costs) never spreads on a
+# backlog alone: most of the time a backlog of such messages takes is spent outside the
+# handler, where more processes only add to it.
 BACKLOG_MIN_PER_MESSAGE_S = 50e-6
 
 
@@ -73,69 +67,54 @@ class HandlerLoad:
         return max(share, unprocessed * self._per_message_s / LOAD_WINDOW_S)
 
 
-def readers_load(handler_load: float, working: int, readers: int) -> float:
-    """The share of their time the readers alone would spend in the handler, from ours: the
-    lanes, and so the handler's time, are shared evenly among the ``working`` members."""
-    return handler_load * working / max(readers, 1)
-
-
-def calls_for_spreading(load: float, spreading: bool) -> bool:
-    return load >= (KEEP_AT if spreading else SPREAD_AT)
-
-
-def working_members(view: View, spreading: bool) -> frozenset[str]:
-    """The members that own lanes: all of them while the group spreads, else the readers."""
-    members = frozenset(view.members)
-    return members if spreading else members - view.fed
+def load_if_kept(load: float, spreading: bool, own_lanes: int, family_lanes: int) -> float:
+    """The share of our time the handler would take if we handled the messages of the
+    consumers we feed too: ``load`` itself when we do, else scaled from our own lanes to
+    theirs and ours together (the lanes carry about as many messages each)."""
+    return load * family_lanes / max(own_lanes, 1) if spreading else load
 
 
 class Spread:
-    """One member's side of spreading: at each beat, the working members of its view."""
+    """A reader's choice, made again at each heartbeat."""
 
     def __init__(
         self,
-        client: redis.Redis,
-        keys: Keys,
+        strategy: PartitionedStrategy,
         mode: str,
-        hold_ms: int,
+        hold_s: float,
         handler_load: Callable[[], float],
         tagged: Tagged,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client
-        self._key = keys.spread
-        self._mode = mode
-        self._hold_ms = hold_ms
+        self._strategy = strategy
+        self._always = mode == "always"
+        self._hold_s = hold_s
         self._handler_load = handler_load
         self._log = tagged.on(log)
-        self.spreading = False
+        self._clock = clock
+        # When handling their messages ourselves last called for spreading (or we started).
+        self._busy_at = clock()
+        strategy.spread(self._always)
 
-    def working(self, view: View, me: str) -> frozenset[str]:
-        """Who owns lanes by ``view``; sets the group's key when our load calls for spreading.
-        One command a beat, and none in a group without fed consumers."""
-        if not view.fed:
-            self.spreading = False
-            return frozenset(view.members)
-        working = working_members(view, self.spreading)
-        readers = len(view.members) - len(view.fed)
-        load = readers_load(self._handler_load(), len(working), readers)
-        ours = self._mode == "always" or (
-            me in working and calls_for_spreading(load, self.spreading)
-        )
-        if ours:
-            # Set by every member of SPREAD=always too: a group whose hosts differ in this
-            # setting must still assign lanes among the same members.
-            self._client.set(self._key, me, px=self._hold_ms)
-            spreading = True
-        else:
-            spreading = bool(self._client.exists(self._key))
-        if spreading and not self.spreading:
+    def beat(self) -> None:
+        if self._always:
+            return
+        own, family = self._strategy.lanes()
+        spreading = self._strategy.spreading
+        load = load_if_kept(self._handler_load(), spreading, own, family)
+        now = self._clock()
+        if load >= (KEEP_AT if spreading else SPREAD_AT):
+            self._busy_at = now
+        if not spreading and load >= SPREAD_AT and family > own:
+            self._strategy.spread(True)
             self._log.info(
-                "the group spreads: fed consumers take their share of the lanes%s",
-                f" (the readers alone would spend {load:.0%} of their time in the handler)"
-                if ours and self._mode == "auto"
-                else "",
+                "sending the consumers we feed their messages: the handler took %.0f%% of our time",
+                100 * load,
             )
-        elif self.spreading and not spreading:
-            self._log.info("the group stopped spreading: the readers take back every lane")
-        self.spreading = spreading
-        return working_members(view, spreading)
+        elif spreading and now - self._busy_at >= self._hold_s:
+            self._strategy.spread(False)
+            self._log.info(
+                "handling the messages of the consumers we feed ourselves: the handler would "
+                "take %.0f%% of our time",
+                100 * load,
+            )

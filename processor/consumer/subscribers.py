@@ -28,6 +28,8 @@ class Subscribers:
     each subscriber thread reports its own gaps.
     """
 
+    standing_by = False  # only a fed consumer stands by (Feed)
+
     def __init__(
         self,
         settings: RedisSettings,

@@ -9,8 +9,9 @@ reads them and decides:
 - **grow** when the group falls behind: a consumer's inbox holds more than ``BEHIND_INBOX``
   messages, or Redis holds more than ``BEHIND_BYTES`` for one, or the group is more than
   ``GROW_BUSY`` busy on average. The new size is what would bring the group to ``TARGET_BUSY``
-  (at least one more consumer). Not while a consumer stands by: the handler then costs the
-  readers little (:mod:`processor.consumer.spread`), and a consumer more would stand by too;
+  (at least one more consumer). Not while a consumer stands by: its reader then finds the
+  handler cheap enough to handle its messages itself (:mod:`processor.consumer.spread`), and a
+  consumer more would stand by too;
 - **shrink** by one when nothing is behind and one consumer fewer would be at most
   ``SHRINK_BUSY`` busy on average;
 - otherwise hold. After any change nothing moves for the cool-down, which gives new consumers
@@ -43,7 +44,7 @@ class Load:
     busy: float  # sum over the consumers: 1.0 = one consumer fully busy
     max_inbox: int
     max_backlog_bytes: int
-    # Fed consumers that own no lanes (consumer/spread.py): the readers do the work alone.
+    # Fed consumers whose readers handle their messages themselves (consumer/spread.py).
     standing_by: int = 0
 
     def __str__(self) -> str:
@@ -76,8 +77,8 @@ def decide(current: int, load: Load, bounds: Bounds, cooling: bool) -> Decision:
     if mean_busy > GROW_BUSY:
         behind.append(f"busy {mean_busy:.0%} on average")
     if behind and load.standing_by:
-        # The handler costs the readers little, so the group does not spread: a consumer more
-        # would stand by too.
+        # A reader finds the handler cheap enough to handle its fed consumers' messages
+        # itself: a consumer more would stand by too.
         reason = f"behind ({'; '.join(behind)}) but {load.standing_by} consumers stand by"
         return Decision(current, reason)
     if behind:

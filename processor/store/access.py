@@ -45,7 +45,7 @@ ACL_RULES = (
     "~messages:processed ~messages:dead ~consumer:ids ~processor:* &messages:published "
     "+ping +client|setname +client|id +client|list +subscribe +unsubscribe "
     "+evalsha +script|load +multi +exec +discard "
-    "+get +set +exists +del +unlink +pexpire +pexpireat +time +info "
+    "+get +set +del +unlink +pexpire +pexpireat +time +info "
     "+lrange +lrem +rpush +hset +hsetnx +hget +hexists +hdel +hincrby +hmget +hgetall "
     "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore "
     "+xadd +xread +xlen +xrevrange +type"
@@ -62,7 +62,7 @@ CLUSTER_ACL_RULES = (
     "&messages:published:* "
     "+ping +client|setname +client|id +client|list +ssubscribe +sunsubscribe +spublish +role "
     "+cluster|slots +command +evalsha +script|load +multi +exec +discard +wait "
-    "+get +set +exists +del +unlink +pexpire +pexpireat +time +info "
+    "+get +set +del +unlink +pexpire +pexpireat +time +info "
     "+lrange +lrem +rpush +llen +hset +hsetnx +hget +hexists +hdel +hincrby +hmget +hgetall "
     "+sadd +smismember +zadd +zrange +zrangebyscore +zrem +zscore +zcount "
     "+xadd +xread +xlen +xrevrange +type"
@@ -120,9 +120,6 @@ def required_commands(keys: Keys) -> list[tuple[str, ...]]:
         ("HEXISTS", keys.control, "cleared_by"),  # set_desired.lua (processor scale)
         ("GET", keys.stop),
         ("SET", keys.autoscale_lock, _PROBE, "NX", "PX", "1000"),
-        # Spreading (consumer/spread.py): the heartbeat sets or reads the group's key.
-        ("SET", keys.spread, _PROBE, "PX", "1000"),
-        ("EXISTS", keys.spread),
         ("HMGET", keys.info(_PROBE), "busy", "inbox"),
         # The monitor.
         ("HMGET", keys.stats, "written", "dead"),

@@ -58,8 +58,6 @@ class Keys:
     hosts: str
     host_info: str
     autoscale_lock: str
-    # Exists while the group's fed consumers own lanes (consumer/spread.py).
-    spread: str
     # The counters the host beat reads for idleness. On a cluster the writes count in the
     # partitions' own hashes and this one stays empty; the control plane sums those instead.
     group_stats: str
@@ -109,7 +107,6 @@ class Keys:
             hosts=f"{prefix}:hosts",
             host_info=f"{prefix}:host-info",
             autoscale_lock=f"{prefix}:autoscale-lock",
-            spread=f"{prefix}:spread",
             group_stats=group_stats,
             partitions=partitions,
             cluster=cluster,

@@ -57,7 +57,6 @@ def expected_types(keys: Keys) -> list[KeyType]:
         KeyType(keys.hosts, "zset", "KEY_PREFIX"),
         KeyType(keys.host_info, "hash", "KEY_PREFIX"),
         KeyType(keys.autoscale_lock, "string", "KEY_PREFIX"),
-        KeyType(keys.spread, "string", "KEY_PREFIX"),
         KeyType(keys.group_stats, "hash", "KEY_PREFIX"),
     ]
     for partition in keys.partitions:
