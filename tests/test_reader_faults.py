@@ -2,7 +2,8 @@
 
 Four consumers, two of them readers (slots 0 and 1): a reader killed, both readers killed one
 after the other, a reader stalled past the heartbeat's TTL, a reader's subscription killed by
-the server, and a fed consumer killed while the readers live. Each time every message that
+the server, and a fed consumer killed while the readers live; and both readers killed while they
+handle their fed consumers' messages themselves (``SPREAD=auto``). Each time every message that
 reached a subscriber is written exactly once, and the group is whole again.
 """
 
@@ -59,10 +60,14 @@ def start(
     rng: random.Random,
     duration: float,
     by: int,
+    spread: str = "always",
 ) -> tuple[Daemon, Publisher]:
     """The group, and a publisher for ``duration`` s that has published a random part of its
-    messages, from a tenth to 1/``by`` of them: the moment of the fault."""
-    daemon = start_daemon(procs, redis_url, "partitioned", count=COUNT, READERS_PER_HOST=READERS)
+    messages, from a tenth to 1/``by`` of them: the moment of the fault. With ``spread`` auto
+    and this cheap handler, the readers handle their fed consumers' messages themselves."""
+    daemon = start_daemon(
+        procs, redis_url, "partitioned", count=COUNT, READERS_PER_HOST=READERS, SPREAD=spread
+    )
     readers, fed = by_role(daemon)
     assert len(readers) == READERS and len(fed) == COUNT - READERS, daemon.ids()
     publish_invalid(redis_client, "readers")
@@ -80,11 +85,18 @@ def unreceived(records: list[tuple[str, int]]) -> list[str]:
     return [message_id for message_id, receivers in records if receivers == 0]
 
 
-@pytest.mark.parametrize("both", [False, True], ids=["one-reader", "both-readers"])
-def test_killed_readers_lose_nothing(procs, redis_url, bclient, tmp_path: Path, seed: int, both):
+@pytest.mark.parametrize(
+    ("both", "spread"),
+    [(False, "always"), (True, "always"), (True, "auto")],
+    ids=["one-reader", "both-readers", "both-readers-handling-their-fed-ones"],
+)
+def test_killed_readers_lose_nothing(
+    procs, redis_url, bclient, tmp_path: Path, seed: int, both: bool, spread: str
+):
     rng = random.Random(seed)
-    context = f"FAULT_SEED={seed} both={both}"
-    daemon, publisher = start(procs, redis_url, bclient, tmp_path / "record.txt", rng, 3.5, 4)
+    context = f"FAULT_SEED={seed} both={both} spread={spread}"
+    record = tmp_path / "record.txt"
+    daemon, publisher = start(procs, redis_url, bclient, record, rng, 3.5, 4, spread)
     readers, _ = by_role(daemon)
     first, second = rng.sample(sorted(readers), 2)
     slot = slot_of(readers[first])

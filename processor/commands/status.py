@@ -301,7 +301,8 @@ def render(view: GroupView) -> str:
         )
         rows = [header]
         for consumer in sorted(view.consumers, key=lambda c: c.consumer_id):
-            beat_age = (view.now_ms - consumer.beat_ms) / 1000 if consumer.beat_ms else None
+            # Stamped by the consumer's clock, read against Redis's: a few ms ahead reads as 0.
+            beat_age = max(0, view.now_ms - consumer.beat_ms) / 1000 if consumer.beat_ms else None
             rows.append(
                 (
                     consumer.consumer_id,
