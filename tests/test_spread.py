@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from processor.consumer.inbox import Inbox
 from processor.consumer.ownership import PartitionedStrategy
 from processor.consumer.spread import (
     KEEP_AT,
@@ -72,6 +73,25 @@ def test_a_reader_that_does_not_spread_handles_its_fed_consumers_messages_itself
     assert len(mine) + len(received["f2"]) + len(received["f3"]) == len(owned)
 
 
+def test_a_reader_that_starts_spreading_sends_its_fed_consumers_the_backlog_it_kept() -> None:
+    strategy, received = strategy_feeding("f2", "f3")
+    strategy.spread(False)
+    inbox = Inbox()
+    payloads = [b"m%d" % number for number in range(2000)]
+    inbox.put(strategy.split(payloads, 1.0))
+    held = len(inbox)
+    strategy.spread(True)
+    sent = inbox.keep(lambda chunk: strategy.send_to_fed(chunk, 1.5))
+    theirs = received["f2"] + received["f3"]
+    assert sent == len(theirs) > 0
+    assert len(inbox) == held - sent
+    kept = inbox.drain()
+    assert not set(kept) & set(theirs)
+    # As for any message sent to them: a copy stays for a takeover.
+    buffered = strategy.buffered
+    assert buffered == len(payloads) - held + sent
+
+
 def test_the_load_kept_scales_our_share_to_the_lanes_we_would_handle() -> None:
     assert load_if_kept(0.2, spreading=False, own_lanes=100, family_lanes=500) == 0.2
     assert load_if_kept(0.2, spreading=True, own_lanes=100, family_lanes=500) == 1.0
@@ -84,7 +104,7 @@ def test_a_reader_spreads_when_the_handler_holds_it_up_and_takes_back_after_the_
     strategy, _ = strategy_feeding("f2", "f3")
     own, family = strategy.lanes()
     clock, load = Clock(), [0.0]
-    spread = Spread(strategy, "auto", HOLD_S, lambda: load[0], tagged("t"), clock)
+    spread = Spread(strategy, "auto", HOLD_S, lambda: load[0], lambda: 0, tagged("t"), clock)
     assert not strategy.spreading  # auto starts by handling them itself
     load[0] = SPREAD_AT - 0.01
     spread.beat()
@@ -110,10 +130,10 @@ def test_a_reader_spreads_when_the_handler_holds_it_up_and_takes_back_after_the_
 
 def test_a_reader_without_fed_consumers_never_spreads_and_always_always_does() -> None:
     alone, _ = strategy_feeding()
-    Spread(alone, "auto", HOLD_S, lambda: 1.0, tagged("t"), Clock()).beat()
+    Spread(alone, "auto", HOLD_S, lambda: 1.0, lambda: 0, tagged("t"), Clock()).beat()
     assert not alone.spreading
     strategy, _ = strategy_feeding("f2")
-    spread = Spread(strategy, "always", HOLD_S, lambda: 0.0, tagged("t"), Clock())
+    spread = Spread(strategy, "always", HOLD_S, lambda: 0.0, lambda: 0, tagged("t"), Clock())
     spread.beat()
     assert strategy.spreading
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ class Hooks:
     held: Callable[[], int]  # the writer, for what a give-up at shutdown loses
     written: Callable[[Batch, WriteResult | None, float], None]  # the write thread
     handler_load: Callable[[], float]  # the heartbeat: how much of our time the handler takes
+    # The heartbeat, as a reader starts spreading: the inbox keeps what a function returns.
+    keep: Callable[[Callable[[list[bytes]], list[bytes]]], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +205,11 @@ def assemble(
             settings.spread,
             settings.spread_hold_ms / 1000,
             hooks.handler_load,
-            tagged,
+            # What we kept of theirs and have not handled yet is theirs to handle too.
+            send_backlog=lambda: hooks.keep(
+                lambda chunk: strategy.send_to_fed(chunk, time.monotonic())
+            ),
+            tagged=tagged,
         ),
     )
     writer = Writer(

@@ -145,6 +145,7 @@ class Consumer:
             held=self._held,
             written=self._written,
             handler_load=lambda: self._handler_load.load(len(self._inbox)),
+            keep=self._inbox.keep,
         )
         parts = assemble(
             self.settings,

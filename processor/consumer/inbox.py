@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 
 class Inbox:
@@ -41,6 +42,20 @@ class Inbox:
                     break
                 self._ready.wait(remaining)
             return self._pop(limit)
+
+    def keep(self, kept: Callable[[list[bytes]], list[bytes]]) -> int:
+        """Replaces each waiting chunk by ``kept(chunk)``; returns how many messages left."""
+        with self._ready:
+            left = 0
+            chunks: deque[tuple[float, list[bytes]]] = deque()
+            for arrived, chunk in self._chunks:
+                remaining = kept(chunk)
+                left += len(chunk) - len(remaining)
+                if remaining:
+                    chunks.append((arrived, remaining))
+            self._chunks = chunks
+            self._count -= left
+            return left
 
     def drain(self) -> list[bytes]:
         with self._ready:

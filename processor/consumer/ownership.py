@@ -268,6 +268,25 @@ class PartitionedStrategy:
             self._spreading = spreading
             self._route()
 
+    def send_to_fed(self, payloads: list[bytes], now: float) -> list[bytes]:
+        """Sends the consumers we feed what ``payloads`` (ours to write, not handled yet) holds
+        of theirs now; returns the rest. When we start spreading, so that a backlog we kept
+        for them is theirs to work off too; copies kept as for any message we send them."""
+        kept: list[bytes] = []
+        sent: dict[int, list[bytes]] = {}
+        with self._lock:
+            routing = self._routing
+            for payload in payloads:
+                target = routing[zlib.crc32(payload) & _LANE_MASK]
+                if target >= FED:
+                    sent.setdefault(target, []).append(payload)
+                else:
+                    kept.append(payload)
+            for target, chunk in sent.items():
+                self._buffer.add(chunk, now, self._owners)
+                self._sinks[target - FED](chunk)
+        return kept
+
     def lanes(self) -> tuple[int, int]:
         """How many lanes our view gives us, and us and the consumers we feed together."""
         with self._lock:

@@ -10,8 +10,9 @@ up: a slow computation, a call to another service.
 So with ``SPREAD=auto`` a reader handles the messages of the consumers it feeds itself while
 the handler takes little of its time: they stand by (live, listed, owning their lanes, sent
 only ticks, which say so). Once the handler takes ``SPREAD_AT`` of the reader's time, it sends
-them their messages; it takes them back once, for ``SPREAD_HOLD_MS``, handling them itself
-would have taken less than ``KEEP_AT`` of its time. ``SPREAD=always``: it always sends them.
+them their messages, those it holds for them unhandled included; it takes them back once, for
+``SPREAD_HOLD_MS``, handling them itself would have taken less than ``KEEP_AT`` of its time.
+``SPREAD=always``: it always sends them.
 
 The choice is the reader's alone, and nothing else changes with it: the fed consumers own their
 lanes throughout, the readers keep the same copies, and a takeover finds them as before (a
@@ -83,10 +84,12 @@ class Spread:
         mode: str,
         hold_s: float,
         handler_load: Callable[[], float],
+        send_backlog: Callable[[], int],
         tagged: Tagged,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._strategy = strategy
+        self._send_backlog = send_backlog
         self._always = mode == "always"
         self._hold_s = hold_s
         self._handler_load = handler_load
@@ -107,9 +110,13 @@ class Spread:
             self._busy_at = now
         if not spreading and load >= SPREAD_AT and family > own:
             self._strategy.spread(True)
+            # A burst we kept for them is theirs to work off too, not ours alone.
+            sent = self._send_backlog()
             self._log.info(
-                "sending the consumers we feed their messages: the handler took %.0f%% of our time",
+                "sending the consumers we feed their messages: the handler took %.0f%% of our "
+                "time (%d held for them and not handled yet sent too)",
                 100 * load,
+                sent,
             )
         elif spreading and now - self._busy_at >= self._hold_s:
             self._strategy.spread(False)
