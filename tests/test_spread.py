@@ -199,7 +199,7 @@ def test_fed_consumers_get_their_messages_while_the_handler_holds_the_readers_up
     wait_until(lambda: bclient.xlen("messages:processed") >= len(records), 30)
     assert writers(bclient) <= set(range(READERS)), "a standing-by consumer wrote"
 
-    high = start_publisher(procs, redis_url, tmp_path / "high.txt", 10, rate=HIGH_RATE)
+    high = start_publisher(procs, redis_url, tmp_path / "high.txt", 6, rate=HIGH_RATE)
     wait_until(
         lambda: not standing_by(bclient, daemon),
         20,
@@ -211,7 +211,7 @@ def test_fed_consumers_get_their_messages_while_the_handler_holds_the_readers_up
 
     # The load falls: once the hold is over, the readers handle their fed consumers' messages
     # themselves again, and the fed consumers finish what they hold.
-    calm = start_publisher(procs, redis_url, tmp_path / "calm.txt", 12, rate=LOW_RATE // 2)
+    calm = start_publisher(procs, redis_url, tmp_path / "calm.txt", 6, rate=LOW_RATE // 2)
     wait_until(
         lambda: standing_by(bclient, daemon) == fed,
         30,
