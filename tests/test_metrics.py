@@ -199,6 +199,8 @@ def test_readers_and_fed_consumers_are_shown_apart(procs, redis_url):
                 scrape(port).get('processor_consumer_receiving{role="fed"}') == 1
                 and scrape(port).get('processor_consumer_receiving{role="reader"}') == 2
                 and scrape(port).get("processor_reader_feeds") == 1
+                # SPREAD=always: the reader that feeds it sends it its messages.
+                and scrape(port).get("processor_reader_spreading") == 1
             ),
             20,
             message=lambda: f"roles not shown: {scrape(port)}",

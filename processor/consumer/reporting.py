@@ -9,6 +9,7 @@ from collections.abc import Callable
 from processor.config import Settings
 from processor.consumer.assembly import Parts
 from processor.consumer.inbox import Inbox
+from processor.consumer.ownership import PartitionedStrategy
 from processor.consumer.stats import ADDED, BusyMeter, ConsumerStats, ConsumerTotals, RateMeter
 from processor.observe.counters import record_unwritten
 from processor.observe.logs import Tagged
@@ -93,6 +94,10 @@ class Reporting:
         forwarder = self._parts.forwarder
         return 0 if forwarder is None else forwarder.fed
 
+    def _spreading(self) -> bool:
+        strategy = self._parts.strategy
+        return isinstance(strategy, PartitionedStrategy) and strategy.spreading
+
     def _sync_metrics(self, held: int) -> None:
         parts = self._parts
         subscriber = parts.subscriber
@@ -103,7 +108,8 @@ class Reporting:
             "gap_seconds": subscriber.gap_seconds,
         }
         parts.metrics.sync(totals, parts.strategy.buffered, held, parts.heartbeat.backlog_bytes)
-        parts.metrics.feeds(self._feeds())
+        feeds = self._feeds()
+        parts.metrics.feeds(feeds, spreading=feeds > 0 and self._spreading())
 
     def report_stats(self) -> None:
         """Our id and counters for the supervisor, called by the heartbeat thread: the one

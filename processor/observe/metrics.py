@@ -154,6 +154,12 @@ class ConsumerMetrics:
             "Consumers a reader feeds now (0 for fed consumers)",
             multiprocess_mode="liveall",
         )
+        self._spreading = Gauge(
+            "processor_reader_spreading",
+            "1 while a reader sends the consumers it feeds their messages, 0 while it handles "
+            "them itself (SPREAD=auto, a cheap handler: they stand by) or feeds none",
+            multiprocess_mode="liveall",
+        )
 
     def batch(
         self, size: int, script_s: float, oldest_received: float | None, replied: float
@@ -196,11 +202,13 @@ class ConsumerMetrics:
         if left_to_takeover:
             self._left.inc(left_to_takeover)
 
-    def feeds(self, feeds: int) -> None:
-        """Per heartbeat: how many consumers a reader feeds. Whether we receive is exported by
-        the supervisor (``processor.observe.receiving``), which sees when we stop reporting."""
+    def feeds(self, feeds: int, spreading: bool) -> None:
+        """Per heartbeat: how many consumers a reader feeds, and whether it sends them their
+        messages. Whether we receive is exported by the supervisor
+        (``processor.observe.receiving``), which sees when we stop reporting."""
         if self.enabled:
             self._feeds.set(feeds)
+            self._spreading.set(int(spreading))
 
     def sync(self, totals: dict[str, float], buffered: int, held: int, backlog_bytes: int) -> None:
         """Per heartbeat: counters that grow elsewhere, as deltas since the last sync."""
