@@ -254,7 +254,7 @@ class Settings(GroupSettings):
         10_000,
         "TAKEOVER_BUFFER_MS",
         "how long a consumer keeps messages it does not own (time Redis was away or refusing "
-        "writes does not count)",
+        "writes does not count; longer while another holds a message unwritten longer)",
         minimum=100,
     )
     takeover_buffer_max: int = setting(

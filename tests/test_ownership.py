@@ -267,6 +267,18 @@ def test_buffer_evicts_by_age() -> None:
     assert buffer.routed_to({"x"}, now=5.0) == PAYLOADS[6:7]
 
 
+def test_buffer_retains_longer_while_told_within_the_held_limit() -> None:
+    buffer = TakeoverBuffer(1.0, 1000, 10.0, no_downtime)
+    buffer.add(PAYLOADS[0:3], now=0.0, owners=OWNERS)
+    buffer.retain(5.0)  # a member has held a message unwritten that long
+    assert buffer.routed_to({"x"}, now=4.9) == PAYLOADS[0:3]
+    buffer.retain(60.0)  # never past max_held_s
+    assert buffer.routed_to({"x"}, now=10.1) == []
+    buffer.add(PAYLOADS[3:4], now=11.0, owners=OWNERS)
+    buffer.retain(0.0)  # nobody holds anything: back to max_age_s
+    assert buffer.routed_to({"x"}, now=12.1) == []
+
+
 def test_buffer_evicts_the_oldest_by_count() -> None:
     buffer = TakeoverBuffer(60.0, 10, 600.0, no_downtime)
     for index in range(100):

@@ -253,6 +253,7 @@ class Consumer:
         if payloads:
             self._in_hand = len(payloads)  # out of the inbox, not submitted yet
             self._handle(payloads, received_at=self._inbox.oldest_taken)
+            self._inbox.oldest_taken = None  # submitted: no longer held here
         self._failures.report()
 
     def _flush(self) -> None:

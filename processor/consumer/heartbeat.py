@@ -63,6 +63,7 @@ class Heartbeat(WatchedThread):
         side_client: redis.Redis | None = None,
         on_recovered: Callable[[str], None] | None = None,
         spread: Spread | None = None,
+        retain_margin_s: float = 0.0,
     ) -> None:
         super().__init__("heartbeat", on_failure)
         self._client = client
@@ -94,6 +95,9 @@ class Heartbeat(WatchedThread):
         self._members: frozenset[str] = frozenset()
         # A reader's choice to send the consumers it feeds their messages (consumer/spread.py).
         self._spread = spread
+        # How much longer than a member holds a message unwritten we keep our copy of it: the
+        # time for its death to be noticed.
+        self._retain_margin_s = retain_margin_s
         started = f"{now_ms()}-0"
         self._seen = {keys.gaps: started, keys.departures: started}
         # Capped at the interval: a heartbeat that waits longer than that risks its TTL.
@@ -125,6 +129,7 @@ class Heartbeat(WatchedThread):
                 with self.lock:
                     self.beat()
                 self._publish_gaps()
+                self._retain_for_holders()
                 if time.monotonic() >= next_backlog_check:
                     next_backlog_check = time.monotonic() + BACKLOG_CHECK_S
                     try:
@@ -174,6 +179,25 @@ class Heartbeat(WatchedThread):
                 self._on_takeover(taken)
         if self._spread is not None:
             self._spread.beat()
+
+    def _retain_for_holders(self) -> None:
+        """Keeps our copies as long as another member has held a message unwritten (a slow
+        handler's backlog), and the margin: a copy gone before its owner dies is a loss."""
+        if not isinstance(self._strategy, PartitionedStrategy):
+            return
+        others = sorted(self._members - {self.membership.consumer_id})
+        with self._client.pipeline(transaction=False) as pipe:
+            for member in others:
+                pipe.hmget(self._keys.info(member), "held_for_ms", "beat_ms")
+            replies = pipe.execute(raise_on_error=False)
+        oldest_ms = 0
+        for reply in replies:
+            try:  # a status hash gone, or of another type, or not ours: no holder to cover
+                held_ms, beat_ms = int(reply[0]), int(reply[1])
+            except (TypeError, ValueError):
+                continue
+            oldest_ms = max(oldest_ms, held_ms + max(0, now_ms() - beat_ms))
+        self._strategy.retain(oldest_ms / 1000 + self._retain_margin_s)
 
     def _say_dead(self) -> None:
         """Why the group declared us dead: our heartbeat expired (a stall past the TTL), or,

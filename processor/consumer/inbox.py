@@ -43,6 +43,13 @@ class Inbox:
                 self._ready.wait(remaining)
             return self._pop(limit)
 
+    def held_since(self) -> float | None:
+        """When the oldest message we hold arrived: waiting, or in the batch taken last until
+        the consumer is done with it (it clears ``oldest_taken``)."""
+        with self._ready:
+            waiting = self._chunks[0][0] if self._chunks else None
+        return min((t for t in (waiting, self.oldest_taken) if t is not None), default=None)
+
     def keep(self, kept: Callable[[list[bytes]], list[bytes]]) -> int:
         """Replaces each waiting chunk by ``kept(chunk)``; returns how many messages left."""
         with self._ready:

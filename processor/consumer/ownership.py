@@ -80,7 +80,7 @@ class TakeoverBuffer:
         max_held_s: float,
         downtime: Callable[[float], float],
     ) -> None:
-        self._max_age_s = max_age_s
+        self._base_age_s = self._max_age_s = max_age_s
         self._max_count = max_count
         self._max_held_s = max_held_s
         self._downtime = downtime
@@ -91,6 +91,10 @@ class TakeoverBuffer:
 
     def __len__(self) -> int:
         return self._count
+
+    def retain(self, age_s: float) -> None:
+        """Keeps payloads for ``age_s`` at least (within ``max_held_s``), until told less."""
+        self._max_age_s = max(self._base_age_s, min(age_s, self._max_held_s))
 
     def held(self, now: float) -> int:
         """How many payloads it still holds at ``now``, what has aged out dropped first."""
@@ -196,8 +200,8 @@ class PartitionedStrategy:
         # The consumers we feed: id -> where their messages go.
         self._fed: dict[str, Sink] = {}
         self._sinks: list[Sink] = []
-        # Whether their messages go to them, or stay with us (consumer/spread.py).
-        self._spreading = True
+        # Whether their messages go to them, or stay with us (consumer/spread.py; set by spread).
+        self.spreading = True
 
     @property
     def buffered(self) -> int:
@@ -256,22 +260,20 @@ class PartitionedStrategy:
                 del self._fed[member]
                 self._route()
 
-    @property
-    def spreading(self) -> bool:
-        return self._spreading
-
     def spread(self, spreading: bool) -> None:
-        """From now on, sends the consumers we feed their messages (True) or handles them
-        ourselves (False). Ours to choose alone: they own their lanes either way, and what we
-        sent them before is theirs to write."""
+        """From now on, sends the consumers we feed their messages, or handles them ourselves."""
         with self._lock:
-            self._spreading = spreading
+            self.spreading = spreading
             self._route()
 
+    def retain(self, age_s: float) -> None:
+        """Keeps copies for ``age_s`` at least: a member holds messages unwritten that long."""
+        with self._lock:
+            self._buffer.retain(age_s)
+
     def send_to_fed(self, payloads: list[bytes], now: float) -> list[bytes]:
-        """Sends the consumers we feed what ``payloads`` (ours to write, not handled yet) holds
-        of theirs now; returns the rest. When we start spreading, so that a backlog we kept
-        for them is theirs to work off too; copies kept as for any message we send them."""
+        """Sends the consumers we feed what ``payloads`` (ours, not handled yet) holds of theirs
+        now, copies kept as for any message we send them; returns the rest."""
         kept: list[bytes] = []
         sent: dict[int, list[bytes]] = {}
         with self._lock:
@@ -297,7 +299,7 @@ class PartitionedStrategy:
         """Recomputes where each lane goes; the caller holds the lock."""
         self._sinks = list(self._fed.values())
         local = {
-            member: FED + index if self._spreading else MINE
+            member: FED + index if self.spreading else MINE
             for index, member in enumerate(self._fed)
         }
         if self._me:

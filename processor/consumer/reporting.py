@@ -4,6 +4,7 @@ that cadence, its slot's stats for the supervisor, and at exit what it still hel
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 from processor.config import Settings
@@ -87,12 +88,19 @@ class Reporting:
             "standby": int(parts.subscriber.standing_by),
             "backlog_bytes": parts.heartbeat.backlog_bytes,
             "inbox": len(self._inbox),
+            # How long we have held our oldest message unwritten: the readers keep their copies
+            # at least that long (heartbeat.py).
+            "held_for_ms": self._held_for_ms(),
             "busy": round(self._busy.share(), 3),
         }
 
     def _feeds(self) -> int:
         forwarder = self._parts.forwarder
         return 0 if forwarder is None else forwarder.fed
+
+    def _held_for_ms(self) -> int:
+        since = self._inbox.held_since()
+        return 0 if since is None else int((time.monotonic() - since) * 1000)
 
     def _spreading(self) -> bool:
         strategy = self._parts.strategy
