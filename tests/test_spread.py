@@ -128,6 +128,16 @@ def test_a_reader_spreads_when_the_handler_holds_it_up_and_takes_back_after_the_
     assert "handling the messages of the consumers we feed ourselves" in caplog.text
 
 
+def test_with_no_hold_a_busy_reader_keeps_spreading() -> None:
+    strategy, _ = strategy_feeding("f2", "f3")
+    clock = Clock()
+    spread = Spread(strategy, "auto", 0.0, lambda: 0.9, lambda: 0, tagged("t"), clock)
+    for _ in range(5):
+        spread.beat()
+        assert strategy.spreading  # the load, not only the hold, decides the take-back
+        clock.now += 0.2
+
+
 def test_a_reader_without_fed_consumers_never_spreads_and_always_always_does() -> None:
     alone, _ = strategy_feeding()
     Spread(alone, "auto", HOLD_S, lambda: 1.0, lambda: 0, tagged("t"), Clock()).beat()

@@ -112,6 +112,7 @@ class Feed(Receiver):
                 )
             finally:
                 self.subscribed.clear()
+                self.standing_by = False  # no reader: nothing handles our messages now
                 self.reader = None
                 connection.close()
 

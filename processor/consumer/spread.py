@@ -118,7 +118,7 @@ class Spread:
                 100 * load,
                 sent,
             )
-        elif spreading and now - self._busy_at >= self._hold_s:
+        elif spreading and load < KEEP_AT and now - self._busy_at >= self._hold_s:
             self._strategy.spread(False)
             self._log.info(
                 "handling the messages of the consumers we feed ourselves: the handler would "
