@@ -3,10 +3,11 @@
 What more consumers cost: this tree, where only readers subscribe, against a baseline from
 before readers, where every consumer read every message. For each consumer count and
 each of two source trees (this one, and ``--baseline``, a git ref checked out into a temporary
-worktree for the length of the bench), ``--rounds`` times, the trees alternating: flush a private
-redis-server, start the tree's ``demo/consume.py`` (trivial handler, partitioned), wait until
-every consumer owns its share, publish a burst of ``--messages`` ~150-byte JSON messages as fast
-as a separate publisher process goes (pipelined PUBLISH, built in advance), and measure
+worktree for the length of the bench), ``--rounds`` times, counts and trees interleaved (see
+``schedule``): flush a private redis-server, start the tree's ``demo/consume.py`` (trivial
+handler, partitioned), wait until every consumer owns its share, publish a burst of
+``--messages`` ~150-byte JSON messages as fast as a separate publisher process goes (pipelined
+PUBLISH, built in advance), and measure
 
 - the drain rate: messages written / (last write - first publish);
 - Redis CPU per message: ``INFO cpu`` (user + sys) across the burst / messages written;
@@ -107,11 +108,14 @@ def counts_arg(text: str) -> tuple[int, ...]:
 
 
 def schedule(counts: tuple[int, ...], rounds: int) -> Iterator[tuple[int, int, str]]:
-    """(consumers, round, tree) in order; the first tree changes every round (ABBA), so a
-    drift of the machine's load over the bench weighs on both trees alike."""
-    for consumers in counts:
-        for round_number in range(1, rounds + 1):
-            trees = TREES if round_number % 2 else TREES[::-1]
+    """(consumers, round, tree) in order. Each round runs every count, ascending in odd rounds
+    and descending in even ones, and the first tree changes every round (ABBA): a drift of the
+    machine's load over the bench weighs on every count and both trees alike (with the counts
+    one after the other, a slow minute landed on one count and skewed its ratios)."""
+    for round_number in range(1, rounds + 1):
+        odd = round_number % 2 == 1
+        trees = TREES if odd else TREES[::-1]
+        for consumers in counts if odd else counts[::-1]:
             for tree in trees:
                 yield consumers, round_number, tree
 

@@ -86,11 +86,11 @@ def test_medians_take_the_middle_round_and_keep_every_problem() -> None:
     assert median.problems == "round 2: lost 10, duplicated 3"
 
 
-def test_trees_alternate_and_the_first_changes_every_round() -> None:
+def test_each_round_runs_every_count_and_counts_and_trees_alternate() -> None:
     order = list(schedule((1, 2), 2))
     assert order == [
-        (1, 1, "baseline"), (1, 1, "current"), (1, 2, "current"), (1, 2, "baseline"),
-        (2, 1, "baseline"), (2, 1, "current"), (2, 2, "current"), (2, 2, "baseline"),
+        (1, 1, "baseline"), (1, 1, "current"), (2, 1, "baseline"), (2, 1, "current"),
+        (2, 2, "current"), (2, 2, "baseline"), (1, 2, "current"), (1, 2, "baseline"),
     ]  # fmt: skip
 
 
