@@ -333,6 +333,11 @@ class Settings(GroupSettings):
     )
 
     @property
+    def detection_ms(self) -> int:
+        """How long a dead consumer can go unnoticed: its heartbeat's TTL and two intervals."""
+        return self.heartbeat_ttl_ms + 2 * self.heartbeat_interval_ms
+
+    @property
     def autoscale_bounds(self) -> Bounds | None:
         return parse_bounds(self.autoscale)
 

@@ -134,7 +134,7 @@ def check_daemon(settings: Settings) -> None:
             f"invalid HEARTBEAT_TTL_MS: {settings.heartbeat_ttl_ms} must be greater than "
             f"HEARTBEAT_INTERVAL_MS ({settings.heartbeat_interval_ms})"
         )
-    detection_ms = settings.heartbeat_ttl_ms + 2 * settings.heartbeat_interval_ms
+    detection_ms = settings.detection_ms
     if settings.takeover_buffer_ms <= detection_ms:
         raise ConfigError(
             f"invalid TAKEOVER_BUFFER_MS: {settings.takeover_buffer_ms} must exceed the time to "

@@ -198,8 +198,7 @@ def assemble(
         gaps=gaps,
         side_client=side_client,
         on_recovered=on_recovered,
-        # A member's death is noticed within the heartbeat's TTL and an interval.
-        retain_margin_s=(settings.heartbeat_ttl_ms + 2 * settings.heartbeat_interval_ms) / 1000,
+        retain_margin_s=settings.detection_ms / 1000,
         spread=None
         if forwarder is None or not isinstance(strategy, PartitionedStrategy)
         else Spread(

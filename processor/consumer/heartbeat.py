@@ -185,18 +185,18 @@ class Heartbeat(WatchedThread):
         handler's backlog), and the margin: a copy gone before its owner dies is a loss."""
         if not isinstance(self._strategy, PartitionedStrategy):
             return
-        others = sorted(self._members - {self.membership.consumer_id})
         with self._client.pipeline(transaction=False) as pipe:
-            for member in others:
+            for member in self._members - {self.membership.consumer_id}:
                 pipe.hmget(self._keys.info(member), "held_for_ms", "beat_ms")
             replies = pipe.execute(raise_on_error=False)
+        read_ms = now_ms()
         oldest_ms = 0
         for reply in replies:
             try:  # a status hash gone, or of another type, or not ours: no holder to cover
                 held_ms, beat_ms = int(reply[0]), int(reply[1])
             except (TypeError, ValueError):
                 continue
-            oldest_ms = max(oldest_ms, held_ms + max(0, now_ms() - beat_ms))
+            oldest_ms = max(oldest_ms, held_ms + max(0, read_ms - beat_ms))
         self._strategy.retain(oldest_ms / 1000 + self._retain_margin_s)
 
     def _say_dead(self) -> None:
